@@ -1,0 +1,41 @@
+"""Where a pool image's bytes live, as one URI string.
+
+Three forms cover the sources ``curate ingest`` accepts:
+- a plain file or object URL (``/data/a.jpg``, ``s3://bucket/a.jpg``);
+- a member of a tar shard, in fsspec's chained form ``tar://member.jpg::s3://bucket/shard-0001.tar``;
+- a row of a Parquet file that holds the bytes inline: ``<parquet url>#row=<i>&column=<name>``.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+import fsspec
+import pyarrow.parquet as pq
+
+from catalog.paths import read_bytes, resolve, retry
+
+PARQUET_ROW = "#row="
+
+
+def parquet_row_uri(url: str, row: int, column: str) -> str:
+    return f"{url}{PARQUET_ROW}{row}&column={column}"
+
+
+def read_image_bytes(uri: str) -> bytes:
+    """The raw bytes behind a pool URI, whatever form it has. Raises FileNotFoundError if gone."""
+    if PARQUET_ROW in uri:
+        url, _, query = uri.partition("#")
+        params = parse_qs(query)
+        row, column = int(params["row"][0]), params["column"][0]
+        fs, path = resolve(url)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=[column])
+        return table.column(column)[row].as_py()
+    if "::" in uri:
+        def read_chained() -> bytes:
+            with fsspec.open(uri, "rb") as f:
+                return f.read()
+
+        return retry(read_chained)
+    return read_bytes(uri)

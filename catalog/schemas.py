@@ -1,0 +1,130 @@
+"""The catalog's tables: one pyarrow schema per table, versioned in the Parquet file metadata.
+
+Every shard carries ``curate.schema_version`` and ``curate.table`` in its metadata so a reader can
+refuse files written by a newer release instead of misreading them.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+VERSION_KEY = b"curate.schema_version"
+TABLE_KEY = b"curate.table"
+
+
+class CatalogVersionError(RuntimeError):
+    """A catalog file was written by a newer schema version than this code understands."""
+
+
+POOL = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("bytes", pa.int64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("format", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+    ]
+)
+
+ERRORS = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("message", pa.string()),
+    ]
+)
+
+DUPLICATES = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("kept_id", pa.int64(), nullable=False),
+        pa.field("similarity", pa.float32()),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+RETRIEVED = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("seed", pa.string(), nullable=False),
+        pa.field("seed_image_id", pa.int64()),
+        pa.field("rank", pa.int32()),
+        pa.field("similarity", pa.float32()),
+    ]
+)
+
+CURATED = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("part", pa.string(), nullable=False),
+    ]
+)
+
+
+def embeddings(dim: int, dtype: pa.DataType = pa.float16()) -> pa.Schema:
+    """Embeddings as a fixed-size list so a whole table maps onto one contiguous [N, dim] array."""
+    return pa.schema(
+        [
+            pa.field("image_id", pa.int64(), nullable=False),
+            pa.field("embedding", pa.list_(pa.field("item", dtype), dim), nullable=False),
+        ]
+    )
+
+
+def clusters(n_levels: int) -> pa.Schema:
+    """Cluster id of every image at each level (``l1`` finest) and its distance to its l1 centroid."""
+    fields = [pa.field("image_id", pa.int64(), nullable=False)]
+    fields += [pa.field(f"l{i}", pa.int64(), nullable=False) for i in range(1, n_levels + 1)]
+    fields.append(pa.field("distance", pa.float32()))
+    return pa.schema(fields)
+
+
+def centroids(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("level", pa.int32(), nullable=False),
+            pa.field("cluster_id", pa.int64(), nullable=False),
+            pa.field("parent_id", pa.int64()),
+            pa.field("size", pa.int64(), nullable=False),
+            pa.field("centroid", pa.list_(pa.field("item", pa.float32()), dim), nullable=False),
+        ]
+    )
+
+
+def stamp(schema: pa.Schema, table: str, extra: dict[str, str] | None = None) -> pa.Schema:
+    """Attach the schema version, the table name and stage-specific metadata (e.g. model id)."""
+    meta = dict(schema.metadata or {})
+    meta[VERSION_KEY] = str(SCHEMA_VERSION).encode()
+    meta[TABLE_KEY] = table.encode()
+    for key, value in (extra or {}).items():
+        meta[f"curate.{key}".encode()] = str(value).encode()
+    return schema.with_metadata(meta)
+
+
+def check_version(schema: pa.Schema, where: str) -> None:
+    """Refuse a file written by a newer schema version, naming the file."""
+    raw = (schema.metadata or {}).get(VERSION_KEY)
+    if raw is None:
+        return
+    version = int(raw)
+    if version > SCHEMA_VERSION:
+        raise CatalogVersionError(
+            f"{where} was written with catalog schema version {version}, but this curate "
+            f"understands up to version {SCHEMA_VERSION}: upgrade curate to read it"
+        )
+
+
+def metadata_of(schema: pa.Schema) -> dict[str, str]:
+    """The ``curate.*`` metadata of a schema as plain strings, without the prefix."""
+    out = {}
+    for key, value in (schema.metadata or {}).items():
+        if key.startswith(b"curate."):
+            out[key[len(b"curate.") :].decode()] = value.decode()
+    return out

@@ -1,0 +1,43 @@
+"""Starting or joining Ray, the same way for every stage."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+# Keep a local Ray on loopback, quiet, and without usage reporting; these must be set before init.
+_ENV_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}
+LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` (or ``CURATE_RAY_ADDRESS``), or start Ray in-process.
+
+    The in-process Ray gets a capped object store so it fits beside the stage's own memory.
+    """
+    if ray.is_initialized():
+        return
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    address = address or os.environ.get("CURATE_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+        return
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level="WARNING",
+        _node_ip_address="127.0.0.1",
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
