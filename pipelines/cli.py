@@ -11,6 +11,7 @@ from catalog.config import ConfigError
 from catalog.ledger import LedgerPlanError
 from catalog.schemas import CatalogVersionError
 from catalog.sql import ReadOnlyError, SQLError
+from training.models.checkpoints import CheckpointError
 from pipelines.sql_output import FORMATS, render
 
 # Errors a user can fix: printed as one line, no traceback.
@@ -20,6 +21,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     CatalogVersionError,
     ReadOnlyError,
     SQLError,
+    CheckpointError,
     FileNotFoundError,
     ValueError,
 )
@@ -83,6 +85,36 @@ def ingest(sub: argparse._SubParsersAction) -> None:
         rows = run_ingest(args.source, args.catalog, config, address=args.address, overwrite=args.overwrite)
         print(f"pool: {rows['in']} files, {rows['out']} usable, {rows['errored']} in errors "
               f"({rows['this_run']} processed in this run)")
+
+    p.set_defaults(run=run)
+
+
+@command
+def embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed the pool's usable images with an SSL backbone",
+                       description="Decode every usable pool image (Ray CPU tasks), embed it with the "
+                       "backbone (Ray actors: one per GPU, or on CPU) and write the 'embeddings' table "
+                       "(float16 fixed-size lists, model id and preprocessing in the file metadata). "
+                       "Resumes after a kill; a finished run is not repeated.")
+    _add_catalog(p)
+    _add_address(p)
+    p.add_argument("--model", help="dinov2_vitl14, dinov3_vitl16, … (see training/models/config.py) "
+                   "or curate:PATH for a backbone exported by `curate export-backbone`")
+    p.add_argument("--weights", help="local checkpoint file of the official release (.pth or .safetensors)")
+    p.add_argument("--config", help="YAML file with embed settings")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--overwrite", action="store_true", help="drop existing embeddings and start again")
+
+    def run(args: argparse.Namespace) -> None:
+        from catalog.config import load_config
+        from pipelines.embed import EmbedConfig, embed as run_embed
+
+        overrides = list(args.set)
+        overrides += [f"model={args.model}"] if args.model else []
+        overrides += [f"weights={args.weights}"] if args.weights else []
+        config = load_config(EmbedConfig, args.config, overrides)
+        rows = run_embed(args.catalog, config, address=args.address, overwrite=args.overwrite)
+        print(f"embeddings: {rows['out']} images embedded in this run, {rows['errored']} failed to decode")
 
     p.set_defaults(run=run)
 

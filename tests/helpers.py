@@ -1,0 +1,60 @@
+"""Test helpers: run a CLI command in its own process group and SIGKILL it part-way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["CURATE_PROGRESS"] = "0"
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Start ``curate ARGS``, wait until ``ready()``, then SIGKILL it and every process it started."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"command finished before the kill point: {proc.stderr.read().decode()[-2000:]}")
+            if time.time() > deadline:
+                raise AssertionError("kill point never reached")
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait(timeout=30)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and all its descendants (Ray workers included)."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
