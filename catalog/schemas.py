@@ -62,7 +62,7 @@ RETRIEVED = pa.schema(
 CURATED = pa.schema(
     [
         pa.field("image_id", pa.int64(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),  # null when clustering embeddings brought without a pool
         pa.field("part", pa.string(), nullable=False),
     ]
 )

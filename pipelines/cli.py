@@ -12,6 +12,7 @@ from catalog.ledger import LedgerPlanError
 from catalog.schemas import CatalogVersionError
 from catalog.sql import ReadOnlyError, SQLError
 from training.models.checkpoints import CheckpointError
+from pipelines.jobs import JobError, add_jobs_command, maybe_submit
 from pipelines.sql_output import FORMATS, render
 
 # Errors a user can fix: printed as one line, no traceback.
@@ -24,6 +25,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointError,
     FileNotFoundError,
     ValueError,
+    JobError,
 )
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -119,6 +121,108 @@ def embed(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with this stage's settings (keys as in --set)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set k=32 threshold=0.9")
+
+
+@command
+def dedup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dedup", help="remove exact duplicates, near copies and eval-set overlaps",
+                       description="Exact duplicates by sha256; copy detection by a k-NN graph over copy "
+                       "descriptors (connected components, the largest image of each kept); relative "
+                       "dedup against evaluation sets (--set eval_sets='{name: folder}'). Writes the "
+                       "'duplicates' table; clustering and retrieval leave those images out.")
+    _add_catalog(p)
+    _config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="forget earlier dedup results")
+
+    def run(args: argparse.Namespace) -> None:
+        from catalog.config import load_config
+        from pipelines.dedup import DedupConfig, dedup as run_dedup
+
+        counts = run_dedup(args.catalog, load_config(DedupConfig, args.config, args.set), overwrite=args.overwrite)
+        print("removed: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+    p.set_defaults(run=run)
+
+
+@command
+def cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="hierarchical k-means with resampling over embeddings",
+                       description="Cluster the catalog's embeddings (or --embeddings X.npy --ids IDS.npy, "
+                       "or a Parquet file with image_id and embedding columns) into a hierarchy of levels "
+                       "(default: 5 levels scaled from the paper's ratios to the pool size) and write the "
+                       "'clusters' and 'centroids' tables. Checkpointed per level and resampling step.")
+    _add_catalog(p)
+    _config_args(p)
+    p.add_argument("--levels", type=int, help="number of levels (default 5)")
+    p.add_argument("--embeddings", help="bring your own: .npy (with --ids) or .parquet")
+    p.add_argument("--ids", help=".npy of int64 image ids matching --embeddings rows")
+    p.add_argument("--overwrite", action="store_true", help="discard checkpoints and start again")
+
+    def run(args: argparse.Namespace) -> None:
+        from catalog.config import load_config
+        from pipelines.cluster import ClusterConfig, cluster as run_cluster
+
+        overrides = list(args.set) + ([f"n_levels={args.levels}"] if args.levels else [])
+        result = run_cluster(args.catalog, load_config(ClusterConfig, args.config, overrides),
+                             embeddings=args.embeddings, ids=args.ids, overwrite=args.overwrite)
+        state = "already done" if result["skipped"] else "done"
+        print(f"clusters per level (l1 finest): {result['levels']} ({state})")
+
+    p.set_defaults(run=run)
+
+
+@command
+def sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="balanced hierarchical sampling into a curated part",
+                       description="Water-fill --target-size over the top-level clusters, then down the "
+                       "hierarchy; pick inside level-1 clusters at random (or closest/farthest). Writes "
+                       "curated/<part> (default lvd) with each image's uri and cluster lineage.")
+    _add_catalog(p)
+    _config_args(p)
+    p.add_argument("--target-size", type=int, required=True)
+
+    def run(args: argparse.Namespace) -> None:
+        from catalog.config import load_config
+        from pipelines.sample import SampleConfig, sample as run_sample
+
+        config = load_config(SampleConfig, args.config, [*args.set, f"target_size={args.target_size}"])
+        rows = run_sample(args.catalog, config)
+        print(f"curated/{config.part}: {rows['out']} of {rows['in']} images")
+
+    p.set_defaults(run=run)
+
+
+@command
+def build_lvd(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-lvd", help="the whole LVD pipeline: ingest → embed → dedup → cluster → sample",
+                       description="Run every stage that is not finished yet and write curated/lvd plus a "
+                       "report (cluster-size histograms, contact sheets) under <catalog>/reports/lvd. "
+                       "Settings are grouped per stage: --set embed.model=dinov3_vitl16 "
+                       "embed.weights=/w/dinov3.pth cluster.n_levels=4 sample.strategy=random")
+    _add_catalog(p)
+    _add_address(p)
+    _config_args(p)
+    p.add_argument("--source", help="pool to ingest first (folder, tar glob, Parquet); omit if already ingested")
+    p.add_argument("--target-size", type=int, required=True, help="images in the curated part")
+    p.add_argument("--levels", type=int, help="hierarchy levels (default 5)")
+
+    def run(args: argparse.Namespace) -> None:
+        from catalog.config import load_config
+        from pipelines.build_lvd import BuildLVDConfig, build_lvd as run_build
+
+        overrides = [*args.set, f"sample.target_size={args.target_size}"]
+        overrides += [f"cluster.n_levels={args.levels}"] if args.levels else []
+        out = run_build(args.catalog, load_config(BuildLVDConfig, args.config, overrides),
+                        source=args.source, address=args.address)
+        print(f"\ncurated/lvd: {out['sample']['out']} images; report: {', '.join(out.get('report', []))}")
+
+    p.set_defaults(run=run)
+
+
 @command
 def inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show a catalog's tables and last runs")
@@ -169,6 +273,9 @@ def demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+COMMANDS["jobs"] = add_jobs_command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curate",
@@ -182,9 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        if not maybe_submit(args, argv):  # an http:// --address runs the command as a Ray job
+            args.run(args)
     except USER_ERRORS as e:
         print(f"curate {args.command}: error: {e}", file=sys.stderr)
         return 2

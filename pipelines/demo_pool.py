@@ -321,8 +321,8 @@ def _photo_crop(concept: Concept, rng: np.random.Generator, w: int, h: int) -> n
     side = frac * min(sw, sh) * rng.uniform(0.9, 1.1)
     cw = min(sw, side * math.sqrt(w / h))
     ch = min(sh, side * math.sqrt(h / w))
-    x0 = float(np.clip(cx * sw + rng.normal(0, 0.03) * min(sw, sh) - cw / 2, 0, sw - cw))
-    y0 = float(np.clip(cy * sh + rng.normal(0, 0.03) * min(sw, sh) - ch / 2, 0, sh - ch))
+    x0 = float(np.clip(cx * sw + rng.normal(0, 0.1) * min(sw, sh) - cw / 2, 0, sw - cw))
+    y0 = float(np.clip(cy * sh + rng.normal(0, 0.1) * min(sw, sh) - ch / 2, 0, sh - ch))
     img = src.resize((w, h), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -346,7 +346,10 @@ def render_concept_image(concept_id: int, instance_seed: int, size: tuple[int, i
         rgb = _texture(concept.kind, PALETTES[concept.palette], rng, w, h)
     else:
         rgb = _photo_crop(concept, rng, w, h)
-    rgb = rgb + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(1.5, 6.0)
+    # A smooth per-instance lighting field: distinct instances of a concept stay distinct images
+    # (what copy detection must tell apart), while a near-duplicate keeps its original's field.
+    light = np.stack([_smooth_noise(rng, w, h, 3) for _ in range(3)], axis=-1) - 0.5
+    rgb = rgb * 0.85 + 19.0 + 44.0 * light + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(1.5, 6.0)
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB"), mask
 
 

@@ -14,6 +14,7 @@ from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,10 +25,13 @@ from catalog.paths import resolve, with_protocol
 from catalog.schemas import ERRORS, POOL, stamp
 from catalog.shards import write_shards
 from catalog.sql import query
-from curation.decode import MISSING, DecodeError, probe_image
+from catalog.embeddings import embeddings_table
+from curation.copy_descriptor import DIM, SIDE, copy_descriptor
+from curation.decode import MISSING, DecodeError, decode_rgb, probe_image
 from pipelines.units import Unit, run_units
 
 STAGE = "ingest"
+COPY_DESCRIPTORS = "copy_descriptors"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 BYTES_COLUMNS = ("bytes", "image", "jpg", "png")
 
@@ -126,6 +130,8 @@ def process_unit(root: str, config: IngestConfig, name: str, payload: dict[str, 
     """Probe every image of one unit and commit its ``pool`` and ``errors`` shards."""
     pool_rows: list[dict[str, Any]] = []
     error_rows: list[dict[str, Any]] = []
+    desc_ids: list[int] = []
+    descriptors: list[np.ndarray] = []
     for uri, data, reason, message in _items(payload):
         iid = image_id(uri)
         row = {"image_id": iid, "uri": uri, "bytes": None if data is None else len(data),
@@ -134,7 +140,10 @@ def process_unit(root: str, config: IngestConfig, name: str, payload: dict[str, 
             row["sha256"] = hashlib.sha256(data).hexdigest()
             try:
                 info = probe_image(data, max_pixels=config.max_pixels)
+                descriptor = copy_descriptor(decode_rgb(data, max_pixels=config.max_pixels, min_side=2 * SIDE))
                 row.update(width=info.width, height=info.height, format=info.format, status="ok")
+                descriptors.append(descriptor)
+                desc_ids.append(iid)
             except DecodeError as e:
                 reason, message = e.reason, str(e)
         if row["status"] == "error":
@@ -142,6 +151,10 @@ def process_unit(root: str, config: IngestConfig, name: str, payload: dict[str, 
         pool_rows.append(row)
     pool_schema = stamp(POOL, "pool")
     write_shards(root, "pool", name, pa.Table.from_pylist(pool_rows, schema=pool_schema), max_rows=config.rows_per_shard)
+    x = np.stack(descriptors) if descriptors else np.zeros((0, DIM), np.float16)
+    write_shards(root, COPY_DESCRIPTORS, name,
+                 embeddings_table(np.asarray(desc_ids, np.int64), x, {"descriptor": f"pixels{SIDE}"}, COPY_DESCRIPTORS),
+                 max_rows=config.rows_per_shard)
     if error_rows:
         errors = pa.Table.from_pylist(error_rows, schema=stamp(ERRORS, "errors"))
         write_shards(root, "errors", f"{STAGE}-{name}", errors, max_rows=config.rows_per_shard)

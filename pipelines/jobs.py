@@ -144,9 +144,9 @@ def _follow(client: JobSubmissionClient, job_id: str, out: list[str] | None = No
 
 def _wait_terminal(client: JobSubmissionClient, job_id: str) -> str:
     """The job's final status; the log stream can close a moment before the status is written."""
-    while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
+    while (state := str(client.get_job_status(job_id).value)) not in TERMINAL:
         time.sleep(1.0)
-    return status
+    return state
 
 
 def list_jobs(address: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,287 @@
+"""Hierarchical k-means with resampling (Vo et al. 2024), resumable step by step.
+
+Level 1 clusters the embeddings, level t > 1 clusters the centroids of level t − 1. A level runs one
+k-means, then ``resampling_steps`` times: take ``sample_size`` points per cluster, run k-means on
+their union (warm-started from the previous centroids by default), and assign all inputs of the level
+to the new centroids. Resampling pushes centroids from the data density towards a uniform cover of
+its support, which is what makes the later balanced sampling flatten long tails.
+
+Every step's result is written to an optional ``store`` (see ``curation.checkpoint_store``) under
+``level{t}/pre`` and ``level{t}/step{s}``; each step's RNG seed derives from (seed, level, step) alone,
+so a killed run that is restarted on the same store continues where it stopped and gives
+bit-identical results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+
+from curation.checkpoint_store import ArrayStore
+from curation.kmeans import Metric, normalize_rows, assign, kmeans, resolve_device
+
+#: Rows (level 1) or children (levels > 1) per cluster in the paper's 17B-image pool:
+#: 17B → 200M → 8M → 800k → 100k → 25k clusters.
+PAPER_RATIOS = (85.0, 25.0, 10.0, 8.0, 4.0)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """One level. ``resampling_steps`` counts the resampled k-means runs *after* the first one.
+
+    ``sample_size`` (points taken per cluster when resampling) defaults to half the mean cluster
+    size of the level. ``n_splits > 1`` makes the level two-step: ``k`` groups, each split into up
+    to ``n_splits`` sub-clusters (for huge k at level 1); it cannot be combined with resampling.
+    """
+
+    k: int
+    resampling_steps: int = 0
+    sample_size: int | None = None
+    sample_strategy: Literal["closest", "random"] = "closest"
+    n_splits: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n_splits > 1 and self.resampling_steps > 0:
+            raise ValueError("n_splits > 1 cannot be combined with resampling_steps > 0")
+
+
+def default_levels(
+    n_rows: int, n_levels: int = 5, *, resampling_steps: int = 10, min_top_k: int = 10
+) -> list[LevelSpec]:
+    """Level sizes scaled from the paper's ratios to a pool of ``n_rows``.
+
+    Rule: level t has k_t = n_rows / (r_1^α · … · r_t^α) clusters, r = PAPER_RATIOS (extended with
+    its last ratio beyond 5 levels). α = 1 (the paper's ratios) when the pool is big enough for the
+    top level to keep at least ``min_top_k`` clusters; smaller pools shrink all ratios geometrically
+    (α = ln(n_rows / min_top_k) / ln Π r_t) so every level still divides the one below, e.g.
+    10k rows → 1020/196/60/21/10 clusters, 1e10 rows → 118M/4.7M/470k/59k/15k. Level 1 gets no
+    resampling (too costly at scale, as in the paper); upper levels get ``resampling_steps``.
+    """
+    ratios = [PAPER_RATIOS[min(i, len(PAPER_RATIOS) - 1)] for i in range(n_levels)]
+    total = sum(math.log(r) for r in ratios)
+    alpha = min(1.0, max(0.0, math.log(max(n_rows / min_top_k, 1.0)) / total))
+    specs = []
+    k = float(n_rows)
+    for t, r in enumerate(ratios):
+        k /= r**alpha
+        k_t = max(2, min(int(round(k)), n_rows if t == 0 else specs[-1].k))
+        specs.append(LevelSpec(k=k_t, resampling_steps=0 if t == 0 else resampling_steps))
+    return specs
+
+
+@dataclass
+class Hierarchy:
+    centroids: list[np.ndarray]  # per level, [k_t, d]
+    labels: list[np.ndarray]  # per level, the label of each input of that level ([N], [k_1], ...)
+    distances: np.ndarray  # [N] each point's distance to its level-1 centroid
+    inertia: list[float] = field(default_factory=list)  # per level, over that level's inputs
+
+    def point_labels(self) -> np.ndarray:
+        """[N, L] int64: each point's cluster at every level (column 0 = level 1)."""
+        cols = [self.labels[0]]
+        for lab in self.labels[1:]:
+            cols.append(lab[cols[-1]])
+        return np.stack(cols, axis=1)
+
+
+def _seed(seed: int, *path: int) -> int:
+    return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
+
+
+def _step_arrays(c: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> dict[str, np.ndarray]:
+    return {"centroids": c, "labels": labels, "distances": dist}
+
+
+def resample_rows(
+    labels: np.ndarray, distances: np.ndarray, per_cluster: int, strategy: str, rng: np.random.Generator
+) -> np.ndarray:
+    """Sorted rows taking ``per_cluster`` points from every cluster (closest or random)."""
+    key = distances if strategy == "closest" else rng.random(len(labels))
+    order = np.lexsort((np.arange(len(labels)), key, labels))
+    sorted_lab = labels[order]
+    starts = np.searchsorted(sorted_lab, sorted_lab, side="left")
+    rank = np.arange(len(order)) - starts
+    return np.sort(order[rank < per_cluster])
+
+
+def split_clusters(
+    x: np.ndarray,
+    groups: np.ndarray,
+    n_splits: int,
+    *,
+    seed: int,
+    metric: Metric = "l2",
+    n_iter: int = 20,
+    device: str | torch.device | None = "cpu",
+    element_budget: int = 1 << 25,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split every group into up to ``n_splits`` sub-clusters by k-means, batched across groups.
+
+    Groups are bucketed by size (within a bucket sizes differ < 2×, so padding wastes < half) and each
+    bucket runs Lloyd as one padded ``baddbmm`` over all its groups. Init: random distinct members.
+    Empty sub-clusters are dropped. Returns (centroids, labels, distances) with leaves numbered by
+    (group, sub-cluster).
+    """
+    dev = resolve_device(device)
+    rng = np.random.default_rng(seed)
+    n, d = x.shape
+    n_groups = int(groups.max()) + 1
+    sizes = np.bincount(groups, minlength=n_groups)
+    members = np.argsort(groups, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    m = n_splits
+    sub_c = np.zeros((n_groups, m, d), dtype=np.float32)
+    sub_n = np.zeros((n_groups, m), dtype=np.int64)
+    labels = np.empty(n, dtype=np.int64)
+    dists = np.empty(n, dtype=np.float32)
+    by_size = [g for g in np.argsort(-sizes, kind="stable") if sizes[g] > 0]
+    i = 0
+    while i < len(by_size):
+        top = sizes[by_size[i]]
+        j = i + 1
+        while j < len(by_size) and 2 * sizes[by_size[j]] > top and (j - i + 1) * top * max(d, m) <= element_budget:
+            j += 1
+        bucket = np.array(by_size[i:j])
+        i = j
+        s_max = int(top)
+        pos = starts[bucket][:, None] + np.arange(s_max)[None, :]
+        valid = np.arange(s_max)[None, :] < sizes[bucket][:, None]
+        rows = members[np.where(valid, pos, starts[bucket][:, None])]
+        xb = torch.as_tensor(x[rows.ravel()].reshape(len(bucket), s_max, d), dtype=torch.float32, device=dev)
+        if metric == "cosine":
+            xb = normalize_rows(xb.reshape(-1, d)).reshape(xb.shape)
+        vmask = torch.as_tensor(valid, device=dev)
+        m_g = torch.as_tensor(np.minimum(sizes[bucket], m), device=dev)
+        cmask = torch.arange(m, device=dev)[None, :] < m_g[:, None]  # [G, m] usable sub-centroids
+        keys = np.where(valid, rng.random(valid.shape), np.inf)
+        init = np.argsort(keys, axis=1, kind="stable")[:, :m]
+        if init.shape[1] < m:
+            init = np.pad(init, ((0, 0), (0, m - init.shape[1])))
+        c = torch.gather(xb, 1, torch.as_tensor(init, device=dev)[:, :, None].expand(-1, -1, d))
+        flat_base = torch.arange(len(bucket), device=dev)[:, None] * m
+        prev = None
+        for _ in range(n_iter):
+            half_sq = 0.5 * (c * c).sum(-1)
+            val = torch.baddbmm(half_sq[:, None, :], xb, c.transpose(1, 2), alpha=-1)
+            val = val.masked_fill(~cmask[:, None, :], float("inf"))
+            lab = val.argmin(-1)
+            if prev is not None and torch.equal(lab, prev):
+                break
+            prev = lab
+            idx = (flat_base + lab)[vmask]
+            sums = torch.zeros(len(bucket) * m, d, dtype=torch.float64, device=dev)
+            sums.index_add_(0, idx, xb[vmask].double())
+            cnt = torch.bincount(idx, minlength=len(bucket) * m).reshape(len(bucket), m)
+            new = (sums.reshape(len(bucket), m, d) / cnt.clamp_min(1)[..., None]).float()
+            if metric == "cosine":
+                new = normalize_rows(new.reshape(-1, d)).reshape(new.shape)
+            c = torch.where((cnt > 0)[..., None], new, c)
+        half_sq = 0.5 * (c * c).sum(-1)
+        val = torch.baddbmm(half_sq[:, None, :], xb, c.transpose(1, 2), alpha=-1)
+        val = val.masked_fill(~cmask[:, None, :], float("inf"))
+        best, lab = val.min(-1)
+        sq = ((xb * xb).sum(-1) + 2 * best).clamp_min(0)
+        dist = sq * 0.5 if metric == "cosine" else sq
+        vm = vmask.cpu().numpy()
+        labels[rows[vm]] = (bucket[:, None] * m + lab.cpu().numpy())[vm]
+        dists[rows[vm]] = dist.cpu().numpy()[vm]
+        sub_c[bucket] = c.cpu().numpy()
+        sub_n[bucket] = torch.bincount((flat_base + lab)[vmask], minlength=len(bucket) * m).reshape(-1, m).cpu().numpy()
+    keep = np.flatnonzero(sub_n.ravel() > 0)
+    remap = np.full(n_groups * m, -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    return sub_c.reshape(-1, d)[keep], remap[labels], dists
+
+
+def _cached(store: ArrayStore | None, key: str, fn: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    got = store.get(key) if store is not None else None
+    if got is None:
+        got = fn()
+        if store is not None:
+            store.put(key, got)
+    return got
+
+
+def _run_level(
+    inputs: np.ndarray,
+    spec: LevelSpec,
+    level: int,
+    *,
+    seed: int,
+    metric: Metric,
+    n_iter: int,
+    warm_start: bool,
+    device: torch.device,
+    store: ArrayStore | None,
+    progress: Progress | None,
+) -> dict[str, np.ndarray]:
+    def first() -> dict[str, np.ndarray]:
+        if spec.n_splits > 1:
+            pre = _cached(store, f"level{level}/pre", lambda: _km(inputs, spec.k, _seed(seed, level, 0)))
+            return _step_arrays(*split_clusters(
+                inputs, pre["labels"], spec.n_splits, seed=_seed(seed, level, 0, 1), metric=metric,
+                n_iter=n_iter, device=device))
+        return _km(inputs, spec.k, _seed(seed, level, 0))
+
+    def _km(x: np.ndarray, k: int, s: int, init: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        r = kmeans(x, k, seed=s, n_iter=n_iter, metric=metric, device=device, init_centroids=init)
+        return _step_arrays(r.centroids, r.labels, r.distances)
+
+    def resampled(prev: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+        k = len(prev["centroids"])
+        per = spec.sample_size or max(1, round(len(inputs) / k / 2))
+        rows = resample_rows(prev["labels"], prev["distances"], per, spec.sample_strategy,
+                             np.random.default_rng(_seed(seed, level, step)))
+        if len(rows) < k:
+            return prev
+        init = prev["centroids"] if warm_start else None
+        c = _km(inputs[rows], k, _seed(seed, level, step), init)["centroids"]
+        return _step_arrays(c, *assign(inputs, c, metric=metric, device=device))
+
+    res = _cached(store, f"level{level}/step0", first)
+    if progress:
+        progress(f"level {level}: k-means done ({len(res['centroids'])} clusters)")
+    for step in range(1, spec.resampling_steps + 1):
+        res = _cached(store, f"level{level}/step{step}", lambda prev=res, s=step: resampled(prev, s))
+        if progress:
+            progress(f"level {level}: resampling step {step}/{spec.resampling_steps} done")
+    return res
+
+
+def hierarchical_kmeans(
+    x: np.ndarray,
+    levels: Sequence[LevelSpec],
+    *,
+    seed: int = 0,
+    metric: Metric = "l2",
+    n_iter: int = 30,
+    warm_start: bool = True,
+    device: str | torch.device | None = "cpu",
+    store: ArrayStore | None = None,
+    progress: Progress | None = None,
+) -> Hierarchy:
+    """Cluster ``x`` [N, d] level by level; see the module docstring.
+
+    With ``metric='cosine'`` every level clusters L2-normalised inputs (centroids too), which keeps
+    upper levels from forming "hub" clusters whose mean sits near many unrelated, shorter centroids.
+    """
+    dev = resolve_device(device)
+    inputs = np.asarray(x, dtype=np.float32)
+    out = Hierarchy([], [], np.empty(0, dtype=np.float32))
+    for level, spec in enumerate(levels, start=1):
+        if spec.k > len(inputs):
+            raise ValueError(f"level {level}: k={spec.k} > {len(inputs)} inputs")
+        res = _run_level(inputs, spec, level, seed=seed, metric=metric, n_iter=n_iter,
+                         warm_start=warm_start, device=dev, store=store, progress=progress)
+        out.centroids.append(res["centroids"])
+        out.labels.append(res["labels"].astype(np.int64))
+        out.inertia.append(float(res["distances"].astype(np.float64).sum()))
+        if level == 1:
+            out.distances = res["distances"]
+        inputs = res["centroids"]
+    return out

@@ -1,0 +1,257 @@
+"""The pool's vector index: exact for small pools, a self-tuned IVF index for large ones.
+
+Embeddings are L2-normalised, so inner product is cosine similarity. The index records how it
+was built (kind, nlist, nprobe, PQ size, measured recall) so the manifest can say what a
+retrieval or dedup result was computed with, and a fingerprint of the embeddings it indexes so
+a caller cannot silently query it with the wrong pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import psutil
+
+# Brute force stays exact and cheap below this (20k x 384-d: ~15 MFLOP per query, so a full
+# k=64 self-kNN graph is ~3e11 FLOP); above it IVF is faster at recall >= 0.95.
+EXACT_MAX = 20_000
+# faiss k-means warns below 39 training points per centroid; training cost is linear in this.
+TRAIN_POINTS_PER_LIST = 40
+# Enough k-means iterations for a coarse quantiser (faiss default 25 buys little recall here).
+TRAIN_NITER = 10
+N_TUNE_QUERIES = 1_000
+RECALL_AT = 10
+ADD_BATCH = 65_536
+SEARCH_BATCH = 16_384
+
+_MAGIC = b"CURATEIDX1"
+
+UseGpu = bool | Literal["auto"]
+
+
+def fingerprint(x: np.ndarray, chunk_rows: int = 65_536) -> str:
+    """sha256 of shape, dtype and bytes, read in row chunks so memory-mapped pools stay on disk."""
+    h = hashlib.sha256()
+    h.update(repr((tuple(x.shape), np.dtype(x.dtype).str)).encode())
+    for start in range(0, x.shape[0], chunk_rows):
+        h.update(np.ascontiguousarray(x[start : start + chunk_rows]).data)
+    return h.hexdigest()
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def exact_topk(
+    x: np.ndarray, q: np.ndarray, k: int, chunk_rows: int = 16_384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner product of queries `q` over `x`, streaming `x` in chunks (ground truth)."""
+    q = _f32(q)
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
+    for start in range(0, x.shape[0], chunk_rows):
+        s = q @ _f32(x[start : start + chunk_rows]).T
+        if s.shape[1] > k:
+            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            s, i = np.take_along_axis(s, part, axis=1), part + start
+        else:
+            i = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
+        cat_s = np.concatenate([best_s, s], axis=1)
+        cat_i = np.concatenate([best_i, i], axis=1)
+        # Order by (-similarity, row) so ties resolve to the smaller row, like a full sort would.
+        order = np.lexsort((cat_i, -cat_s), axis=1)[:, :k]
+        best_s = np.take_along_axis(cat_s, order, axis=1)
+        best_i = np.take_along_axis(cat_i, order, axis=1)
+    return best_s, best_i
+
+
+def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of the exact top-k rows that the approximate top-k also returns."""
+    k = exact.shape[1]
+    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact, strict=True))
+    return hits / (len(exact) * k)
+
+
+def _set_nprobe(index: faiss.Index, nprobe: int, on_gpu: bool) -> None:
+    space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
+    space.set_index_parameter(index, "nprobe", nprobe)
+
+
+@dataclass
+class PoolIndex:
+    """A faiss index over pool rows 0..N-1 plus how it was built and what it indexes."""
+
+    index: faiss.Index
+    params: dict[str, Any]
+    fingerprint: str
+    on_gpu: bool = field(default=False)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def search(
+        self, q: np.ndarray, k: int, batch_size: int = SEARCH_BATCH
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k cosine similarities [Q,k] float32 and pool rows [Q,k] int64 (-1 where fewer than k)."""
+        sims = np.empty((len(q), k), dtype=np.float32)
+        rows = np.empty((len(q), k), dtype=np.int64)
+        for start in range(0, len(q), batch_size):
+            s, i = self.index.search(_f32(q[start : start + batch_size]), k)
+            sims[start : start + len(s)] = s
+            rows[start : start + len(i)] = i
+        return sims, rows
+
+    def to_bytes(self) -> bytes:
+        """Self-contained bytes: a JSON header (params, fingerprint) then the faiss index."""
+        cpu = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
+        header = json.dumps({"params": self.params, "fingerprint": self.fingerprint}).encode()
+        body = faiss.serialize_index(cpu).tobytes()
+        return _MAGIC + struct.pack("<Q", len(header)) + header + body
+
+    @classmethod
+    def from_bytes(cls, b: bytes, use_gpu: UseGpu = False) -> PoolIndex:
+        if not b.startswith(_MAGIC):
+            raise ValueError("not a curate PoolIndex serialisation")
+        off = len(_MAGIC)
+        (n_header,) = struct.unpack_from("<Q", b, off)
+        off += 8
+        meta = json.loads(b[off : off + n_header])
+        index = faiss.deserialize_index(np.frombuffer(b, dtype=np.uint8, offset=off + n_header))
+        index, on_gpu = _maybe_to_gpu(index, use_gpu)
+        if meta["params"].get("nprobe") is not None:
+            _set_nprobe(index, meta["params"]["nprobe"], on_gpu)
+        return cls(index=index, params=meta["params"], fingerprint=meta["fingerprint"], on_gpu=on_gpu)
+
+
+def _maybe_to_gpu(index: faiss.Index, use_gpu: UseGpu) -> tuple[faiss.Index, bool]:
+    n_gpus = faiss.get_num_gpus()
+    if use_gpu is True and n_gpus == 0:
+        raise RuntimeError("use_gpu=True but faiss sees no GPU")
+    if use_gpu is False or n_gpus == 0:
+        return index, False
+    return faiss.index_cpu_to_all_gpus(index), True
+
+
+def _nlist_for(n: int) -> int:
+    """~4*sqrt(N) lists, capped so every list gets enough training points."""
+    return max(1, min(int(round(4 * math.sqrt(n))), n // TRAIN_POINTS_PER_LIST))
+
+
+def _pq_m_for(n: int, d: int, budget: int) -> int:
+    """Largest PQ code size (bytes/vector, a divisor of d, at most d/2) whose codes fit `budget`."""
+    for m in sorted((m for m in range(1, d // 2 + 1) if d % m == 0), reverse=True):
+        if n * (m + 8) <= budget:
+            return m
+    raise MemoryError(f"{n} vectors do not fit {budget} bytes even with 1-byte PQ codes")
+
+
+def _add_in_batches(index: faiss.Index, x: np.ndarray) -> None:
+    for start in range(0, x.shape[0], ADD_BATCH):
+        index.add(_f32(x[start : start + ADD_BATCH]))
+
+
+def _tune_nprobe(
+    index: faiss.Index, nlist: int, q: np.ndarray, truth: np.ndarray, target: float, on_gpu: bool
+) -> tuple[int, float]:
+    """Smallest nprobe reaching `target` recall: doubling, then bisection between the last two."""
+
+    def measure(p: int) -> float:
+        _set_nprobe(index, p, on_gpu)
+        _, i = index.search(q, truth.shape[1])
+        return recall_at(i, truth)
+
+    lo, hi = 0, 1
+    r_hi = measure(hi)
+    while r_hi < target and hi < nlist:
+        lo, hi = hi, min(hi * 2, nlist)
+        r_hi = measure(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        r = measure(mid)
+        if r >= target:
+            hi, r_hi = mid, r
+        else:
+            lo = mid
+    _set_nprobe(index, hi, on_gpu)
+    return hi, r_hi
+
+
+def build_index(
+    x: np.ndarray,
+    *,
+    recall_target: float = 0.95,
+    exact_max: int = EXACT_MAX,
+    memory_budget_bytes: int | None = None,
+    seed: int = 0,
+    use_gpu: UseGpu = "auto",
+) -> PoolIndex:
+    """Index L2-normalised rows of `x` (float16/float32, may be memory-mapped) for cosine search.
+
+    N <= exact_max: IndexFlatIP (exact). Otherwise IVF with nlist ~ 4*sqrt(N), trained on a seeded
+    subsample; IVF-flat when the float32 vectors fit `memory_budget_bytes` (default half the
+    machine's RAM), else IVF-PQ. nprobe is then tuned on a held-out sample of pool rows against
+    exact search so recall@10 >= recall_target (a warning if even nprobe = nlist cannot).
+    """
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    fp = fingerprint(x)
+    budget = memory_budget_bytes or psutil.virtual_memory().total // 2
+    params: dict[str, Any] = {"n": int(n), "dim": int(d), "metric": "inner_product", "seed": seed}
+
+    if n <= exact_max:
+        index, on_gpu = _maybe_to_gpu(faiss.IndexFlatIP(d), use_gpu)
+        _add_in_batches(index, x)
+        params.update(kind="flat", nlist=None, nprobe=None, m=None, recall_at_10=1.0)
+        return PoolIndex(index=index, params=params, fingerprint=fp, on_gpu=on_gpu)
+
+    nlist = _nlist_for(n)
+    quantizer = faiss.IndexFlatIP(d)
+    if n * d * 4 <= budget:
+        cpu_index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        params.update(kind="ivf_flat", m=None)
+    else:
+        m = _pq_m_for(n, d, budget)
+        cpu_index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        params.update(kind="ivf_pq", m=m)
+    cpu_index.cp.niter = TRAIN_NITER
+    cpu_index.cp.seed = int(rng.integers(2**31 - 1))
+    index, on_gpu = _maybe_to_gpu(cpu_index, use_gpu)
+
+    n_train = min(n - min(N_TUNE_QUERIES, n // 10), TRAIN_POINTS_PER_LIST * nlist)
+    train_rows = np.sort(rng.choice(n, size=n_train, replace=False))
+    index.train(_f32(x[train_rows]))
+    _add_in_batches(index, x)
+
+    # Held out from training so the recall estimate is not flattered by centroids fit to the queries.
+    held_out = np.setdiff1d(np.arange(n), train_rows, assume_unique=True)
+    q_rows = np.sort(rng.choice(held_out, size=min(N_TUNE_QUERIES, len(held_out)), replace=False))
+    q = _f32(x[q_rows])
+    _, truth = exact_topk(x, q, RECALL_AT)
+    nprobe, recall = _tune_nprobe(index, nlist, q, truth, recall_target, on_gpu)
+    if recall < recall_target:
+        warnings.warn(
+            f"{params['kind']} reaches recall@{RECALL_AT}={recall:.3f} < {recall_target} at nprobe=nlist",
+            stacklevel=2,
+        )
+    params.update(
+        nlist=nlist,
+        nprobe=nprobe,
+        n_train=int(n_train),
+        recall_at_10=round(float(recall), 4),
+        recall_target=recall_target,
+        memory_budget_bytes=int(budget),
+    )
+    return PoolIndex(index=index, params=params, fingerprint=fp, on_gpu=on_gpu)

@@ -1,0 +1,395 @@
+"""Deterministic chunked k-means on torch (CPU or CUDA), built for sharded Lloyd iterations.
+
+Why the design looks the way it does:
+
+* Distances are computed as ``|c|²/2 − x·c`` (the ``|x|²`` term does not change the argmin) in row
+  chunks of ``chunk_size`` and centroid chunks of ``centroid_chunk``, keeping a running (value, index)
+  minimum, so memory stays bounded by ``chunk_size × centroid_chunk`` scores whatever k is.
+* Centroid sums are accumulated in float64 with ``index_add_`` after rounding every coordinate to a
+  fixed power-of-two grid (``grid_exp``, from a bound on ``|x|``). All partial sums are then exact
+  multiples of ``2**-grid_exp`` below ``2**53`` units, so float64 addition is exact and therefore
+  order-independent: a driver that adds the partial sums of W shards gets bit-identical centroids to
+  one worker (and CUDA atomics cannot change the result). The rounding error (≤ 2**-23 · max|x| per
+  coordinate) is far below float32 resolution of the data; exactness holds up to 2**30 rows per
+  cluster.
+* Row chunks start at multiples of ``chunk_size`` in the *global* row numbering (``row_offset``), so
+  each row's distances come from the same matmul shapes however the rows are sharded.
+* Convergence is tested on the centroid shift (computed from exact sums), not on the inertia (a
+  float sum whose last bits depend on the shard layout), so the iteration count is layout-free too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+Metric = Literal["l2", "cosine"]
+ArrayLike = np.ndarray | torch.Tensor
+
+#: Score matrix elements per chunk (rows × centroids); 2**24 fp32 = 64 MiB on CPU, 2**30 on CUDA.
+_CPU_SCORE_BUDGET = 1 << 24
+_CUDA_SCORE_BUDGET = 1 << 30
+#: torch.mm(..., out_dtype=) (bf16 inputs, fp32 scores) exists in recent torch builds only.
+_HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+#: Mantissa bits kept for the largest |coordinate| when rounding to the summation grid.
+_GRID_BITS = 22
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    centroids: np.ndarray  # [k, d] float32
+    labels: np.ndarray  # [n] int64
+    distances: np.ndarray  # [n] float32: squared L2, or cosine distance 1 − cos
+    inertia: float  # sum of distances
+    n_iter: int
+
+
+@dataclass(frozen=True)
+class PartialSums:
+    """What one shard contributes to a Lloyd update; combine shards with `reduce_partials`."""
+
+    sums: torch.Tensor  # [k, d] float64, exact multiples of 2**-grid_exp
+    counts: torch.Tensor  # [k] int64
+    inertia: float
+    far_dist: torch.Tensor  # [m] float32, the shard's farthest rows (for empty-cluster reseeding)
+    far_rows: torch.Tensor  # [m] int64 global row ids
+    far_points: torch.Tensor  # [m, d] float32
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_chunk_size(k: int, device: torch.device) -> int:
+    """Rows per chunk: a fixed function of k and device type, so every worker uses the same grid."""
+    budget = _CUDA_SCORE_BUDGET if device.type == "cuda" else _CPU_SCORE_BUDGET
+    return int(max(256, min(1 << 16, budget // max(k, 1))))
+
+
+def grid_exponent(max_abs: float) -> int:
+    """Exponent q of the summation grid 2**-q for data bounded by ``max_abs`` (see module doc)."""
+    if max_abs <= 0 or not math.isfinite(max_abs):
+        return _GRID_BITS
+    return _GRID_BITS - math.ceil(math.log2(max_abs))
+
+
+def _to_device(x: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
+    return t.to(device=device, dtype=dtype)
+
+
+def normalize_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    return t / t.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(t.dtype)
+
+
+def _nearest(
+    xc: torch.Tensor, centroids: torch.Tensor, half_sq: torch.Tensor, centroid_chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running argmin of ``|c|²/2 − x·c`` over centroid chunks; ties go to the lowest index.
+
+    On CUDA with bf16 inputs the matmul writes fp32 scores directly (``out_dtype``) and the bias is
+    subtracted in place, so the only large temporary is one [rows, centroid_chunk] fp32 buffer.
+    """
+    best_val: torch.Tensor | None = None
+    best_idx: torch.Tensor | None = None
+    for start in range(0, centroids.shape[0], centroid_chunk):
+        c = centroids[start : start + centroid_chunk]
+        h = half_sq[start : start + c.shape[0]]
+        if xc.is_cuda and xc.dtype != torch.float32 and _HAS_MM_OUT_DTYPE:
+            s = torch.mm(xc, c.T, out_dtype=torch.float32)
+            val, idx = s.sub_(h).max(dim=1)
+            val = val.neg_()
+        else:
+            val, idx = torch.addmm(h.to(xc.dtype), xc, c.T, alpha=-1).min(dim=1)
+            val = val.float()
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val < best_val
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx + start, best_idx)
+    assert best_val is not None and best_idx is not None
+    return best_val, best_idx
+
+
+class _Prepared:
+    """Centroids placed on the device once per iteration, plus their half squared norms."""
+
+    def __init__(self, centroids: ArrayLike, metric: Metric, device: torch.device, dtype: torch.dtype):
+        c = _to_device(centroids, device, torch.float32)
+        if metric == "cosine":
+            c = normalize_rows(c)
+        self.half_sq = 0.5 * (c * c).sum(dim=1)
+        self.c = c.to(dtype)
+
+
+def _chunk_assign(
+    xc: torch.Tensor, prep: _Prepared, metric: Metric, centroid_chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x chunk in compute dtype, normalised if cosine) -> (chunk as fp32, labels, distances)."""
+    xf = xc.float()
+    if metric == "cosine":
+        xf = normalize_rows(xf)
+        xc = xf.to(xc.dtype)
+    val, lab = _nearest(xc, prep.c, prep.half_sq, centroid_chunk)
+    sq = ((xf * xf).sum(dim=1) + 2.0 * val).clamp_min(0.0)
+    dist = sq * 0.5 if metric == "cosine" else sq
+    return xf, lab, dist
+
+
+def _chunks(n: int, row_offset: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Local [start, end) ranges whose global boundaries fall on multiples of chunk_size."""
+    out = []
+    start = 0
+    while start < n:
+        end = min(n, ((row_offset + start) // chunk_size + 1) * chunk_size - row_offset)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def assign(
+    x: ArrayLike,
+    centroids: ArrayLike,
+    *,
+    metric: Metric = "l2",
+    chunk_size: int | None = None,
+    centroid_chunk: int | None = None,
+    row_offset: int = 0,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row: (labels int64 [n], distances float32 [n])."""
+    dev = resolve_device(device)
+    k = int(centroids.shape[0])
+    chunk_size = chunk_size or default_chunk_size(k, dev)
+    centroid_chunk = centroid_chunk or k
+    prep = _Prepared(centroids, metric, dev, dtype)
+    n = int(x.shape[0])
+    labels = np.empty(n, dtype=np.int64)
+    dists = np.empty(n, dtype=np.float32)
+    for s, e in _chunks(n, row_offset, chunk_size):
+        _, lab, dist = _chunk_assign(_to_device(x[s:e], dev, dtype), prep, metric, centroid_chunk)
+        labels[s:e] = lab.cpu().numpy()
+        dists[s:e] = dist.cpu().numpy()
+    return labels, dists
+
+
+def partial_sums(
+    x: ArrayLike,
+    centroids: ArrayLike,
+    *,
+    grid_exp: int,
+    metric: Metric = "l2",
+    row_offset: int = 0,
+    n_far: int = 64,
+    chunk_size: int | None = None,
+    centroid_chunk: int | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> PartialSums:
+    """One shard's contribution to a Lloyd step (rows ``row_offset .. row_offset+len(x)``).
+
+    ``grid_exp`` must be the same on every worker (``grid_exponent`` of a global bound on |x|) and
+    ``chunk_size`` too (the default depends only on k and the device type).
+    """
+    dev = resolve_device(device)
+    k = int(centroids.shape[0])
+    d = int(x.shape[1])
+    chunk_size = chunk_size or default_chunk_size(k, dev)
+    centroid_chunk = centroid_chunk or k
+    prep = _Prepared(centroids, metric, dev, dtype)
+    scale = float(2.0**grid_exp)
+    sums = torch.zeros(k, d, dtype=torch.float64, device=dev)
+    counts = torch.zeros(k, dtype=torch.int64, device=dev)
+    inertia = torch.zeros((), dtype=torch.float64, device=dev)
+    far_d = torch.empty(0, device=dev)
+    far_r = torch.empty(0, dtype=torch.int64, device=dev)
+    far_p = torch.empty(0, d, device=dev)
+    for s, e in _chunks(int(x.shape[0]), row_offset, chunk_size):
+        xf, lab, dist = _chunk_assign(_to_device(x[s:e], dev, dtype), prep, metric, centroid_chunk)
+        sums.index_add_(0, lab, torch.round(xf * scale).double())
+        counts += torch.bincount(lab, minlength=k)
+        inertia += dist.double().sum()
+        rows = torch.arange(row_offset + s, row_offset + e, device=dev)
+        pick = _top_far(dist, rows, n_far)
+        merged = _top_far(torch.cat([far_d, dist[pick]]), torch.cat([far_r, rows[pick]]), n_far)
+        far_d, far_r = torch.cat([far_d, dist[pick]])[merged], torch.cat([far_r, rows[pick]])[merged]
+        far_p = torch.cat([far_p, xf[pick]])[merged]
+    return PartialSums(sums.div_(scale), counts, float(inertia), far_d, far_r, far_p)
+
+
+def _top_far(dist: torch.Tensor, rows: torch.Tensor, m: int) -> torch.Tensor:
+    """Positions of the m farthest rows, ordered by (distance desc, row asc): a layout-free order."""
+    cand = torch.arange(len(dist), device=dist.device)
+    if len(dist) > m > 0:  # all ties at the cut stay candidates
+        cand = torch.nonzero(dist >= torch.topk(dist, m).values[-1]).flatten()
+    order = cand[torch.argsort(rows[cand], stable=True)]
+    return order[torch.argsort(-dist[order], stable=True)][:m]
+
+
+def reduce_partials(parts: Sequence[PartialSums], n_far: int = 64) -> PartialSums:
+    """Combine shard partials; exact sums make the result independent of shard count and order."""
+    dev = parts[0].sums.device
+    sums = torch.zeros_like(parts[0].sums)
+    counts = torch.zeros_like(parts[0].counts)
+    for p in parts:
+        sums += p.sums.to(dev)
+        counts += p.counts.to(dev)
+    dist = torch.cat([p.far_dist.to(dev) for p in parts])
+    rows = torch.cat([p.far_rows.to(dev) for p in parts])
+    pick = _top_far(dist, rows, n_far)
+    points = torch.cat([p.far_points.to(dev) for p in parts])[pick]
+    return PartialSums(sums, counts, float(sum(p.inertia for p in parts)), dist[pick], rows[pick], points)
+
+
+def update_centroids(
+    total: PartialSums, centroids: ArrayLike, *, metric: Metric = "l2"
+) -> tuple[np.ndarray, int]:
+    """New centroids from reduced sums; empty clusters take the farthest rows (deterministic).
+
+    Reseeds walk the gathered farthest rows farthest-first (each next one farthest from the rows and
+    reseeds so far). Returns (centroids float32 [k, d], number of empty clusters). If more clusters
+    are empty than
+    farthest rows were gathered, the rest keep their previous centroid and are retried next step.
+    """
+    dev = total.sums.device
+    prev = _to_device(centroids, dev, torch.float32)
+    counts = total.counts
+    new = (total.sums / counts.clamp_min(1)[:, None].double()).float()
+    empty = torch.nonzero(counts == 0).flatten()
+    new[empty] = prev[empty]
+    if len(empty):
+        new[empty[: len(total.far_rows)]] = _spread_reseeds(total, len(empty))
+    if metric == "cosine":
+        new = normalize_rows(new)
+    return new.cpu().numpy(), int(len(empty))
+
+
+def _spread_reseeds(total: PartialSums, n_empty: int) -> torch.Tensor:
+    """Farthest-first traversal of the gathered farthest rows, so reseeds do not pile into one spot."""
+    pts = total.far_points.float()
+    cur = total.far_dist.double().clone()
+    picks = []
+    for _ in range(min(n_empty, len(pts))):
+        i = int(torch.argmax(cur))
+        picks.append(i)
+        cur = torch.minimum(cur, ((pts - pts[i]) ** 2).sum(1).double())
+        cur[i] = -1.0
+    return pts[picks]
+
+
+def kmeans_plusplus(
+    x: ArrayLike,
+    k: int,
+    *,
+    seed: int,
+    metric: Metric = "l2",
+    sample_size: int | None = None,
+    n_local_trials: int | None = None,
+    device: str | torch.device | None = "cpu",
+) -> np.ndarray:
+    """Greedy k-means++ (D² sampling, best of ``2 + ln k`` candidates) on a seeded row subsample.
+
+    Seeding on ``sample_size`` rows (default ``min(n, 10k + 1000)``) keeps the sequential-in-k cost
+    independent of n; Lloyd then refines on all rows.
+    """
+    dev = resolve_device(device)
+    rng = np.random.default_rng(seed)
+    n = int(x.shape[0])
+    if k > n:
+        raise ValueError(f"k={k} > n={n}")
+    size = min(n, sample_size or 10 * k + 1000)
+    rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+    s = _to_device(np.asarray(x[rows]) if not isinstance(x, torch.Tensor) else x[rows], dev, torch.float32)
+    if metric == "cosine":
+        s = normalize_rows(s)
+    trials = n_local_trials or 2 + int(math.log(k))
+    sq = (s * s).sum(dim=1)
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = rng.integers(size)
+    closest = (sq + sq[chosen[0]] - 2 * s @ s[chosen[0]]).clamp_min(0).double()
+    for i in range(1, k):
+        cum = torch.cumsum(closest, 0)
+        u = torch.as_tensor(rng.random(trials), dtype=torch.float64, device=dev) * cum[-1]
+        cand = torch.searchsorted(cum, u).clamp_max(size - 1)
+        d_cand = (sq[None, :] + sq[cand][:, None] - 2 * s[cand] @ s.T).clamp_min(0).double()
+        pot = torch.minimum(d_cand, closest[None, :]).sum(dim=1)
+        best = int(torch.argmin(pot))
+        chosen[i] = int(cand[best])
+        closest = torch.minimum(closest, d_cand[best])
+    return s[torch.as_tensor(chosen, device=dev)].cpu().numpy()
+
+
+def kmeans(
+    x: ArrayLike,
+    k: int,
+    *,
+    seed: int = 0,
+    n_iter: int = 30,
+    tol: float = 1e-4,
+    metric: Metric = "l2",
+    init: Literal["k-means++", "random"] = "k-means++",
+    init_sample_size: int | None = None,
+    init_centroids: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: Literal["torch", "faiss"] = "torch",
+) -> KMeansResult:
+    """Lloyd's k-means, deterministic for a seed.
+
+    Stops after ``n_iter`` updates or when the mean squared centroid shift falls below
+    ``tol`` × the mean per-dimension variance of the data (scale-free, as in scikit-learn).
+    ``init_centroids`` warm-starts Lloyd (e.g. resampling steps). ``backend='faiss'`` runs
+    ``faiss.Kmeans`` instead: faster on CPU but not bit-deterministic across thread counts or shards.
+    """
+    if backend == "faiss":
+        return _faiss_kmeans(x, k, seed=seed, n_iter=n_iter, metric=metric, init_centroids=init_centroids)
+    dev = resolve_device(device)
+    n = int(x.shape[0])
+    if init_centroids is not None:
+        c = np.asarray(init_centroids, dtype=np.float32)
+    elif init == "random":
+        c = np.asarray(x[np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))], dtype=np.float32)
+    else:
+        c = kmeans_plusplus(x, k, seed=seed, metric=metric, sample_size=init_sample_size, device=dev)
+    if metric == "cosine":
+        c = normalize_rows(torch.as_tensor(c)).numpy()
+    xt = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
+    grid = grid_exponent(float(xt.abs().max()) if metric == "l2" else 1.0)
+    var = float(torch.var(xt[:: max(1, n // 100_000)].double(), dim=0).mean())
+    it = 0
+    for it in range(1, n_iter + 1):
+        part = partial_sums(x, c, grid_exp=grid, metric=metric, chunk_size=chunk_size, device=dev, dtype=dtype)
+        new, n_empty = update_centroids(part, c, metric=metric)
+        shift = float(((new.astype(np.float64) - c) ** 2).sum(axis=1).mean())
+        c = new
+        if n_empty == 0 and shift <= tol * var:
+            break
+    labels, dists = assign(x, c, metric=metric, chunk_size=chunk_size, device=dev, dtype=dtype)
+    return KMeansResult(c, labels, dists, float(dists.astype(np.float64).sum()), it)
+
+
+def _faiss_kmeans(
+    x: ArrayLike, k: int, *, seed: int, n_iter: int, metric: Metric, init_centroids: ArrayLike | None
+) -> KMeansResult:
+    import faiss
+
+    xa = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if metric == "cosine":
+        xa = xa / np.maximum(np.linalg.norm(xa, axis=1, keepdims=True), 1e-12)
+    km = faiss.Kmeans(xa.shape[1], k, niter=n_iter, seed=seed, spherical=metric == "cosine",
+                      max_points_per_centroid=1 << 30)
+    init = None if init_centroids is None else np.ascontiguousarray(init_centroids, dtype=np.float32)
+    km.train(xa, init_centroids=init)
+    c = km.centroids.astype(np.float32)
+    labels, dists = assign(xa, c, metric=metric)
+    return KMeansResult(c, labels, dists, float(dists.astype(np.float64).sum()), n_iter)

@@ -1,0 +1,124 @@
+"""``curate cluster``: hierarchical k-means with resampling over the pool's embeddings.
+
+Writes ``clusters`` (each image's cluster at every level, l1 finest) and ``centroids`` (every
+cluster with its parent and size). Each level and resampling step is checkpointed under the catalog,
+so a killed run resumes at the step it was in and ends with bit-identical clusters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from catalog import schemas
+from catalog.array_store import CatalogArrayStore
+from catalog.ledger import Ledger
+from catalog.manifest import RunManifest, fingerprint
+from catalog.progress import progress
+from catalog.shards import delete_table, write_shards
+from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
+from pipelines.embedding_source import load_vectors, removed_ids
+
+STAGE = "cluster"
+
+
+@dataclass(frozen=True)
+class LevelConfig:
+    k: int
+    resampling_steps: int = 0
+    sample_size: int | None = None
+    sample_strategy: Literal["closest", "random"] = "closest"
+    n_splits: int = 1
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``levels`` empty means: ``n_levels`` levels scaled from the paper's ratios to the pool size."""
+
+    n_levels: int = 5
+    levels: list[LevelConfig] = field(default_factory=list)
+    resampling_steps: int = 10
+    metric: Literal["l2", "cosine"] = "cosine"
+    n_iter: int = 30
+    seed: int = 0
+    device: str = "auto"
+    exclude_duplicates: bool = True
+
+
+def level_specs(config: ClusterConfig, n_rows: int) -> list[LevelSpec]:
+    if config.levels:
+        return [LevelSpec(**asdict(level)) for level in config.levels]
+    return default_levels(n_rows, config.n_levels, resampling_steps=config.resampling_steps)
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def clusters_table(ids: np.ndarray, hierarchy: Hierarchy) -> pa.Table:
+    labels = hierarchy.point_labels()
+    n_levels = labels.shape[1]
+    columns = [pa.array(ids, pa.int64())] + [pa.array(labels[:, i]) for i in range(n_levels)]
+    columns.append(pa.array(hierarchy.distances.astype(np.float32)))
+    return pa.Table.from_arrays(columns, schema=schemas.stamp(schemas.clusters(n_levels), "clusters"))
+
+
+def centroids_table(hierarchy: Hierarchy) -> pa.Table:
+    """One row per cluster at every level; ``size`` counts images, ``parent_id`` the next level up."""
+    labels = hierarchy.point_labels()
+    parts = []
+    for level, c in enumerate(hierarchy.centroids):
+        k, d = c.shape
+        parent = hierarchy.labels[level + 1] if level + 1 < len(hierarchy.labels) else np.full(k, -1)
+        size = np.bincount(labels[:, level], minlength=k)
+        parts.append(pa.Table.from_arrays(
+            [pa.array(np.full(k, level + 1, np.int32)), pa.array(np.arange(k, dtype=np.int64)),
+             pa.array(parent.astype(np.int64)), pa.array(size.astype(np.int64)),
+             pa.FixedSizeListArray.from_arrays(pa.array(c.astype(np.float32).ravel()), d)],
+            schema=schemas.stamp(schemas.centroids(d), "centroids")))
+    return pa.concat_tables(parts)
+
+
+def cluster(root: str, config: ClusterConfig | None = None, *, embeddings: str | None = None,
+            ids: str | None = None, overwrite: bool = False) -> dict[str, object]:
+    """Cluster the embeddings and write ``clusters`` and ``centroids``; skipped when already done."""
+    config = config or ClusterConfig()
+    ledger = Ledger(root, STAGE)
+    store = CatalogArrayStore(root, STAGE)
+    if overwrite:
+        ledger.reset()
+        store.clear()
+    image_ids, x = load_vectors(root, embeddings, ids)
+    if config.exclude_duplicates:
+        keep = ~np.isin(image_ids, removed_ids(root))
+        image_ids, x = image_ids[keep], x[keep]
+    order = np.argsort(image_ids, kind="stable")  # row order independent of shard layout
+    image_ids, x = image_ids[order], np.ascontiguousarray(x[order])
+    specs = level_specs(config, len(x))
+    plan = fingerprint(asdict(config), [asdict(s) for s in specs], len(x), int(image_ids.sum()))
+    if ledger.is_complete() and ledger.done().get("all", {}).get("plan") == plan:
+        return {"skipped": True, "levels": [s.k for s in specs]}
+    ledger.check_plan(plan)
+    with RunManifest(root, STAGE, asdict(config)) as manifest:
+        manifest.inputs = {"rows": len(x), "dim": x.shape[1], "levels": [asdict(s) for s in specs]}
+        steps = sum(1 + s.resampling_steps for s in specs)
+        with progress(steps, "cluster", unit="step") as bar:
+            hierarchy = hierarchical_kmeans(x, specs, seed=config.seed, metric=config.metric,
+                                            n_iter=config.n_iter, device=_device(config.device), store=store,
+                                            progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
+        delete_table(root, "clusters")
+        delete_table(root, "centroids")
+        write_shards(root, "clusters", "clusters", clusters_table(image_ids, hierarchy))
+        write_shards(root, "centroids", "centroids", centroids_table(hierarchy))
+        manifest.rows = {"in": len(x), "out": len(x), "errored": 0}
+        manifest.notes = {"inertia": hierarchy.inertia, "k": [len(c) for c in hierarchy.centroids]}
+    ledger.mark("all", {"plan": plan})
+    ledger.mark_complete(manifest.notes)
+    return {"skipped": False, "levels": manifest.notes["k"], "inertia": hierarchy.inertia}

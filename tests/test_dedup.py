@@ -1,0 +1,167 @@
+"""Copy detection against brute-force similarity, a BFS reference and hand-built graphs."""
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from curation.dedup import (
+    connected_components,
+    copy_dedup,
+    exact_duplicates,
+    knn_graph,
+    relative_dedup,
+    select_keepers,
+)
+from curation.index import build_index
+
+
+def unit(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+
+def with_copies(n: int, n_groups: int, d: int = 64, seed: int = 0):
+    """Random unit vectors (pairwise cosine ~N(0, 1/d), far below 0.6) with groups of 2-4 near
+    copies (cosine ~0.9 to their original) written over random rows. Returns x and group per row
+    (-1 for rows that are in no group)."""
+    rng = np.random.default_rng(seed)
+    x = unit(rng.standard_normal((n, d)))
+    group = np.full(n, -1)
+    rows = rng.permutation(n)
+    used = 0
+    for g in range(n_groups):
+        size = int(rng.integers(2, 5))
+        members = rows[used : used + size]
+        used += size
+        x[members[1:]] = unit(x[members[0]] + 0.45 * rng.standard_normal((size - 1, d)) / np.sqrt(d))
+        group[members] = g
+    return x, group
+
+
+def same_group_pairs(labels: np.ndarray) -> set[tuple[int, int]]:
+    pairs = set()
+    for lab in np.unique(labels[labels >= 0]):
+        m = np.flatnonzero(labels == lab)
+        pairs |= {(int(a), int(b)) for i, a in enumerate(m) for b in m[i + 1 :]}
+    return pairs
+
+
+def bfs_components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    adj = [[] for _ in range(n)]
+    for a, b in zip(src.tolist(), dst.tolist()):
+        adj[a].append(b)
+        adj[b].append(a)
+    labels = np.full(n, -1)
+    c = 0
+    for start in range(n):
+        if labels[start] >= 0:
+            continue
+        labels[start] = c
+        queue = deque([start])
+        while queue:
+            for v in adj[queue.popleft()]:
+                if labels[v] < 0:
+                    labels[v] = c
+                    queue.append(v)
+        c += 1
+    return labels
+
+
+def test_exact_duplicates_keep_smallest_id():
+    rng = np.random.default_rng(0)
+    hashes = np.array([f"{h:064x}" for h in rng.integers(0, 50, size=300)])
+    ids = rng.permutation(10_000)[:300].astype(np.int64)
+    removed, kept = exact_duplicates(hashes, ids)
+    best: dict[str, int] = {}
+    for h, i in zip(hashes, ids):
+        best[h] = min(best.get(h, i), i)
+    assert sorted(best.values()) == kept.tolist()
+    assert sorted(set(ids.tolist()) - set(best.values())) == removed.tolist()
+    as_bytes = np.array([bytes.fromhex(h) for h in hashes], dtype=object)
+    r2, k2 = exact_duplicates(as_bytes, ids)
+    np.testing.assert_array_equal(r2, removed)
+    np.testing.assert_array_equal(k2, kept)
+
+
+def test_components_match_bfs():
+    rng = np.random.default_rng(1)
+    n = 3000
+    src, dst = rng.integers(0, n, size=(2, 2500))
+    labels = connected_components(n, src, dst)
+    np.testing.assert_array_equal(labels, bfs_components(n, src, dst))
+    np.testing.assert_array_equal(connected_components(5, np.array([], int), np.array([], int)), np.arange(5))
+
+
+def test_knn_graph_equals_brute_force():
+    x, _ = with_copies(1500, 120, seed=2)
+    k, thr = 5, 0.6
+    src, dst, sim = knn_graph(x, k=k, threshold=thr)
+    s = x.astype(np.float64) @ x.T.astype(np.float64)
+    np.fill_diagonal(s, -np.inf)
+    nn = np.argsort(-s, axis=1)[:, :k]
+    ref = {}
+    for a in range(len(x)):
+        for b in nn[a]:
+            if s[a, b] > thr:
+                ref[(min(a, int(b)), max(a, int(b)))] = s[a, b]
+    got = dict(zip(zip(src.tolist(), dst.tolist()), sim.tolist()))
+    assert got.keys() == ref.keys() and len(got) == len(src) > 100
+    assert (src < dst).all()
+    np.testing.assert_allclose([got[p] for p in ref], list(ref.values()), atol=1e-5)
+
+
+def test_knn_graph_rejects_other_embeddings():
+    x, _ = with_copies(500, 10, seed=3)
+    index = build_index(x)
+    with pytest.raises(ValueError):
+        knn_graph(index, x=x[::-1].copy())
+
+
+@pytest.mark.parametrize("exact_max", [100_000, 2_000])
+def test_copy_dedup_finds_injected_groups(exact_max):
+    x, group = with_copies(20_000, 400, seed=4)
+    ids = np.arange(len(x), dtype=np.int64) + 1000
+    priority = np.random.default_rng(5).integers(100, 10_000, size=len(x))
+    index = build_index(x, exact_max=exact_max)
+    result = copy_dedup(x, ids, priority, k=16, index=index)
+    truth = same_group_pairs(group)
+    found = same_group_pairs(np.where(np.bincount(result.labels)[result.labels] > 1, result.labels, -1))
+    tp = len(truth & found)
+    assert tp / len(found) >= 0.95 and tp / len(truth) >= 0.95
+    assert len(result.removed_rows) + len(result.kept_rows) == len(x)
+    # every removed row stands next to its keeper, the largest image of its component
+    keepers = result.keeper_of_removed
+    assert (result.labels[keepers] == result.labels[result.removed_rows]).all()
+    assert (priority[keepers] >= priority[result.removed_rows]).all()
+    np.testing.assert_allclose(
+        result.removed_similarity, np.einsum("ij,ij->i", x[result.removed_rows], x[keepers]), atol=1e-5
+    )
+
+
+def test_keepers_largest_then_smallest_id_any_order():
+    labels = np.array([0, 0, 0, 1, 1, 2, 3, 3])
+    priority = np.array([10, 30, 30, 5, 5, 1, 7, 8])
+    ids = np.array([50, 42, 41, 9, 3, 77, 1, 2])
+    keep, keeper = select_keepers(labels, priority, ids)
+    np.testing.assert_array_equal(np.flatnonzero(keep), [2, 4, 5, 7])
+    np.testing.assert_array_equal(keeper, [2, 2, 2, 4, 4, 5, 7, 7])
+    perm = np.random.default_rng(6).permutation(len(labels))
+    keep_p, keeper_p = select_keepers(labels[perm], priority[perm], ids[perm])
+    assert set(ids[perm][keep_p]) == set(ids[keep])
+    np.testing.assert_array_equal(ids[perm][keeper_p], ids[keeper][perm])
+
+
+def test_relative_dedup_removes_whole_touching_component():
+    rng = np.random.default_rng(7)
+    d = 256  # random pairs: cosine sd 1/16, so 0.45 is > 7 sd away
+    basis = np.linalg.qr(rng.standard_normal((d, 2)))[0].T  # two orthonormal directions
+    arc = lambda deg: np.cos(np.radians(deg)) * basis[0] + np.sin(np.radians(deg)) * basis[1]
+    # eval point at 0 deg; a pool chain at 40, 80, 120 deg: neighbours cosine 0.77 > 0.45,
+    # while the chain's far end has cosine -0.5 to the eval point.
+    pool = unit(rng.standard_normal((300, d)))
+    chain = [10, 150, 220]
+    for row, deg in zip(chain, (40, 80, 120)):
+        pool[row] = arc(deg)
+    eval_x = unit(np.vstack([arc(0), rng.standard_normal((20, d))]))
+    removed = relative_dedup(pool, eval_x, k=8)
+    np.testing.assert_array_equal(removed, chain)

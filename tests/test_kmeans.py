@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from curation.kmeans import (
+    assign,
+    grid_exponent,
+    kmeans,
+    partial_sums,
+    reduce_partials,
+    update_centroids,
+)
+
+
+def blobs(n=3000, k=12, d=16, spread=20.0, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * spread
+    truth = rng.integers(k, size=n)
+    return (centers[truth] + rng.normal(size=(n, d))).astype(np.float32), truth
+
+
+def test_finds_separated_blobs_exactly():
+    x, truth = blobs()
+    r = kmeans(x, 12, seed=3)
+    assert adjusted_rand_score(truth, r.labels) == 1.0
+    for j in range(12):  # centroids are the means of their clusters
+        np.testing.assert_allclose(r.centroids[j], x[r.labels == j].mean(0), atol=1e-4)
+
+
+def test_deterministic_for_a_seed():
+    x, _ = blobs(k=20, spread=2.0)
+    a, b = kmeans(x, 20, seed=7), kmeans(x, 20, seed=7)
+    assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.labels, b.labels)
+    assert a.n_iter == b.n_iter
+
+
+def test_assign_matches_brute_force_with_centroid_chunks():
+    x, _ = blobs(n=1000, k=5, spread=1.0)
+    c = x[:37] + 0.01
+    labels, dist = assign(x, c, chunk_size=128, centroid_chunk=10)
+    d2 = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
+    assert np.array_equal(labels, d2.argmin(1))
+    np.testing.assert_allclose(dist, d2.min(1), rtol=1e-4, atol=1e-3)
+
+
+def _lloyd_sharded(x, c0, bounds, n_iter, chunk):
+    """A driver doing Lloyd by reducing the partial sums of shards [bounds[i], bounds[i+1])."""
+    grid = grid_exponent(float(np.abs(x).max()))
+    c = c0
+    for _ in range(n_iter):
+        parts = [
+            partial_sums(x[s:e], c, grid_exp=grid, row_offset=s, chunk_size=chunk)
+            for s, e in zip(bounds[:-1], bounds[1:])
+        ]
+        c, _ = update_centroids(reduce_partials(parts[::-1]), c)  # reduction order must not matter
+    return c
+
+
+def test_one_vs_many_workers_identical_centroids():
+    x, _ = blobs(n=5000, k=30, spread=1.5, seed=1)
+    c0 = x[:30].copy()
+    one = _lloyd_sharded(x, c0, [0, 5000], 6, 512)
+    two = _lloyd_sharded(x, c0, [0, 1777, 5000], 6, 512)
+    three = _lloyd_sharded(x, c0, [0, 999, 3001, 5000], 6, 512)
+    assert np.array_equal(one, two) and np.array_equal(one, three)
+    r = kmeans(x, 30, init_centroids=c0, n_iter=6, tol=0.0, chunk_size=512)
+    assert np.array_equal(r.centroids, one)
+
+
+def test_partial_sums_match_numpy():
+    x, _ = blobs(n=2000, k=8, spread=3.0)
+    c = x[:8].copy()
+    p = partial_sums(x, c, grid_exp=grid_exponent(float(np.abs(x).max())))
+    labels, _ = assign(x, c)
+    ref = np.zeros((8, x.shape[1]))
+    np.add.at(ref, labels, x.astype(np.float64))
+    np.testing.assert_allclose(p.sums.numpy(), ref, rtol=1e-5, atol=1e-3)
+    assert np.array_equal(p.counts.numpy(), np.bincount(labels, minlength=8))
+
+
+def test_empty_cluster_takes_farthest_point():
+    x, _ = blobs(n=500, k=3, spread=5.0)
+    c = np.concatenate([x[:3], np.full((1, x.shape[1]), 1e4, dtype=np.float32)])
+    p = partial_sums(x, c, grid_exp=grid_exponent(float(np.abs(x).max())))
+    assert int(p.counts[3]) == 0
+    new, n_empty = update_centroids(p, c)
+    d2 = ((x[:, None, :].astype(np.float64) - c[None, :3].astype(np.float64)) ** 2).sum(-1).min(1)
+    assert n_empty == 1
+    np.testing.assert_array_equal(new[3], x[np.argmax(d2)])
+
+
+def test_reseeds_spread_over_distinct_far_points():
+    x, _ = blobs(n=2000, k=6, spread=30.0, seed=4)
+    init = np.repeat(x[:1], 6, axis=0)  # all centroids equal: five clusters start empty
+    p = partial_sums(x, init, grid_exp=grid_exponent(float(np.abs(x).max())))
+    new, n_empty = update_centroids(p, init)
+    assert n_empty >= 4  # exact ties may resolve to any of the equal centroids
+    assert len(np.unique(new, axis=0)) == 6
+    r = kmeans(x, 6, init_centroids=init, n_iter=50)
+    assert np.bincount(r.labels, minlength=6).min() > 0
+
+
+def test_cosine_ignores_row_norms():
+    x, truth = blobs(n=2000, k=8, spread=5.0, seed=2)
+    x = x + 50.0 * np.sign(x)  # keep directions distinct
+    scaled = x * np.random.default_rng(0).uniform(0.1, 10, size=(len(x), 1)).astype(np.float32)
+    a = kmeans(x, 8, seed=1, metric="cosine")
+    b = kmeans(scaled, 8, seed=1, metric="cosine")
+    assert adjusted_rand_score(a.labels, b.labels) == 1.0
+    np.testing.assert_allclose(np.linalg.norm(a.centroids, axis=1), 1.0, atol=1e-5)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(a.distances, 1 - (xn * a.centroids[a.labels]).sum(1), atol=1e-4)
+
+
+def test_faiss_backend_same_interface():
+    x, truth = blobs()
+    r = kmeans(x, 12, seed=0, backend="faiss")
+    assert r.centroids.shape == (12, 16) and r.labels.shape == (len(x),)
+    labels, dist = assign(x, r.centroids)
+    assert np.array_equal(labels, r.labels)
+    assert r.inertia == pytest.approx(float(dist.astype(np.float64).sum()))
+    assert adjusted_rand_score(truth, r.labels) > 0.5  # faiss may stop in a local optimum
+
+
+def test_bf16_inputs_close_to_fp32():
+    x, truth = blobs(n=1000, k=5, spread=10.0)
+    labels, _ = assign(x, kmeans(x, 5, seed=0).centroids, dtype=torch.bfloat16)
+    assert adjusted_rand_score(truth, labels) == 1.0

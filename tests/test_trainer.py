@@ -1,0 +1,195 @@
+"""The SSL trainer, single process: a tiny real run on a JPEG catalog, optimiser groups, schedules, NaN guard."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from PIL import Image, ImageDraw
+
+from catalog.shards import write_shards
+from training.losses import teacher_temperature
+from training.models import MODEL_SIZES, load_backbone
+from training.train.config import OptimConfig, ScheduleConfig, TrainConfig, load_train_config
+from training.train.export import export_from_checkpoint
+from training.train.knn_eval import knn_accuracy, knn_predict
+from training.train.loop import TrainingDiverged, read_metrics, train
+from training.train.meta_arch import build_student_teacher
+from training.train.optim import apply_hyper_params, build_optimizer, param_groups
+from training.train.schedules import Schedules, lr_scale, schedule_value
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "training" / "configs" / "tiny_cpu.yaml")
+PARTS = ("shapes_a", "shapes_b")
+
+
+def make_catalog(root: Path, per_part: int = 12, seed: int = 0) -> str:
+    """Real JPEGs of coloured shapes (ellipses in one part, rectangles in the other) as curated parts."""
+    rng = np.random.default_rng(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    catalog = str(root / "catalog")
+    next_id = 1
+    for part, shape in zip(PARTS, ("ellipse", "rectangle")):
+        ids, uris = [], []
+        for i in range(per_part):
+            image = Image.new("RGB", (48, 40), tuple(int(c) for c in rng.integers(0, 256, 3)))
+            x, y = (int(v) for v in rng.integers(0, 20, 2))
+            getattr(ImageDraw.Draw(image), shape)([x, y, x + 20, y + 16], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            path = images / f"{part}_{i}.jpg"
+            image.save(path, quality=90)
+            ids.append(next_id)
+            uris.append(str(path))
+            next_id += 1
+        table = pa.table({"image_id": pa.array(ids, pa.int64()), "uri": uris, "part": [part] * per_part})
+        write_shards(catalog, f"curated/{part}", "u0", table)
+    return catalog
+
+
+def tiny_config(catalog: str, output_dir: Path, *overrides: str) -> TrainConfig:
+    return load_train_config(TINY, [f"data.catalog_root={catalog}", f"output_dir={output_dir}", *overrides])
+
+
+def _checkpoint_models(config: TrainConfig, path: Path) -> tuple[dict, dict]:
+    student, teacher = build_student_teacher(config.model, config.seed)
+    state = {"student": student.state_dict(), "teacher": teacher.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    return state["student"], state["teacher"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    catalog = make_catalog(root)
+    config = tiny_config(catalog, root / "run", "optim.iterations=4", "checkpoint.period=1", "checkpoint.keep_last=10")
+    result = train(config)
+    return config, result
+
+
+def test_tiny_run_trains_and_teacher_is_the_exact_ema(tiny_run):
+    config, result = tiny_run
+    assert result.steps_done == 4 and result.resumed_from == 0
+    metrics = read_metrics(result.output_dir)
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert all(math.isfinite(m[k]) for m in metrics for k in ("total", "dino_local", "dino_global", "koleo", "ibot"))
+    assert metrics[-1]["total"] < metrics[0]["total"]
+    assert metrics[-1]["images_seen"] == 4 * config.optim.batch_size_per_rank
+
+    init_student, _ = build_student_teacher(config.model, config.seed)
+    init = init_student.state_dict()
+    ckpts = [result.output_dir / "ckpt" / f"{s:08d}" for s in range(1, 5)]
+    states = [_checkpoint_models(config, c) for c in ckpts]
+    student, teacher = states[-1]
+    assert not torch.equal(student["backbone.blocks.0.attn.qkv.weight"], init["backbone.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(student["backbone.blocks.0.attn.qkv.weight"], teacher["backbone.blocks.0.attn.qkv.weight"])
+
+    # The DINO head's last layer is frozen (lr 0) for the first iteration, then trains.
+    key = "dino_head.last_layer.weight"
+    assert torch.equal(states[0][0][key], init[key]) and not torch.equal(states[1][0][key], init[key])
+
+    # One EMA update by hand: teacher_3 = m * teacher_2 + (1 - m) * student_3.
+    m = config.optim.momentum.peak
+    (_, teacher_2), (student_3, teacher_3) = states[1], states[2]
+    for name, value in teacher_3.items():
+        if value.is_floating_point() and "periods" not in name and "bias_mask" not in name:
+            expected = teacher_2[name] * m + student_3[name] * (1 - m)
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_export_is_readable_by_embed_and_equals_the_teacher(tiny_run, tmp_path):
+    config, result = tiny_run
+    model, info = load_backbone(f"curate:{result.teacher_path}", None)
+    _, teacher = _checkpoint_models(config, result.output_dir / "ckpt" / "00000004")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, teacher["backbone." + name]), name
+    assert info.config.embed_dim == MODEL_SIZES["vit_test"].embed_dim
+    again = export_from_checkpoint(result.output_dir / "ckpt" / "00000004", config, tmp_path / "t.safetensors")
+    assert again == info.sha256
+
+
+def test_param_groups_follow_the_recipe():
+    optim = OptimConfig(layerwise_decay=0.9, patch_embed_lr_mult=0.2, freeze_last_layer_iterations=3)
+    student, _ = build_student_teacher(tiny_config("x", Path("y")).model, seed=0)
+    depth = MODEL_SIZES["vit_test"].depth
+    rules = {}
+    for group in param_groups(student, depth, optim):
+        for name in group["names"]:
+            rules[name] = (group["lr_mult"], group["wd_mult"], group["is_last_layer"])
+    assert set(rules) == {n for n, _ in student.named_parameters()}
+    for name, (lr_mult, wd_mult, last) in rules.items():
+        short = name.split(".", 1)[1]
+        no_wd = short.endswith("bias") or "norm" in short or "gamma" in short
+        assert wd_mult == (0.0 if no_wd else 1.0), name
+        assert last == name.endswith("last_layer.weight"), name
+        if not name.startswith("backbone."):
+            assert lr_mult == 1.0, name
+    assert rules["backbone.cls_token"] == (pytest.approx(0.9**3), 1.0, False)
+    assert rules["backbone.storage_tokens"][1] == 1.0 and rules["backbone.mask_token"][1] == 1.0
+    assert rules["backbone.patch_embed.proj.weight"] == (pytest.approx(0.9**3 * 0.2), 1.0, False)
+    assert rules["backbone.patch_embed.proj.bias"][:2] == (pytest.approx(0.9**3 * 0.2), 0.0)
+    assert rules["backbone.blocks.0.attn.qkv.weight"][0] == pytest.approx(0.9**2)
+    assert rules["backbone.blocks.1.mlp.fc1.weight"][0] == pytest.approx(0.9)
+    assert rules["backbone.blocks.1.ls1.gamma"][1] == 0.0
+    assert rules["backbone.norm.weight"][:2] == (1.0, 0.0)
+
+    opt = build_optimizer(student, depth, optim, torch.device("cpu"))
+    schedules = Schedules(optim, global_batch_size=1024)
+    for iteration, frozen in ((0, True), (2, True), (3, False)):
+        hp = schedules.at(iteration)
+        apply_hyper_params(opt, hp)
+        for group in opt.param_groups:
+            base = 0.0 if (group["is_last_layer"] and frozen) else hp.lr
+            assert group["lr"] == pytest.approx(base * group["lr_mult"])
+            assert group["weight_decay"] == pytest.approx(hp.weight_decay * group["wd_mult"])
+    assert opt.defaults["betas"] == (0.9, 0.99)
+
+
+def test_schedule_values():
+    warm = ScheduleConfig("constant", 0.04, 0.07, 0.07, 30)
+    for it in (0, 7, 29, 30, 500):
+        assert schedule_value(warm, it, 1000) == pytest.approx(teacher_temperature(it, 30, 0.04, 0.07))
+    assert [schedule_value(warm, it, 100) for it in range(30)] == pytest.approx(np.linspace(0.04, 0.07, 30, endpoint=False))
+    cos = ScheduleConfig("cosine", 0.0, 1.0, 0.1, 10)
+    for it in (10, 40, 75, 110, 200):
+        t = min(1.0, (it - 10) / 100)
+        assert schedule_value(cos, it, 110) == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * t)))
+    assert lr_scale("sqrt_wrt_1024", 1024) == 4.0 and lr_scale("sqrt_wrt_1024", 4096) == 8.0
+    assert lr_scale("linear_wrt_256", 512) == 2.0 and lr_scale("none", 7) == 1.0
+    optim = OptimConfig(iterations=1000, freeze_last_layer_iterations=5)
+    hp = Schedules(optim, global_batch_size=4096).at(200_000)
+    assert hp.lr == pytest.approx(4e-4) and hp.last_layer_lr == hp.lr  # the 7B recipe's 5e-5 x 8
+    assert Schedules(optim, 4096).at(4).last_layer_lr == 0.0
+
+
+def test_nan_guard_stops_the_run(tmp_path):
+    catalog = make_catalog(tmp_path, per_part=4)
+    config = tiny_config(
+        catalog, tmp_path / "run", "optim.lr.peak=1.0e+30", "optim.lr.warmup_iterations=0", "optim.clip_grad=null",
+        "optim.freeze_last_layer_iterations=0", "optim.iterations=20", "checkpoint.period=100", "nan_patience=2",
+    )
+    with pytest.raises(TrainingDiverged, match="NaN/inf on 2 consecutive steps"):
+        train(config)
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) < 20 and [m["skipped_optimizer_step"] for m in metrics[-2:]] == [True, True]
+
+
+def test_knn_accuracy_matches_a_direct_vote():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16))
+    labels = rng.integers(0, 3, 90)
+    feats = centres[labels] + 0.8 * rng.normal(size=(90, 16))
+    queries = centres[[0, 1, 2, 1]] + 0.8 * rng.normal(size=(4, 16))
+    predicted = knn_predict(feats, labels, queries, k=20, temperature=0.07)
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    for q, p in zip(queries, predicted):
+        sim = unit @ (q / np.linalg.norm(q))
+        top = np.argsort(-sim)[:20]
+        votes = np.bincount(labels[top], weights=np.exp(sim[top] / 0.07), minlength=3)
+        assert p == votes.argmax()
+    assert knn_accuracy(feats, labels) > 0.9
+    assert knn_accuracy(feats, labels, queries, np.array([0, 1, 2, 1])) == 1.0

@@ -1,0 +1,98 @@
+"""Atomic, resumable training checkpoints with ``torch.distributed.checkpoint``.
+
+Layout: ``<output_dir>/ckpt/<step:08d>/`` holds the DCP shards of {student, teacher, optimizer, step}
+plus ``rank<r>.pt`` per rank (data-loader + sampler state, RNG states, run counters). Everything is
+written into ``.tmp-<step>`` first and renamed by rank 0 after all ranks finished, so a directory with
+an integer name is always complete; only the newest ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from training.train.distributed import DistInfo, barrier
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def _model_states(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {
+        "student": get_model_state_dict(student),
+        "teacher": get_model_state_dict(teacher),
+        "optimizer": get_optimizer_state_dict(student, optimizer),
+    }
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank_state: dict,
+    info: DistInfo,
+    keep_last: int,
+) -> Path:
+    """Write the checkpoint taken after ``step`` completed steps; collective over all ranks."""
+    final = root / f"{step:08d}"
+    tmp = root / f".tmp-{step:08d}"
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    state = _model_states(student, teacher, optimizer)
+    state["step"] = step
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save({**rank_state, "world_size": info.world_size}, tmp / f"rank{info.rank}.pt")
+    barrier()
+    if info.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    path: Path, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
+) -> tuple[int, dict]:
+    """Restore models and optimizer in place; returns the completed step count and this rank's state."""
+    rank_file = path / f"rank{info.rank}.pt"
+    if not rank_file.is_file():
+        raise RuntimeError(f"{path}: no state for rank {info.rank}; was it written with another world size?")
+    rank_state = torch.load(rank_file, weights_only=True)
+    if rank_state["world_size"] != info.world_size:
+        raise RuntimeError(
+            f"{path}: written by {rank_state['world_size']} ranks, resuming with {info.world_size}; "
+            "exact resume needs the same world size"
+        )
+    state = _model_states(student, teacher, optimizer)
+    state["step"] = -1
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(student, state["student"])
+    set_model_state_dict(teacher, state["teacher"])
+    set_optimizer_state_dict(student, optimizer, state["optimizer"])
+    return int(state["step"]), rank_state

@@ -1,0 +1,120 @@
+"""Process group set-up and FSDP2 sharding of the student and teacher; device and backend are parameters."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from training.train.meta_arch import SSLModel
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    initialized_here: bool  # this process created the group (and so destroys it at the end)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def init_distributed(device: str, timeout_s: int) -> DistInfo:
+    """Use an existing process group (Ray Train), else one from the torchrun env, else a single process."""
+    initialized_here = False
+    if not dist.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend_for(device), timeout=datetime.timedelta(seconds=timeout_s))
+        initialized_here = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return DistInfo(rank, world, local_rank, dev, initialized_here)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _checkpointed_forward(forward):
+    """Full activation checkpointing of a block that replays the block's generator draws on recompute."""
+
+    @functools.wraps(forward)
+    def run(x, rope=None, generator=None):
+        state = generator.get_state() if generator is not None else None
+
+        def body(x, rope):
+            if state is not None:
+                generator.set_state(state)
+            return forward(x, rope, generator)
+
+        return checkpoint(body, x, rope, use_reentrant=False)
+
+    return run
+
+
+def prepare_model(
+    model: SSLModel,
+    info: DistInfo,
+    *,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    mesh: DeviceMesh | None = None,
+) -> SSLModel:
+    """Move to the device; AC and compile per block; FSDP2 per block, backbone root, then each head.
+
+    Parameter names are unchanged (AC patches the block's forward instead of wrapping the module), so
+    state dicts and exports keep the official key layout. Mixed precision (bf16 compute, fp32 reduce)
+    is used on CUDA only.
+    """
+    model.to(info.device)
+    blocks = list(model.backbone.blocks)
+    if activation_checkpointing and model.training:
+        for block in blocks:
+            block.forward = _checkpointed_forward(block.forward)
+    if compile:
+        for module in [*blocks, model.dino_head, model.ibot_head]:
+            module.compile()
+    if not dist.is_initialized():
+        return model
+    mesh = mesh or init_device_mesh(info.device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if info.device.type == "cuda" else None
+    kwargs = {"mesh": mesh, "reshard_after_forward": True}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model.backbone, **kwargs)
+    fully_shard(model.dino_head, **kwargs)
+    fully_shard(model.ibot_head, **kwargs)
+    for a, b in zip(blocks, blocks[1:]):
+        a.set_modules_to_forward_prefetch([b])
+        b.set_modules_to_backward_prefetch([a])
+    return model

@@ -1,0 +1,45 @@
+"""Export the EMA teacher backbone as consolidated full tensors (``curate embed --model curate:PATH``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from training.models import ViTConfig, VisionTransformer, export_backbone
+from training.train.config import TrainConfig
+from training.train.meta_arch import build_student_teacher, vit_config
+
+
+def _write(state: dict, config: ViTConfig, path: Path) -> str:
+    with torch.device("meta"):
+        model = VisionTransformer(dataclasses.replace(config, drop_path_rate=0.0))
+    model.load_state_dict(state, strict=True, assign=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return export_backbone(model, path)
+
+
+def export_teacher(backbone: nn.Module, config: ViTConfig, path: str | Path, is_main: bool) -> str | None:
+    """Gather the (possibly FSDP-sharded) backbone; rank 0 writes it and returns its sha256.
+
+    Collective when distributed: every rank must call it.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(backbone, options=options)
+    if not is_main:
+        return None
+    return _write({k: v.detach().float() for k, v in state.items()}, config, Path(path))
+
+
+def export_from_checkpoint(checkpoint: str | Path, config: TrainConfig, path: str | Path) -> str:
+    """Export the teacher backbone of a saved training checkpoint (one process, any training world size)."""
+    _, teacher = build_student_teacher(config.model, config.seed)
+    state = {"teacher": get_model_state_dict(teacher)}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    prefix = "backbone."
+    backbone = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
+    return _write(backbone, vit_config(config.model), Path(path))

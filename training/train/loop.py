@@ -1,0 +1,209 @@
+"""The training loop: one step = teacher targets, student losses, backward, clip, AdamW, EMA.
+
+Runs single-process, under ``torchrun`` (it creates the process group) or inside an already
+initialised group (Ray Train). Per-step metrics go to ``<output_dir>/metrics.jsonl`` (rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from catalog.config import to_dict
+from catalog.progress import progress
+from training.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.train.config import TrainConfig
+from training.train.data import build_loader
+from training.train.distributed import DistInfo, barrier, init_distributed, prepare_model
+from training.train.export import export_teacher
+from training.train.meta_arch import FIELDS, build_student_teacher, ssl_losses, vit_config
+from training.train.optim import apply_hyper_params, build_optimizer, clip_gradients, ema_update
+from training.train.schedules import Schedules, StepHyperParams
+
+_DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "image_ids")
+TEACHER_FILE = "teacher_backbone.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss was NaN/inf on too many consecutive steps."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps_done: int  # completed iterations (global step count) at the end of this invocation
+    resumed_from: int  # step the run resumed from (0 for a fresh run)
+    output_dir: Path
+    teacher_path: Path | None
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The CPU generator of a step's train-mode randomness (RoPE augmentation, stochastic depth).
+
+    A pure function of (seed, step, rank), so a resumed run draws exactly what the original would.
+    """
+    word = np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(word))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_metrics(path: Path, before_step: int) -> None:
+    """Drop records of steps >= ``before_step`` (written after the checkpoint a resume starts from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    losses: list[float]  # FIELDS order, averaged over ranks
+    grad_norms: dict[str, float]  # pre-clip, per module
+    finite: bool  # False: the optimizer step and EMA update were skipped
+
+
+def train_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    hp: StepHyperParams,
+    config: TrainConfig,
+    generator: torch.Generator | None,
+) -> StepOutcome:
+    """One optimisation step on a device-resident batch; collective over all ranks.
+
+    A step whose rank-averaged loss is NaN/inf changes nothing (no AdamW step, no EMA update); the
+    reference still steps on such iterations, which lets one bad batch poison the weights.
+    """
+    distributed = dist.is_initialized()
+    apply_hyper_params(optimizer, hp)
+    losses = ssl_losses(student, teacher, batch, hp.teacher_temp, config.loss, distributed, generator=generator)
+    losses.total.backward()
+    grad_norms = clip_gradients(student, config.optim.clip_grad)
+    values = losses.stacked()
+    if distributed:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    reduced = values.tolist()
+    finite = math.isfinite(reduced[0])
+    if finite:
+        optimizer.step()
+        ema_update(teacher, student, hp.momentum)
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(reduced, grad_norms, finite)
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (or resume) the run described by ``config``; collective over all ranks of the group."""
+    info = init_distributed(config.device, config.dist_timeout_s)
+    try:
+        return _train(config, info)
+    finally:
+        if info.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
+    out = Path(config.output_dir)
+    ckpt_root = out / "ckpt"
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    barrier()
+
+    vit = vit_config(config.model)
+    student, teacher = build_student_teacher(config.model, config.seed)
+    student.train()
+    flags = {"activation_checkpointing": config.activation_checkpointing, "compile": config.compile}
+    student = prepare_model(student, info, **flags)
+    teacher = prepare_model(teacher, info, **flags)
+    optimizer = build_optimizer(student, vit.depth, config.optim, info.device)
+    global_batch = config.optim.batch_size_per_rank * info.world_size
+    schedules = Schedules(config.optim, global_batch)
+    loader = build_loader(config, info.rank, info.world_size, vit.patch_size)
+
+    start, nan_streak = 0, 0
+    latest = latest_checkpoint(ckpt_root) if config.checkpoint.resume else None
+    if latest is not None:
+        start, rank_state = load_checkpoint(latest, student, teacher, optimizer, info)
+        loader.load_state_dict(rank_state["loader"])
+        _set_rng_state(rank_state["rng"])
+        nan_streak = int(rank_state["nan_streak"])
+    metrics_path = out / "metrics.jsonl"
+    if info.is_main:
+        _truncate_metrics(metrics_path, start)
+    end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)
+    bar = progress(end, "train", unit="step", initial=start) if info.is_main else None
+    step = start
+    batches = iter(loader)
+    try:
+        while step < end:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            if batch["step"] != step:
+                raise RuntimeError(f"loader is at step {batch['step']}, the trainer at {step}")
+            batch = {k: (batch[k].to(info.device, non_blocking=True) if k in _DEVICE_KEYS else batch[k]) for k in batch}
+            hp = schedules.at(step)
+            outcome = train_step(
+                student, teacher, optimizer, batch, hp, config, step_generator(config.seed, step, info.rank)
+            )
+            reduced, grad_norms, finite = outcome.losses, outcome.grad_norms, outcome.finite
+            nan_streak = 0 if finite else nan_streak + 1
+            step += 1
+            seconds = time.perf_counter() - t0
+            if info.is_main:
+                record = {
+                    "step": step - 1, **dict(zip(FIELDS, reduced)), "lr": hp.lr, "last_layer_lr": hp.last_layer_lr,
+                    "weight_decay": hp.weight_decay, "momentum": hp.momentum, "teacher_temp": hp.teacher_temp,
+                    **{f"grad_norm_{k}": v for k, v in grad_norms.items()},
+                    "images_per_s": global_batch / seconds, "images_seen": step * global_batch,
+                    "homogeneous": bool(batch["homogeneous"]), "skipped_optimizer_step": not finite,
+                }
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{reduced[0]:.4f}", lr=f"{hp.lr:.2e}")
+            if nan_streak >= config.nan_patience:
+                raise TrainingDiverged(
+                    f"loss is NaN/inf on {nan_streak} consecutive steps (last: step {step - 1}); stopping. "
+                    f"Last checkpoint: {latest_checkpoint(ckpt_root) or 'none'}. Lower optim.lr or check the data."
+                )
+            if step % config.checkpoint.period == 0 or step == end:
+                rank_state = {"loader": loader.state_dict(), "rng": _rng_state(), "nan_streak": nan_streak}
+                save_checkpoint(ckpt_root, step, student, teacher, optimizer, rank_state, info,
+                                config.checkpoint.keep_last)
+    finally:
+        if bar is not None:
+            bar.close()
+    teacher_path = None
+    if config.export_teacher and step >= config.optim.iterations:
+        teacher_path = out / TEACHER_FILE
+        export_teacher(teacher.backbone, vit, teacher_path, info.is_main)
+    barrier()
+    return TrainResult(step, start, out, teacher_path)
