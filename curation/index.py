@@ -235,7 +235,8 @@ def build_index(
     index.train(_f32(x[train_rows]))
     _add_in_batches(index, x)
 
-    # Held out from training so the recall estimate is not flattered by centroids fit to the queries.
+    # Held out from training so the recall estimate is not flattered by centroids fit to the queries;
+    # they are still pool rows (find themselves), as in the self-kNN graph of dedup.
     held_out = np.setdiff1d(np.arange(n), train_rows, assume_unique=True)
     q_rows = np.sort(rng.choice(held_out, size=min(N_TUNE_QUERIES, len(held_out)), replace=False))
     q = _f32(x[q_rows])

@@ -89,24 +89,27 @@ def normalize_rows(t: torch.Tensor) -> torch.Tensor:
     return t / t.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(t.dtype)
 
 
-def _nearest(
-    xc: torch.Tensor, centroids: torch.Tensor, half_sq: torch.Tensor, centroid_chunk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest(xc: torch.Tensor, prep: "_Prepared", centroid_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Running argmin of ``|c|²/2 − x·c`` over centroid chunks; ties go to the lowest index.
 
-    On CUDA with bf16 inputs the matmul writes fp32 scores directly (``out_dtype``) and the bias is
-    subtracted in place, so the only large temporary is one [rows, centroid_chunk] fp32 buffer.
+    On CUDA with bf16 inputs the bias rides inside the GEMM (x gets constant columns, c gets −|c|²/2
+    split into bf16 high and low parts) and scores come out in fp32 (``out_dtype``), so each chunk is
+    one GEMM plus one max pass over a single [rows, centroid_chunk] fp32 buffer.
     """
     best_val: torch.Tensor | None = None
     best_idx: torch.Tensor | None = None
-    for start in range(0, centroids.shape[0], centroid_chunk):
-        c = centroids[start : start + centroid_chunk]
-        h = half_sq[start : start + c.shape[0]]
-        if xc.is_cuda and xc.dtype != torch.float32 and _HAS_MM_OUT_DTYPE:
-            s = torch.mm(xc, c.T, out_dtype=torch.float32)
-            val, idx = s.sub_(h).max(dim=1)
+    if prep.c_aug is not None:
+        xa = torch.zeros(xc.shape[0], prep.c_aug.shape[1], dtype=xc.dtype, device=xc.device)
+        xa[:, : xc.shape[1]] = xc
+        xa[:, xc.shape[1] : xc.shape[1] + 2] = 1
+    for start in range(0, prep.c.shape[0], centroid_chunk):
+        if prep.c_aug is not None:
+            s = torch.mm(xa, prep.c_aug[start : start + centroid_chunk].T, out_dtype=torch.float32)
+            val, idx = s.max(dim=1)
             val = val.neg_()
         else:
+            c = prep.c[start : start + centroid_chunk]
+            h = prep.half_sq[start : start + c.shape[0]]
             val, idx = torch.addmm(h.to(xc.dtype), xc, c.T, alpha=-1).min(dim=1)
             val = val.float()
         if best_val is None:
@@ -128,6 +131,14 @@ class _Prepared:
             c = normalize_rows(c)
         self.half_sq = 0.5 * (c * c).sum(dim=1)
         self.c = c.to(dtype)
+        self.c_aug: torch.Tensor | None = None
+        if device.type == "cuda" and dtype != torch.float32 and _HAS_MM_OUT_DTYPE:
+            k, d = c.shape
+            self.c_aug = torch.zeros(k, (d + 2 + 7) // 8 * 8, dtype=dtype, device=device)
+            self.c_aug[:, :d] = self.c
+            hi = (-self.half_sq).to(dtype)
+            self.c_aug[:, d] = hi
+            self.c_aug[:, d + 1] = (-self.half_sq - hi.float()).to(dtype)
 
 
 def _chunk_assign(
@@ -138,7 +149,7 @@ def _chunk_assign(
     if metric == "cosine":
         xf = normalize_rows(xf)
         xc = xf.to(xc.dtype)
-    val, lab = _nearest(xc, prep.c, prep.half_sq, centroid_chunk)
+    val, lab = _nearest(xc, prep, centroid_chunk)
     sq = ((xf * xf).sum(dim=1) + 2.0 * val).clamp_min(0.0)
     dist = sq * 0.5 if metric == "cosine" else sq
     return xf, lab, dist

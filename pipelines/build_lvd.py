@@ -13,7 +13,7 @@ from pipelines.cluster import ClusterConfig, cluster
 from pipelines.dedup import DedupConfig, dedup
 from pipelines.embed import EmbedConfig, embed
 from pipelines.ingest import IngestConfig, ingest
-from pipelines.lvd_report import write_report
+from pipelines.reports import write_lvd_report
 from pipelines.sample import SampleConfig, sample
 
 
@@ -52,5 +52,5 @@ def build_lvd(root: str, config: BuildLVDConfig, *, source: str | None = None,
     out["sample"] = sample(root, config.sample)
     if config.report:
         n_levels = len(out["cluster"]["levels"])  # type: ignore[index]
-        out["report"] = write_report(root, config.sample.part, n_levels, seed=config.sample.seed)
+        out["report"] = write_lvd_report(root, config.sample.part, n_levels, seed=config.sample.seed)
     return out

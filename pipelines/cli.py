@@ -224,6 +224,59 @@ def build_lvd(sub: argparse._SubParsersAction) -> None:
 
 
 @command
+def retrieve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrieve", help="retrieve pool images that look like a seed dataset",
+                       description="Embed the seed exactly like the pool, then take the k nearest pool images "
+                       "of every seed image (--mode knn, large seeds) or images from pool clusters holding "
+                       "more than a few seed images (--mode cluster, small seeds; needs build-lvd's clusters). "
+                       "Duplicates are never retrieved. Writes the seed's rows of 'retrieved' and a contact "
+                       "sheet under <catalog>/reports/retrieve/.")
+    _add_catalog(p)
+    _add_address(p)
+    _config_args(p)
+    p.add_argument("--seed", required=True, help="a seed name from the seeds config (demo, imagenet, …) or a path")
+    p.add_argument("--mode", choices=["auto", "knn", "cluster"])
+    p.add_argument("--k", type=int, help="neighbours per seed image in knn mode (default 4)")
+    p.add_argument("--max-per-seed", type=int, help="cap on images retrieved for this seed")
+    p.add_argument("--min-similarity", type=float, help="cosine floor in knn mode")
+
+    def run(args: argparse.Namespace) -> None:
+        from catalog.config import load_config
+        from pipelines.retrieve import RetrieveConfig, retrieve as run_retrieve
+
+        flags = {"mode": args.mode, "k": args.k, "max_per_seed": args.max_per_seed,
+                 "min_similarity": args.min_similarity}
+        overrides = [*args.set, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+        out = run_retrieve(args.catalog, args.seed, load_config(RetrieveConfig, args.config, overrides),
+                           address=args.address)
+        print(f"seed {out['seed']} ({out['seed_images']} images, {out['mode']} mode): "
+              f"{out['retrieved']} pool images retrieved; report: {out['report']}")
+
+    p.set_defaults(run=run)
+
+
+@command
+def mix(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mix", help="assemble the training mix: curated parts and their weights",
+                       description="Materialise each part (lvd, retrieved:<seed>, images:<folder>) as "
+                       "curated/<name> and write the weights and the homogeneous part to <catalog>/_mix.json.")
+    _add_catalog(p)
+    _config_args(p)
+
+    def run(args: argparse.Namespace) -> None:
+        from catalog.config import load_config
+        from pipelines.mix import MixConfig, mix as run_mix
+
+        doc = run_mix(args.catalog, load_config(MixConfig, args.config, args.set))
+        for name, size in doc["parts"].items():
+            print(f"{name:>20}: {size:>9} images, weight {doc['weights'][name]:g}")
+        if doc["homogeneous_part"]:
+            print(f"homogeneous batches from {doc['homogeneous_part']} with p={doc['p_homogeneous']}")
+
+    p.set_defaults(run=run)
+
+
+@command
 def inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show a catalog's tables and last runs")
     p.add_argument("root")

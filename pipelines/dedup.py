@@ -23,6 +23,7 @@ from catalog.sql import query
 from curation.copy_descriptor import copy_descriptor
 from curation.decode import DecodeError, decode_rgb
 from curation.dedup import COPY_K, COPY_THRESHOLD, RELATIVE_THRESHOLD, copy_dedup, relative_dedup
+from pipelines.reports import write_dedup_report
 from pipelines.ingest import COPY_DESCRIPTORS, IMAGE_EXTENSIONS
 
 STAGE = "dedup"
@@ -149,4 +150,6 @@ def dedup(root: str, config: DedupConfig | None = None, *, overwrite: bool = Fal
         total = query(root, "SELECT count(*) FROM pool WHERE status = 'ok'").column(0)[0].as_py()
         manifest.rows = {"in": total, "out": total - sum(counts.values()), "errored": 0, **counts}
     ledger.mark_complete(counts)
+    if counts.get("copy"):
+        write_dedup_report(root)
     return counts

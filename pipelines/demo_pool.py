@@ -349,7 +349,7 @@ def render_concept_image(concept_id: int, instance_seed: int, size: tuple[int, i
     # A smooth per-instance lighting field: distinct instances of a concept stay distinct images
     # (what copy detection must tell apart), while a near-duplicate keeps its original's field.
     light = np.stack([_smooth_noise(rng, w, h, 3) for _ in range(3)], axis=-1) - 0.5
-    rgb = rgb * 0.85 + 19.0 + 44.0 * light + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(1.5, 6.0)
+    rgb = rgb * 0.75 + 32.0 + 64.0 * light + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(1.5, 6.0)
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB"), mask
 
 

@@ -66,6 +66,16 @@ def model_identity(config: EmbedConfig, weights_sha256: str | None) -> dict[str,
     }
 
 
+def config_of_table(root: str, table: str = EMBEDDINGS) -> EmbedConfig:
+    """The embed settings a table was made with, to embed a seed set exactly like the pool."""
+    from catalog.config import from_dict
+
+    meta = embedding_metadata(root, table)
+    if "embed_config" not in meta:
+        raise FileNotFoundError(f"{root}/{table} records no embed settings: embed the pool with `curate embed` first")
+    return from_dict(EmbedConfig, json.loads(meta["embed_config"]))
+
+
 def check_same_model(root: str, identity: dict[str, str], table: str = EMBEDDINGS) -> None:
     """Refuse to add vectors of a different model to an existing table."""
     existing = embedding_metadata(root, table)
@@ -121,7 +131,7 @@ class Embedder:
         self.root, self.config = root, config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, info = load_backbone(config.model, config.weights, device=self.device)
-        self.identity = model_identity(config, info.sha256)
+        self.metadata = {**model_identity(config, info.sha256), "embed_config": json.dumps(asdict(config))}
         self.pre = preprocess_for(config)
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
@@ -146,7 +156,7 @@ class Embedder:
                     reasons: list[list[str] | None]) -> dict[str, int]:
         ok = np.asarray([r is None for r in reasons], bool)
         x = self.embed(pixels[ok]).astype(self.config.storage_dtype)
-        write_shards(self.root, EMBEDDINGS, name, embeddings_table(ids[ok], x, self.identity))
+        write_shards(self.root, EMBEDDINGS, name, embeddings_table(ids[ok], x, self.metadata))
         failed = [{"image_id": int(i), "uri": u, "stage": STAGE, "reason": r[0], "message": r[1]}
                   for i, u, r in zip(ids, uris, reasons) if r is not None]
         if failed:

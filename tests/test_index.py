@@ -88,7 +88,7 @@ def test_serialisation_round_trip(exact_max):
 
 
 def test_memory_budget_selects_ivf_pq():
-    n, d = 20_000, 32
+    n, d = 10_000, 32
     x = clustered(n, d=d, seed=10)
     index = build_index(x, exact_max=1_000, memory_budget_bytes=n * 24, recall_target=0.8)
     p = index.params

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -13,13 +14,15 @@ import torch.distributed.checkpoint as dcp
 from PIL import Image, ImageDraw
 
 from catalog.shards import write_shards
+from training.data.masking import collate
 from training.losses import teacher_temperature
 from training.models import MODEL_SIZES, load_backbone
 from training.train.config import OptimConfig, ScheduleConfig, TrainConfig, load_train_config
 from training.train.export import export_from_checkpoint
 from training.train.knn_eval import knn_accuracy, knn_predict
-from training.train.loop import TrainingDiverged, read_metrics, train
-from training.train.meta_arch import build_student_teacher
+from training.train.distributed import DistInfo, prepare_model
+from training.train.loop import TrainingDiverged, read_metrics, step_generator, train
+from training.train.meta_arch import build_student_teacher, ssl_losses
 from training.train.optim import apply_hyper_params, build_optimizer, param_groups
 from training.train.schedules import Schedules, lr_scale, schedule_value
 
@@ -193,3 +196,25 @@ def test_knn_accuracy_matches_a_direct_vote():
         assert p == votes.argmax()
     assert knn_accuracy(feats, labels) > 0.9
     assert knn_accuracy(feats, labels, queries, np.array([0, 1, 2, 1])) == 1.0
+
+
+def test_activation_checkpointing_replays_stochastic_depth_exactly():
+    config = tiny_config("x", Path("y"), "model.drop_path_rate=0.5")
+    plain, teacher = build_student_teacher(config.model, seed=0)
+    checkpointed = copy.deepcopy(plain)
+    info = DistInfo(0, 1, 0, torch.device("cpu"), False)
+    prepare_model(checkpointed, info, activation_checkpointing=True)
+    gen = torch.Generator().manual_seed(3)
+    samples = [{"global_crops": torch.randn(2, 3, 32, 32, generator=gen), "local_crops": torch.randn(2, 3, 16, 16, generator=gen)}
+               for _ in range(4)]
+    batch = collate(samples, patch_size=16, rng=np.random.default_rng(0))
+    batch["image_ids"] = torch.arange(4)
+    grads = []
+    for student in (plain, checkpointed):
+        student.train()
+        losses = ssl_losses(student, teacher, batch, 0.05, config.loss, False, generator=step_generator(0, 5, 0))
+        losses.total.backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

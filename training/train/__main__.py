@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"done: {result.steps_done} steps in {result.output_dir}"
           + (f", teacher exported to {result.teacher_path}" if result.teacher_path else ""))
     return 0

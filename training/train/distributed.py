@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,8 @@ def prepare_model(
             module.compile()
     if not dist.is_initialized():
         return model
+    # The backbone returns views (cls = prefix[:, 0]); the losses use them out of place only.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = mesh or init_device_mesh(info.device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if info.device.type == "cuda" else None
     kwargs = {"mesh": mesh, "reshard_after_forward": True}

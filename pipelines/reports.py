@@ -1,8 +1,9 @@
-"""The build-lvd report: cluster-size histograms and contact sheets a person can look at.
+"""Reports a person can look at: PNG histograms and contact sheets under ``<catalog>/reports/``.
 
-Written as PNGs under ``<catalog>/reports/lvd/``: per level, the distribution of cluster sizes in
-the pool and in the curated part (balanced sampling should flatten it), and thumbnail grids of a few
-random top-level clusters as they are in the pool and as they are after curation.
+- build-lvd: per level, cluster sizes in the pool and in the curated part (balanced sampling should
+  flatten them), and thumbnails of a few random top-level clusters before and after curation;
+- retrieve: a few seed images next to what they retrieved;
+- dedup: a few copy groups, the kept image first.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def contact_sheet(uris_by_cluster: dict[int, list[str]], title: str, per_row: in
     draw.text((4, 4), title, fill=(0, 0, 0))
     for r, (cluster_id, uris) in enumerate(sorted(uris_by_cluster.items())):
         y = 20 + r * (THUMB + 2)
-        draw.text((4, y + THUMB // 2 - 6), f"c{cluster_id}", fill=(0, 0, 0))
+        label = str(cluster_id)
+        draw.text((4, y + THUMB // 2 - 6), label if len(label) <= 10 else "…" + label[-9:], fill=(0, 0, 0))
         for c, uri in enumerate(uris[:per_row]):
             try:
                 img = decode_rgb(read_image_bytes(uri), min_side=THUMB)
@@ -70,21 +72,23 @@ def contact_sheet(uris_by_cluster: dict[int, list[str]], title: str, per_row: in
     return _png(sheet)
 
 
-def _uris_of_clusters(root: str, table: str, top_col: str, clusters: list[int], per_row: int) -> dict[int, list[str]]:
-    ids = ", ".join(str(c) for c in clusters)
-    source = "pool" if table == "clusters" else table
-    uri_expr = "p.uri" if table == "clusters" else "t.uri"
-    rows = query(root, f"SELECT t.{top_col} AS c, {uri_expr} AS uri FROM {table} t "
-                       f"JOIN pool p USING (image_id) WHERE t.{top_col} IN ({ids}) ORDER BY hash(t.image_id)")
-    out: dict[int, list[str]] = {c: [] for c in clusters}
-    for c, uri in zip(rows.column("c").to_pylist(), rows.column("uri").to_pylist()):
-        if len(out[c]) < per_row:
-            out[c].append(uri)
-    del source
+def _grouped(rows, per_row: int) -> dict[int, list[str]]:
+    """``{group: [uri, …]}`` from a query result with columns ``g`` and ``uri``, in row order."""
+    out: dict[int, list[str]] = {}
+    for g, uri in zip(rows.column("g").to_pylist(), rows.column("uri").to_pylist()):
+        bucket = out.setdefault(g, [])
+        if len(bucket) < per_row:
+            bucket.append(uri)
     return out
 
 
-def write_report(root: str, part: str, n_levels: int, seed: int = 0, n_clusters: int = 6) -> list[str]:
+def _uris_of_clusters(root: str, table: str, top_col: str, clusters: list[int], per_row: int) -> dict[int, list[str]]:
+    ids = ", ".join(str(c) for c in clusters)
+    return _grouped(query(root, f"SELECT t.{top_col} AS g, p.uri AS uri FROM {table} t JOIN pool p USING (image_id) "
+                                f"WHERE t.{top_col} IN ({ids}) ORDER BY hash(t.image_id)"), per_row)
+
+
+def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clusters: int = 6) -> list[str]:
     """Write the histograms and contact sheets; returns their URLs."""
     out_dir = join(root, "reports", part)
     written = []
@@ -101,3 +105,37 @@ def write_report(root: str, part: str, n_levels: int, seed: int = 0, n_clusters:
         write_bytes_atomic(url, sheet)
         written.append(url)
     return written
+
+
+def write_retrieval_report(root: str, seed: str, seed_uris: dict[int, str], level: int = 2, n_seeds: int = 6) -> str:
+    """Rows of [seed image, then the pool images it retrieved, best first] (kNN mode), or of images
+    retrieved from the same pool cluster (cluster mode)."""
+    rows = query(root, "SELECT r.seed_image_id AS g, p.uri AS uri FROM retrieved r JOIN pool p USING (image_id) "
+                       f"WHERE r.seed = '{seed}' AND r.seed_image_id >= 0 ORDER BY r.seed_image_id, r.rank")
+    groups = _grouped(rows, 9)
+    if groups:
+        chosen = sorted(groups)[:n_seeds]
+        sheet = {g: [seed_uris[g], *groups[g]] for g in chosen if g in seed_uris}
+        title = f"seed {seed}: seed image (first column), then its nearest pool images"
+    else:
+        sheet = _grouped(query(root, f"SELECT c.l{level} AS g, p.uri AS uri FROM retrieved r JOIN pool p USING (image_id) "
+                                     f"JOIN clusters c USING (image_id) WHERE r.seed = '{seed}' ORDER BY g, r.rank"), 10)
+        sheet = dict(list(sheet.items())[:n_seeds])
+        title = f"seed {seed}: images retrieved from pool clusters that hold seed images (one row per cluster)"
+    url = join(root, "reports", "retrieve", f"{seed}.png")
+    write_bytes_atomic(url, contact_sheet(sheet, title))
+    return url
+
+
+def write_dedup_report(root: str, n_groups: int = 8) -> str:
+    """Copy groups: the kept image, then the images removed in its favour."""
+    rows = query(root, "SELECT d.kept_id AS g, p.uri AS uri, 0 AS o FROM (SELECT DISTINCT kept_id FROM duplicates "
+                       "WHERE reason = 'copy' ORDER BY kept_id LIMIT " + str(n_groups) + ") d "
+                       "JOIN pool p ON p.image_id = d.kept_id UNION ALL "
+                       "SELECT d.kept_id AS g, p.uri AS uri, 1 AS o FROM duplicates d JOIN pool p USING (image_id) "
+                       "WHERE d.reason = 'copy' ORDER BY g, o")
+    groups = _grouped(rows, 10)
+    sheet = dict(list(sorted(groups.items()))[:n_groups])
+    url = join(root, "reports", "dedup", "copy_groups.png")
+    write_bytes_atomic(url, contact_sheet(sheet, "copy groups: kept image first, then the removed copies"))
+    return url
