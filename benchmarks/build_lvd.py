@@ -174,7 +174,8 @@ def main() -> None:
     p.add_argument("--super", type=int, default=50)
     p.add_argument("--zipf", type=float, default=1.0)
     p.add_argument("--levels", type=int, default=4)
-    p.add_argument("--ks", default="", help="comma-separated k per level (default: default_levels)")
+    p.add_argument("--ks", default="5180,1000,300,100",
+                   help="comma-separated k per level ('' = default_levels(n, levels))")
     p.add_argument("--split", type=int, default=20, help="level-1 n_splits (1 = plain k-means)")
     p.add_argument("--steps", type=int, default=10, help="resampling steps at levels > 1")
     p.add_argument("--n-iter", type=int, default=20)

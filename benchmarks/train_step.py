@@ -31,9 +31,9 @@ import torch.distributed as dist
 
 from training.data.masking import collate
 from training.train.config import HeadConfig, ModelConfig, TrainConfig
-from training.train.distributed import init_distributed, prepare_model
+from training.train.distributed import build_models, init_distributed
 from training.train.loop import step_generator, train_step
-from training.train.meta_arch import build_student_teacher, vit_config
+from training.train.meta_arch import vit_config
 from training.train.optim import build_optimizer
 from training.train.schedules import StepHyperParams
 
@@ -67,6 +67,7 @@ def synthetic_batch(args: argparse.Namespace, patch: int, seed: int) -> dict:
 
 
 def _params(module: torch.nn.Module) -> int:
+    """Unsharded parameter count (DTensor numel is the global size)."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -111,12 +112,9 @@ def main() -> None:
     config = TrainConfig(device=args.device, model=ModelConfig(size=args.size, dino_head=head, ibot_head=head),
                          compile=args.compile, activation_checkpointing=args.activation_checkpointing)
     cfg = vit_config(config.model)
-    student, teacher = build_student_teacher(config.model, seed=0)
-    student.train()
+    student, teacher = build_models(config.model, 0, info, compile=args.compile,
+                                    activation_checkpointing=args.activation_checkpointing)
     p_backbone, p_dino, p_ibot = (_params(m) for m in (student.backbone, student.dino_head, student.ibot_head))
-    flags = {"compile": args.compile, "activation_checkpointing": args.activation_checkpointing}
-    student = prepare_model(student, info, **flags)
-    teacher = prepare_model(teacher, info, **flags)
     optimizer = build_optimizer(student, cfg.depth, config.optim, info.device)
     hp = StepHyperParams(lr=1e-4, last_layer_lr=1e-4, weight_decay=0.04, momentum=0.994, teacher_temp=0.07)
     batch = synthetic_batch(args, cfg.patch_size, seed=0)

@@ -1,7 +1,7 @@
 """A pixel descriptor for copy detection, for pools without a dedicated copy-detection model.
 
 DINOv2 found copies with SSCD embeddings; no such model ships here, so the default descriptor is the
-image itself at 32×32: area-averaged (robust to re-encoding and resizing), with each colour
+image itself at 16×16: area-averaged (robust to re-encoding and resizing), with each colour
 channel's mean removed (robust to global brightness shifts), L2-normalised so cosine similarity
 compares structure. Slight crops move it by under one cell. It costs 1.5 KiB per image in float16;
 at billions of images use a copy-detection model's embeddings instead (``dedup.descriptor``).

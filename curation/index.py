@@ -103,15 +103,26 @@ class PoolIndex:
         return int(self.index.d)
 
     def search(
-        self, q: np.ndarray, k: int, batch_size: int = SEARCH_BATCH
+        self, q: np.ndarray, k: int, batch_size: int = SEARCH_BATCH, nprobe: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k cosine similarities [Q,k] float32 and pool rows [Q,k] int64 (-1 where fewer than k)."""
+        """Top-k cosine similarities [Q,k] float32 and pool rows [Q,k] int64 (-1 where fewer than k).
+
+        `nprobe` overrides the tuned value for this call only (IVF kinds; ignored for flat).
+        """
+        tuned = self.params.get("nprobe")
+        override = nprobe is not None and tuned is not None and nprobe != tuned
+        if override:
+            _set_nprobe(self.index, min(nprobe, self.params["nlist"]), self.on_gpu)
         sims = np.empty((len(q), k), dtype=np.float32)
         rows = np.empty((len(q), k), dtype=np.int64)
-        for start in range(0, len(q), batch_size):
-            s, i = self.index.search(_f32(q[start : start + batch_size]), k)
-            sims[start : start + len(s)] = s
-            rows[start : start + len(i)] = i
+        try:
+            for start in range(0, len(q), batch_size):
+                s, i = self.index.search(_f32(q[start : start + batch_size]), k)
+                sims[start : start + len(s)] = s
+                rows[start : start + len(i)] = i
+        finally:
+            if override:
+                _set_nprobe(self.index, tuned, self.on_gpu)
         return sims, rows
 
     def to_bytes(self) -> bytes:

@@ -208,8 +208,10 @@ def partial_sums(
 ) -> PartialSums:
     """One shard's contribution to a Lloyd step (rows ``row_offset .. row_offset+len(x)``).
 
-    ``grid_exp`` must be the same on every worker (``grid_exponent`` of a global bound on |x|) and
-    ``chunk_size`` too (the default depends only on k and the device type).
+    ``grid_exp`` must be the same on every worker (``grid_exponent`` of a global bound on |x|, or
+    ``grid_exponent(1.0)`` for cosine, whose rows are normalised) and ``chunk_size`` too (the
+    default depends only on k and the device type). A driver sums the shards with
+    `reduce_partials` and gets new centroids from `update_centroids`.
     """
     dev = resolve_device(device)
     k = int(centroids.shape[0])
@@ -231,9 +233,9 @@ def partial_sums(
         inertia += dist.double().sum()
         rows = torch.arange(row_offset + s, row_offset + e, device=dev)
         pick = _top_far(dist, rows, n_far)
-        merged = _top_far(torch.cat([far_d, dist[pick]]), torch.cat([far_r, rows[pick]]), n_far)
-        far_d, far_r = torch.cat([far_d, dist[pick]])[merged], torch.cat([far_r, rows[pick]])[merged]
-        far_p = torch.cat([far_p, xf[pick]])[merged]
+        cand_d, cand_r = torch.cat([far_d, dist[pick]]), torch.cat([far_r, rows[pick]])
+        merged = _top_far(cand_d, cand_r, n_far)
+        far_d, far_r, far_p = cand_d[merged], cand_r[merged], torch.cat([far_p, xf[pick]])[merged]
     return PartialSums(sums.div_(scale), counts, float(inertia), far_d, far_r, far_p)
 
 

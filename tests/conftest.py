@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-DEMO_N = 400
+DEMO_N = 1500
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,33 @@ def _stop_ray_at_end():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def concept_of_uri(demo_pool: str) -> dict[str, int]:
+    """Ground-truth concept of every pool file, by the URI ingest records (tests only)."""
+    import pyarrow.parquet as pq
+
+    truth = pq.read_table(os.path.join(demo_pool, "truth", "pool.parquet")).to_pylist()
+    return {os.path.join(demo_pool, "pool", r["relpath"]): r["concept"] for r in truth}
+
+
+# The demo job's embedding settings (random-init ViT-S/16 at 64 px, mean pooling), small hierarchy.
+LVD_SETTINGS = [
+    "embed.model=dinov3_vits16", "embed.image_size=64", "embed.pooling=mean", "embed.batch_size=128",
+    "cluster.n_levels=3", "cluster.resampling_steps=4",
+]
+
+
+@pytest.fixture(scope="session")
+def lvd_catalog(demo_catalog, tmp_path_factory) -> str:
+    """A copy of the demo catalog through build-lvd (30% target)."""
+    import shutil
+
+    from catalog.config import load_config
+    from pipelines.build_lvd import BuildLVDConfig, build_lvd
+
+    root = str(tmp_path_factory.mktemp("lvd") / "cat")
+    shutil.copytree(demo_catalog, root)
+    config = load_config(BuildLVDConfig, None, [*LVD_SETTINGS, f"sample.target_size={int(DEMO_N * 0.3)}"])
+    build_lvd(root, config)
+    return root

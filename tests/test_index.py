@@ -62,6 +62,18 @@ def test_ivf_meets_recall_target_on_clustered_data():
     assert recall(rows, ref) >= 0.93
 
 
+def test_nprobe_override_is_per_call():
+    x = clustered(20_000, seed=12)
+    index = build_index(x, exact_max=1_000)
+    q = clustered(100, seed=13)
+    before = index.search(q, 10)
+    s_all, r_all = index.search(q, 10, nprobe=index.params["nlist"])
+    ref_s, ref_r = brute_force(x, q, 10)
+    np.testing.assert_array_equal(r_all, ref_r)  # probing every list is exhaustive
+    after = index.search(q, 10)
+    np.testing.assert_array_equal(before[1], after[1])
+
+
 def test_float16_memmap_input(tmp_path):
     x = clustered(2000, seed=7).astype(np.float16)
     np.save(tmp_path / "x.npy", x)

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from training.train.meta_arch import SSLModel
+from training.train.config import ModelConfig
+from training.train.meta_arch import SSLModel, build_student_teacher, vit_config
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,6 @@ class DistInfo:
     local_rank: int
     device: torch.device
     initialized_here: bool  # this process created the group (and so destroys it at the end)
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
 
     @property
     def is_main(self) -> bool:
@@ -87,7 +86,6 @@ def prepare_model(
     *,
     activation_checkpointing: bool = False,
     compile: bool = False,
-    mesh: DeviceMesh | None = None,
 ) -> SSLModel:
     """Move to the device; AC and compile per block; FSDP2 per block, backbone root, then each head.
 
@@ -95,7 +93,9 @@ def prepare_model(
     state dicts and exports keep the official key layout. Mixed precision (bf16 compute, fp32 reduce)
     is used on CUDA only.
     """
-    model.to(info.device)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model.to(info.device)
     blocks = list(model.backbone.blocks)
     if activation_checkpointing and model.training:
         for block in blocks:
@@ -107,7 +107,7 @@ def prepare_model(
         return model
     # The backbone returns views (cls = prefix[:, 0]); the losses use them out of place only.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    mesh = mesh or init_device_mesh(info.device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh(info.device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if info.device.type == "cuda" else None
     kwargs = {"mesh": mesh, "reshard_after_forward": True}
     if mp is not None:
@@ -120,4 +120,47 @@ def prepare_model(
     for a, b in zip(blocks, blocks[1:]):
         a.set_modules_to_forward_prefetch([b])
         b.set_modules_to_backward_prefetch([a])
+    if on_meta:
+        model.to_empty(device=info.device)
     return model
+
+
+def build_models(
+    model: ModelConfig, seed: int, info: DistInfo, *, activation_checkpointing: bool = False, compile: bool = False
+) -> tuple[SSLModel, SSLModel]:
+    """Student (train mode) and EMA teacher (eval, no grad) on the device, FSDP2-sharded when a group is up.
+
+    Distributed, only rank 0 materialises the seeded full weights (on the CPU); every rank builds on
+    the meta device, shards, allocates its shards and receives their values by broadcast. So a large
+    model never exists in full on more than one process, and the weights equal the single-process init.
+    """
+    flags = {"activation_checkpointing": activation_checkpointing, "compile": compile}
+    if not dist.is_initialized():
+        student, teacher = build_student_teacher(model, seed)
+        return prepare_model(student.train(), info, **flags), prepare_model(teacher, info, **flags)
+    vit = vit_config(model)
+    full = SSLModel(vit, model.dino_head, model.ibot_head, seed).state_dict() if info.is_main else {}
+    with torch.device("meta"):
+        student = SSLModel(vit, model.dino_head, model.ibot_head, seed)
+        teacher = SSLModel(vit, model.dino_head, model.ibot_head, seed)
+    teacher.requires_grad_(False)
+    pair = (prepare_model(student.train(), info, **flags), prepare_model(teacher.eval(), info, **flags))
+    for m in pair:
+        _load_from_rank0(m, full, info)
+    return pair
+
+
+@torch.no_grad()
+def _load_from_rank0(model: nn.Module, full: dict[str, Tensor], info: DistInfo) -> None:
+    """Broadcast rank 0's full tensors one at a time; each rank keeps its own shard of each."""
+    for name, target in model.state_dict().items():
+        if info.is_main:
+            value = full[name].to(info.device)
+        else:
+            value = torch.empty(target.shape, dtype=target.dtype, device=info.device)
+        dist.broadcast(value, src=0)
+        if isinstance(target, DTensor):
+            shard = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(shard.to_local())
+        else:
+            target.copy_(value)

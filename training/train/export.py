@@ -43,3 +43,29 @@ def export_from_checkpoint(checkpoint: str | Path, config: TrainConfig, path: st
     prefix = "backbone."
     backbone = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
     return _write(backbone, vit_config(config.model), Path(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.train.export --config FILE --checkpoint DIR --out FILE [key=value ...]``."""
+    import argparse
+
+    from training.train.checkpoint import latest_checkpoint
+    from training.train.config import load_train_config
+
+    parser = argparse.ArgumentParser(prog="python -m training.train.export", description=export_from_checkpoint.__doc__)
+    parser.add_argument("--config", required=True, help="the run's config (output_dir/config.yaml works)")
+    parser.add_argument("--checkpoint", help="a checkpoint dir; default: the latest under output_dir/ckpt")
+    parser.add_argument("--out", required=True, help="file to write (.safetensors)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    config = load_train_config(args.config, args.overrides)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(config.output_dir) / "ckpt")
+    if checkpoint is None:
+        parser.error(f"no checkpoint under {config.output_dir}/ckpt")
+    sha = export_from_checkpoint(checkpoint, config, args.out)
+    print(f"wrote {args.out} (sha256 {sha}); embed with: curate embed --model curate:{args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,9 +23,9 @@ from catalog.progress import progress
 from training.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.train.config import TrainConfig
 from training.train.data import build_loader
-from training.train.distributed import DistInfo, barrier, init_distributed, prepare_model
+from training.train.distributed import DistInfo, barrier, build_models, init_distributed
 from training.train.export import export_teacher
-from training.train.meta_arch import FIELDS, build_student_teacher, ssl_losses, vit_config
+from training.train.meta_arch import FIELDS, ssl_losses, vit_config
 from training.train.optim import apply_hyper_params, build_optimizer, clip_gradients, ema_update
 from training.train.schedules import Schedules, StepHyperParams
 
@@ -138,11 +138,10 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
     barrier()
 
     vit = vit_config(config.model)
-    student, teacher = build_student_teacher(config.model, config.seed)
-    student.train()
-    flags = {"activation_checkpointing": config.activation_checkpointing, "compile": config.compile}
-    student = prepare_model(student, info, **flags)
-    teacher = prepare_model(teacher, info, **flags)
+    student, teacher = build_models(
+        config.model, config.seed, info,
+        activation_checkpointing=config.activation_checkpointing, compile=config.compile,
+    )
     optimizer = build_optimizer(student, vit.depth, config.optim, info.device)
     global_batch = config.optim.batch_size_per_rank * info.world_size
     schedules = Schedules(config.optim, global_batch)

@@ -24,7 +24,8 @@ class SSLModel(nn.Module):
         self.backbone = VisionTransformer(vit, seed=seed)
         self.dino_head = _head(vit.embed_dim, dino)
         self.ibot_head = _head(vit.embed_dim, ibot)
-        self._init_heads(seed)
+        if not self.backbone.cls_token.is_meta:
+            self._init_heads(seed)
 
     @torch.no_grad()
     def _init_heads(self, seed: int) -> None:
