@@ -14,6 +14,10 @@ Every step's result is written to an optional ``store`` (see ``curation.checkpoi
 ``level{t}/pre`` and ``level{t}/step{s}``; each step's RNG seed derives from (seed, level, step) alone,
 so a killed run that is restarted on the same store continues where it stopped and gives
 bit-identical results.
+
+Level 1 may be given as a ``RowSource`` instead of an array (rows held by workers elsewhere): its
+k-means and the assignments of its resampling steps then run on the source, and only the rows a
+step samples are gathered here (all of them for ``n_splits > 1``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from curation.checkpoint_store import ArrayStore
-from curation.kmeans import Metric, normalize_rows, assign, kmeans, resolve_device
+from curation.kmeans import ArrayRows, Metric, RowSource, kmeans_rows, normalize_rows, resolve_device
 
 #: Rows (level 1) or children (levels > 1) per cluster in the paper's 17B-image pool:
 #: 17B → 200M → 8M → 800k → 100k → 25k clusters.
@@ -212,7 +216,7 @@ def _cached(store: ArrayStore | None, key: str, fn: Callable[[], dict[str, np.nd
 
 
 def _run_level(
-    inputs: np.ndarray,
+    inputs: RowSource,
     spec: LevelSpec,
     level: int,
     *,
@@ -228,24 +232,25 @@ def _run_level(
         if spec.n_splits > 1:
             pre = _cached(store, f"level{level}/pre", lambda: _km(inputs, spec.k, _seed(seed, level, 0)))
             return _step_arrays(*split_clusters(
-                inputs, pre["labels"], spec.n_splits, seed=_seed(seed, level, 0, 1), metric=metric,
-                n_iter=n_iter, device=device))
+                np.asarray(inputs.take(slice(None))), pre["labels"], spec.n_splits, seed=_seed(seed, level, 0, 1),
+                metric=metric, n_iter=n_iter, device=device))
         return _km(inputs, spec.k, _seed(seed, level, 0))
 
-    def _km(x: np.ndarray, k: int, s: int, init: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        r = kmeans(x, k, seed=s, n_iter=n_iter, metric=metric, device=device, init_centroids=init)
+    def _km(x: RowSource, k: int, s: int, init: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        r = kmeans_rows(x, k, seed=s, n_iter=n_iter, metric=metric, device=device, init_centroids=init)
         return _step_arrays(r.centroids, r.labels, r.distances)
 
     def resampled(prev: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
         k = len(prev["centroids"])
-        per = spec.sample_size or max(2, round(len(inputs) / k / 2))
+        per = spec.sample_size or max(2, round(inputs.n_rows / k / 2))
         rows = resample_rows(prev["labels"], prev["distances"], per, spec.sample_strategy,
                              np.random.default_rng(_seed(seed, level, step)))
         if len(rows) < k:
             return prev
         init = prev["centroids"] if warm_start else None
-        c = _km(inputs[rows], k, _seed(seed, level, step), init)["centroids"]
-        return _step_arrays(c, *assign(inputs, c, metric=metric, device=device))
+        sample = ArrayRows(np.asarray(inputs.take(rows), dtype=np.float32), device=device)
+        c = _km(sample, k, _seed(seed, level, step), init)["centroids"]
+        return _step_arrays(c, *inputs.assign(c, metric=metric))
 
     res = _cached(store, f"level{level}/step0", first)
     if progress:
@@ -258,7 +263,7 @@ def _run_level(
 
 
 def hierarchical_kmeans(
-    x: np.ndarray,
+    x: np.ndarray | RowSource,
     levels: Sequence[LevelSpec],
     *,
     seed: int = 0,
@@ -279,11 +284,11 @@ def hierarchical_kmeans(
     (entropy 0.943 vs 0.916 on the same 5180 leaves); ``benchmarks/build_lvd.py`` reports this per level.
     """
     dev = resolve_device(device)
-    inputs = np.asarray(x, dtype=np.float32)
+    inputs = x if isinstance(x, RowSource) else ArrayRows(np.asarray(x, dtype=np.float32), device=dev)
     out = Hierarchy([], [], np.empty(0, dtype=np.float32))
     for level, spec in enumerate(levels, start=1):
-        if spec.k > len(inputs):
-            raise ValueError(f"level {level}: k={spec.k} > {len(inputs)} inputs")
+        if spec.k > inputs.n_rows:
+            raise ValueError(f"level {level}: k={spec.k} > {inputs.n_rows} inputs")
         res = _run_level(inputs, spec, level, seed=seed, metric=metric, n_iter=n_iter,
                          warm_start=warm_start, device=dev, store=store, progress=progress)
         out.centroids.append(res["centroids"])
@@ -291,5 +296,5 @@ def hierarchical_kmeans(
         out.inertia.append(float(res["distances"].astype(np.float64).sum()))
         if level == 1:
             out.distances = res["distances"]
-        inputs = res["centroids"]
+        inputs = ArrayRows(res["centroids"], device=dev)
     return out

@@ -129,8 +129,8 @@ class PoolIndex:
         """Self-contained bytes: a JSON header (params, fingerprint) then the faiss index."""
         cpu = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
         header = json.dumps({"params": self.params, "fingerprint": self.fingerprint}).encode()
-        body = faiss.serialize_index(cpu).tobytes()
-        return _MAGIC + struct.pack("<Q", len(header)) + header + body
+        body = faiss.serialize_index(cpu)  # one copy of the index; join makes the only other
+        return b"".join((_MAGIC, struct.pack("<Q", len(header)), header, body.data))
 
     @classmethod
     def from_bytes(cls, b: bytes, use_gpu: UseGpu = False) -> PoolIndex:

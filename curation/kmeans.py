@@ -13,16 +13,20 @@ Why the design looks the way it does:
   coordinate) is far below float32 resolution of the data; exactness holds up to 2**30 rows per
   cluster.
 * Row chunks start at multiples of ``chunk_size`` in the *global* row numbering (``row_offset``), so
-  each row's distances come from the same matmul shapes however the rows are sharded.
+  when shard boundaries fall on such multiples each row's distances come from the same matmul shapes
+  however the rows are sharded. Boundaries elsewhere split a chunk, and GEMMs of different row counts
+  round differently (on CPU as on CUDA), which can change distances in the last bits.
 * Convergence is tested on the centroid shift (computed from exact sums), not on the inertia (a
   float sum whose last bits depend on the shard layout), so the iteration count is layout-free too.
+* Lloyd (`kmeans_rows`) sees the data only through a `RowSource`: an in-memory array (`ArrayRows`)
+  or shards held elsewhere (e.g. on Ray workers), so both run the very same loop.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -58,6 +62,59 @@ class PartialSums:
     far_dist: torch.Tensor  # [m] float32, the shard's farthest rows (for empty-cluster reseeding)
     far_rows: torch.Tensor  # [m] int64 global row ids
     far_points: torch.Tensor  # [m, d] float32
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """The rows k-means runs on, wherever they are held; `kmeans_rows` needs nothing else.
+
+    Row numbers are global. ``partial_sums`` and ``assign`` must use one chunk grid (the same
+    ``chunk_size``, chunks starting at its global multiples, each chunk computed whole) for the result
+    to be independent of where the rows live.
+    """
+
+    @property
+    def n_rows(self) -> int: ...
+
+    def take(self, rows: np.ndarray | slice) -> ArrayLike: ...
+
+    def max_abs(self) -> float: ...
+
+    def partial_sums(self, centroids: np.ndarray, *, grid_exp: int, metric: Metric) -> PartialSums: ...
+
+    def assign(self, centroids: np.ndarray, *, metric: Metric) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayRows:
+    """An array in this process as a `RowSource`."""
+
+    x: ArrayLike
+    chunk_size: int | None = None
+    device: str | torch.device | None = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.x.shape[0])
+
+    def take(self, rows: np.ndarray | slice) -> ArrayLike:
+        return self.x[rows]
+
+    def max_abs(self) -> float:
+        return float(torch.as_tensor(self.x).abs().max())
+
+    def partial_sums(self, centroids: np.ndarray, *, grid_exp: int, metric: Metric) -> PartialSums:
+        return partial_sums(self.x, centroids, grid_exp=grid_exp, metric=metric, chunk_size=self.chunk_size,
+                            device=self.device, dtype=self.dtype)
+
+    def assign(self, centroids: np.ndarray, *, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+        return assign(self.x, centroids, metric=metric, chunk_size=self.chunk_size, device=self.device,
+                      dtype=self.dtype)
+
+
+def as_rows(x: ArrayLike | RowSource) -> RowSource:
+    return x if isinstance(x, RowSource) else ArrayRows(x)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -300,7 +357,7 @@ def _spread_reseeds(total: PartialSums, n_empty: int) -> torch.Tensor:
 
 
 def kmeans_plusplus(
-    x: ArrayLike,
+    x: ArrayLike | RowSource,
     k: int,
     *,
     seed: int,
@@ -316,12 +373,13 @@ def kmeans_plusplus(
     """
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
-    n = int(x.shape[0])
+    source = as_rows(x)
+    n = source.n_rows
     if k > n:
         raise ValueError(f"k={k} > n={n}")
     size = min(n, sample_size or 10 * k + 1000)
     rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
-    s = _to_device(np.asarray(x[rows]) if not isinstance(x, torch.Tensor) else x[rows], dev, torch.float32)
+    s = _to_device(source.take(rows), dev, torch.float32)
     if metric == "cosine":
         s = normalize_rows(s)
     trials = n_local_trials or 2 + int(math.log(k))
@@ -366,28 +424,53 @@ def kmeans(
     """
     if backend == "faiss":
         return _faiss_kmeans(x, k, seed=seed, n_iter=n_iter, metric=metric, init_centroids=init_centroids)
+    rows = ArrayRows(x, chunk_size=chunk_size, device=device, dtype=dtype)
+    return kmeans_rows(rows, k, seed=seed, n_iter=n_iter, tol=tol, metric=metric, init=init,
+                       init_sample_size=init_sample_size, init_centroids=init_centroids, device=device)
+
+
+def kmeans_rows(
+    source: RowSource,
+    k: int,
+    *,
+    seed: int = 0,
+    n_iter: int = 30,
+    tol: float = 1e-4,
+    metric: Metric = "l2",
+    init: Literal["k-means++", "random"] = "k-means++",
+    init_sample_size: int | None = None,
+    init_centroids: ArrayLike | None = None,
+    device: str | torch.device | None = "cpu",
+) -> KMeansResult:
+    """`kmeans` over any `RowSource`: the one Lloyd loop, whether rows are local or sharded.
+
+    Init and the stopping threshold read rows through ``source.take`` (a seeded subsample and a
+    fixed stride of at most 200k rows) and run on ``device``; each step needs only the source's
+    reduced partial sums, so the result depends on the rows and the chunk grid, not on where rows live.
+    """
     dev = resolve_device(device)
-    n = int(x.shape[0])
+    n = source.n_rows
     if init_centroids is not None:
         c = np.asarray(init_centroids, dtype=np.float32)
     elif init == "random":
-        c = np.asarray(x[np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))], dtype=np.float32)
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+        c = np.asarray(source.take(rows), dtype=np.float32)
     else:
-        c = kmeans_plusplus(x, k, seed=seed, metric=metric, sample_size=init_sample_size, device=dev)
+        c = kmeans_plusplus(source, k, seed=seed, metric=metric, sample_size=init_sample_size, device=dev)
     if metric == "cosine":
         c = normalize_rows(torch.as_tensor(c)).numpy()
-    xt = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
-    grid = grid_exponent(float(xt.abs().max()) if metric == "l2" else 1.0)
-    var = float(torch.var(xt[:: max(1, n // 100_000)].double(), dim=0).mean())
+    grid = grid_exponent(source.max_abs() if metric == "l2" else 1.0)
+    var = float(torch.var(torch.as_tensor(source.take(slice(None, None, max(1, n // 100_000)))).double(),
+                          dim=0).mean())
     it = 0
     for it in range(1, n_iter + 1):
-        part = partial_sums(x, c, grid_exp=grid, metric=metric, chunk_size=chunk_size, device=dev, dtype=dtype)
+        part = source.partial_sums(c, grid_exp=grid, metric=metric)
         new, n_empty = update_centroids(part, c, metric=metric)
         shift = float(((new.astype(np.float64) - c) ** 2).sum(axis=1).mean())
         c = new
         if n_empty == 0 and shift <= tol * var:
             break
-    labels, dists = assign(x, c, metric=metric, chunk_size=chunk_size, device=dev, dtype=dtype)
+    labels, dists = source.assign(c, metric=metric)
     return KMeansResult(c, labels, dists, float(dists.astype(np.float64).sum()), it)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from catalog.ledger import Ledger
 from catalog.shards import table_exists
 from pipelines.cluster import ClusterConfig, cluster
 from pipelines.dedup import DedupConfig, dedup
@@ -28,8 +29,9 @@ class BuildLVDConfig:
     report: bool = True
 
 
-def _say(msg: str) -> None:
-    print(f"\n== build-lvd: {msg} ==", flush=True)
+def _say(msg: str, root: str | None = None, stage: str | None = None) -> None:
+    done = root is not None and stage is not None and Ledger(root, stage).is_complete()
+    print(f"\n== build-lvd: {msg}{' (already done)' if done else ''} ==", flush=True)
 
 
 def build_lvd(root: str, config: BuildLVDConfig, *, source: str | None = None,
@@ -41,12 +43,12 @@ def build_lvd(root: str, config: BuildLVDConfig, *, source: str | None = None,
         out["ingest"] = ingest(source, root, config.ingest, address=address)
     elif not table_exists(root, "pool"):
         raise FileNotFoundError(f"{root} has no pool table: give --source to ingest one first")
-    _say(f"embed with {config.embed.model}")
+    _say(f"embed with {config.embed.model}", root, "embed")
     out["embed"] = embed(root, config.embed, address=address)
     if config.run_dedup:
-        _say("dedup (exact sha256 + copy detection)")
+        _say("dedup (exact sha256 + copy detection)", root, "dedup")
         out["dedup"] = dedup(root, config.dedup)
-    _say("cluster")
+    _say("cluster", root, "cluster")
     out["cluster"] = cluster(root, config.cluster)
     _say(f"sample {config.sample.target_size} images into curated/{config.sample.part}")
     out["sample"] = sample(root, config.sample)

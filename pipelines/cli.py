@@ -277,6 +277,58 @@ def mix(sub: argparse._SubParsersAction) -> None:
 
 
 @command
+def train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="DINOv3-style SSL pretraining on the curated parts (FSDP2)",
+                       description="Train a ViT with DINO + iBOT + KoLeo on an EMA teacher. One worker trains in "
+                       "this process; --num-workers N runs Ray Train's TorchTrainer (FSDP2 over N workers); "
+                       "--address http://HEAD:8265 submits the same command as a Ray job. Configs: "
+                       "training/configs/*.yaml; overrides as key.sub=value.")
+    p.add_argument("--config", required=True, help="training/configs/tiny_cpu.yaml, vits16_pretrain.yaml, …")
+    p.add_argument("--stage", choices=["pretrain", "gram", "highres", "distill"], help="recipe stage to run")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    _add_address(p)
+
+    def run(args: argparse.Namespace) -> int:
+        overrides = [*args.overrides, *([f"stage={args.stage}"] if args.stage else [])]
+        if args.num_workers > 1 or args.gpus_per_worker > 0 or os.environ.get("CURATE_RAY_ADDRESS"):
+            from training.train.ray_launch import launch_on_ray
+
+            result = launch_on_ray(os.path.abspath(args.config), overrides, args.num_workers, args.gpus_per_worker,
+                                   args.address or os.environ.get("CURATE_RAY_ADDRESS"))
+            if result.error is not None:
+                raise RuntimeError(f"training failed: {result.error}")
+            return 0
+        from training.train.__main__ import main as train_main
+
+        return train_main(["--config", args.config, *overrides])
+
+    p.set_defaults(run=run)
+
+
+@command
+def export_backbone(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-backbone", help="write a training checkpoint's teacher backbone for `curate embed`",
+                       description="Export the EMA teacher of CKPT (a checkpoint dir, or a run's output dir for "
+                       "its latest checkpoint) to OUT (.safetensors), readable by `curate embed --model curate:OUT`.")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--config", help="the run's config (default: <run>/config.yaml)")
+
+    def run(args: argparse.Namespace) -> int:
+        from training.train.export import main as export_main
+
+        run_dir = args.ckpt if os.path.isfile(os.path.join(args.ckpt, "config.yaml")) else \
+            os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
+        config = args.config or os.path.join(run_dir, "config.yaml")
+        extra = [] if run_dir == args.ckpt else ["--checkpoint", args.ckpt]
+        return export_main(["--config", config, "--out", args.out, *extra])
+
+    p.set_defaults(run=run)
+
+
+@command
 def inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show a catalog's tables and last runs")
     p.add_argument("root")
@@ -346,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if not maybe_submit(args, argv):  # an http:// --address runs the command as a Ray job
-            args.run(args)
+            return int(args.run(args) or 0)
     except USER_ERRORS as e:
         print(f"curate {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -51,11 +51,8 @@ def concept_of_uri(demo_pool: str) -> dict[str, int]:
     return {os.path.join(demo_pool, "pool", r["relpath"]): r["concept"] for r in truth}
 
 
-# The demo job's embedding settings (random-init ViT-S/16 at 64 px, mean pooling), small hierarchy.
-LVD_SETTINGS = [
-    "embed.model=dinov3_vits16", "embed.image_size=64", "embed.pooling=mean", "embed.batch_size=128",
-    "cluster.n_levels=3", "cluster.resampling_steps=4",
-]
+# The demo job's settings: random-init ViT-S/16 at 64 px with mean pooling, the default 5 levels.
+LVD_SETTINGS = ["embed.model=dinov3_vits16", "embed.image_size=64", "embed.pooling=mean", "embed.batch_size=128"]
 
 
 @pytest.fixture(scope="session")

@@ -241,7 +241,9 @@ def export_backbone(model: VisionTransformer, path: str | Path) -> str:
     path = Path(path)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": _FORMAT, "vit_config": model.config.to_json()})
+    # One metadata key: safetensors stores the metadata map in arbitrary key order, and a second key
+    # would make the bytes (and so the sha256 that identifies a model) differ between runs.
+    save_file(sd, str(tmp), metadata={_FORMAT: model.config.to_json()})
     os.replace(tmp, path)
     return file_sha256(path)
 
@@ -255,10 +257,10 @@ def _read_curate(path: Path) -> tuple[ViTConfig, dict[str, Tensor]]:
         sd = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: truncated, corrupt or not a safetensors checkpoint ({e})") from e
-    if meta.get("format") != _FORMAT or "vit_config" not in meta:
+    if _FORMAT not in meta:
         raise CheckpointError(f"{path}: not a curate backbone export (no '{_FORMAT}' metadata)")
     try:
-        cfg = ViTConfig.from_json(meta["vit_config"])
+        cfg = ViTConfig.from_json(meta[_FORMAT])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable ViT config in metadata ({e})") from e
     return cfg, sd

@@ -131,5 +131,7 @@ MODEL_SIZES: dict[str, ViTConfig] = {
     "dinov3_vittest16": _dinov3(64, 2, 2, ffn="swiglu", ffn_ratio=3.0, local_cls_norm=True),
     # Our own tiny sizes for trainer/pipeline tests.
     "vit_test": _dinov3(64, 2, 2),
+    # The demo backbone: patch 8 so 64 px images still give an 8x8 grid; trains in minutes on CPU.
+    "vit_demo": _dinov3(128, 4, 2, patch_size=8),
     "vit_test14": _dinov2(64, 2, 2, pos_embed_grid=16, layerscale_init=1e-5),
 }

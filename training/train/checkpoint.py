@@ -1,7 +1,8 @@
 """Atomic, resumable training checkpoints with ``torch.distributed.checkpoint``.
 
 Layout: ``<output_dir>/ckpt/<step:08d>/`` holds the DCP shards of {student, teacher, optimizer, step}
-plus ``rank<r>.pt`` per rank (data-loader + sampler state, RNG states, run counters). Everything is
+(plus ``gram_teacher`` in the Gram stages; a distillation run writes one such set per student into
+``<step>/<student name>/``, each saved by its own process group) and ``rank<r>.pt`` per rank (data-loader + sampler state, RNG states, run counters). Everything is
 written into ``.tmp-<step>`` first and renamed by rank 0 after all ranks finished, so a directory with
 an integer name is always complete; only the newest ``keep_last`` are kept.
 """
@@ -12,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -36,12 +38,40 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def _model_states(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir as given, or the latest checkpoint of a run dir (``<run>/ckpt/<step>``)."""
+    path = Path(path)
+    if path.name.isdigit() and path.is_dir():
+        return path
+    latest = latest_checkpoint(path / "ckpt")
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint dir nor a run dir with checkpoints")
+    return latest
+
+
+def _model_states(
+    student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, nn.Module]
+) -> dict:
     return {
         "student": get_model_state_dict(student),
         "teacher": get_model_state_dict(teacher),
         "optimizer": get_optimizer_state_dict(student, optimizer),
+        **{name: get_model_state_dict(model) for name, model in extra.items()},
     }
+
+
+def _write_models(
+    path: Path,
+    step: int,
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, nn.Module],
+    group: dist.ProcessGroup | None,
+) -> None:
+    state = _model_states(student, teacher, optimizer, extra)
+    state["step"] = step
+    dcp.save(state, checkpoint_id=str(path), process_group=group)
 
 
 def save_checkpoint(
@@ -53,8 +83,15 @@ def save_checkpoint(
     rank_state: dict,
     info: DistInfo,
     keep_last: int,
+    extra: dict[str, nn.Module] | None = None,
+    subdir: str = "",
+    group: dist.ProcessGroup | None = None,
 ) -> Path:
-    """Write the checkpoint taken after ``step`` completed steps; collective over all ranks."""
+    """Write the checkpoint taken after ``step`` completed steps; collective over all ranks.
+
+    ``extra``: more models saved under their names (the Gram teacher). ``subdir``/``group``: this
+    rank's models go to ``<step>/<subdir>`` with a DCP save over ``group`` (distillation students).
+    """
     final = root / f"{step:08d}"
     tmp = root / f".tmp-{step:08d}"
     if info.is_main:
@@ -62,9 +99,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    state = _model_states(student, teacher, optimizer)
-    state["step"] = step
-    dcp.save(state, checkpoint_id=str(tmp))
+    if subdir:
+        (tmp / subdir).mkdir(exist_ok=True)
+    _write_models(tmp / subdir, step, student, teacher, optimizer, extra or {}, group)
     torch.save({**rank_state, "world_size": info.world_size}, tmp / f"rank{info.rank}.pt")
     barrier()
     if info.is_main:
@@ -77,7 +114,14 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
+    path: Path,
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    info: DistInfo,
+    extra: dict[str, nn.Module] | None = None,
+    subdir: str = "",
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[int, dict]:
     """Restore models and optimizer in place; returns the completed step count and this rank's state."""
     rank_file = path / f"rank{info.rank}.pt"
@@ -89,10 +133,29 @@ def load_checkpoint(
             f"{path}: written by {rank_state['world_size']} ranks, resuming with {info.world_size}; "
             "exact resume needs the same world size"
         )
-    state = _model_states(student, teacher, optimizer)
+    extra = extra or {}
+    state = _model_states(student, teacher, optimizer, extra)
     state["step"] = -1
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path / subdir), process_group=group)
     set_model_state_dict(student, state["student"])
     set_model_state_dict(teacher, state["teacher"])
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
+    for name, model in extra.items():
+        set_model_state_dict(model, state[name])
     return int(state["step"]), rank_state
+
+
+def load_models(path: Path, targets: list[tuple[str, nn.Module]], group: dist.ProcessGroup | None = None) -> None:
+    """Fill each ``(source, model)`` of ``targets`` from a checkpoint's models; collective over ``group``.
+
+    The name is a ``/``-path into the checkpoint: ``teacher`` (an ``SSLModel``), ``teacher/backbone``
+    (a bare backbone from the teacher's ``backbone.*`` keys), ``student``, ... Used to start a stage from
+    the previous stage's checkpoint; a partial read, so checkpoints of any stage work.
+    """
+    for source, model in targets:
+        key, _, prefix = source.partition("/")
+        local = get_model_state_dict(model)
+        dotted = f"{prefix}." if prefix else ""
+        state = {key: {dotted + k: v for k, v in local.items()}}
+        dcp.load(state, checkpoint_id=str(path), process_group=group)
+        set_model_state_dict(model, {k[len(dotted):]: v for k, v in state[key].items()})

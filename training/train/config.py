@@ -76,6 +76,82 @@ class LossConfig:
     ibot_weight: float = 1.0
     student_temp: float = 0.1
     sinkhorn_iterations: int = 3
+    dino_local_weight: float = 1.0  # extra factor on the local DINO term (recipe: 0.5 in high-res adaptation)
+    koleo_group_size: int | None = None  # set: distributed KoLeo over groups of this many global-batch samples
+
+
+@dataclass
+class GramConfig:
+    """Gram anchoring (stages ``gram`` and ``highres``): a frozen Gram teacher anchors the student's patch Grams.
+
+    The weight is 0 before ``start_iteration`` and follows ``weight`` (evaluated at ``it - start_iteration``)
+    from there. The Gram teacher starts as the EMA teacher backbone of ``checkpoint`` (a checkpoint dir or a
+    run dir, its latest; empty: the EMA teacher this stage starts from) and is replaced by a copy of the EMA
+    teacher after iteration ``it`` when ``it+1 >= first_update`` and ``(it+1) % update_period == 0``, at most
+    ``max_updates`` times (0: never refreshed).
+    """
+
+    weight: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("constant", 0.0, 2.0, 2.0, 1000))
+    start_iteration: int = 0
+    checkpoint: str = ""
+    update_period: int = 10_000
+    first_update: int = 10_000
+    max_updates: int = 3
+    reduction: Literal["mean", "frobenius"] = "mean"  # mean: reference code; frobenius: paper (sum per Gram)
+    img_level: bool = True  # one P x P Gram per image (7B recipe), else one Gram over the local batch
+    remove_neg: bool = False
+    teacher_size: int | None = None  # Gram-teacher crop side (recipe: 2x the global crop); None: the global crops
+
+
+@dataclass
+class Resolution:
+    """One (global, local, Gram-teacher) crop-size choice of the high-resolution stage."""
+
+    global_size: int
+    local_size: int
+    gram_size: int | None
+    probability: float
+
+
+@dataclass
+class HighResConfig:
+    """Per-step mixed resolutions; the choice is a pure function of (seed, step), so all ranks agree."""
+
+    resolutions: list[Resolution] = field(default_factory=list)
+
+
+@dataclass
+class InitConfig:
+    """Where a stage's weights come from when it has no checkpoint of its own yet.
+
+    ``checkpoint``: a checkpoint dir, or a run dir (its latest checkpoint). ``student_from``: which
+    model of it initialises the student (the recipe's high-res stage starts from the teacher); the
+    EMA teacher always starts from the checkpoint's teacher. The optimizer starts fresh.
+    """
+
+    checkpoint: str = ""
+    student_from: Literal["student", "teacher"] = "student"
+
+
+@dataclass
+class StudentConfig:
+    name: str
+    model: ModelConfig
+    ranks: int  # size of this student's process group (contiguous ranks, in list order)
+
+
+@dataclass
+class DistillConfig:
+    """Multi-student distillation: a frozen ``teacher`` trains every student on the full global batch.
+
+    The teacher is FSDP-sharded over the whole world and runs once per global batch; each student has
+    its own process group, EMA and checkpoint subfolder. ``teacher_checkpoint``: checkpoint or run dir
+    whose EMA teacher (backbone + heads) is the frozen teacher.
+    """
+
+    teacher_model: ModelConfig = field(default_factory=ModelConfig)
+    teacher_checkpoint: str = ""
+    students: list[StudentConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +174,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    stage: Literal["pretrain", "gram", "highres", "distill"] = "pretrain"  # `curate train --stage` sets it
     output_dir: str = "runs/train"
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
@@ -107,6 +184,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
+    highres: HighResConfig = field(default_factory=HighResConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     compile: bool = False
     activation_checkpointing: bool = False
     nan_patience: int = 2  # stop after this many consecutive steps with a NaN/inf loss
@@ -116,4 +197,20 @@ class TrainConfig:
 
 
 def load_train_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    return load_config(TrainConfig, path, overrides)
+    config = load_config(TrainConfig, path, overrides)
+    check_stage(config)
+    return config
+
+
+def check_stage(config: TrainConfig) -> None:
+    """Fail at start-up when a stage lacks what it needs."""
+    if config.stage == "highres":
+        if not config.highres.resolutions:
+            raise ValueError("stage 'highres' needs highres.resolutions")
+        if abs(sum(r.probability for r in config.highres.resolutions) - 1.0) > 1e-6:
+            raise ValueError("highres.resolutions probabilities must sum to 1")
+    if config.stage == "distill":
+        if not config.distill.students:
+            raise ValueError("stage 'distill' needs distill.students")
+        if not config.distill.teacher_checkpoint:
+            raise ValueError("stage 'distill' needs distill.teacher_checkpoint")

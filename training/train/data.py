@@ -8,6 +8,7 @@ from training.data.loader import TrainLoader
 from training.data.mixing import MixConfig
 from training.data.multicrop import MultiCropConfig
 from training.train.config import TrainConfig
+from training.train.stages import loader_crop_sizes
 
 
 def part_datasets(config: TrainConfig) -> dict[str, PartDataset]:
@@ -21,11 +22,26 @@ def part_datasets(config: TrainConfig) -> dict[str, PartDataset]:
     }
 
 
+def crop_sizes(config: TrainConfig) -> tuple[int, int, int | None]:
+    """(global, local, Gram-teacher) sizes the loader renders at.
+
+    Gram stages add the Gram-teacher crop; the high-res stage renders at the largest configured
+    sizes and the trainer resizes each step's batch down to that step's choice.
+    """
+    c = config.crops
+    if config.stage == "highres":
+        return loader_crop_sizes(config.highres.resolutions)
+    gram = config.gram.teacher_size if config.stage == "gram" else None
+    return c.global_size, c.local_size, gram
+
+
 def multicrop_config(config: TrainConfig) -> MultiCropConfig:
     c = config.crops
+    global_size, local_size, gram_size = crop_sizes(config)
     return MultiCropConfig(
-        global_size=c.global_size, global_scale=c.global_scale, n_local=c.n_local, local_size=c.local_size,
+        global_size=global_size, global_scale=c.global_scale, n_local=c.n_local, local_size=local_size,
         local_scale=c.local_scale, horizontal_flip=c.horizontal_flip, blur_probabilities=c.blur_probabilities,
+        gram_size=gram_size,
     )
 
 

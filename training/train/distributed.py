@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from training.models import VisionTransformer
 from training.train.config import ModelConfig
 from training.train.meta_arch import SSLModel, build_student_teacher, vit_config
 
@@ -80,18 +81,44 @@ def _checkpointed_forward(forward):
     return run
 
 
+def _fsdp_kwargs(info: DistInfo, group: dist.ProcessGroup | None) -> dict:
+    """FSDP2 arguments: a mesh over ``group`` (default: the world); bf16 compute / fp32 reduce on CUDA."""
+    if group is None:
+        mesh = init_device_mesh(info.device.type, (dist.get_world_size(),))
+    else:
+        mesh = DeviceMesh.from_group(group, info.device.type)
+    kwargs = {"mesh": mesh, "reshard_after_forward": True}
+    if info.device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return kwargs
+
+
+def _shard_backbone(backbone: nn.Module, kwargs: dict) -> None:
+    """FSDP2 per block, then the backbone root, with block-to-block prefetch."""
+    blocks = list(backbone.blocks)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(backbone, **kwargs)
+    for a, b in zip(blocks, blocks[1:]):
+        a.set_modules_to_forward_prefetch([b])
+        b.set_modules_to_backward_prefetch([a])
+
+
 def prepare_model(
     model: SSLModel,
     info: DistInfo,
     *,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    group: dist.ProcessGroup | None = None,
 ) -> SSLModel:
     """Move to the device; AC and compile per block; FSDP2 per block, backbone root, then each head.
 
     Parameter names are unchanged (AC patches the block's forward instead of wrapping the module), so
     state dicts and exports keep the official key layout. Mixed precision (bf16 compute, fp32 reduce)
-    is used on CUDA only.
+    is used on CUDA only. ``group``: shard over this process group (a distillation student) instead
+    of the world. The heads' ``forward_bottleneck``/``forward_last_layer`` are FSDP forward methods,
+    so distillation can call them separately.
     """
     on_meta = any(p.is_meta for p in model.parameters())
     if not on_meta:
@@ -107,58 +134,79 @@ def prepare_model(
         return model
     # The backbone returns views (cls = prefix[:, 0]); the losses use them out of place only.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    mesh = init_device_mesh(info.device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if info.device.type == "cuda" else None
-    kwargs = {"mesh": mesh, "reshard_after_forward": True}
-    if mp is not None:
-        kwargs["mp_policy"] = mp
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model.backbone, **kwargs)
-    fully_shard(model.dino_head, **kwargs)
-    fully_shard(model.ibot_head, **kwargs)
-    for a, b in zip(blocks, blocks[1:]):
-        a.set_modules_to_forward_prefetch([b])
-        b.set_modules_to_backward_prefetch([a])
+    kwargs = _fsdp_kwargs(info, group)
+    _shard_backbone(model.backbone, kwargs)
+    for head in (model.dino_head, model.ibot_head):
+        fully_shard(head, **kwargs)
+        register_fsdp_forward_method(head, "forward_bottleneck")
+        register_fsdp_forward_method(head, "forward_last_layer")
     if on_meta:
         model.to_empty(device=info.device)
     return model
 
 
+def prepare_frozen_backbone(backbone: VisionTransformer, info: DistInfo) -> VisionTransformer:
+    """A gradient-free, eval-mode backbone (the Gram teacher) on the device, sharded over the world."""
+    backbone.requires_grad_(False)
+    backbone.eval()
+    on_meta = any(p.is_meta for p in backbone.parameters())
+    if not on_meta:
+        backbone.to(info.device)
+    if dist.is_initialized():
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        _shard_backbone(backbone, _fsdp_kwargs(info, None))
+    if on_meta:
+        backbone.to_empty(device=info.device)
+    return backbone
+
+
 def build_models(
-    model: ModelConfig, seed: int, info: DistInfo, *, activation_checkpointing: bool = False, compile: bool = False
+    model: ModelConfig,
+    seed: int,
+    info: DistInfo,
+    *,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[SSLModel, SSLModel]:
     """Student (train mode) and EMA teacher (eval, no grad) on the device, FSDP2-sharded when a group is up.
 
-    Distributed, only rank 0 materialises the seeded full weights (on the CPU); every rank builds on
-    the meta device, shards, allocates its shards and receives their values by broadcast. So a large
-    model never exists in full on more than one process, and the weights equal the single-process init.
+    Distributed, only the group's first rank materialises the seeded full weights (on the CPU); every
+    rank builds on the meta device, shards, allocates its shards and receives their values by
+    broadcast. So a large model never exists in full on more than one process, and the weights equal
+    the single-process init. ``group``: the student's process group (default: the world).
     """
     flags = {"activation_checkpointing": activation_checkpointing, "compile": compile}
     if not dist.is_initialized():
         student, teacher = build_student_teacher(model, seed)
         return prepare_model(student.train(), info, **flags), prepare_model(teacher, info, **flags)
     vit = vit_config(model)
-    full = SSLModel(vit, model.dino_head, model.ibot_head, seed).state_dict() if info.is_main else {}
+    first = dist.get_rank(group) == 0 if group is not None else info.is_main
+    full = SSLModel(vit, model.dino_head, model.ibot_head, seed).state_dict() if first else {}
     with torch.device("meta"):
         student = SSLModel(vit, model.dino_head, model.ibot_head, seed)
         teacher = SSLModel(vit, model.dino_head, model.ibot_head, seed)
     teacher.requires_grad_(False)
-    pair = (prepare_model(student.train(), info, **flags), prepare_model(teacher.eval(), info, **flags))
+    pair = (
+        prepare_model(student.train(), info, group=group, **flags),
+        prepare_model(teacher.eval(), info, group=group, **flags),
+    )
     for m in pair:
-        _load_from_rank0(m, full, info)
+        _load_from_rank0(m, full, info, group)
     return pair
 
 
 @torch.no_grad()
-def _load_from_rank0(model: nn.Module, full: dict[str, Tensor], info: DistInfo) -> None:
-    """Broadcast rank 0's full tensors one at a time; each rank keeps its own shard of each."""
+def _load_from_rank0(
+    model: nn.Module, full: dict[str, Tensor], info: DistInfo, group: dist.ProcessGroup | None = None
+) -> None:
+    """Broadcast the group's first rank's full tensors one at a time; each rank keeps its own shard of each."""
     for name, target in model.state_dict().items():
-        if info.is_main:
+        if full:
             value = full[name].to(info.device)
         else:
             value = torch.empty(target.shape, dtype=target.dtype, device=info.device)
-        dist.broadcast(value, src=0)
+        dist.broadcast(value, group=group, group_src=0)
         if isinstance(target, DTensor):
             shard = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
             target.to_local().copy_(shard.to_local())

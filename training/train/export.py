@@ -23,12 +23,16 @@ def _write(state: dict, config: ViTConfig, path: Path) -> str:
     return export_backbone(model, path)
 
 
-def export_teacher(backbone: nn.Module, config: ViTConfig, path: str | Path, is_main: bool) -> str | None:
-    """Gather the (possibly FSDP-sharded) backbone; rank 0 writes it and returns its sha256.
+def export_teacher(
+    backbone: nn.Module, config: ViTConfig, path: str | Path, is_main: bool, *, subgroup: bool = False
+) -> str | None:
+    """Gather the (possibly FSDP-sharded) backbone; ``is_main`` writes it and returns its sha256.
 
-    Collective when distributed: every rank must call it.
+    Collective over the backbone's mesh: every rank of it must call it. ``subgroup``: the mesh is a
+    sub-group (a distillation student) whose writer need not be global rank 0, so every rank of it
+    receives the full tensors (CPU offload keeps them on global rank 0 only).
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not subgroup)
     state = get_model_state_dict(backbone, options=options)
     if not is_main:
         return None

@@ -25,11 +25,21 @@ from training.train.config import TrainConfig
 from training.train.data import build_loader
 from training.train.distributed import DistInfo, barrier, build_models, init_distributed
 from training.train.export import export_teacher
-from training.train.meta_arch import FIELDS, ssl_losses, vit_config
+from training.train.meta_arch import FIELDS, GramTerm, ssl_losses, vit_config
 from training.train.optim import apply_hyper_params, build_optimizer, clip_gradients, ema_update
 from training.train.schedules import Schedules, StepHyperParams
+from training.train.stages import (
+    apply_resolution,
+    build_gram_teacher,
+    choose_resolution,
+    copy_backbone,
+    gram_refresh_due,
+    gram_weight,
+    init_from_checkpoint,
+    init_gram_teacher,
+)
 
-_DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "image_ids")
+_DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "image_ids", "gram_teacher_crops")
 TEACHER_FILE = "teacher_backbone.safetensors"
 
 
@@ -90,6 +100,7 @@ def train_step(
     hp: StepHyperParams,
     config: TrainConfig,
     generator: torch.Generator | None,
+    gram: GramTerm | None = None,
 ) -> StepOutcome:
     """One optimisation step on a device-resident batch; collective over all ranks.
 
@@ -98,7 +109,7 @@ def train_step(
     """
     distributed = dist.is_initialized()
     apply_hyper_params(optimizer, hp)
-    losses = ssl_losses(student, teacher, batch, hp.teacher_temp, config.loss, distributed, generator=generator)
+    losses = ssl_losses(student, teacher, batch, hp.teacher_temp, config.loss, distributed, generator=generator, gram=gram)
     losses.total.backward()
     grad_norms = clip_gradients(student, config.optim.clip_grad)
     values = losses.stacked()
@@ -120,9 +131,17 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train (or resume) the run described by ``config``; collective over all ranks of the group."""
+    """Train (or resume) the run described by ``config``; collective over all ranks of the group.
+
+    ``config.stage`` picks the recipe stage: ``pretrain``, ``gram`` (Gram anchoring), ``highres``
+    (mixed-resolution adaptation with Gram anchoring) or ``distill`` (``training.train.distill``).
+    """
     info = init_distributed(config.device, config.dist_timeout_s)
     try:
+        if config.stage == "distill":
+            from training.train.distill import train_distill
+
+            return train_distill(config, info)
         return _train(config, info)
     finally:
         if info.initialized_here and dist.is_initialized():
@@ -146,14 +165,21 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
     global_batch = config.optim.batch_size_per_rank * info.world_size
     schedules = Schedules(config.optim, global_batch)
     loader = build_loader(config, info.rank, info.world_size, vit.patch_size)
+    gram_teacher = build_gram_teacher(config.model, info) if config.stage in ("gram", "highres") else None
+    extra = {"gram_teacher": gram_teacher} if gram_teacher is not None else {}
 
     start, nan_streak = 0, 0
     latest = latest_checkpoint(ckpt_root) if config.checkpoint.resume else None
     if latest is not None:
-        start, rank_state = load_checkpoint(latest, student, teacher, optimizer, info)
+        start, rank_state = load_checkpoint(latest, student, teacher, optimizer, info, extra=extra)
         loader.load_state_dict(rank_state["loader"])
         _set_rng_state(rank_state["rng"])
         nan_streak = int(rank_state["nan_streak"])
+    else:
+        if config.init.checkpoint:
+            init_from_checkpoint(config.init, student, teacher)
+        if gram_teacher is not None:
+            init_gram_teacher(config.gram, gram_teacher, teacher)
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
         _truncate_metrics(metrics_path, start)
@@ -169,9 +195,22 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
                 raise RuntimeError(f"loader is at step {batch['step']}, the trainer at {step}")
             batch = {k: (batch[k].to(info.device, non_blocking=True) if k in _DEVICE_KEYS else batch[k]) for k in batch}
             hp = schedules.at(step)
+            extra_record = {}
+            if config.stage == "highres":
+                resolution = choose_resolution(config.seed, step, config.highres.resolutions)
+                batch = apply_resolution(batch, resolution, config.crops, vit.patch_size, config.seed, step, info.rank)
+                extra_record["resolution"] = [resolution.global_size, resolution.local_size, resolution.gram_size]
+            gram = None
+            if gram_teacher is not None:
+                gram = GramTerm(gram_teacher, gram_weight(config.gram, step, config.optim.iterations), config.gram)
+                extra_record["gram_weight"] = gram.weight
+                extra_record["gram_teacher_input"] = list(batch.get("gram_teacher_crops", batch["global_crops"]).shape[-2:])
             outcome = train_step(
-                student, teacher, optimizer, batch, hp, config, step_generator(config.seed, step, info.rank)
+                student, teacher, optimizer, batch, hp, config, step_generator(config.seed, step, info.rank), gram
             )
+            if gram_teacher is not None and gram_refresh_due(config.gram, step):
+                copy_backbone(gram_teacher, teacher.backbone)
+                extra_record["gram_teacher_refreshed"] = True
             reduced, grad_norms, finite = outcome.losses, outcome.grad_norms, outcome.finite
             nan_streak = 0 if finite else nan_streak + 1
             step += 1
@@ -183,6 +222,7 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
                     **{f"grad_norm_{k}": v for k, v in grad_norms.items()},
                     "images_per_s": global_batch / seconds, "images_seen": step * global_batch,
                     "homogeneous": bool(batch["homogeneous"]), "skipped_optimizer_step": not finite,
+                    **extra_record,
                 }
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -196,7 +236,7 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             if step % config.checkpoint.period == 0 or step == end:
                 rank_state = {"loader": loader.state_dict(), "rng": _rng_state(), "nan_streak": nan_streak}
                 save_checkpoint(ckpt_root, step, student, teacher, optimizer, rank_state, info,
-                                config.checkpoint.keep_last)
+                                config.checkpoint.keep_last, extra=extra)
     finally:
         if bar is not None:
             bar.close()

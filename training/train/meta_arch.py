@@ -7,13 +7,22 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.losses import dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from training.losses import (
+    KoLeoDistributed,
+    dino_loss,
+    downsample_patch_tokens,
+    gram_loss,
+    ibot_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+)
 from training.models import MODEL_SIZES, ViTConfig, VisionTransformer
 from training.models.heads import DINOHead
-from training.train.config import HeadConfig, LossConfig, ModelConfig
+from training.train.config import GramConfig, HeadConfig, LossConfig, ModelConfig
 
 
 class SSLModel(nn.Module):
@@ -58,7 +67,7 @@ def build_student_teacher(model: ModelConfig, seed: int) -> tuple[SSLModel, SSLM
     return student, teacher
 
 
-FIELDS = ("total", "dino_local", "dino_global", "koleo", "ibot")
+FIELDS = ("total", "dino_local", "dino_global", "koleo", "ibot", "gram")
 
 
 @dataclass
@@ -68,9 +77,10 @@ class StepLosses:
     dino_global: Tensor
     koleo: Tensor
     ibot: Tensor
+    gram: Tensor
 
     def stacked(self) -> Tensor:
-        """The five values (order of ``FIELDS``) as one detached float tensor, for a single all-reduce."""
+        """The values (order of ``FIELDS``) as one detached float tensor, for a single all-reduce."""
         return torch.stack([getattr(self, name).detach().float() for name in FIELDS])
 
 
@@ -89,6 +99,30 @@ def teacher_targets(
     return dino.unflatten(0, (n_global, -1)), ibot
 
 
+@dataclass(frozen=True)
+class GramTerm:
+    """The Gram-anchoring inputs of a step: the frozen Gram teacher backbone, this step's weight, the config."""
+
+    teacher: nn.Module
+    weight: float
+    config: GramConfig
+
+
+@torch.no_grad()
+def gram_teacher_patches(gram_teacher: nn.Module, batch: dict, student_grid: tuple[int, int], patch_size: int) -> Tensor:
+    """Gram-teacher output patch tokens of the global crops on the student's grid ``[n, P_S, D]``.
+
+    With ``gram_teacher_crops`` in the batch (same crops at a higher resolution) the teacher runs on
+    those and its tokens are resampled bicubically onto the student grid.
+    """
+    images = batch.get("gram_teacher_crops", batch["global_crops"])
+    patches = gram_teacher(images)["patches"]
+    grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+    if grid != student_grid:
+        patches = downsample_patch_tokens(patches, grid, student_grid)
+    return patches
+
+
 def ssl_losses(
     student: SSLModel,
     teacher: SSLModel,
@@ -97,34 +131,69 @@ def ssl_losses(
     loss: LossConfig,
     distributed: bool,
     generator: torch.Generator | None = None,
+    gram: GramTerm | None = None,
 ) -> StepLosses:
     """The recipe's loss for one per-rank batch (crop-major crops, iBOT masks from the collate).
 
     total = w_dino·(local·S_gS_l + global·S_g(S_g−1))/pairs + w_koleo·Σ_global-crops KoLeo(student cls)
-    + w_ibot·iBOT; the student sees the masked global crops, the teacher the unmasked ones.
+    + w_ibot·iBOT (+ w_gram·Gram); the student sees the masked global crops, the teacher the unmasked ones.
+    """
+    n_global = batch["global_crops"].shape[0] // batch["image_ids"].shape[0]
+    dino_targets, ibot_targets = teacher_targets(teacher, batch, teacher_temp, n_global, loss, distributed)
+    return student_losses(student, batch, dino_targets, ibot_targets, loss, generator=generator, gram=gram)
+
+
+def student_losses(
+    student: SSLModel,
+    batch: dict,
+    dino_targets: Tensor,
+    ibot_targets: Tensor,
+    loss: LossConfig,
+    *,
+    generator: torch.Generator | None = None,
+    gram: GramTerm | None = None,
+    mask_student: bool = True,
+    koleo_group: dist.ProcessGroup | None = None,
+) -> StepLosses:
+    """The student side of the loss given the teacher's centred targets.
+
+    ``mask_student=False`` (distillation) feeds the unmasked global crops but keeps iBOT at the mask
+    positions. With ``loss.koleo_group_size`` KoLeo neighbours come from groups of the global batch
+    (over ``koleo_group``, default the world). The Gram term uses the student's output patch tokens of
+    the global crops as fed (masked ones included, as the reference does).
     """
     global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
     n_images = batch["image_ids"].shape[0]
     n_global = global_crops.shape[0] // n_images
     n_local = local_crops.shape[0] // n_images
-    dino_targets, ibot_targets = teacher_targets(teacher, batch, teacher_temp, n_global, loss, distributed)
 
-    g = student.backbone(global_crops, masks, generator=generator)
+    g = student.backbone(global_crops, masks if mask_student else None, generator=generator)
     cls_tokens = [g["cls"]]
     if n_local:
         cls_tokens.append(student.backbone(local_crops, is_local=True, generator=generator)["cls"])
     logits = student.dino_head(torch.cat(cls_tokens))
     global_logits = logits[: n_global * n_images].unflatten(0, (n_global, n_images))
     local_logits = logits[n_global * n_images :].unflatten(0, (n_local, n_images))
-    dino = dino_loss(global_logits, local_logits, dino_targets, loss.student_temp)
+    dino = dino_loss(global_logits, local_logits, dino_targets, loss.student_temp, local_weight=loss.dino_local_weight)
 
-    koleo = sum(koleo_loss(c.float()) for c in g["cls"].chunk(n_global))
+    if loss.koleo_group_size is None:
+        koleo = sum(koleo_loss(c.float()) for c in g["cls"].chunk(n_global))
+    else:
+        koleo_fn = KoLeoDistributed(loss.koleo_group_size, group=koleo_group)
+        koleo = sum(koleo_fn(c.float()) for c in g["cls"].chunk(n_global))
     masked = g["patches"].flatten(0, 1).index_select(0, batch["mask_indices"])
     ibot = ibot_loss(
         student.ibot_head(masked), ibot_targets, batch["masks_weight"], n_global * n_images, loss.student_temp
     )
     total = loss.dino_weight * dino.loss + loss.koleo_weight * koleo + loss.ibot_weight * ibot
-    return StepLosses(total, dino.local, dino.global_, koleo, ibot)
+    gram_value = total.new_zeros(())
+    if gram is not None:
+        patch = student.backbone.config.patch_size
+        grid = (global_crops.shape[-2] // patch, global_crops.shape[-1] // patch)
+        target = gram_teacher_patches(gram.teacher, batch, grid, patch)
+        gram_value = gram_loss(g["patches"], target, gram.config.img_level, gram.config.reduction, gram.config.remove_neg)
+        total = total + gram.weight * gram_value
+    return StepLosses(total, dino.local, dino.global_, koleo, ibot, gram_value)
 
 
 def cls_embeddings(backbone: nn.Module, images: Tensor) -> Tensor:

@@ -1,0 +1,186 @@
+"""The later DINOv3 stages: Gram anchoring (gradient, high-res teacher path), and a 2-process CPU chain
+pretrain -> gram (SIGKILL + exact resume) -> highres -> distill with two students."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import cli_env, kill_tree
+from tests.test_trainer import REPO, make_catalog
+from training.data.masking import collate
+from training.train.config import GramConfig, Resolution, ScheduleConfig, load_train_config
+from training.train.loop import TEACHER_FILE, read_metrics
+from training.train.meta_arch import GramTerm, build_student_teacher, ssl_losses
+from training.train.stages import choose_resolution, copy_backbone, gram_refresh_due, gram_updates_done, gram_weight
+
+CONFIGS = REPO / "training" / "configs"
+
+
+def _batch(n_images: int, size: int, gram_size: int | None, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n_images):
+        sample = {"global_crops": torch.randn(2, 3, size, size, generator=gen),
+                  "local_crops": torch.randn(2, 3, 16, 16, generator=gen)}
+        if gram_size is not None:
+            sample["gram_teacher_crops"] = torch.randn(2, 3, gram_size, gram_size, generator=gen)
+        samples.append(sample)
+    batch = collate(samples, patch_size=16, rng=np.random.default_rng(seed))
+    batch["image_ids"] = torch.arange(n_images)
+    return batch
+
+
+def _tiny_models():
+    config = load_train_config(str(CONFIGS / "tiny_cpu_gram.yaml"))
+    student, teacher = build_student_teacher(config.model, 0)
+    gram_teacher = copy.deepcopy(teacher.backbone)
+    with torch.no_grad():  # a Gram teacher that differs from the student, so the loss is non-trivial
+        for p in gram_teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    gram_teacher.requires_grad_(False).eval()
+    return config, student, teacher, gram_teacher
+
+
+def test_gram_stage_gradient_reaches_only_the_student():
+    config, student, teacher, gram_teacher = _tiny_models()
+    before = {k: v.clone() for k, v in gram_teacher.state_dict().items()}
+    batch = _batch(4, 32, 64)
+    term = GramTerm(gram_teacher, 2.0, config.gram)
+    losses = ssl_losses(student, teacher, batch, 0.05, config.loss, False, gram=term)
+    assert losses.gram.item() > 0
+    losses.gram.backward()
+    assert all(p.grad is None for p in gram_teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
+    after = gram_teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_high_res_gram_teacher_runs_at_2x_and_is_resampled_bicubically():
+    config, student, teacher, gram_teacher = _tiny_models()
+    batch = _batch(2, 32, 64)
+    term = GramTerm(gram_teacher, 1.0, config.gram)
+    ours = ssl_losses(student, teacher, batch, 0.05, config.loss, False, gram=term).gram
+
+    # Independent computation: teacher on the 64 px crops (4x4 grid) -> bicubic to the 2x2 student grid.
+    with torch.no_grad():
+        t = gram_teacher(batch["gram_teacher_crops"])["patches"]
+        t = F.interpolate(t.reshape(-1, 4, 4, t.shape[-1]).permute(0, 3, 1, 2), size=(2, 2), mode="bicubic",
+                          align_corners=False).flatten(2).transpose(1, 2)
+        s = student.backbone(batch["global_crops"], batch["masks"])["patches"]
+    s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    expected = ((s @ s.transpose(1, 2) - t @ t.transpose(1, 2)) ** 2).mean()
+    assert torch.allclose(ours, expected, rtol=1e-4, atol=1e-6)
+
+    # Without the high-res crops the teacher sees the global crops themselves: a different value.
+    low = {k: v for k, v in batch.items() if k != "gram_teacher_crops"}
+    assert not torch.allclose(ssl_losses(student, teacher, low, 0.05, config.loss, False, gram=term).gram, ours)
+
+
+def test_gram_schedule_and_refresh_rule():
+    gram = GramConfig(weight=ScheduleConfig("constant", 0.0, 2.0, 2.0, 4), start_iteration=10,
+                      update_period=5, first_update=15, max_updates=2)
+    assert [gram_weight(gram, i, 100) for i in (0, 9, 10, 12, 14, 50)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
+    due = [i for i in range(60) if gram_refresh_due(gram, i)]
+    assert due == [14, 19]  # after iterations 15 and 20 completed, then max_updates reached
+    assert [gram_updates_done(gram, n) for n in (14, 15, 19, 20, 100)] == [0, 1, 1, 2, 2]
+
+
+def test_copy_backbone_refreshes_the_gram_teacher():
+    _, student, teacher, gram_teacher = _tiny_models()
+    copy_backbone(gram_teacher, teacher.backbone)
+    ref = teacher.backbone.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in gram_teacher.state_dict().items())
+
+
+def test_resolution_choice_is_a_pure_function_with_the_configured_frequencies():
+    options = [Resolution(32, 16, 64, 0.3), Resolution(48, 16, 96, 0.7)]
+    draws = [choose_resolution(3, s, options).global_size for s in range(2000)]
+    assert draws == [choose_resolution(3, s, options).global_size for s in range(2000)]
+    assert abs(draws.count(32) / 2000 - 0.3) < 0.04
+
+
+# --- 2-process chain -------------------------------------------------------------------------------
+
+STEPS = 4
+LOSS_KEYS = ("total", "dino_local", "dino_global", "koleo", "ibot", "gram")
+
+
+def _command(config: str, catalog: str, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "training.train", "--config", str(CONFIGS / config), f"data.catalog_root={catalog}",
+        f"output_dir={out}", f"optim.iterations={STEPS}", "checkpoint.period=2", "dist_timeout_s=60", *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teacher(tmp_path):
+    catalog = make_catalog(tmp_path)
+    pre, gram_ref, gram, highres, distill = (tmp_path / n for n in ("pre", "gram_ref", "gram", "highres", "distill"))
+    _run(_command("tiny_cpu.yaml", catalog, pre))
+
+    # Gram stage from the pretrain checkpoint; gram.update_period=2 so the refresh happens inside the run.
+    gram_args = (f"init.checkpoint={pre}", "gram.update_period=2", "gram.first_update=2")
+    _run(_command("tiny_cpu_gram.yaml", catalog, gram_ref, *gram_args))
+    reference = read_metrics(gram_ref)
+    assert [m["gram_teacher_input"] for m in reference] == [[64, 64]] * STEPS  # 2x crops for 32 px students
+    assert [m["gram_weight"] for m in reference] == [0.0, 1.0, 2.0, 2.0]
+    assert [bool(m.get("gram_teacher_refreshed")) for m in reference] == [False, True, False, True]
+
+    proc = subprocess.Popen(_command("tiny_cpu_gram.yaml", catalog, gram, *gram_args), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while not (gram / "ckpt" / "00000002").is_dir():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.02)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait(timeout=30)
+    assert not (gram / TEACHER_FILE).exists()
+    _run(_command("tiny_cpu_gram.yaml", catalog, gram, *gram_args))
+    resumed = read_metrics(gram)
+    assert [m["step"] for m in resumed] == list(range(STEPS))
+    for ours, theirs in zip(resumed, reference):
+        assert [ours[k] for k in LOSS_KEYS] == [theirs[k] for k in LOSS_KEYS], ours["step"]
+
+    # High-res stage: student and teacher from the Gram stage's EMA teacher; mixed sizes per step.
+    _run(_command("tiny_cpu_highres.yaml", catalog, highres, f"init.checkpoint={gram}"))
+    hr = read_metrics(highres)
+    assert len(hr) == STEPS and all(m["gram"] > 0 for m in hr)
+    config = load_train_config(str(CONFIGS / "tiny_cpu_highres.yaml"))
+    expected = [choose_resolution(0, s, config.highres.resolutions) for s in range(STEPS)]
+    assert [m["resolution"] for m in hr] == [[r.global_size, r.local_size, r.gram_size] for r in expected]
+
+    # Distillation of two students (one rank each) from the high-res teacher: one teacher pass per step.
+    _run(_command("tiny_cpu_distill.yaml", catalog, distill, f"distill.teacher_checkpoint={highres}"))
+    dm = read_metrics(distill)
+    global_batch = 2 * 4
+    assert [m["teacher_forward_calls"] for m in dm] == [2] * STEPS  # one call per rank, not per student
+    assert [m["teacher_forward_crops"] for m in dm] == [2 * global_batch] * STEPS  # 2 global crops per image
+    for name in ("small", "swiglu"):
+        assert (distill / "students" / name / TEACHER_FILE).is_file()
+        assert all(m[f"{name}/total"] > 0 for m in dm)
+    assert dm[0]["small/total"] != dm[0]["swiglu/total"]

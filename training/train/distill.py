@@ -1,0 +1,248 @@
+"""Multi-student distillation: one frozen teacher trains several students of other sizes in one run.
+
+The world is split into contiguous rank ranges, one process group per student (``distill.students``).
+Every rank loads ``batch_size_per_rank`` images; the frozen teacher, sharded over the whole world, runs
+once per global batch (each rank forwards its own slice) up to the heads' L2-normalised bottlenecks.
+Crops, iBOT masks and those small bottleneck features are all-gathered over the world, and each rank
+of a student group takes its contiguous share of the *full* global batch, so every student trains on
+every image while adding a student costs only that student's compute. The teacher's prototype layers
+then run on the rank's share and Sinkhorn-Knopp centres within the student's group. Students see the
+unmasked global crops (iBOT still at the mask positions) and keep their own EMA, which is exported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor
+
+from catalog.config import to_dict
+from catalog.progress import progress
+from training.losses import sinkhorn_knopp
+from training.train.checkpoint import latest_checkpoint, load_checkpoint, load_models, resolve_checkpoint, save_checkpoint
+from training.train.config import StudentConfig, TrainConfig
+from training.train.data import build_loader
+from training.train.distributed import DistInfo, barrier, build_models, prepare_model
+from training.train.export import export_teacher
+from training.train.meta_arch import FIELDS, SSLModel, student_losses, vit_config
+from training.train.optim import apply_hyper_params, build_optimizer, clip_gradients, ema_update
+from training.train.schedules import Schedules
+
+STUDENTS_DIR = "students"
+
+
+@dataclass(frozen=True)
+class StudentSlot:
+    """The student this rank trains and its process group."""
+
+    index: int
+    spec: StudentConfig
+    group: dist.ProcessGroup | None
+    group_rank: int
+    group_size: int
+
+
+def student_slot(config: TrainConfig, info: DistInfo) -> StudentSlot:
+    """Create one process group per student (every rank creates all, in order) and return this rank's."""
+    students = config.distill.students
+    sizes = [s.ranks for s in students]
+    if sum(sizes) != info.world_size:
+        raise ValueError(f"distill.students ranks {sizes} must add up to the world size {info.world_size}")
+    if any((config.optim.batch_size_per_rank * info.world_size) % n for n in sizes):
+        raise ValueError(f"the global batch must split evenly over every student's ranks {sizes}")
+    start, mine = 0, None
+    for index, (spec, n) in enumerate(zip(students, sizes)):
+        ranks = list(range(start, start + n))
+        group = dist.new_group(ranks) if dist.is_initialized() else None
+        if info.rank in ranks:
+            mine = StudentSlot(index, spec, group, info.rank - start, n)
+        start += n
+    assert mine is not None
+    return mine
+
+
+def build_frozen_teacher(config: TrainConfig, info: DistInfo) -> SSLModel:
+    """The distillation teacher (backbone + heads) from ``distill.teacher_checkpoint``, sharded over the world."""
+    model = config.distill.teacher_model
+    with torch.device("meta"):
+        teacher = SSLModel(vit_config(model), model.dino_head, model.ibot_head, seed=0)
+    teacher.requires_grad_(False)
+    teacher = prepare_model(teacher.eval(), info)
+    if any(p.is_meta for p in teacher.parameters()):
+        teacher.to_empty(device=info.device)
+    load_models(resolve_checkpoint(config.distill.teacher_checkpoint), [("teacher", teacher)])
+    return teacher
+
+
+class ForwardCounter:
+    """Counts the calls and input crops of a module's forward (read back into the metrics)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self.crops = 0
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.calls += 1
+        self.crops += int(args[0].shape[0])
+
+    def take(self) -> list[int]:
+        values = [self.calls, self.crops]
+        self.calls = self.crops = 0
+        return values
+
+
+def gather_images(x: Tensor) -> Tensor:
+    """``[S, B, ...]`` per rank -> ``[S, world·B, ...]`` (images in rank order) on every rank."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def teacher_bottlenecks(teacher: SSLModel, batch: dict) -> tuple[Tensor, Tensor]:
+    """The teacher on this rank's global crops: DINO ``[S_g, B, d]`` and iBOT ``[S_g, B, N, d']`` bottlenecks."""
+    n_images = batch["image_ids"].shape[0]
+    out = teacher.backbone(batch["global_crops"])
+    cls = teacher.dino_head.forward_bottleneck(out["cls"])
+    patches = teacher.ibot_head.forward_bottleneck(out["patches"])
+    return cls.unflatten(0, (-1, n_images)), patches.unflatten(0, (-1, n_images))
+
+
+def student_share(batch: dict, teacher_cls: Tensor, teacher_patches: Tensor, slot: StudentSlot) -> tuple[dict, Tensor, Tensor]:
+    """This rank's contiguous share of the all-gathered global batch, and the teacher bottlenecks of it."""
+    n_images = batch["image_ids"].shape[0]
+    gathered = {
+        "global_crops": gather_images(batch["global_crops"].unflatten(0, (-1, n_images))),
+        "local_crops": gather_images(batch["local_crops"].unflatten(0, (-1, n_images))),
+        "masks": gather_images(batch["masks"].unflatten(0, (-1, n_images))),
+        "image_ids": gather_images(batch["image_ids"][None])[0],
+    }
+    cls, patches = gather_images(teacher_cls), gather_images(teacher_patches)
+    share = gathered["image_ids"].shape[0] // slot.group_size
+    lo, hi = slot.group_rank * share, (slot.group_rank + 1) * share
+    out = {k: (v[lo:hi] if k == "image_ids" else v[:, lo:hi].flatten(0, 1)) for k, v in gathered.items()}
+    masks = out["masks"]
+    per_crop = masks.sum(dim=1, keepdim=True).clamp(min=1).float()
+    out["mask_indices"] = masks.flatten().nonzero().flatten()
+    out["masks_weight"] = (1.0 / per_crop).expand_as(masks)[masks]
+    return out, cls[:, lo:hi].flatten(0, 1), patches[:, lo:hi].flatten(0, 2)
+
+
+@torch.no_grad()
+def distill_targets(
+    teacher: SSLModel, share: dict, cls: Tensor, patches: Tensor, temp: float, iterations: int, slot: StudentSlot
+) -> tuple[Tensor, Tensor]:
+    """Teacher prototypes on the share, Sinkhorn-centred over the student's group."""
+    n_global = share["global_crops"].shape[0] // share["image_ids"].shape[0]
+    dino = sinkhorn_knopp(teacher.dino_head.forward_last_layer(cls), temp, iterations, group=slot.group)
+    masked = patches.index_select(0, share["mask_indices"])
+    ibot = sinkhorn_knopp(teacher.ibot_head.forward_last_layer(masked), temp, iterations, group=slot.group)
+    return dino.unflatten(0, (n_global, -1)), ibot
+
+
+def _group_mean(values: Tensor, slot: StudentSlot) -> Tensor:
+    if slot.group is not None:
+        dist.all_reduce(values, group=slot.group)
+        values /= slot.group_size
+    return values
+
+
+def train_distill(config: TrainConfig, info: DistInfo):
+    """Run (or resume) a distillation run; collective over the world. Returns a ``TrainResult``."""
+    from training.train.loop import TEACHER_FILE, TrainResult, _rng_state, _set_rng_state, _truncate_metrics, step_generator
+
+    out = Path(config.output_dir)
+    ckpt_root = out / "ckpt"
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    barrier()
+    slot = student_slot(config, info)
+    names = [s.name for s in config.distill.students]
+    teacher = build_frozen_teacher(config, info)
+    counter = ForwardCounter(teacher.backbone)
+    vit = vit_config(slot.spec.model)
+    student, ema = build_models(slot.spec.model, config.seed + slot.index, info, group=slot.group,
+                                activation_checkpointing=config.activation_checkpointing, compile=config.compile)
+    optimizer = build_optimizer(student, vit.depth, config.optim, info.device)
+    global_batch = config.optim.batch_size_per_rank * info.world_size
+    schedules = Schedules(config.optim, global_batch)
+    loader = build_loader(config, info.rank, info.world_size, vit_config(config.distill.teacher_model).patch_size)
+
+    start = 0
+    latest = latest_checkpoint(ckpt_root) if config.checkpoint.resume else None
+    if latest is not None:
+        start, rank_state = load_checkpoint(latest, student, ema, optimizer, info, subdir=slot.spec.name, group=slot.group)
+        loader.load_state_dict(rank_state["loader"])
+        _set_rng_state(rank_state["rng"])
+    metrics_path = out / "metrics.jsonl"
+    if info.is_main:
+        _truncate_metrics(metrics_path, start)
+    end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)
+    bar = progress(end, "distill", unit="step", initial=start) if info.is_main else None
+    step, batches = start, iter(loader)
+    device_keys = ("global_crops", "local_crops", "masks", "image_ids")
+    try:
+        while step < end:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            batch = {k: (batch[k].to(info.device) if k in device_keys else batch[k]) for k in batch}
+            hp = schedules.at(step)
+            apply_hyper_params(optimizer, hp)
+            cls, patches = teacher_bottlenecks(teacher, batch)
+            share, cls, patches = student_share(batch, cls, patches, slot)
+            dino_t, ibot_t = distill_targets(teacher, share, cls, patches, hp.teacher_temp,
+                                             config.loss.sinkhorn_iterations, slot)
+            losses = student_losses(student, share, dino_t, ibot_t, config.loss, mask_student=False,
+                                    generator=step_generator(config.seed, step, info.rank), koleo_group=slot.group)
+            losses.total.backward()
+            grad_norms = clip_gradients(student, config.optim.clip_grad)
+            values = _group_mean(losses.stacked(), slot)
+            finite = math.isfinite(float(values[0]))
+            if finite:
+                optimizer.step()
+                ema_update(ema, student, hp.momentum)
+            optimizer.zero_grad(set_to_none=True)
+            # One row per student (its group mean, counted once), plus the teacher's forward counters.
+            table = torch.zeros(len(names), len(FIELDS) + 1)
+            if slot.group_rank == 0:
+                table[slot.index, :-1] = values
+                table[slot.index, -1] = grad_norms.get("backbone", 0.0)
+            teacher_counts = torch.tensor(counter.take(), dtype=torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(table)
+                dist.all_reduce(teacher_counts)
+            step += 1
+            if info.is_main:
+                record = {"step": step - 1, "lr": hp.lr, "teacher_temp": hp.teacher_temp,
+                          "teacher_forward_calls": int(teacher_counts[0]), "teacher_forward_crops": int(teacher_counts[1]),
+                          "global_batch": global_batch, "images_per_s": global_batch / (time.perf_counter() - t0)}
+                for i, name in enumerate(names):
+                    record.update({f"{name}/{f}": float(table[i, j]) for j, f in enumerate(FIELDS)})
+                    record[f"{name}/grad_norm_backbone"] = float(table[i, -1])
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.update(1)
+            if step % config.checkpoint.period == 0 or step == end:
+                rank_state = {"loader": loader.state_dict(), "rng": _rng_state(), "nan_streak": 0}
+                save_checkpoint(ckpt_root, step, student, ema, optimizer, rank_state, info, config.checkpoint.keep_last,
+                                subdir=slot.spec.name, group=slot.group)
+    finally:
+        if bar is not None:
+            bar.close()
+    teacher_path = None
+    if config.export_teacher and step >= config.optim.iterations:
+        teacher_path = out / STUDENTS_DIR / slot.spec.name / TEACHER_FILE
+        export_teacher(ema.backbone, vit, teacher_path, slot.group_rank == 0, subgroup=True)
+    barrier()
+    return TrainResult(step, start, out, teacher_path)
