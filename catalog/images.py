@@ -29,9 +29,12 @@ def read_image_bytes(uri: str) -> bytes:
         params = parse_qs(query)
         row, column = int(params["row"][0]), params["column"][0]
         fs, path = resolve(url)
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=[column])
-        return table.column(column)[row].as_py()
+
+        def read_row() -> bytes:
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).read(columns=[column]).column(column)[row].as_py()
+
+        return retry(read_row)
     if "::" in uri:
         def read_chained() -> bytes:
             with fsspec.open(uri, "rb") as f:

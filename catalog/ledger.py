@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import posixpath
 
-from catalog.paths import join, read_bytes, resolve, write_bytes_atomic
+from catalog.paths import exists, join, ls, read_bytes, resolve, retry, write_bytes_atomic
 
 PLAN_FILE = "_plan.json"
 COMPLETE_FILE = "_complete.json"
@@ -30,15 +30,13 @@ class Ledger:
         return join(self.dir, f"{unit}.json")
 
     def done(self) -> dict[str, dict]:
-        """Finished units and what each recorded (row counts and the like)."""
-        fs, path = resolve(self.dir)
-        if not fs.exists(path):
-            return {}
+        """Finished units and what each recorded (row counts and the like), listed fresh: the markers
+        are written by other processes."""
         out = {}
-        for p in fs.ls(path, detail=False):
-            name = posixpath.basename(p)
+        for url in ls(self.dir):
+            name = posixpath.basename(url)
             if name.endswith(".json") and not name.startswith("_"):
-                out[name[: -len(".json")]] = json.loads(fs.cat_file(p))
+                out[name[: -len(".json")]] = json.loads(read_bytes(url))
         return out
 
     def mark(self, unit: str, info: dict | None = None) -> None:
@@ -47,8 +45,7 @@ class Ledger:
     def check_plan(self, fingerprint: str) -> None:
         """Record the plan on the first run; on a rerun refuse a different plan."""
         url = join(self.dir, PLAN_FILE)
-        fs, path = resolve(url)
-        if fs.exists(path):
+        if exists(url):
             old = json.loads(read_bytes(url))["fingerprint"]
             if old != fingerprint:
                 raise LedgerPlanError(
@@ -60,13 +57,13 @@ class Ledger:
         write_bytes_atomic(url, json.dumps({"fingerprint": fingerprint}).encode())
 
     def is_complete(self) -> bool:
-        fs, path = resolve(join(self.dir, COMPLETE_FILE))
-        return fs.exists(path)
+        return exists(join(self.dir, COMPLETE_FILE))
 
     def mark_complete(self, info: dict | None = None) -> None:
         write_bytes_atomic(join(self.dir, COMPLETE_FILE), json.dumps(info or {}).encode())
 
     def reset(self) -> None:
-        fs, path = resolve(self.dir)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        fs, path = resolve(self.dir, fresh=True)
+        if retry(lambda: fs.exists(path)):
+            retry(lambda: fs.rm(path, recursive=True))
+            fs.invalidate_cache(path)

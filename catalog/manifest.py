@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from catalog.paths import join, resolve, write_bytes_atomic
+from catalog.paths import join, ls, read_bytes, write_bytes_atomic
 
 
 def code_version() -> dict[str, str | None]:
@@ -99,11 +99,4 @@ class RunManifest:
 
 def list_manifests(root: str) -> list[dict[str, Any]]:
     """All manifests of a catalog, oldest first."""
-    fs, path = resolve(join(root, "_manifests"))
-    if not fs.exists(path):
-        return []
-    docs = []
-    for p in sorted(fs.ls(path, detail=False)):
-        if p.endswith(".json"):
-            docs.append(json.loads(fs.cat_file(p)))
-    return docs
+    return [json.loads(read_bytes(url)) for url in ls(join(root, "_manifests")) if url.endswith(".json")]

@@ -2,27 +2,67 @@
 
 Local paths, ``file://``, ``memory://``, ``s3://`` and ``gs://`` all resolve here, so the rest of the
 code never branches on where data lives.
+
+Object stores, the three layers that keep a run going through throttling and dropped connections:
+
+1. botocore retries each S3 request in ``adaptive`` mode (exponential backoff with jitter plus a
+   client-side rate limiter that slows down on ``SlowDown``/503), up to 10 attempts; set below as the
+   fsspec default for ``s3`` so every process that imports the catalog (Ray workers, DuckDB's reads)
+   gets it. ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` in the environment, or ``config_kwargs.retries``
+   in the fsspec config, take precedence. gcsfs retries 408/429/5xx itself the same way.
+2. s3fs retries network errors and ``SlowDown`` a few more times on top (its ``retries``, 5).
+3. ``retry`` here re-runs a whole catalog operation (a shard read or write, a ledger marker, a
+   listing) on what still escapes as transient: connection resets, timeouts, ``EBUSY`` (s3fs's
+   translation of 503/SlowDown/409) and ``EREMOTEIO`` (500), or an HTTP error carrying 408/429/5xx.
+
+Credentials and endpoints come from the usual places (``AWS_*`` variables including
+``AWS_ENDPOINT_URL``, ``~/.aws``, instance roles; ``GOOGLE_APPLICATION_CREDENTIALS``), never from curate.
+Listings are read fresh (``resolve(url, fresh=True)``): s3fs caches directory listings per process,
+and other processes (Ray workers, other hosts) add shards and ledger markers all the time.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import posixpath
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import fsspec
+import fsspec.config
 from fsspec.core import url_to_fs
 
 T = TypeVar("T")
 
-# Errors an object store may raise transiently (throttling, a dropped connection); retried with backoff.
-_TRANSIENT = (ConnectionError, TimeoutError)
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                     errno.ECONNREFUSED, errno.EPIPE, errno.EREMOTEIO}
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+S3_RETRIES = {"mode": "adaptive", "total_max_attempts": 10}
 
 
-def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return the filesystem and the protocol-less path for ``url``."""
+def _default_s3_retries() -> None:
+    """Make botocore's adaptive retries the fsspec default for ``s3``, unless configured otherwise."""
+    retries = fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {}).setdefault("retries", {})
+    for key, env in (("mode", "AWS_RETRY_MODE"), ("total_max_attempts", "AWS_MAX_ATTEMPTS")):
+        if env not in os.environ:
+            retries.setdefault(key, S3_RETRIES[key])
+
+
+_default_s3_retries()
+
+
+def resolve(url: str, *, fresh: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the filesystem and the protocol-less path for ``url``.
+
+    ``fresh`` drops the filesystem's cached listings of the path and its parents first; use it before
+    listing or testing existence of anything another process may have written.
+    """
     fs, path = url_to_fs(url)
+    if fresh:
+        fs.invalidate_cache(path)
     return fs, path
 
 
@@ -50,15 +90,31 @@ def with_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{proto}://{path.lstrip('/')}" if proto != "memory" else f"memory://{path.lstrip('/')}"
 
 
-def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Call ``fn``, retrying transient I/O errors with exponential backoff."""
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: the store was busy or the network failed, not a missing object,
+    a denied request or bad data."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    if getattr(exc, "code", None) in _TRANSIENT_HTTP:  # gcsfs HttpError and the like
+        return True
+    botocore = sys.modules.get("botocore.exceptions")  # only loaded when an S3 store is in use
+    return botocore is not None and isinstance(exc, (botocore.HTTPClientError, botocore.ConnectionError))
+
+
+def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.5, max_delay: float = 8.0) -> T:
+    """Call ``fn``, retrying transient errors with exponential backoff (capped at ``max_delay``).
+
+    ``fn`` must be safe to repeat: every catalog write is a whole-object put of the same bytes.
+    """
     for attempt in range(attempts):
         try:
             return fn()
-        except _TRANSIENT:
-            if attempt == attempts - 1:
+        except Exception as e:
+            if attempt == attempts - 1 or not is_transient(e):
                 raise
-            time.sleep(base_delay * 2**attempt)
+            time.sleep(min(max_delay, base_delay * 2**attempt))
     raise AssertionError("unreachable")
 
 
@@ -75,16 +131,31 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     object visible only when its upload completes, so a single put is already atomic there.
     """
     fs, path = resolve(url)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if is_local(url):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{time.time_ns()}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
+        try:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp)
     else:
         retry(lambda: fs.pipe_file(path, data))
 
 
 def exists(url: str) -> bool:
-    fs, path = resolve(url)
-    return fs.exists(path)
+    """Whether an object exists now (not per a listing cached before another process wrote it)."""
+    fs, path = resolve(url, fresh=True)
+    return retry(lambda: fs.exists(path))
+
+
+def ls(url: str) -> list[str]:
+    """URLs of what is directly under ``url``, sorted, listed fresh; empty if there is nothing."""
+    fs, path = resolve(url, fresh=True)
+    try:
+        names = retry(lambda: fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+    return sorted(with_protocol(fs, p) for p in names if p.rstrip("/") != path.rstrip("/"))

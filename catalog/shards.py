@@ -12,7 +12,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.paths import join, resolve, with_protocol, write_bytes_atomic
+from catalog.paths import join, ls, resolve, retry, write_bytes_atomic
 from catalog.schemas import check_version
 
 DEFAULT_MAX_ROWS = 250_000
@@ -51,12 +51,8 @@ def write_shards(
 
 
 def shard_urls(root: str, table: str) -> list[str]:
-    """All committed shards of a table, sorted by name (deterministic read order)."""
-    fs, path = resolve(table_dir(root, table))
-    if not fs.exists(path):
-        return []
-    files = [p for p in fs.ls(path, detail=False) if p.endswith(".parquet")]
-    return sorted(with_protocol(fs, p) for p in files)
+    """All committed shards of a table, sorted by name (deterministic read order), listed fresh."""
+    return [url for url in ls(table_dir(root, table)) if url.endswith(".parquet")]
 
 
 def table_exists(root: str, table: str) -> bool:
@@ -65,8 +61,25 @@ def table_exists(root: str, table: str) -> bool:
 
 def read_schema(url: str) -> pa.Schema:
     fs, path = resolve(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_schema(f)
+
+    def read() -> pa.Schema:
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f)
+
+    return retry(read)
+
+
+def read_shard(url: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard, after checking its schema version; the whole read is retried on transient errors."""
+    fs, path = resolve(url)
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            check_version(pf.schema_arrow, url)
+            return pf.read(columns=columns)
+
+    return retry(read)
 
 
 def read_table(root: str, table: str, columns: list[str] | None = None) -> pa.Table:
@@ -74,27 +87,17 @@ def read_table(root: str, table: str, columns: list[str] | None = None) -> pa.Ta
     urls = shard_urls(root, table)
     if not urls:
         raise FileNotFoundError(f"catalog {root} has no table {table!r}")
-    pieces = []
-    for url in urls:
-        fs, path = resolve(url)
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            check_version(pf.schema_arrow, url)
-            pieces.append(pf.read(columns=columns))
-    return pa.concat_tables(pieces)
+    return pa.concat_tables([read_shard(url, columns) for url in urls])
 
 
 def iter_shards(root: str, table: str, columns: list[str] | None = None):
     """Yield ``(url, pa.Table)`` shard by shard, for stages that stream a large table."""
     for url in shard_urls(root, table):
-        fs, path = resolve(url)
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            check_version(pf.schema_arrow, url)
-            yield url, pf.read(columns=columns)
+        yield url, read_shard(url, columns)
 
 
 def delete_table(root: str, table: str) -> None:
-    fs, path = resolve(table_dir(root, table))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    fs, path = resolve(table_dir(root, table), fresh=True)
+    if retry(lambda: fs.exists(path)):
+        retry(lambda: fs.rm(path, recursive=True))
+        fs.invalidate_cache(path)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from catalog.paths import join, resolve
+from catalog.paths import join, resolve, retry
 from catalog.schemas import metadata_of
 
 
@@ -22,11 +22,11 @@ class TableInfo:
 
 def list_tables(root: str) -> list[str]:
     """Table names (``pool``, ``curated/lvd``…): folders holding Parquet shards, ``_*`` excluded."""
-    fs, path = resolve(root)
-    if not fs.exists(path):
+    fs, path = resolve(root, fresh=True)
+    if not retry(lambda: fs.exists(path)):
         return []
     names = []
-    for p in fs.find(path):
+    for p in retry(lambda: fs.find(path)):
         if not p.endswith(".parquet"):
             continue
         rel = posixpath.relpath(posixpath.dirname(p), path.rstrip("/"))
@@ -38,8 +38,8 @@ def list_tables(root: str) -> list[str]:
 
 def describe(root: str, table: str) -> TableInfo:
     """Row count from Parquet footers (no data read), bytes from the object sizes."""
-    fs, path = resolve(join(root, table))
-    files = [d for d in fs.ls(path, detail=True) if d["name"].endswith(".parquet")]
+    fs, path = resolve(join(root, table), fresh=True)
+    files = [d for d in retry(lambda: fs.ls(path, detail=True)) if d["name"].endswith(".parquet")]
     files.sort(key=lambda d: d["name"])
     rows = 0
     meta: dict[str, str] = {}

@@ -1,4 +1,5 @@
-"""Copy detection: exact-hash dedup, kNN similarity graph, connected components, one keeper each.
+"""Copy detection: kNN similarity graph, connected components, one keeper each (exact-hash dedup is SQL
+in `pipelines/dedup.py`).
 
 Defaults follow the DINOv2 LVD-142M recipe (Oquab et al. 2023, §3 and App. A.3): self-dedup on
 SSCD copy-detection embeddings with k=64 nearest neighbours, edges with cosine > 0.6, connected
@@ -23,16 +24,6 @@ GRAPH_BATCH = 8_192
 # nprobe tuned for recall@10 of ordinary neighbours can be 1 on clustered pools, which misses near
 # copies that straddle a cell boundary (1.6% of injected pairs at 1M); copies are what dedup is for.
 GRAPH_MIN_NPROBE = 16
-
-
-def exact_duplicates(hashes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(removed_ids, kept_ids), both sorted: byte-identical files collapse to the smallest id."""
-    _, code = np.unique(np.asarray(hashes), return_inverse=True)
-    ids = np.asarray(ids, dtype=np.int64)
-    order = np.lexsort((ids, code))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = code[order[1:]] != code[order[:-1]]
-    return np.sort(ids[order[~first]]), np.sort(ids[order[first]])
 
 
 def knn_graph(

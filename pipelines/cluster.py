@@ -3,12 +3,18 @@
 Writes ``clusters`` (each image's cluster at every level, l1 finest) and ``centroids`` (every
 cluster with its parent and size). Each level and resampling step is checkpointed under the catalog,
 so a killed run resumes at the step it was in and ends with bit-identical clusters.
+
+With ``workers > 1`` the driver reads only image ids, and level 1 (its k-means and the assignments of
+its resampling steps) runs on Ray actors that each hold a range of the embeddings
+(`pipelines.distributed_kmeans`); the clusters are bit-identical to ``workers = 1``, so the worker
+count is not part of the plan and a run may resume with another one.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import ContextManager, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +26,8 @@ from catalog.manifest import RunManifest, fingerprint
 from catalog.progress import progress
 from catalog.shards import delete_table, write_shards
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
+from curation.kmeans import RowSource, default_chunk_size, resolve_device
+from pipelines.distributed_kmeans import RowIndex, ShardedEmbeddings
 from pipelines.embedding_source import load_vectors, removed_ids
 
 STAGE = "cluster"
@@ -36,7 +44,11 @@ class LevelConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """``levels`` empty means: ``n_levels`` levels scaled from the paper's ratios to the pool size."""
+    """``levels`` empty means: ``n_levels`` levels scaled from the paper's ratios to the pool size.
+
+    ``workers > 1`` runs level 1 on that many Ray actors of ``worker_cpus`` CPUs each (catalog
+    embeddings only, not ``--embeddings``); the result is the same as with one.
+    """
 
     n_levels: int = 5
     levels: list[LevelConfig] = field(default_factory=list)
@@ -46,6 +58,12 @@ class ClusterConfig:
     seed: int = 0
     device: str = "auto"
     exclude_duplicates: bool = True
+    workers: int = 1
+    worker_cpus: float = 1.0
+
+    def plan_settings(self) -> dict[str, object]:
+        """The settings the clusters depend on (not where level 1 runs)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("workers", "worker_cpus")}
 
 
 def level_specs(config: ClusterConfig, n_rows: int) -> list[LevelSpec]:
@@ -86,6 +104,32 @@ def centroids_table(hierarchy: Hierarchy) -> pa.Table:
     return pa.concat_tables(parts)
 
 
+def _read_inputs(root: str, config: ClusterConfig, embeddings: str | None,
+                 ids: str | None) -> tuple[np.ndarray, np.ndarray | RowIndex]:
+    """Sorted image ids and their vectors in that order, or (``workers > 1``) where to find them."""
+    exclude = removed_ids(root) if config.exclude_duplicates else None
+    if config.workers > 1:
+        if embeddings is not None:
+            raise ValueError("workers > 1 reads the catalog's embeddings table; use workers=1 with --embeddings")
+        index = RowIndex.read(root, exclude_ids=exclude)
+        return index.image_ids, index
+    image_ids, x = load_vectors(root, embeddings, ids)
+    if exclude is not None:
+        keep = ~np.isin(image_ids, exclude)
+        image_ids, x = image_ids[keep], x[keep]
+    order = np.argsort(image_ids, kind="stable")  # row order independent of shard layout
+    return image_ids[order], np.ascontiguousarray(x[order])
+
+
+def _level1(vectors: np.ndarray | RowIndex, config: ClusterConfig, specs: list[LevelSpec],
+            device: str) -> ContextManager[np.ndarray | RowSource]:
+    """Level 1's rows: the array, or actors holding the indexed rows on the chunk grid ``kmeans`` uses."""
+    if isinstance(vectors, np.ndarray):
+        return nullcontext(vectors)
+    return ShardedEmbeddings(vectors, workers=config.workers, num_cpus=config.worker_cpus, device=device,
+                             chunk_size=default_chunk_size(specs[0].k, resolve_device(device)))
+
+
 def cluster(root: str, config: ClusterConfig | None = None, *, embeddings: str | None = None,
             ids: str | None = None, overwrite: bool = False) -> dict[str, object]:
     """Cluster the embeddings and write ``clusters`` and ``centroids``; skipped when already done."""
@@ -95,29 +139,26 @@ def cluster(root: str, config: ClusterConfig | None = None, *, embeddings: str |
     if overwrite:
         ledger.reset()
         store.clear()
-    image_ids, x = load_vectors(root, embeddings, ids)
-    if config.exclude_duplicates:
-        keep = ~np.isin(image_ids, removed_ids(root))
-        image_ids, x = image_ids[keep], x[keep]
-    order = np.argsort(image_ids, kind="stable")  # row order independent of shard layout
-    image_ids, x = image_ids[order], np.ascontiguousarray(x[order])
-    specs = level_specs(config, len(x))
-    plan = fingerprint(asdict(config), [asdict(s) for s in specs], len(x), int(image_ids.sum()))
+    image_ids, vectors = _read_inputs(root, config, embeddings, ids)
+    specs = level_specs(config, len(image_ids))
+    plan = fingerprint(config.plan_settings(), [asdict(s) for s in specs], len(image_ids), int(image_ids.sum()))
     if ledger.is_complete() and ledger.done().get("all", {}).get("plan") == plan:
         return {"skipped": True, "levels": [s.k for s in specs]}
     ledger.check_plan(plan)
+    device = _device(config.device)
     with RunManifest(root, STAGE, asdict(config)) as manifest:
-        manifest.inputs = {"rows": len(x), "dim": x.shape[1], "levels": [asdict(s) for s in specs]}
+        dim = vectors.dim if isinstance(vectors, RowIndex) else vectors.shape[1]
+        manifest.inputs = {"rows": len(image_ids), "dim": dim, "levels": [asdict(s) for s in specs]}
         steps = sum(1 + s.resampling_steps for s in specs)
-        with progress(steps, "cluster", unit="step") as bar:
-            hierarchy = hierarchical_kmeans(x, specs, seed=config.seed, metric=config.metric,
-                                            n_iter=config.n_iter, device=_device(config.device), store=store,
+        with progress(steps, "cluster", unit="step") as bar, _level1(vectors, config, specs, device) as level1:
+            hierarchy = hierarchical_kmeans(level1, specs, seed=config.seed, metric=config.metric,
+                                            n_iter=config.n_iter, device=device, store=store,
                                             progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
         delete_table(root, "clusters")
         delete_table(root, "centroids")
         write_shards(root, "clusters", "clusters", clusters_table(image_ids, hierarchy))
         write_shards(root, "centroids", "centroids", centroids_table(hierarchy))
-        manifest.rows = {"in": len(x), "out": len(x), "errored": 0}
+        manifest.rows = {"in": len(image_ids), "out": len(image_ids), "errored": 0}
         manifest.notes = {"inertia": hierarchy.inertia, "k": [len(c) for c in hierarchy.centroids]}
     ledger.mark("all", {"plan": plan})
     ledger.mark_complete(manifest.notes)

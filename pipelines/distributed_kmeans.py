@@ -116,16 +116,16 @@ class ShardWorker:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Local rows (global row − start)."""
-        return self.x[torch.as_tensor(rows, device=self.device)].cpu().numpy()
+        return self.x[torch.tensor(rows, device=self.device)].cpu().numpy()
 
     def partial_sums(self, centroids: np.ndarray, grid_exp: int, metric: Metric) -> PartialSums:
-        p = partial_sums(self.x, centroids, grid_exp=grid_exp, metric=metric, row_offset=self.start,
+        p = partial_sums(self.x, torch.tensor(centroids), grid_exp=grid_exp, metric=metric, row_offset=self.start,
                          chunk_size=self.chunk_size, device=self.device)
         return PartialSums(p.sums.cpu(), p.counts.cpu(), p.inertia, p.far_dist.cpu(), p.far_rows.cpu(),
                            p.far_points.cpu())
 
     def assign(self, centroids: np.ndarray, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
-        return assign(self.x, centroids, metric=metric, chunk_size=self.chunk_size, row_offset=self.start,
+        return assign(self.x, torch.tensor(centroids), metric=metric, chunk_size=self.chunk_size, row_offset=self.start,
                       device=self.device)
 
 

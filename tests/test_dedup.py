@@ -8,7 +8,6 @@ import pytest
 from curation.dedup import (
     connected_components,
     copy_dedup,
-    exact_duplicates,
     knn_graph,
     relative_dedup,
     select_keepers,
@@ -65,22 +64,6 @@ def bfs_components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
                     queue.append(v)
         c += 1
     return labels
-
-
-def test_exact_duplicates_keep_smallest_id():
-    rng = np.random.default_rng(0)
-    hashes = np.array([f"{h:064x}" for h in rng.integers(0, 50, size=300)])
-    ids = rng.permutation(10_000)[:300].astype(np.int64)
-    removed, kept = exact_duplicates(hashes, ids)
-    best: dict[str, int] = {}
-    for h, i in zip(hashes, ids):
-        best[h] = min(best.get(h, i), i)
-    assert sorted(best.values()) == kept.tolist()
-    assert sorted(set(ids.tolist()) - set(best.values())) == removed.tolist()
-    as_bytes = np.array([bytes.fromhex(h) for h in hashes], dtype=object)
-    r2, k2 = exact_duplicates(as_bytes, ids)
-    np.testing.assert_array_equal(r2, removed)
-    np.testing.assert_array_equal(k2, kept)
 
 
 def test_components_match_bfs():

@@ -7,15 +7,23 @@ standard ``AWS_ENDPOINT_URL`` variable, exactly as they would find a real object
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 import socket
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from catalog.array_store import CatalogArrayStore
+from catalog.ledger import Ledger
+from catalog.paths import S3_RETRIES, resolve
+from catalog.shards import shard_urls, write_shards
 from catalog.sql import query
+from catalog.tables import list_tables
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
@@ -72,6 +80,44 @@ def s3(tmp_path_factory):
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
             server.stop()
+
+
+def test_s3_clients_retry_adaptively(s3):
+    fs, _ = resolve(f"s3://{BUCKET}")
+    fs.ls(BUCKET)
+    assert fs.s3.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 10} == S3_RETRIES
+
+
+def test_catalog_sees_what_other_processes_wrote(s3):
+    """s3fs caches listings per process; shards, markers and checkpoints written by another process
+    (a Ray worker, another host: here a second, uncached client) must show up anyway."""
+    import s3fs
+
+    root = f"s3://{BUCKET}/fresh"
+    rows = pa.table({"image_id": pa.array([1, 2], pa.int64())})
+    write_shards(root, "t", "a", rows)
+    Ledger(root, "st").mark("u1")
+    store = CatalogArrayStore(root, "c")
+    assert store.get("k") is None and not Ledger(root, "st").is_complete()
+    assert len(shard_urls(root, "t")) == 1 and set(Ledger(root, "st").done()) == {"u1"} and list_tables(root) == ["t"]
+    assert query(root, "SELECT count(*) FROM t").column(0)[0].as_py() == 2
+
+    other = s3fs.S3FileSystem(skip_instance_cache=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(rows, sink)
+    for key in ("t/b-00000.parquet", "u/c-00000.parquet"):
+        other.pipe_file(f"{BUCKET}/fresh/{key}", sink.getvalue().to_pybytes())
+    other.pipe_file(f"{BUCKET}/fresh/_ledger/st/u2.json", b'{"rows": 2}')
+    other.pipe_file(f"{BUCKET}/fresh/_ledger/st/_complete.json", b"{}")
+    buf = io.BytesIO()
+    np.savez(buf, a=np.arange(3))
+    other.pipe_file(f"{BUCKET}/fresh/_checkpoints/c/k.npz", buf.getvalue())
+
+    assert [u.rsplit("/", 1)[1] for u in shard_urls(root, "t")] == ["a-00000.parquet", "b-00000.parquet"]
+    assert Ledger(root, "st").done() == {"u1": {}, "u2": {"rows": 2}} and Ledger(root, "st").is_complete()
+    assert list_tables(root) == ["t", "u"]
+    assert query(root, "SELECT count(*) FROM t").column(0)[0].as_py() == 4
+    np.testing.assert_array_equal(store.get("k")["a"], np.arange(3))
 
 
 @pytest.fixture(scope="module")

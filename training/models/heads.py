@@ -35,11 +35,11 @@ class DINOHead(nn.Module):
         self.last_layer = nn.Linear(bottleneck_dim, n_prototypes, bias=False)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Truncated-normal(0.02) weights and zero biases on every linear layer."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Truncated-normal(0.02) weights and zero biases on every linear layer (seeded by ``generator``)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.trunc_normal_(module.weight, std=0.02, generator=generator)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 

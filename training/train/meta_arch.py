@@ -38,14 +38,10 @@ class SSLModel(nn.Module):
 
     @torch.no_grad()
     def _init_heads(self, seed: int) -> None:
-        # DINOHead.reset_parameters draws from the global RNG; redo it from a private generator.
+        """Both heads from one private generator, so a seed gives the same model on every rank."""
         gen = torch.Generator().manual_seed(seed + 1)
         for head in (self.dino_head, self.ibot_head):
-            for m in head.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02, generator=gen)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
+            head.reset_parameters(generator=gen)
 
 
 def _head(in_dim: int, cfg: HeadConfig) -> DINOHead:
