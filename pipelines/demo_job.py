@@ -12,12 +12,14 @@ from pipelines.build_lvd import BuildLVDConfig, build_lvd
 from pipelines.report_text import inspect_text
 from pipelines.sql_output import render
 
-# Small enough to finish in minutes on 2 cores; see docs/benchmarks.md for the measured times.
+# The backbone our trainer made on a demo pool (training/configs/demo_cpu.yaml says how), at 64 px:
+# small enough to finish in minutes on 2 cores; docs/benchmarks.md has the measured times.
+DEMO_BACKBONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_backbone.safetensors")
 DEMO_SETTINGS = [
-    "embed.model=dinov3_vits16",
+    f"embed.model=curate:{DEMO_BACKBONE}",
     "embed.image_size=64",
     "embed.batch_size=128",
-    "embed.pooling=mean",  # with random weights, mean patch tokens separate concepts better than cls
+    "embed.pooling=cls+mean",  # flatter curated sets than cls alone on the demo (docs/benchmarks.md)
 ]
 QUERIES = [
     "SELECT status, count(*) AS images FROM pool GROUP BY 1 ORDER BY 1",

@@ -1,6 +1,6 @@
 """``curate mix``: assemble the training mix — curated parts and their sampling weights.
 
-Parts come from ``build-lvd`` (``lvd``), from retrieval (``retrieved:<seed>``), or from a public
+Parts come from the whole deduplicated pool (``pool``), from ``build-lvd`` (``lvd``), from retrieval (``retrieved:<seed>``), or from a public
 labelled dataset given as images (``images:<folder or URL>``, e.g. ImageNet-1k, the part the trainer
 draws its homogeneous batches from). Each part becomes ``curated/<name>``; the weights and the
 homogeneous part are written to ``<catalog>/_mix.json`` for the trainer.
@@ -45,13 +45,20 @@ def _curated(name: str, table: pa.Table) -> pa.Table:
     return base.replace_schema_metadata(schemas.stamp(base.schema, f"curated/{name}").metadata)
 
 
+def _removed_ids_sql(root: str) -> str:
+    return "SELECT image_id FROM duplicates" if table_exists(root, "duplicates") else "SELECT NULL::BIGINT WHERE false"
+
+
 def build_part(root: str, name: str, source: str) -> int:
     """Materialise one part as ``curated/<name>``; returns its size."""
-    if source == "lvd":
+    if source == "pool":  # every usable image that dedup kept
+        rows = query(root, "SELECT image_id, uri FROM pool WHERE status = 'ok' AND image_id NOT IN "
+                           f"({_removed_ids_sql(root)}) ORDER BY image_id")
+    elif source == "lvd":
         if not table_exists(root, "curated/lvd"):
             raise FileNotFoundError("part 'lvd' needs curated/lvd: run `curate build-lvd` first")
         return describe(root, "curated/lvd").rows
-    if source.startswith("retrieved:"):
+    elif source.startswith("retrieved:"):
         seed = source.split(":", 1)[1]
         rows = query(root, "SELECT r.image_id, p.uri FROM retrieved r JOIN pool p USING (image_id) "
                            f"WHERE r.seed = '{seed}' ORDER BY r.image_id")
@@ -62,7 +69,8 @@ def build_part(root: str, name: str, source: str) -> int:
         ingest(source.split(":", 1)[1], sub)
         rows = query(sub, "SELECT image_id, uri FROM pool WHERE status = 'ok' ORDER BY image_id")
     else:
-        raise ValueError(f"part {name!r}: source must be 'lvd', 'retrieved:<seed>' or 'images:<path>', not {source!r}")
+        raise ValueError(f"part {name!r}: source must be 'pool', 'lvd', 'retrieved:<seed>' or 'images:<path>', "
+                         f"not {source!r}")
     delete_table(root, f"curated/{name}")
     write_shards(root, f"curated/{name}", "part", _curated(name, rows))
     return rows.num_rows

@@ -107,7 +107,7 @@ def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clust
     return written
 
 
-def write_retrieval_report(root: str, seed: str, seed_uris: dict[int, str], level: int = 2, n_seeds: int = 6) -> str:
+def write_retrieval_report(root: str, seed: str, seed_uris: dict[int, str], level: int = 1, n_seeds: int = 6) -> str:
     """Rows of [seed image, then the pool images it retrieved, best first] (kNN mode), or of images
     retrieved from the same pool cluster (cluster mode)."""
     rows = query(root, "SELECT r.seed_image_id AS g, p.uri AS uri FROM retrieved r JOIN pool p USING (image_id) "

@@ -37,7 +37,7 @@ class RetrieveConfig:
     min_similarity: float | None = None
     max_per_seed: int | None = None
     knn_min_seeds: int = 1_000_000
-    cluster_level: int = 2
+    cluster_level: int = 1
     min_seed_per_cluster: int = MIN_SEED_PER_CLUSTER
     per_cluster: int = 10_000
     recall_target: float = 0.95

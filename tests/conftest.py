@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from pipelines.demo_job import DEMO_SETTINGS
+
 os.environ.setdefault("CURATE_PROGRESS", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -51,8 +53,8 @@ def concept_of_uri(demo_pool: str) -> dict[str, int]:
     return {os.path.join(demo_pool, "pool", r["relpath"]): r["concept"] for r in truth}
 
 
-# The demo job's settings: random-init ViT-S/16 at 64 px with mean pooling, the default 5 levels.
-LVD_SETTINGS = ["embed.model=dinov3_vits16", "embed.image_size=64", "embed.pooling=mean", "embed.batch_size=128"]
+# The demo job's settings (the shipped demo backbone at 64 px), the default 5 levels.
+LVD_SETTINGS = DEMO_SETTINGS
 
 
 @pytest.fixture(scope="session")

@@ -23,17 +23,16 @@ def _seed_concepts(demo_pool: str) -> set[int]:
 
 @pytest.mark.parametrize("mode", ["knn", "cluster"])
 def test_retrieved_images_are_mostly_seed_concepts(demo_pool, lvd_catalog, mode):
-    extra = ["cluster_level=1"] if mode == "cluster" else []
     result = run_cli(["retrieve", "--catalog", lvd_catalog, "--seed", "demo", "--mode", mode,
-                      "--set", _seeds(demo_pool), *extra])
+                      "--set", _seeds(demo_pool)])
     assert result.returncode == 0, result.stderr
     concept = concept_of_uri(demo_pool)
     wanted = _seed_concepts(demo_pool)
     pool = [concept[u] in wanted for u in query(lvd_catalog, "SELECT uri FROM pool WHERE status='ok'").column(0).to_pylist()]
     got = query(lvd_catalog, "SELECT p.uri FROM retrieved r JOIN pool p USING (image_id) WHERE r.seed = 'demo'")
     hits = [concept[u] in wanted for u in got.column(0).to_pylist()]
-    assert len(hits) >= 50
-    assert np.mean(hits) >= 2.0 * np.mean(pool), (np.mean(hits), np.mean(pool))
+    assert len(hits) >= 30
+    assert np.mean(hits) >= 3.0 * np.mean(pool), (np.mean(hits), np.mean(pool))
     dupes = query(lvd_catalog, "SELECT count(*) - count(DISTINCT image_id) FROM retrieved WHERE seed = 'demo'")
     assert dupes.column(0)[0].as_py() == 0
     removed = query(lvd_catalog, "SELECT count(*) FROM retrieved WHERE image_id IN (SELECT image_id FROM duplicates)")
