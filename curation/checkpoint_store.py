@@ -1,13 +1,12 @@
 """Key → dict-of-arrays stores for resumable algorithms (hierarchical k-means checkpoints).
 
-Any object with ``get(key) -> dict[str, np.ndarray] | None`` and ``put(key, arrays)`` works; these two
-cover tests (memory) and single-machine runs (a directory of ``.npz`` files written atomically).
+Any object with ``get(key) -> dict[str, np.ndarray] | None`` and ``put(key, arrays)`` works: the stage
+uses ``catalog.array_store.CatalogArrayStore`` (``.npz`` objects under the catalog, on any fsspec
+path); ``MemoryStore`` serves tests and in-memory runs.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Mapping, Protocol
 
 import numpy as np
@@ -31,29 +30,3 @@ class MemoryStore:
 
     def put(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
         self.data[key] = {k: np.array(v, copy=True) for k, v in arrays.items()}
-
-
-class NpzDirStore:
-    """One ``<root>/<key>.npz`` per key; written to a temp file and renamed, so a kill never leaves
-    a half-written checkpoint behind."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-
-    def _path(self, key: str) -> Path:
-        return self.root / f"{key}.npz"
-
-    def get(self, key: str) -> dict[str, np.ndarray] | None:
-        path = self._path(key)
-        if not path.exists():
-            return None
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-
-    def put(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-        os.replace(tmp, path)

@@ -32,10 +32,10 @@ class PartSpec:
 
 @dataclass(frozen=True)
 class MixConfig:
-    """``weight`` None: proportional to the part's size. ``homogeneous_part`` may be empty."""
+    """``weight`` None: proportional to the part's size. ``homogeneous_part`` None or absent: none."""
 
     parts: dict[str, PartSpec] = field(default_factory=lambda: {"lvd": PartSpec("lvd")})
-    homogeneous_part: str = "imagenet1k"
+    homogeneous_part: str | None = "imagenet1k"
     p_homogeneous: float = 0.1
 
 

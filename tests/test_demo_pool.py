@@ -240,4 +240,6 @@ def test_concepts_separable_by_colour_statistics() -> None:
     d = np.abs(f[:, None] - f[None]).sum(-1)
     np.fill_diagonal(d, np.inf)
     accuracy = (y[d.argmin(1)] == y).mean()
-    assert accuracy >= 0.45, accuracy
+    # chance is 1/40; the per-instance lighting field (which keeps distinct instances from looking like
+    # copies) costs some colour-histogram accuracy, so the bar is 12x chance
+    assert accuracy >= 0.3, accuracy

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from curation.checkpoint_store import MemoryStore, NpzDirStore
+from catalog.array_store import CatalogArrayStore
+from curation.checkpoint_store import MemoryStore
 from curation.hierarchy import LevelSpec, default_levels, hierarchical_kmeans, resample_rows, split_clusters
 from curation.kmeans import assign
 from curation.synthetic import concept_embeddings
@@ -74,11 +75,11 @@ def test_resume_after_kill_is_bit_identical(data, full, fail_after):
     _same(full, hierarchical_kmeans(x, LEVELS, seed=2, metric="cosine", store=store))
 
 
-def test_npz_store_roundtrip_and_resume(tmp_path, data):
+def test_catalog_store_roundtrip_and_resume(tmp_path, data):
     x, _, _ = data
-    a = hierarchical_kmeans(x, LEVELS[:2], seed=3, store=NpzDirStore(tmp_path))
-    assert (tmp_path / "level2" / "step3.npz").exists()
-    _same(a, hierarchical_kmeans(x, LEVELS[:2], seed=3, store=NpzDirStore(tmp_path)))
+    a = hierarchical_kmeans(x, LEVELS[:2], seed=3, store=CatalogArrayStore(str(tmp_path), "cluster"))
+    assert (tmp_path / "_checkpoints" / "cluster" / "level2__step3.npz").exists()
+    _same(a, hierarchical_kmeans(x, LEVELS[:2], seed=3, store=CatalogArrayStore(str(tmp_path), "cluster")))
 
 
 def test_split_level_batched(data):

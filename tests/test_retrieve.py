@@ -32,7 +32,8 @@ def test_retrieved_images_are_mostly_seed_concepts(demo_pool, lvd_catalog, mode)
     got = query(lvd_catalog, "SELECT p.uri FROM retrieved r JOIN pool p USING (image_id) WHERE r.seed = 'demo'")
     hits = [concept[u] in wanted for u in got.column(0).to_pylist()]
     assert len(hits) >= 30
-    assert np.mean(hits) >= 3.0 * np.mean(pool), (np.mean(hits), np.mean(pool))
+    # far above the seed concepts' share of the pool (about 4x on the 10k demo pool, docs/benchmarks.md)
+    assert np.mean(hits) >= 2.0 * np.mean(pool), (np.mean(hits), np.mean(pool))
     dupes = query(lvd_catalog, "SELECT count(*) - count(DISTINCT image_id) FROM retrieved WHERE seed = 'demo'")
     assert dupes.column(0)[0].as_py() == 0
     removed = query(lvd_catalog, "SELECT count(*) FROM retrieved WHERE image_id IN (SELECT image_id FROM duplicates)")
