@@ -8,6 +8,7 @@ their model id and preprocessing match the pool's.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field, replace
 
@@ -46,7 +47,9 @@ def resolve_seed(name_or_path: str, root: str, config: SeedsConfig) -> tuple[str
         fill = (lambda p: p.replace("{catalog}", parent) if p else p)
         return name_or_path, SeedSpec(images=fill(spec.images), embeddings=fill(spec.embeddings))
     if "://" in name_or_path or os.path.exists(name_or_path):
-        name = os.path.basename(name_or_path.rstrip("/")) or "seed"
+        # the folder name alone could collide with another seed's, so the path's hash is appended
+        digest = hashlib.sha1(name_or_path.rstrip("/").encode()).hexdigest()[:8]
+        name = f"{os.path.basename(name_or_path.rstrip('/')) or 'seed'}-{digest}"
         return name, SeedSpec(images=name_or_path)
     known = ", ".join(sorted(config.seeds)) or "none"
     raise FileNotFoundError(f"unknown seed {name_or_path!r}: not in the seeds config ({known}) and not a path")

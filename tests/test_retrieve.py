@@ -32,8 +32,10 @@ def test_retrieved_images_are_mostly_seed_concepts(demo_pool, lvd_catalog, mode)
     got = query(lvd_catalog, "SELECT p.uri FROM retrieved r JOIN pool p USING (image_id) WHERE r.seed = 'demo'")
     hits = [concept[u] in wanted for u in got.column(0).to_pylist()]
     assert len(hits) >= 30
-    # far above the seed concepts' share of the pool (about 4x on the 10k demo pool, docs/benchmarks.md)
-    assert np.mean(hits) >= 2.0 * np.mean(pool), (np.mean(hits), np.mean(pool))
+    # well above the seed concepts' share of the pool: on this 1,500-image pool the level-1 clusters
+    # hold ~5 images, so cluster mode is coarser (~2x) than kNN (~2.5x); on the 10k demo pool they
+    # reach 7x and 4x (docs/benchmarks.md)
+    assert np.mean(hits) >= (2.0 if mode == "knn" else 1.5) * np.mean(pool), (np.mean(hits), np.mean(pool))
     dupes = query(lvd_catalog, "SELECT count(*) - count(DISTINCT image_id) FROM retrieved WHERE seed = 'demo'")
     assert dupes.column(0)[0].as_py() == 0
     removed = query(lvd_catalog, "SELECT count(*) FROM retrieved WHERE image_id IN (SELECT image_id FROM duplicates)")
