@@ -9,6 +9,7 @@ resumes at the first unfinished unit and produces bit-identical vectors.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -48,6 +49,7 @@ class EmbedConfig:
     decode_cpus: float = 0.5
     actor_cpus: float = 1.0
     max_pixels: int = 64_000_000
+    torch_threads: int | None = None  # CPU actors: None = every core (Ray would give them one thread)
     seed: int = 0
 
 
@@ -130,6 +132,8 @@ class Embedder:
         self.torch = torch
         self.root, self.config = root, config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":  # decode tasks are light; the model should use the whole machine
+            torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         self.model, info = load_backbone(config.model, config.weights, device=self.device)
         self.metadata = {**model_identity(config, info.sha256), "embed_config": json.dumps(asdict(config))}
         self.pre = preprocess_for(config)
