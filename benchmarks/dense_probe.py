@@ -24,7 +24,8 @@ from pipelines.demo_pool import CONCEPTS, render_concept_image
 from training.models import load_backbone
 from training.train.config import load_train_config
 from training.train.dense_probe import linear_dense_probe
-from training.train.loop import TEACHER_FILE, train
+from training.train.loop import train
+from training.train.run_state import TEACHER_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"

@@ -18,7 +18,7 @@ from tests.helpers import cli_env, kill_tree
 from tests.test_trainer import REPO, make_catalog
 from training.data.masking import collate
 from training.train.config import GramConfig, Resolution, ScheduleConfig, load_train_config
-from training.train.loop import TEACHER_FILE, read_metrics
+from training.train.run_state import TEACHER_FILE, read_metrics
 from training.train.meta_arch import GramTerm, build_student_teacher, ssl_losses
 from training.train.stages import choose_resolution, copy_backbone, gram_refresh_due, gram_updates_done, gram_weight
 

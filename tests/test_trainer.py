@@ -21,7 +21,8 @@ from training.train.config import OptimConfig, ScheduleConfig, TrainConfig, load
 from training.train.export import export_from_checkpoint
 from training.train.knn_eval import knn_accuracy, knn_predict
 from training.train.distributed import DistInfo, prepare_model
-from training.train.loop import TrainingDiverged, read_metrics, step_generator, train
+from training.train.loop import TrainingDiverged, train
+from training.train.run_state import read_metrics, step_generator
 from training.train.meta_arch import build_student_teacher, ssl_losses
 from training.train.optim import apply_hyper_params, build_optimizer, param_groups
 from training.train.schedules import Schedules, lr_scale, schedule_value

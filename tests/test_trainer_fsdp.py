@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import cli_env, kill_tree
 from tests.test_trainer import TINY, make_catalog
-from training.train.loop import TEACHER_FILE, read_metrics
+from training.train.run_state import TEACHER_FILE, read_metrics
 
 STEPS = 8
 LOSS_KEYS = ("total", "dino_local", "dino_global", "koleo", "ibot")

@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import REPO
 from tests.test_trainer import TINY, make_catalog
-from training.train.loop import read_metrics
+from training.train.run_state import read_metrics
 
 
 @pytest.mark.slow

@@ -26,13 +26,32 @@ from torch import Tensor
 from catalog.config import to_dict
 from catalog.progress import progress
 from training.losses import sinkhorn_knopp
-from training.train.checkpoint import latest_checkpoint, load_checkpoint, load_models, resolve_checkpoint, save_checkpoint
+from training.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_models,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from training.train.config import StudentConfig, TrainConfig
 from training.train.data import build_loader
 from training.train.distributed import DistInfo, barrier, build_models, prepare_model
 from training.train.export import export_teacher
 from training.train.meta_arch import FIELDS, SSLModel, student_losses, vit_config
-from training.train.optim import apply_hyper_params, build_optimizer, clip_gradients, ema_update
+from training.train.optim import (
+    apply_hyper_params,
+    build_optimizer,
+    clip_gradients,
+    ema_update,
+)
+from training.train.run_state import (
+    TEACHER_FILE,
+    TrainResult,
+    rng_state,
+    set_rng_state,
+    step_generator,
+    truncate_metrics,
+)
 from training.train.schedules import Schedules
 
 STUDENTS_DIR = "students"
@@ -159,7 +178,6 @@ def _group_mean(values: Tensor, slot: StudentSlot) -> Tensor:
 
 def train_distill(config: TrainConfig, info: DistInfo):
     """Run (or resume) a distillation run; collective over the world. Returns a ``TrainResult``."""
-    from training.train.loop import TEACHER_FILE, TrainResult, _rng_state, _set_rng_state, _truncate_metrics, step_generator
 
     out = Path(config.output_dir)
     ckpt_root = out / "ckpt"
@@ -184,10 +202,10 @@ def train_distill(config: TrainConfig, info: DistInfo):
     if latest is not None:
         start, rank_state = load_checkpoint(latest, student, ema, optimizer, info, subdir=slot.spec.name, group=slot.group)
         loader.load_state_dict(rank_state["loader"])
-        _set_rng_state(rank_state["rng"])
+        set_rng_state(rank_state["rng"])
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
     end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)
     bar = progress(end, "distill", unit="step", initial=start) if info.is_main else None
     step, batches = start, iter(loader)
@@ -234,7 +252,7 @@ def train_distill(config: TrainConfig, info: DistInfo):
                     f.write(json.dumps(record) + "\n")
                 bar.update(1)
             if step % config.checkpoint.period == 0 or step == end:
-                rank_state = {"loader": loader.state_dict(), "rng": _rng_state(), "nan_streak": 0}
+                rank_state = {"loader": loader.state_dict(), "rng": rng_state(), "nan_streak": 0}
                 save_checkpoint(ckpt_root, step, student, ema, optimizer, rank_state, info, config.checkpoint.keep_last,
                                 subdir=slot.spec.name, group=slot.group)
     finally:

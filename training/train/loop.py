@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -20,13 +19,30 @@ from torch import nn
 
 from catalog.config import to_dict
 from catalog.progress import progress
-from training.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from training.train.config import TrainConfig
 from training.train.data import build_loader
 from training.train.distributed import DistInfo, barrier, build_models, init_distributed
 from training.train.export import export_teacher
 from training.train.meta_arch import FIELDS, GramTerm, ssl_losses, vit_config
-from training.train.optim import apply_hyper_params, build_optimizer, clip_gradients, ema_update
+from training.train.optim import (
+    apply_hyper_params,
+    build_optimizer,
+    clip_gradients,
+    ema_update,
+)
+from training.train.run_state import (
+    TEACHER_FILE,
+    TrainResult,
+    rng_state,
+    set_rng_state,
+    step_generator,
+    truncate_metrics,
+)
 from training.train.schedules import Schedules, StepHyperParams
 from training.train.stages import (
     apply_resolution,
@@ -40,49 +56,8 @@ from training.train.stages import (
 )
 
 _DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "image_ids", "gram_teacher_crops")
-TEACHER_FILE = "teacher_backbone.safetensors"
-
-
 class TrainingDiverged(RuntimeError):
     """The loss was NaN/inf on too many consecutive steps."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    steps_done: int  # completed iterations (global step count) at the end of this invocation
-    resumed_from: int  # step the run resumed from (0 for a fresh run)
-    output_dir: Path
-    teacher_path: Path | None
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The CPU generator of a step's train-mode randomness (RoPE augmentation, stochastic depth).
-
-    A pure function of (seed, step, rank), so a resumed run draws exactly what the original would.
-    """
-    word = np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(word))
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _truncate_metrics(path: Path, before_step: int) -> None:
-    """Drop records of steps >= ``before_step`` (written after the checkpoint a resume starts from)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 @dataclass(frozen=True)
@@ -123,11 +98,6 @@ def train_step(
         ema_update(teacher, student, hp.momentum)
     optimizer.zero_grad(set_to_none=True)
     return StepOutcome(reduced, grad_norms, finite)
-
-
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -173,7 +143,7 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
     if latest is not None:
         start, rank_state = load_checkpoint(latest, student, teacher, optimizer, info, extra=extra)
         loader.load_state_dict(rank_state["loader"])
-        _set_rng_state(rank_state["rng"])
+        set_rng_state(rank_state["rng"])
         nan_streak = int(rank_state["nan_streak"])
     else:
         if config.init.checkpoint:
@@ -182,7 +152,7 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             init_gram_teacher(config.gram, gram_teacher, teacher)
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
     end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)
     bar = progress(end, "train", unit="step", initial=start) if info.is_main else None
     step = start
@@ -234,7 +204,7 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
                     f"Last checkpoint: {latest_checkpoint(ckpt_root) or 'none'}. Lower optim.lr or check the data."
                 )
             if step % config.checkpoint.period == 0 or step == end:
-                rank_state = {"loader": loader.state_dict(), "rng": _rng_state(), "nan_streak": nan_streak}
+                rank_state = {"loader": loader.state_dict(), "rng": rng_state(), "nan_streak": nan_streak}
                 save_checkpoint(ckpt_root, step, student, teacher, optimizer, rank_state, info,
                                 config.checkpoint.keep_last, extra=extra)
     finally:
