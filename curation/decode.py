@@ -18,12 +18,14 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 EMPTY_FILE = "empty_file"
-NOT_AN_IMAGE = "not_an_image"
+HTML_PAGE = "html_page"  # an error or login page saved under an image name: common in crawls
+TEXT_FILE = "text_file"
+NOT_AN_IMAGE = "not_an_image"  # binary data of no known image format
 TRUNCATED = "truncated"
 DECOMPRESSION_BOMB = "decompression_bomb"
 CORRUPT = "corrupt"
 MISSING = "missing"
-REASONS = (EMPTY_FILE, NOT_AN_IMAGE, TRUNCATED, DECOMPRESSION_BOMB, CORRUPT, MISSING)
+REASONS = (EMPTY_FILE, HTML_PAGE, TEXT_FILE, NOT_AN_IMAGE, TRUNCATED, DECOMPRESSION_BOMB, CORRUPT, MISSING)
 
 DEFAULT_MAX_PIXELS = 64_000_000
 # Formats with real magic numbers. Magic-less formats (TGA, ...) would let random bytes
@@ -62,6 +64,20 @@ class ImageInfo(NamedTuple):
     n_frames: int
 
 
+def _not_an_image(data: bytes) -> DecodeError:
+    """Say what the bytes are instead, so the errors table tells crawl problems apart."""
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")) or b"<html" in head:
+        return DecodeError(HTML_PAGE, f"an HTML/XML page, not an image ({len(data)} bytes)")
+    try:
+        text = data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return DecodeError(TEXT_FILE, f"plain text, not an image ({len(data)} bytes): {text[:40]!r}")
+    return DecodeError(NOT_AN_IMAGE, f"binary data of no known image format ({len(data)} bytes)")
+
+
 def _looks_like_image(data: bytes) -> bool:
     is_webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     return is_webp or any(data.startswith(m) for m in _IMAGE_MAGICS)
@@ -80,7 +96,7 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as e:
         if _looks_like_image(data):
             raise DecodeError(CORRUPT, f"unreadable header ({len(data)} bytes)") from e
-        raise DecodeError(NOT_AN_IMAGE, f"unidentified content ({len(data)} bytes)") from e
+        raise _not_an_image(data) from e
     except (OSError, SyntaxError, ValueError, struct.error) as e:
         raise DecodeError(CORRUPT, f"bad header: {e}") from e
     w, h = img.size

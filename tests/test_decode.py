@@ -73,14 +73,14 @@ def test_truncated_png() -> None:
     assert _reason(data[: len(data) // 2]) == decode.TRUNCATED
 
 
-@pytest.mark.parametrize("payload", [
-    b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
-    b"<body><h1>Not Found</h1></body></html>\n",
-    b"Access denied. Please log in to view this resource.\n",
-    np.random.default_rng(3).bytes(3000),
+@pytest.mark.parametrize("payload, reason", [
+    (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
+     b"<body><h1>Not Found</h1></body></html>\n", decode.HTML_PAGE),
+    (b"Access denied. Please log in to view this resource.\n", decode.TEXT_FILE),
+    (np.random.default_rng(3).bytes(3000), decode.NOT_AN_IMAGE),
 ])
-def test_not_an_image(payload: bytes) -> None:
-    assert _reason(payload) == decode.NOT_AN_IMAGE
+def test_not_an_image(payload: bytes, reason: str) -> None:
+    assert _reason(payload) == reason
 
 
 @pytest.mark.parametrize("w,h", [(100_000, 100_000), (9_000, 9_000)])
@@ -104,7 +104,7 @@ def test_corrupt_png_stream() -> None:
 
 
 def test_reason_codes_are_distinct_and_checked() -> None:
-    assert len(set(decode.REASONS)) == 6
+    assert len(set(decode.REASONS)) == len(decode.REASONS) == 8
     assert DecodeError(decode.MISSING, "gone").reason == decode.MISSING
     with pytest.raises(ValueError):
         DecodeError("weird", "x")

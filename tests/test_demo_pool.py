@@ -21,8 +21,8 @@ N = 300
 EXPECTED_REASON = {
     "empty_file": decode.EMPTY_FILE,
     "truncated_jpeg": decode.TRUNCATED,
-    "text_as_jpg": decode.NOT_AN_IMAGE,
-    "html_as_jpg": decode.NOT_AN_IMAGE,
+    "text_as_jpg": decode.TEXT_FILE,
+    "html_as_jpg": decode.HTML_PAGE,
     "png_bomb": decode.DECOMPRESSION_BOMB,
     "random_bytes_png": decode.NOT_AN_IMAGE,
     "corrupt_png": decode.CORRUPT,

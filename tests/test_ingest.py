@@ -31,7 +31,7 @@ def test_broken_files_land_in_errors_with_distinct_reasons(demo_pool, demo_catal
         reason_by_kind.setdefault(t["detail"], set()).add(err["reason"])
     # each broken kind maps to one reason, and the reasons tell the main kinds apart
     assert all(len(r) == 1 for r in reason_by_kind.values()), reason_by_kind
-    assert len({next(iter(r)) for r in reason_by_kind.values()}) >= 5
+    assert len({next(iter(r)) for r in reason_by_kind.values()}) >= 7
 
 
 def test_awkward_and_normal_files_are_usable(demo_pool, demo_catalog):

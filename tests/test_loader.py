@@ -120,7 +120,7 @@ def test_batches_follow_the_sampler_and_bad_images_are_substituted(parts):
     assert loader.skipped == expected_skips
     bad_ids = {ids_by_part[p][i] for p, i in bad}
     assert not bad_ids & {int(i) for b in batches for i in b["image_ids"]}
-    assert datasets["lvd"].skipped["not_an_image"] > 0 and datasets["retrieval"].skipped["missing"] > 0
+    assert datasets["lvd"].skipped["text_file"] > 0 and datasets["retrieval"].skipped["missing"] > 0
 
 
 def test_ranks_agree_on_kind_and_draw_different_images(parts):
