@@ -80,3 +80,24 @@ def test_mix_declares_parts_and_weights(demo_pool, lvd_catalog, capsys):
                   [(r["part"], r["count_star()"]) for r in query(lvd_catalog, "SELECT part, count(*) FROM curated GROUP BY 1").to_pylist()])
     assert counts == doc["parts"]
     assert doc["parts"]["imagenet1k"] == len([f for _, _, fs in os.walk(seed_folder) for f in fs])
+
+
+def test_dedup_and_retrieval_resume_from_a_killed_state_without_duplicate_rows(demo_pool, lvd_catalog, tmp_path):
+    """The state a kill leaves behind: a step's shards committed, its ledger marker not yet written."""
+    import shutil
+
+    from catalog.ledger import Ledger
+
+    root = str(tmp_path / "cat")
+    shutil.copytree(lvd_catalog, root)
+    before_dup = query(root, "SELECT * FROM duplicates ORDER BY image_id").to_pylist()
+    assert run_cli(["retrieve", "--catalog", root, "--seed", "demo", "--mode", "knn",
+                    "--set", _seeds(demo_pool)]).returncode == 0
+    before_ret = query(root, "SELECT * FROM retrieved WHERE seed = 'demo' ORDER BY image_id").to_pylist()
+    for stage, unit in (("dedup", "copy"), ("dedup", "_complete"), ("retrieve", "seed=demo")):
+        os.remove(os.path.join(Ledger(root, stage).dir, f"{unit}.json"))
+    assert run_cli(["dedup", "--catalog", root]).returncode == 0
+    assert run_cli(["retrieve", "--catalog", root, "--seed", "demo", "--mode", "knn",
+                    "--set", _seeds(demo_pool)]).returncode == 0
+    assert query(root, "SELECT * FROM duplicates ORDER BY image_id").to_pylist() == before_dup
+    assert query(root, "SELECT * FROM retrieved WHERE seed = 'demo' ORDER BY image_id").to_pylist() == before_ret
