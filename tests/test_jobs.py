@@ -178,3 +178,21 @@ def test_ray_stage_runs_on_the_cluster_and_streams_its_log(ray_head, tmp_path, m
     assert job_id in [j["job_id"] for j in list_jobs(ray_head)]
     _jobs_cli(["jobs", "status", job_id, "--address", ray_head])
     assert f"{job_id}: SUCCEEDED" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_curate_train_runs_as_a_ray_job_with_two_workers(ray_head, tmp_path, monkeypatch, capsys):
+    """`curate train --num-workers 2 --address http://…`: Ray Train on the test's own cluster."""
+    from tests.test_trainer import TINY, make_catalog
+    from training.models.checkpoints import load_backbone
+
+    monkeypatch.delenv("CURATE_RAY_ADDRESS", raising=False)
+    catalog = make_catalog(tmp_path, per_part=6)
+    out = tmp_path / "run"
+    argv = ["train", "--config", TINY, "--num-workers", "2", "--address", ray_head, f"data.catalog_root={catalog}",
+            f"output_dir={out}", "optim.iterations=3", "checkpoint.period=3", "dist_timeout_s=60"]
+    assert maybe_submit(build_parser().parse_args(argv), argv)
+    assert "SUCCEEDED" in capsys.readouterr().out
+    assert {p.name for p in (out / "ckpt" / "00000003").iterdir()} >= {"rank0.pt", "rank1.pt"}
+    model, info = load_backbone(f"curate:{out / 'teacher_backbone.safetensors'}", None)
+    assert info.config.embed_dim == 64 and not info.random_init
