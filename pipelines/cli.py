@@ -277,6 +277,25 @@ def mix(sub: argparse._SubParsersAction) -> None:
 
 
 @command
+def pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="write a curated part as tar shards for fast training reads",
+                       description="Copy the images of curated/<part> into WebDataset-style tar shards under "
+                       "<catalog>/packed/<part>/ with an index of byte ranges; training then reads the shards "
+                       "instead of one object per image. Resumable per shard.")
+    _add_catalog(p)
+    p.add_argument("--part", required=True)
+    p.add_argument("--images-per-shard", type=int, default=1000)
+
+    def run(args: argparse.Namespace) -> None:
+        from pipelines.pack import pack as run_pack
+
+        out = run_pack(args.catalog, args.part, args.images_per_shard)
+        print(f"packed/{args.part}: {out['packed']} images, {out['unreadable']} unreadable")
+
+    p.set_defaults(run=run)
+
+
+@command
 def train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="DINOv3-style SSL pretraining on the curated parts (FSDP2)",
                        description="Train a ViT with DINO + iBOT + KoLeo on an EMA teacher. One worker trains in "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from catalog.ledger import Ledger
 from catalog.shards import read_table
 from training.data.dataset import PartDataset
 from training.data.loader import TrainLoader
@@ -15,11 +16,14 @@ def part_datasets(config: TrainConfig) -> dict[str, PartDataset]:
     data = config.data
     if not data.catalog_root or not data.parts:
         raise ValueError("data.catalog_root and data.parts must name a catalog and at least one curated part")
-    return {
-        part: PartDataset(part, read_table(data.catalog_root, f"curated/{part}", ["image_id", "uri"]),
-                          max_pixels=data.max_pixels)
-        for part in data.parts
-    }
+    return {part: PartDataset(part, part_table(data.catalog_root, part), max_pixels=data.max_pixels)
+            for part in data.parts}
+
+
+def part_table(root: str, part: str):
+    """A part's images: from its packed tar shards when `curate pack` finished them, else the pool URIs."""
+    table = f"packed/{part}" if Ledger(root, f"pack-{part}").is_complete() else f"curated/{part}"
+    return read_table(root, table, ["image_id", "uri"])
 
 
 def crop_sizes(config: TrainConfig) -> tuple[int, int, int | None]:
