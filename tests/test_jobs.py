@@ -23,6 +23,7 @@ from PIL import Image
 from catalog import schemas
 from catalog.shards import write_shards
 from catalog.sql import query
+from tests.helpers import run_cli
 from pipelines.cli import build_parser
 from pipelines.jobs import (JobError, add_jobs_command, list_jobs, logs, maybe_submit, status, strip_address,
                             submit)
@@ -196,3 +197,65 @@ def test_curate_train_runs_as_a_ray_job_with_two_workers(ray_head, tmp_path, mon
     assert {p.name for p in (out / "ckpt" / "00000003").iterdir()} >= {"rank0.pt", "rank1.pt"}
     model, info = load_backbone(f"curate:{out / 'teacher_backbone.safetensors'}", None)
     assert info.config.embed_dim == 64 and not info.random_init
+
+
+BUILD = ["--target-size", "30", "--set", "embed.model=dinov3_vits16", "embed.image_size=64", "embed.images_per_unit=8",
+         "cluster.n_levels=2", "cluster.resampling_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def job_pool(tmp_path_factory) -> str:
+    from pipelines.demo_pool import generate_demo_pool
+
+    out = str(tmp_path_factory.mktemp("jobpool") / "pool_root")
+    generate_demo_pool(out, n=120, seed=3, workers=1)
+    return os.path.join(out, "pool")
+
+
+@pytest.fixture(scope="module")
+def in_process_lvd(job_pool, tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("lvd_local") / "cat")
+    result = run_cli(["build-lvd", "--catalog", root, "--source", job_pool, *BUILD])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def _same_tables(a: str, b: str) -> None:
+    for sql in ("SELECT image_id, status, sha256 FROM pool ORDER BY 1", "SELECT * FROM clusters ORDER BY 1",
+                "SELECT image_id FROM curated_lvd ORDER BY 1", "SELECT image_id, embedding FROM embeddings ORDER BY 1"):
+        assert query(a, sql).to_pylist() == query(b, sql).to_pylist(), sql
+
+
+@pytest.mark.slow
+def test_build_lvd_as_a_job_equals_the_in_process_run(ray_head, job_pool, in_process_lvd, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("CURATE_RAY_ADDRESS", raising=False)
+    root = str(tmp_path / "cat")
+    argv = ["build-lvd", "--catalog", root, "--source", job_pool, "--address", ray_head, *BUILD]
+    assert maybe_submit(build_parser().parse_args(argv), argv)
+    job_id = re.search(r"submitted job (\S+)", capsys.readouterr().out).group(1)
+    _same_tables(root, in_process_lvd)
+    _jobs_cli(["jobs", "logs", job_id, "--address", ray_head])
+    assert "curated/lvd: 30 images" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_job_killed_mid_embed_then_resubmitted_has_no_duplicate_rows(ray_head, job_pool, in_process_lvd, tmp_path,
+                                                                      monkeypatch):
+    from catalog.ledger import Ledger
+    from pipelines.jobs import stop, submit
+
+    monkeypatch.delenv("CURATE_RAY_ADDRESS", raising=False)
+    root = str(tmp_path / "cat")
+    argv = ["build-lvd", "--catalog", root, "--source", job_pool, *BUILD]
+    job_id = submit(argv, ray_head, wait=False)
+    deadline = time.monotonic() + 300
+    while len(Ledger(root, "embed").done()) < 2:
+        assert time.monotonic() < deadline and status(job_id, ray_head)["status"] in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    assert stop(job_id, ray_head)
+    while status(job_id, ray_head)["status"] not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        time.sleep(0.5)
+    assert not Ledger(root, "embed").is_complete()  # it really died inside the embed stage
+    submit(argv, ray_head, wait=True)
+    assert query(root, "SELECT count(*) - count(DISTINCT image_id) FROM embeddings").column(0)[0].as_py() == 0
+    _same_tables(root, in_process_lvd)
