@@ -13,6 +13,7 @@ count is not part of the plan and a run may resume with another one.
 from __future__ import annotations
 
 from contextlib import nullcontext
+import os
 from dataclasses import asdict, dataclass, field
 from typing import ContextManager, Literal
 
@@ -73,11 +74,17 @@ def level_specs(config: ClusterConfig, n_rows: int) -> list[LevelSpec]:
 
 
 def _device(name: str) -> str:
-    if name != "auto":
-        return name
+    """The device to cluster on; on CPU also every core as torch threads.
+
+    A Ray job's driver starts with one OpenMP thread, and matmuls blocked for another thread count
+    round differently: fixing the count keeps a job's clusters bit-identical to an in-process run's.
+    """
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    return device
 
 
 def clusters_table(ids: np.ndarray, hierarchy: Hierarchy) -> pa.Table:
