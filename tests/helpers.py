@@ -28,16 +28,20 @@ def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProces
 
 def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 300) -> None:
     """Start ``curate ARGS``, wait until ``ready()``, then SIGKILL it and every process it started."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    kill_command_when([sys.executable, "-m", "pipelines.cli", *args], cli_env(), ready, timeout)
+
+
+def kill_command_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Start ``cmd`` in its own session, wait until ``ready()``, then SIGKILL its whole process tree."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + timeout
     try:
         while not ready():
             if proc.poll() is not None:
-                raise AssertionError(f"command finished before the kill point: {proc.stderr.read().decode()[-2000:]}")
+                raise AssertionError(f"command finished before the kill point: {proc.stderr.read().decode()[-3000:]}")
             if time.time() > deadline:
                 raise AssertionError("kill point never reached")
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         kill_tree(proc.pid)
         proc.wait(timeout=30)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import cli_env, kill_tree
+from tests.helpers import cli_env, kill_command_when
 from tests.test_trainer import REPO, make_catalog
 from training.data.masking import collate
 from training.train.config import GramConfig, Resolution, ScheduleConfig, load_train_config
@@ -149,17 +148,8 @@ def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teache
     assert [m["gram_weight"] for m in reference] == [0.0, 1.0, 2.0, 2.0]
     assert [bool(m.get("gram_teacher_refreshed")) for m in reference] == [False, True, False, True]
 
-    proc = subprocess.Popen(_command("tiny_cpu_gram.yaml", catalog, gram, *gram_args), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while not (gram / "ckpt" / "00000002").is_dir():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "no checkpoint within the deadline"
-            time.sleep(0.02)
-    finally:
-        kill_tree(proc.pid)
-        proc.wait(timeout=30)
+    kill_command_when(_command("tiny_cpu_gram.yaml", catalog, gram, *gram_args), _env(),
+                      lambda: (gram / "ckpt" / "00000002").is_dir())
     assert not (gram / TEACHER_FILE).exists()
     _run(_command("tiny_cpu_gram.yaml", catalog, gram, *gram_args))
     resumed = read_metrics(gram)

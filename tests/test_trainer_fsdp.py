@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import cli_env, kill_tree
+from tests.helpers import cli_env, kill_command_when
 from tests.test_trainer import TINY, make_catalog
 from training.train.run_state import TEACHER_FILE, read_metrics
 
@@ -49,17 +48,7 @@ def test_fsdp_run_resumes_exactly_after_sigkill(tmp_path):
     assert {p.name for p in (full / "ckpt" / "00000008").iterdir()} >= {"rank0.pt", "rank1.pt"}
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_command(catalog, killed), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while not (killed / "ckpt" / "00000003").is_dir():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "no checkpoint within the deadline"
-            time.sleep(0.02)
-    finally:
-        kill_tree(proc.pid)
-        proc.wait(timeout=30)
+    kill_command_when(_command(catalog, killed), _env(), lambda: (killed / "ckpt" / "00000003").is_dir())
     before = read_metrics(killed)
     assert len(before) < STEPS and not (killed / TEACHER_FILE).exists()
 
