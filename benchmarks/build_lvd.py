@@ -25,7 +25,12 @@ import numpy as np
 import torch
 
 from curation.hierarchy import LevelSpec, default_levels, hierarchical_kmeans
-from curation.kmeans import grid_exponent, partial_sums, resolve_device, update_centroids
+from curation.kmeans import (
+    grid_exponent,
+    partial_sums,
+    resolve_device,
+    update_centroids,
+)
 from curation.sampling import balanced_sample
 from curation.synthetic import concept_embeddings, normalised_entropy
 

@@ -3,9 +3,9 @@
 Renders shape/digit concepts of the demo pool (known object masks) into a small catalog, trains a tiny
 pretrain run, then (a) a Gram stage from its checkpoint and (b) the same number of plain pretrain steps
 from it (control), and reports a linear per-patch segmentation probe of each EMA teacher on held-out
-images. CPU minutes with the defaults:
+images, as the trainer logs it at checkpoints (``eval.dense_probe`` -> ``evals.jsonl``). CPU minutes:
 
-    .venv/bin/python benchmarks/dense_probe.py --out /tmp/dense_probe.json
+    .venv/bin/python -m benchmarks.dense_probe --out docs/results/dense_probe_cpu.json
 """
 
 from __future__ import annotations
@@ -20,27 +20,15 @@ import pyarrow as pa
 
 from benchmarks.common import report
 from catalog.shards import write_shards
-from pipelines.demo_pool import CONCEPTS, render_concept_image
+from pipelines.demo_pool import dense_probe_set
 from training.models import load_backbone
-from training.train.config import load_train_config
-from training.train.dense_probe import linear_dense_probe
+from training.train.config import EvalConfig, load_train_config
+from training.train.evals import CheckpointEvals
 from training.train.loop import train
-from training.train.run_state import TEACHER_FILE
+from training.train.run_state import EVALS_FILE, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
-
-
-def render(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` shape/digit concept images ``[n, size, size, 3]`` and their object masks."""
-    rng = np.random.default_rng(seed)
-    concepts = [c.id for c in CONCEPTS if c.family in ("shape", "digit")]
-    images, masks = [], []
-    for _ in range(n):
-        image, mask = render_concept_image(int(rng.choice(concepts)), int(rng.integers(2**31)), (size, size))
-        images.append(np.asarray(image))
-        masks.append(mask)
-    return np.stack(images), np.stack(masks)
 
 
 def write_catalog(root: Path, images: np.ndarray) -> str:
@@ -73,10 +61,11 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="dense_probe_"))
-    catalog = write_catalog(root, render(args.train_images, args.image_size, seed=1)[0])
-    images, masks = render(args.probe_images, args.probe_size, seed=2)
-    half = args.probe_images // 2
-    common = [f"data.catalog_root={catalog}", "checkpoint.period=1000"]
+    catalog = write_catalog(root, dense_probe_set(args.train_images, args.image_size, seed=1)[0])
+    images, masks = dense_probe_set(args.probe_images, args.probe_size, seed=2)
+    np.savez_compressed(root / "probe.npz", images=images, masks=masks)
+    # Each run scores its EMA teacher at its last checkpoint (evals.jsonl), as any run with eval.dense_probe does.
+    common = [f"data.catalog_root={catalog}", "checkpoint.period=1000", f"eval.dense_probe={root / 'probe.npz'}"]
     runs = {
         "pretrain": ("tiny_cpu.yaml", [f"optim.iterations={args.pretrain_steps}"]),
         "pretrain+plain": ("tiny_cpu.yaml", [f"optim.iterations={args.gram_steps}", f"init.checkpoint={root / 'pretrain'}",
@@ -84,17 +73,15 @@ def main() -> None:
         "pretrain+gram": ("tiny_cpu_gram.yaml", [f"optim.iterations={args.gram_steps}", f"init.checkpoint={root / 'pretrain'}",
                                                  "optim.lr.warmup_iterations=0", "gram.update_period=1000000"]),
     }
-    rows = [{"model": "random init", "steps": 0, "seconds": 0.0,
-             **linear_dense_probe(load_backbone("vit_test", None)[0], images[:half], masks[:half], images[half:],
-                                  masks[half:], patch_size=16)}]
+    probe = CheckpointEvals(EvalConfig(dense_probe=str(root / "probe.npz")), args.probe_size, patch_size=16)
+    rows = [{"model": "random init", "steps": 0, "seconds": 0.0, **probe(load_backbone("vit_test", None)[0])}]
     for name, (config_file, overrides) in runs.items():
         out = root / name
         t0 = time.perf_counter()
         config = load_train_config(str(CONFIGS / config_file), [*common, f"output_dir={out}", *overrides])
         train(config)
         seconds = time.perf_counter() - t0
-        backbone = load_backbone(f"curate:{out / TEACHER_FILE}", None)[0]
-        scores = linear_dense_probe(backbone, images[:half], masks[:half], images[half:], masks[half:], patch_size=16)
+        scores = {k: v for k, v in read_metrics(out, EVALS_FILE)[-1].items() if k != "step"}
         rows.append({"model": name, "steps": config.optim.iterations, "seconds": round(seconds, 1), **scores})
     report("dense probe (linear per-patch object/background) before and after Gram anchoring", rows, args.out,
            {"args": vars(args)})

@@ -26,7 +26,13 @@ import faiss
 import numpy as np
 import psutil
 
-from curation.dedup import COPY_K, COPY_THRESHOLD, connected_components, knn_graph, select_keepers
+from curation.dedup import (
+    COPY_K,
+    COPY_THRESHOLD,
+    connected_components,
+    knn_graph,
+    select_keepers,
+)
 from curation.index import build_index, exact_topk, recall_at
 
 

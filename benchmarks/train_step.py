@@ -30,12 +30,11 @@ import torch
 import torch.distributed as dist
 
 from training.data.masking import collate
-from training.train.config import HeadConfig, ModelConfig, TrainConfig
+from training.train.config import HeadConfig, ModelConfig, TrainConfig, vit_config
 from training.train.distributed import build_models, init_distributed
 from training.train.loop import train_step
-from training.train.run_state import step_generator
-from training.train.meta_arch import vit_config
 from training.train.optim import build_optimizer
+from training.train.run_state import step_generator
 from training.train.schedules import StepHyperParams
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -11,9 +11,9 @@ from catalog.config import ConfigError
 from catalog.ledger import LedgerPlanError
 from catalog.schemas import CatalogVersionError
 from catalog.sql import ReadOnlyError, SQLError
-from training.models.checkpoints import CheckpointError
 from pipelines.jobs import JobError, add_jobs_command, maybe_submit
 from pipelines.sql_output import FORMATS, render
+from training.models.checkpoints import CheckpointError
 
 # Errors a user can fix: printed as one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -81,7 +81,8 @@ def ingest(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from catalog.config import load_config
-        from pipelines.ingest import IngestConfig, ingest as run_ingest
+        from pipelines.ingest import IngestConfig
+        from pipelines.ingest import ingest as run_ingest
 
         config = load_config(IngestConfig, args.config, args.set)
         rows = run_ingest(args.source, args.catalog, config, address=args.address, overwrite=args.overwrite)
@@ -109,7 +110,8 @@ def embed(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from catalog.config import load_config
-        from pipelines.embed import EmbedConfig, embed as run_embed
+        from pipelines.embed import EmbedConfig
+        from pipelines.embed import embed as run_embed
 
         overrides = list(args.set)
         overrides += [f"model={args.model}"] if args.model else []
@@ -140,7 +142,8 @@ def dedup(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from catalog.config import load_config
-        from pipelines.dedup import DedupConfig, dedup as run_dedup
+        from pipelines.dedup import DedupConfig
+        from pipelines.dedup import dedup as run_dedup
 
         counts = run_dedup(args.catalog, load_config(DedupConfig, args.config, args.set), overwrite=args.overwrite)
         print("removed: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
@@ -164,7 +167,8 @@ def cluster(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from catalog.config import load_config
-        from pipelines.cluster import ClusterConfig, cluster as run_cluster
+        from pipelines.cluster import ClusterConfig
+        from pipelines.cluster import cluster as run_cluster
 
         overrides = list(args.set) + ([f"n_levels={args.levels}"] if args.levels else [])
         result = run_cluster(args.catalog, load_config(ClusterConfig, args.config, overrides),
@@ -187,7 +191,8 @@ def sample(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from catalog.config import load_config
-        from pipelines.sample import SampleConfig, sample as run_sample
+        from pipelines.sample import SampleConfig
+        from pipelines.sample import sample as run_sample
 
         config = load_config(SampleConfig, args.config, [*args.set, f"target_size={args.target_size}"])
         rows = run_sample(args.catalog, config)
@@ -212,7 +217,8 @@ def build_lvd(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from catalog.config import load_config
-        from pipelines.build_lvd import BuildLVDConfig, build_lvd as run_build
+        from pipelines.build_lvd import BuildLVDConfig
+        from pipelines.build_lvd import build_lvd as run_build
 
         overrides = [*args.set, f"sample.target_size={args.target_size}"]
         overrides += [f"cluster.n_levels={args.levels}"] if args.levels else []
@@ -242,7 +248,8 @@ def retrieve(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from catalog.config import load_config
-        from pipelines.retrieve import RetrieveConfig, retrieve as run_retrieve
+        from pipelines.retrieve import RetrieveConfig
+        from pipelines.retrieve import retrieve as run_retrieve
 
         flags = {"mode": args.mode, "k": args.k, "max_per_seed": args.max_per_seed,
                  "min_similarity": args.min_similarity}
@@ -265,7 +272,8 @@ def mix(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from catalog.config import load_config
-        from pipelines.mix import MixConfig, mix as run_mix
+        from pipelines.mix import MixConfig
+        from pipelines.mix import mix as run_mix
 
         doc = run_mix(args.catalog, load_config(MixConfig, args.config, args.set))
         for name, size in doc["parts"].items():

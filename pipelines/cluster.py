@@ -12,8 +12,8 @@ count is not part of the plan and a run may resume with another one.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import ContextManager, Literal
 

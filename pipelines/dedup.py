@@ -22,9 +22,15 @@ from catalog.shards import delete_table, table_exists, write_shards
 from catalog.sql import query
 from curation.copy_descriptor import copy_descriptor
 from curation.decode import DecodeError, decode_rgb
-from curation.dedup import COPY_K, COPY_THRESHOLD, RELATIVE_THRESHOLD, copy_dedup, relative_dedup
-from pipelines.reports import write_dedup_report
+from curation.dedup import (
+    COPY_K,
+    COPY_THRESHOLD,
+    RELATIVE_THRESHOLD,
+    copy_dedup,
+    relative_dedup,
+)
 from pipelines.ingest import COPY_DESCRIPTORS, IMAGE_EXTENSIONS
+from pipelines.reports import write_dedup_report
 
 STAGE = "dedup"
 # Cosine thresholds of the pixel descriptor, calibrated on the demo pool's injected copies

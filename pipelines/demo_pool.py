@@ -619,9 +619,25 @@ def _write_truth(out: Path, pool: list[dict[str, Any]], seed_items: list[dict[st
     }), truth / "concepts.parquet")
 
 
+DENSE_PROBE_FILE = "truth/dense_probe.npz"
+
+
+def dense_probe_set(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` shape/digit concept images ``[n, size, size, 3]`` (uint8) and their object masks
+    ``[n, size, size]``: patch-level ground truth for the trainer's dense probe."""
+    rng = np.random.default_rng([seed, 2])
+    concepts = [c.id for c in CONCEPTS if c.family in ("shape", "digit")]
+    images, masks = [], []
+    for _ in range(n):
+        image, mask = render_concept_image(int(rng.choice(concepts)), int(rng.integers(2**63)), (size, size))
+        images.append(np.asarray(image))
+        masks.append(mask)
+    return np.stack(images), np.stack(masks)
+
+
 def generate_demo_pool(out: str, n: int = 10_000, seed: int = 0, workers: int | None = None
                        ) -> dict[str, int]:
-    """Write OUT/pool, OUT/seed and OUT/truth for (n, seed); returns counts by kind.
+    """Write OUT/pool, OUT/seed and OUT/truth (with the dense probe set) for (n, seed); returns counts by kind.
 
     Refuses a non-empty OUT/pool so a stale pool never mixes with a new one. Workers are
     spawned (not forked, so threads of Ray or torch in the caller are harmless); scripts that
@@ -645,6 +661,8 @@ def generate_demo_pool(out: str, n: int = 10_000, seed: int = 0, workers: int | 
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
             list(ex.map(_materialise_chunk, [str(root)] * n_chunks, chunks))
     _write_truth(root, pool, seed_items)
+    images, masks = dense_probe_set(96, 64, seed)
+    np.savez_compressed(root / DENSE_PROBE_FILE, images=images, masks=masks)
     kinds = [it["kind"] for it in pool]
     summary = {k: kinds.count(k) for k in
                ("normal", "near_duplicate", "exact_duplicate", "broken", "awkward")}

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tarfile
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from catalog.embeddings import embeddings_table
 from catalog.images import parquet_row_uri, read_image_bytes
 from catalog.ledger import Ledger
 from catalog.manifest import RunManifest, fingerprint
@@ -25,7 +26,6 @@ from catalog.paths import resolve, with_protocol
 from catalog.schemas import ERRORS, POOL, stamp
 from catalog.shards import write_shards
 from catalog.sql import query
-from catalog.embeddings import embeddings_table
 from curation.copy_descriptor import DIM, SIDE, copy_descriptor
 from curation.decode import MISSING, DecodeError, decode_rgb, probe_image
 from pipelines.units import Unit, run_units

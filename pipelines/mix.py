@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from catalog import schemas
 from catalog.manifest import RunManifest
-from catalog.paths import join, read_bytes, write_bytes_atomic, exists
+from catalog.paths import exists, join, read_bytes, write_bytes_atomic
 from catalog.shards import delete_table, table_exists, write_shards
 from catalog.sql import query
 from catalog.tables import describe

@@ -22,7 +22,14 @@ from catalog.shards import table_exists, write_shards
 from catalog.sql import query
 from curation.index import PoolIndex, build_index, fingerprint
 from curation.kmeans import assign
-from curation.retrieval import KNN_K, MIN_SEED_PER_CLUSTER, RetrievalResult, choose_mode, cluster_retrieve, knn_retrieve
+from curation.retrieval import (
+    KNN_K,
+    MIN_SEED_PER_CLUSTER,
+    RetrievalResult,
+    choose_mode,
+    cluster_retrieve,
+    knn_retrieve,
+)
 from pipelines.embedding_source import load_vectors, removed_ids
 from pipelines.reports import write_retrieval_report
 from pipelines.seeds import SeedsConfig, resolve_seed, seed_vectors

@@ -10,10 +10,21 @@ from catalog.embeddings import embeddings_table
 from catalog.ledger import Ledger
 from catalog.shards import read_table, write_shards
 from curation.hierarchy import LevelSpec, hierarchical_kmeans
-from curation.kmeans import ArrayRows, default_chunk_size, kmeans, kmeans_rows, resolve_device
+from curation.kmeans import (
+    ArrayRows,
+    default_chunk_size,
+    kmeans,
+    kmeans_rows,
+    resolve_device,
+)
 from curation.synthetic import concept_embeddings
 from pipelines.cluster import ClusterConfig, LevelConfig, cluster
-from pipelines.distributed_kmeans import RowIndex, ShardedEmbeddings, distributed_kmeans, worker_bounds
+from pipelines.distributed_kmeans import (
+    RowIndex,
+    ShardedEmbeddings,
+    distributed_kmeans,
+    worker_bounds,
+)
 
 CHUNK = 256  # small chunks so 4000 rows spread over several workers
 CPUS = 0.25  # per actor: the tests run on two cores

@@ -2,11 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from catalog.embeddings import embedding_metadata, export_npy, import_npy, load_embeddings
+from catalog.embeddings import (
+    embedding_metadata,
+    export_npy,
+    import_npy,
+    load_embeddings,
+)
+from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.sql import query
 from curation.decode import Preprocess, decode_rgb
-from catalog.images import read_image_bytes
 from pipelines.embed import EmbedConfig, ModelMismatchError, embed
 from tests.helpers import kill_when, run_cli
 from training.models.checkpoints import load_backbone

@@ -3,7 +3,13 @@ import pytest
 
 from catalog.array_store import CatalogArrayStore
 from curation.checkpoint_store import MemoryStore
-from curation.hierarchy import LevelSpec, default_levels, hierarchical_kmeans, resample_rows, split_clusters
+from curation.hierarchy import (
+    LevelSpec,
+    default_levels,
+    hierarchical_kmeans,
+    resample_rows,
+    split_clusters,
+)
 from curation.kmeans import assign
 from curation.synthetic import concept_embeddings
 

@@ -23,11 +23,19 @@ from PIL import Image
 from catalog import schemas
 from catalog.shards import write_shards
 from catalog.sql import query
-from tests.helpers import run_cli
 from pipelines.cli import build_parser
 from pipelines.demo_job import DEMO_SETTINGS
-from pipelines.jobs import (JobError, add_jobs_command, list_jobs, logs, maybe_submit, status, strip_address,
-                            submit)
+from pipelines.jobs import (
+    JobError,
+    add_jobs_command,
+    list_jobs,
+    logs,
+    maybe_submit,
+    status,
+    strip_address,
+    submit,
+)
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's own SDK
 

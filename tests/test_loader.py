@@ -139,3 +139,32 @@ def test_part_dataset_decodes_the_file(parts, tmp_path):
         np.testing.assert_array_equal(np.asarray(image), np.asarray(ref.convert("RGB")))
     with pytest.raises(ValueError):
         TrainLoader(datasets, MixConfig({"imagenet1k": 10}), CROPS, batch_size=2)
+
+
+def test_mixed_crop_sizes_are_rendered_per_step_and_agree_across_ranks(parts):
+    datasets, _ = parts
+    small = MultiCropConfig(global_size=16, local_size=8, n_local=2, gram_size=24)
+    large = MultiCropConfig(global_size=24, local_size=12, n_local=2)
+    options = {0: (16, 8, 24), 1: (24, 12, None)}
+    by_rank = []
+    for rank in range(2):
+        loader = TrainLoader(datasets, MIX, [small, large], crop_probabilities=[0.3, 0.7], batch_size=BATCH,
+                             rank=rank, world_size=2, patch_size=4)
+        batches = _take(loader, 60)
+        by_rank.append([b["crop_option"] for b in batches])
+        for b in batches:
+            global_size, local_size, gram_size = options[b["crop_option"]]
+            assert b["global_crops"].shape[-2:] == (global_size, global_size)
+            assert b["local_crops"].shape[-2:] == (local_size, local_size)
+            assert b["masks"].shape[-1] == (global_size // 4) ** 2  # iBOT masks drawn on that step's grid
+            assert ("gram_teacher_crops" in b) == (gram_size is not None)
+            if gram_size is not None:
+                assert b["gram_teacher_crops"].shape[-2:] == (gram_size, gram_size)
+    assert by_rank[0] == by_rank[1]
+    assert 0.1 < by_rank[0].count(0) / 60 < 0.5
+
+
+def test_crop_probabilities_must_match_the_options(parts):
+    datasets, _ = parts
+    with pytest.raises(ValueError, match="one probability per crops option"):
+        TrainLoader(datasets, MIX, [CROPS, CROPS], crop_probabilities=[1.0], batch_size=BATCH)

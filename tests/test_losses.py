@@ -20,7 +20,6 @@ from training.losses import (
     koleo_loss,
     masked_token_weights,
     sinkhorn_knopp,
-    teacher_temperature,
 )
 from training.models.heads import DINOHead
 
@@ -215,16 +214,6 @@ def test_dino_loss_combines_local_and_cross_view_global_terms(n_global: int, n_l
     assert s_global.grad is not None and s_local.grad is not None
     assert bool(s_global.grad.abs().sum() > 0) and bool(s_local.grad.abs().sum() > 0)
     assert t_global.grad is None
-
-
-def test_teacher_temperature_schedule() -> None:
-    assert teacher_temperature(0, 100) == pytest.approx(0.04)
-    assert teacher_temperature(50, 100) == pytest.approx(0.055)
-    assert teacher_temperature(100, 100) == pytest.approx(0.07)
-    assert teacher_temperature(10_000, 100) == pytest.approx(0.07)
-    values = [teacher_temperature(i, 100) for i in range(150)]
-    assert all(a <= b for a, b in zip(values, values[1:]))
-    assert teacher_temperature(0, 0) == pytest.approx(0.07)
 
 
 # ----------------------------------------------------------------------------- iBOT

@@ -4,7 +4,14 @@ import os
 import fsspec
 import pytest
 
-from catalog.paths import exists, is_transient, ls, read_bytes, retry, write_bytes_atomic
+from catalog.paths import (
+    exists,
+    is_transient,
+    ls,
+    read_bytes,
+    retry,
+    write_bytes_atomic,
+)
 
 
 class Flaky:

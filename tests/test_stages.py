@@ -13,13 +13,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipelines.demo_pool import dense_probe_set
 from tests.helpers import cli_env, kill_command_when
 from tests.test_trainer import REPO, make_catalog
 from training.data.masking import collate
-from training.train.config import GramConfig, Resolution, ScheduleConfig, load_train_config
-from training.train.run_state import TEACHER_FILE, read_metrics
+from training.data.mixing import choose_option
+from training.models import load_backbone
+from training.train.config import GramConfig, ScheduleConfig, load_train_config
+from training.train.dense_probe import linear_dense_probe
 from training.train.meta_arch import GramTerm, build_student_teacher, ssl_losses
-from training.train.stages import choose_resolution, copy_backbone, gram_refresh_due, gram_updates_done, gram_weight
+from training.train.run_state import EVALS_FILE, TEACHER_FILE, read_metrics
+from training.train.stages import (
+    copy_backbone,
+    gram_refresh_due,
+    gram_updates_done,
+    gram_weight,
+)
 
 CONFIGS = REPO / "training" / "configs"
 
@@ -102,11 +111,11 @@ def test_copy_backbone_refreshes_the_gram_teacher():
     assert all(torch.equal(v, ref[k]) for k, v in gram_teacher.state_dict().items())
 
 
-def test_resolution_choice_is_a_pure_function_with_the_configured_frequencies():
-    options = [Resolution(32, 16, 64, 0.3), Resolution(48, 16, 96, 0.7)]
-    draws = [choose_resolution(3, s, options).global_size for s in range(2000)]
-    assert draws == [choose_resolution(3, s, options).global_size for s in range(2000)]
-    assert abs(draws.count(32) / 2000 - 0.3) < 0.04
+def test_option_choice_is_a_pure_function_with_the_configured_frequencies():
+    probabilities = [0.3, 0.6, 0.1]
+    draws = [choose_option(3, s, probabilities) for s in range(3000)]
+    assert draws == [choose_option(3, s, probabilities) for s in range(3000)]
+    assert [abs(draws.count(i) / 3000 - p) < 0.03 for i, p in enumerate(probabilities)] == [True] * 3
 
 
 # --- 2-process chain -------------------------------------------------------------------------------
@@ -139,9 +148,13 @@ def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teache
     catalog = make_catalog(tmp_path)
     pre, gram_ref, gram, highres, distill = (tmp_path / n for n in ("pre", "gram_ref", "gram", "highres", "distill"))
     _run(_command("tiny_cpu.yaml", catalog, pre))
+    images, masks = dense_probe_set(8, 64, seed=0)
+    np.savez_compressed(tmp_path / "probe.npz", images=images, masks=masks)
+    probe = f"eval.dense_probe={tmp_path / 'probe.npz'}"
 
     # Gram stage from the pretrain checkpoint; gram.update_period=2 so the refresh happens inside the run.
-    gram_args = (f"init.checkpoint={pre}", "gram.update_period=2", "gram.first_update=2")
+    # The dense probe runs on the FSDP-sharded EMA teacher at each checkpoint (both ranks, collectively).
+    gram_args = (f"init.checkpoint={pre}", "gram.update_period=2", "gram.first_update=2", probe)
     _run(_command("tiny_cpu_gram.yaml", catalog, gram_ref, *gram_args))
     reference = read_metrics(gram_ref)
     assert [m["gram_teacher_input"] for m in reference] == [[64, 64]] * STEPS  # 2x crops for 32 px students
@@ -156,18 +169,28 @@ def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teache
     assert [m["step"] for m in resumed] == list(range(STEPS))
     for ours, theirs in zip(resumed, reference):
         assert [ours[k] for k in LOSS_KEYS] == [theirs[k] for k in LOSS_KEYS], ours["step"]
+    reference_evals = read_metrics(gram_ref, EVALS_FILE)
+    assert [e["step"] for e in reference_evals] == [2, 4] and all(0 < e["dense_miou"] <= 1 for e in reference_evals)
+    assert read_metrics(gram, EVALS_FILE) == reference_evals
+    half = len(images) // 2
+    direct = linear_dense_probe(load_backbone(f"curate:{gram / TEACHER_FILE}", None)[0], images[:half], masks[:half],
+                                images[half:], masks[half:], patch_size=16)
+    assert reference_evals[-1]["dense_miou"] == pytest.approx(direct["miou"], abs=1e-6)
 
     # High-res stage: student and teacher from the Gram stage's EMA teacher; mixed sizes per step.
     _run(_command("tiny_cpu_highres.yaml", catalog, highres, f"init.checkpoint={gram}"))
     hr = read_metrics(highres)
-    assert len(hr) == STEPS and all(m["gram"] > 0 for m in hr)
-    config = load_train_config(str(CONFIGS / "tiny_cpu_highres.yaml"))
-    expected = [choose_resolution(0, s, config.highres.resolutions) for s in range(STEPS)]
+    assert len(hr) == STEPS and all(m["gram"] > 0 and m["dino_local_weight"] == 0.5 for m in hr)
+    resolutions = load_train_config(str(CONFIGS / "tiny_cpu_highres.yaml")).highres.resolutions
+    expected = [resolutions[choose_option(0, s, [r.probability for r in resolutions])] for s in range(STEPS)]
     assert [m["resolution"] for m in hr] == [[r.global_size, r.local_size, r.gram_size] for r in expected]
 
     # Distillation of two students (one rank each) from the high-res teacher: one teacher pass per step.
-    _run(_command("tiny_cpu_distill.yaml", catalog, distill, f"distill.teacher_checkpoint={highres}"))
+    _run(_command("tiny_cpu_distill.yaml", catalog, distill, f"distill.teacher_checkpoint={highres}", probe))
     dm = read_metrics(distill)
+    distill_evals = read_metrics(distill, EVALS_FILE)
+    assert [e["step"] for e in distill_evals] == [2, 4]
+    assert all(0 < e[f"{name}/dense_miou"] <= 1 for e in distill_evals for name in ("small", "swiglu"))
     global_batch = 2 * 4
     assert [m["teacher_forward_calls"] for m in dm] == [2] * STEPS  # one call per rank, not per student
     assert [m["teacher_forward_crops"] for m in dm] == [2 * global_batch] * STEPS  # 2 global crops per image

@@ -15,16 +15,21 @@ from PIL import Image, ImageDraw
 
 from catalog.shards import write_shards
 from training.data.masking import collate
-from training.losses import teacher_temperature
 from training.models import MODEL_SIZES, load_backbone
-from training.train.config import OptimConfig, ScheduleConfig, TrainConfig, load_train_config
+from training.train.config import (
+    LossConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    load_train_config,
+)
+from training.train.distributed import DistInfo, prepare_model
 from training.train.export import export_from_checkpoint
 from training.train.knn_eval import knn_accuracy, knn_predict
-from training.train.distributed import DistInfo, prepare_model
 from training.train.loop import TrainingDiverged, train
-from training.train.run_state import read_metrics, step_generator
 from training.train.meta_arch import build_student_teacher, ssl_losses
 from training.train.optim import apply_hyper_params, build_optimizer, param_groups
+from training.train.run_state import read_metrics, step_generator
 from training.train.schedules import Schedules, lr_scale, schedule_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,9 +160,11 @@ def test_param_groups_follow_the_recipe():
 
 def test_schedule_values():
     warm = ScheduleConfig("constant", 0.04, 0.07, 0.07, 30)
-    for it in (0, 7, 29, 30, 500):
-        assert schedule_value(warm, it, 1000) == pytest.approx(teacher_temperature(it, 30, 0.04, 0.07))
     assert [schedule_value(warm, it, 100) for it in range(30)] == pytest.approx(np.linspace(0.04, 0.07, 30, endpoint=False))
+    assert [schedule_value(warm, it, 100) for it in (30, 99, 500)] == pytest.approx([0.07] * 3)
+    ramp = ScheduleConfig("constant", 0.0, 2.0, 2.0, 1000, warmup_shape="cosine")  # the recipe's Gram ramp
+    assert [schedule_value(ramp, it, 10**6) for it in (0, 250, 500, 750, 1000, 5000)] == pytest.approx(
+        [0.0, 2.0 * (1 - np.cos(np.pi / 4)) / 2, 1.0, 2.0 * (1 - np.cos(3 * np.pi / 4)) / 2, 2.0, 2.0])
     cos = ScheduleConfig("cosine", 0.0, 1.0, 0.1, 10)
     for it in (10, 40, 75, 110, 200):
         t = min(1.0, (it - 10) / 100)
@@ -168,6 +175,10 @@ def test_schedule_values():
     hp = Schedules(optim, global_batch_size=4096).at(200_000)
     assert hp.lr == pytest.approx(4e-4) and hp.last_layer_lr == hp.lr  # the 7B recipe's 5e-5 x 8
     assert Schedules(optim, 4096).at(4).last_layer_lr == 0.0
+    reweight = LossConfig(dino_local_weight=ScheduleConfig("cosine", 1.0, 1.0, 0.5, 0))  # Gram stage: 1 -> 0.5
+    assert [Schedules(optim, 4096, reweight).at(it).dino_local_weight for it in (0, 500, 1000)] == pytest.approx(
+        [1.0, 0.75, 0.5])
+    assert Schedules(optim, 4096).at(500).dino_local_weight == 1.0
 
 
 def test_nan_guard_stops_the_run(tmp_path):

@@ -11,7 +11,7 @@ exactly the batches an uninterrupted run yields from ``s`` on, with or without w
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from training.data.mixing import (
     MixedBatchSampler,
     PartStream,
     StepDraw,
+    choose_option,
     counter_rng,
 )
 from training.data.multicrop import MultiCrop, MultiCropConfig
@@ -55,13 +56,17 @@ class StepDataset(torch.utils.data.Dataset):
     A bad image at stream position ``k`` of a part is replaced by the image at position ``k+1`` of
     the same rank's stream (then ``k+2``, ...), so batches are never short; the substitute also
     appears in its own turn later, a duplicate that keeps the sampler free of worker feedback.
+
+    With several ``crops`` pipelines (the high-resolution stage's crop sizes), each step renders with
+    the one ``choose_option`` draws for it, so crops and iBOT masks are made at that step's size.
     """
 
     def __init__(
         self,
         parts: Mapping[str, PartDataset],
         streams: Mapping[str, PartStream],
-        crops: MultiCrop,
+        crops: Sequence[MultiCrop],
+        crop_probabilities: Sequence[float],
         *,
         seed: int,
         rank: int,
@@ -72,7 +77,8 @@ class StepDataset(torch.utils.data.Dataset):
     ) -> None:
         self.parts = dict(parts)
         self.streams = dict(streams)
-        self.crops = crops
+        self.crops = list(crops)
+        self.crop_probabilities = list(crop_probabilities)
         self.seed = seed
         self.rank = rank
         self.patch_size = patch_size
@@ -96,11 +102,13 @@ class StepDataset(torch.utils.data.Dataset):
     def __getitem__(self, draw: StepDraw) -> dict:
         samples, image_ids = [], []
         skipped: Counter[str] = Counter()
+        option = choose_option(self.seed, draw.step, self.crop_probabilities) if len(self.crops) > 1 else 0
+        crops = self.crops[option]
         for slot, (part, position) in enumerate(zip(draw.parts, draw.positions)):
             image, image_id, n_bad = self.load_slot(part, position)
             if n_bad:
                 skipped[part] += n_bad
-            samples.append(self.crops(image, counter_rng(self.seed, PURPOSE_AUGMENT, draw.step, self.rank, slot)))
+            samples.append(crops(image, counter_rng(self.seed, PURPOSE_AUGMENT, draw.step, self.rank, slot)))
             image_ids.append(image_id)
         batch = collate(
             samples,
@@ -110,6 +118,7 @@ class StepDataset(torch.utils.data.Dataset):
             mask_sample_probability=self.mask_sample_probability,
         )
         batch["step"] = draw.step
+        batch["crop_option"] = option
         batch["homogeneous"] = draw.homogeneous
         batch["parts"] = list(draw.parts)
         batch["image_ids"] = torch.tensor(image_ids, dtype=torch.long)
@@ -124,17 +133,19 @@ def _identity(batch: dict) -> dict:
 class TrainLoader:
     """Infinite iterator of per-rank training batches with exact ``state_dict``/``load_state_dict``.
 
-    Each batch is ``collate``'s dict plus ``step``, ``homogeneous``, ``parts`` (per image),
-    ``image_ids`` and ``skipped`` (bad images substituted in this batch, by part). ``skipped``
-    on the loader accumulates those counts over the run and is checkpointed with it.
+    Each batch is ``collate``'s dict plus ``step``, ``crop_option`` (index into ``crops`` when several
+    are given with ``crop_probabilities``), ``homogeneous``, ``parts`` (per image), ``image_ids`` and
+    ``skipped`` (bad images substituted in this batch, by part). ``skipped`` on the loader accumulates
+    those counts over the run and is checkpointed with it.
     """
 
     def __init__(
         self,
         parts: Mapping[str, PartDataset],
         mix: MixConfig,
-        crops: MultiCropConfig,
+        crops: MultiCropConfig | Sequence[MultiCropConfig],
         *,
+        crop_probabilities: Sequence[float] | None = None,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
@@ -148,11 +159,16 @@ class TrainLoader:
         sizes = {name: len(ds) for name, ds in parts.items()}
         if sizes != dict(mix.parts):
             raise ValueError(f"MixConfig parts {dict(mix.parts)} do not match the datasets {sizes}")
+        options = [crops] if isinstance(crops, MultiCropConfig) else list(crops)
+        probabilities = list(crop_probabilities) if crop_probabilities is not None else [1.0 / len(options)] * len(options)
+        if len(probabilities) != len(options) or abs(sum(probabilities) - 1.0) > 1e-6:
+            raise ValueError(f"crop_probabilities {probabilities} must give one probability per crops option, summing to 1")
         self.sampler = MixedBatchSampler(mix, batch_size, rank, world_size)
         dataset = StepDataset(
             parts,
             self.sampler.streams,
-            MultiCrop(crops),
+            [MultiCrop(option) for option in options],
+            probabilities,
             seed=mix.seed,
             rank=rank,
             patch_size=patch_size,

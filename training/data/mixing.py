@@ -12,9 +12,9 @@ tiny dict of counters that goes into the checkpoint.
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -23,6 +23,7 @@ PURPOSE_KIND = 1
 PURPOSE_PARTS = 2
 PURPOSE_AUGMENT = 3
 PURPOSE_MASK = 4
+PURPOSE_CROPS = 5
 
 _MASK64 = (1 << 64) - 1
 _FEISTEL_ROUNDS = 6
@@ -40,6 +41,12 @@ def counter_rng(seed: int, purpose: int, step: int, rank: int = 0, slot: int = 0
 def step_kind(seed: int, step: int, p: float) -> bool:
     """True when step ``step`` is a homogeneous step (probability ``p``), identical on every rank."""
     return bool(counter_rng(seed, PURPOSE_KIND, step).random() < p)
+
+
+def choose_option(seed: int, step: int, probabilities: Sequence[float]) -> int:
+    """Index of the option used at step ``step`` (drawn with ``probabilities``), identical on every rank."""
+    u = counter_rng(seed, PURPOSE_CROPS, step).random()
+    return min(int(np.searchsorted(np.cumsum(probabilities), u, side="right")), len(probabilities) - 1)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

@@ -5,7 +5,6 @@ from training.losses.dino import (
     dino_cross_entropy,
     dino_loss,
     dino_term_weights,
-    teacher_temperature,
 )
 from training.losses.gram import downsample_patch_tokens, gram_loss
 from training.losses.ibot import ibot_loss, masked_token_weights

@@ -14,15 +14,6 @@ class DINOLossOutput(NamedTuple):
     global_: Tensor  # student global crops vs teacher global crops, cross-view only
 
 
-def teacher_temperature(
-    iteration: int, warmup_iterations: int, start: float = 0.04, end: float = 0.07
-) -> float:
-    """Teacher temperature: linear `start → end` over `warmup_iterations`, then constant `end`."""
-    if iteration >= warmup_iterations:
-        return end
-    return start + (end - start) * iteration / warmup_iterations
-
-
 def dino_term_weights(n_global_crops: int, n_local_crops: int) -> tuple[float, float]:
     """(local, global) weights: each term counts its (student crop, teacher crop) pairs.
 

@@ -6,11 +6,13 @@ Defaults are the DINOv3 ViT-L/16-style recipe (DINO/iBOT heads 65536/256/2048, 2
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from catalog.config import load_config
+from training.models import MODEL_SIZES, ViTConfig
 
 
 @dataclass
@@ -29,6 +31,13 @@ class ModelConfig:
     ibot_head: HeadConfig = field(default_factory=HeadConfig)
 
 
+def vit_config(model: ModelConfig) -> ViTConfig:
+    """The architecture of ``model``: its named size with the configured stochastic-depth rate."""
+    if model.size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {model.size!r}; known: {', '.join(MODEL_SIZES)}")
+    return dataclasses.replace(MODEL_SIZES[model.size], drop_path_rate=model.drop_path_rate)
+
+
 @dataclass
 class CropsConfig:
     global_size: int = 224
@@ -44,13 +53,18 @@ class CropsConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warmup ``start -> peak`` over ``warmup_iterations``, then constant ``peak`` or cosine ``peak -> end``."""
+    """Warmup ``start -> peak`` over ``warmup_iterations``, then constant ``peak`` or cosine ``peak -> end``.
+
+    The warmup is linear (DINOv3's lr, teacher temperature) or a half-cosine ramp (``warmup_shape:
+    cosine``, the recipe's Gram-loss weight ramp).
+    """
 
     kind: Literal["constant", "cosine"] = "constant"
     start: float = 0.0
     peak: float = 0.0
     end: float = 0.0
     warmup_iterations: int = 0
+    warmup_shape: Literal["linear", "cosine"] = "linear"
 
 
 @dataclass
@@ -76,7 +90,8 @@ class LossConfig:
     ibot_weight: float = 1.0
     student_temp: float = 0.1
     sinkhorn_iterations: int = 3
-    dino_local_weight: float = 1.0  # extra factor on the local DINO term (recipe: 0.5 in high-res adaptation)
+    # Extra factor on the local DINO term, per iteration (recipe: cosine 1 -> 0.5 over the Gram stage, 0.5 in high-res).
+    dino_local_weight: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("constant", 1.0, 1.0, 1.0, 0))
     koleo_group_size: int | None = None  # set: distributed KoLeo over groups of this many global-batch samples
 
 
@@ -173,6 +188,22 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Checks of the EMA teacher at every checkpoint, one row per checkpoint in ``evals.jsonl``.
+
+    ``knn_folder``: labelled images ``<folder>/<label>/<image>`` scored by leave-one-out k-NN accuracy
+    (demo: ``<pool>/seed``). ``dense_probe``: an ``.npz`` of ``images`` [n,H,W,3] uint8 and ``masks``
+    [n,H,W] class maps; a linear per-patch probe fits on the first half and is scored (mIoU) on the
+    second (demo: ``<pool>/truth/dense_probe.npz``). Empty: off. ``image_size``: side of the k-NN
+    images (0: ``crops.global_size``).
+    """
+
+    knn_folder: str = ""
+    dense_probe: str = ""
+    image_size: int = 0
+
+
+@dataclass
 class TrainConfig:
     stage: Literal["pretrain", "gram", "highres", "distill"] = "pretrain"  # `curate train --stage` sets it
     output_dir: str = "runs/train"
@@ -188,6 +219,7 @@ class TrainConfig:
     gram: GramConfig = field(default_factory=GramConfig)
     highres: HighResConfig = field(default_factory=HighResConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     compile: bool = False
     activation_checkpointing: bool = False
     nan_patience: int = 2  # stop after this many consecutive steps with a NaN/inf loss
@@ -214,3 +246,21 @@ def check_stage(config: TrainConfig) -> None:
             raise ValueError("stage 'distill' needs distill.students")
         if not config.distill.teacher_checkpoint:
             raise ValueError("stage 'distill' needs distill.teacher_checkpoint")
+        check_students(config.distill)
+
+
+def check_students(distill: DistillConfig) -> None:
+    """Every student must predict the teacher's prototypes on the teacher's patch grid."""
+    teacher = distill.teacher_model
+    patch = vit_config(teacher).patch_size
+    for s in distill.students:
+        for head in ("dino_head", "ibot_head"):
+            ours, theirs = getattr(s.model, head).n_prototypes, getattr(teacher, head).n_prototypes
+            if ours != theirs:
+                raise ValueError(f"distill student {s.name!r}: {head}.n_prototypes is {ours}, the teacher's is "
+                                 f"{theirs} (the targets are the teacher's prototypes)")
+        if vit_config(s.model).patch_size != patch:
+            raise ValueError(f"distill student {s.name!r}: patch size {vit_config(s.model).patch_size} differs "
+                             f"from the teacher's {patch}")
+        if s.ranks < 1:
+            raise ValueError(f"distill student {s.name!r}: ranks must be >= 1")

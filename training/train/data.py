@@ -9,7 +9,6 @@ from training.data.loader import TrainLoader
 from training.data.mixing import MixConfig
 from training.data.multicrop import MultiCropConfig
 from training.train.config import TrainConfig
-from training.train.stages import loader_crop_sizes
 
 
 def part_datasets(config: TrainConfig) -> dict[str, PartDataset]:
@@ -26,27 +25,28 @@ def part_table(root: str, part: str):
     return read_table(root, table, ["image_id", "uri"])
 
 
-def crop_sizes(config: TrainConfig) -> tuple[int, int, int | None]:
-    """(global, local, Gram-teacher) sizes the loader renders at.
+def multicrop_options(config: TrainConfig) -> tuple[list[MultiCropConfig], list[float]]:
+    """The crop pipelines the loader draws from per step, with their probabilities.
 
-    Gram stages add the Gram-teacher crop; the high-res stage renders at the largest configured
-    sizes and the trainer resizes each step's batch down to that step's choice.
+    One pipeline at the configured sizes (plus the Gram-teacher crop in the Gram stage); the high-res
+    stage has one per ``highres.resolutions`` entry, so each step is rendered at its own sizes.
     """
     c = config.crops
     if config.stage == "highres":
-        return loader_crop_sizes(config.highres.resolutions)
-    gram = config.gram.teacher_size if config.stage == "gram" else None
-    return c.global_size, c.local_size, gram
-
-
-def multicrop_config(config: TrainConfig) -> MultiCropConfig:
-    c = config.crops
-    global_size, local_size, gram_size = crop_sizes(config)
-    return MultiCropConfig(
-        global_size=global_size, global_scale=c.global_scale, n_local=c.n_local, local_size=local_size,
-        local_scale=c.local_scale, horizontal_flip=c.horizontal_flip, blur_probabilities=c.blur_probabilities,
-        gram_size=gram_size,
-    )
+        sizes = [(r.global_size, r.local_size, r.gram_size) for r in config.highres.resolutions]
+        probabilities = [r.probability for r in config.highres.resolutions]
+    else:
+        sizes = [(c.global_size, c.local_size, config.gram.teacher_size if config.stage == "gram" else None)]
+        probabilities = [1.0]
+    options = [
+        MultiCropConfig(
+            global_size=global_size, global_scale=c.global_scale, n_local=c.n_local, local_size=local_size,
+            local_scale=c.local_scale, horizontal_flip=c.horizontal_flip, blur_probabilities=c.blur_probabilities,
+            gram_size=gram_size,
+        )
+        for global_size, local_size, gram_size in sizes
+    ]
+    return options, probabilities
 
 
 def build_loader(config: TrainConfig, rank: int, world_size: int, patch_size: int) -> TrainLoader:
@@ -56,9 +56,16 @@ def build_loader(config: TrainConfig, rank: int, world_size: int, patch_size: in
         {name: len(ds) for name, ds in parts.items()}, data.weights, data.homogeneous_part, data.p_homogeneous,
         seed=config.seed,
     )
+    crops, probabilities = multicrop_options(config)
     return TrainLoader(
-        parts, mix, multicrop_config(config), batch_size=config.optim.batch_size_per_rank, rank=rank,
+        parts, mix, crops, crop_probabilities=probabilities, batch_size=config.optim.batch_size_per_rank, rank=rank,
         world_size=world_size, num_workers=data.num_workers, patch_size=patch_size,
         mask_ratio_range=config.crops.mask_ratio_range,
         mask_sample_probability=config.crops.mask_sample_probability,
     )
+
+
+def crop_sizes(batch: dict) -> list[int | None]:
+    """(global, local, Gram-teacher) crop sides of a loader batch, for the metrics log."""
+    gram = batch.get("gram_teacher_crops")
+    return [batch["global_crops"].shape[-1], batch["local_crops"].shape[-1], None if gram is None else gram.shape[-1]]

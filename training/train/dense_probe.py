@@ -32,12 +32,13 @@ def patch_labels(masks: np.ndarray, patch_size: int) -> np.ndarray:
 def patch_features(backbone: nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """``[n, H, W, 3]`` uint8 images -> ``[n, h·w, D]`` L2-normalised output patch tokens (eval mode)."""
     backbone.eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    device = next(backbone.parameters()).device
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 255.0
-        out.append(F.normalize(backbone((x - mean) / std)["patches"].float(), dim=-1).numpy())
+        x = torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        out.append(F.normalize(backbone((x - mean) / std)["patches"].float(), dim=-1).cpu().numpy())
     return np.concatenate(out)
 
 

@@ -12,7 +12,6 @@ unmasked global crops (iBOT still at the mask positions) and keep their own EMA,
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -33,11 +32,12 @@ from training.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from training.train.config import StudentConfig, TrainConfig
+from training.train.config import StudentConfig, TrainConfig, vit_config
 from training.train.data import build_loader
 from training.train.distributed import DistInfo, barrier, build_models, prepare_model
+from training.train.evals import CheckpointEvals, scores_missing
 from training.train.export import export_teacher
-from training.train.meta_arch import FIELDS, SSLModel, student_losses, vit_config
+from training.train.meta_arch import FIELDS, SSLModel, student_losses
 from training.train.optim import (
     apply_hyper_params,
     build_optimizer,
@@ -45,8 +45,11 @@ from training.train.optim import (
     ema_update,
 )
 from training.train.run_state import (
+    EVALS_FILE,
+    METRICS_FILE,
     TEACHER_FILE,
     TrainResult,
+    append_record,
     rng_state,
     set_rng_state,
     step_generator,
@@ -176,6 +179,26 @@ def _group_mean(values: Tensor, slot: StudentSlot) -> Tensor:
     return values
 
 
+def log_student_scores(
+    evals: CheckpointEvals, backbone: torch.nn.Module, slot: StudentSlot, names: list[str], step: int, path: Path,
+    info: DistInfo,
+) -> None:
+    """Score every student's EMA backbone at checkpoint ``step`` and log one row (``<student>/<metric>``).
+
+    Each group scores its own student (collective within the group); the group leaders' rows are
+    summed over the world so rank 0 holds them all.
+    """
+    table = torch.zeros(len(names), len(evals.names), dtype=torch.float64, device=info.device)
+    scores = evals(backbone)
+    if slot.group_rank == 0:
+        table[slot.index] = torch.tensor([scores[k] for k in evals.names], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(table)
+    if info.is_main:
+        append_record(path, {"step": step, **{f"{name}/{k}": float(table[i, j])
+                                              for i, name in enumerate(names) for j, k in enumerate(evals.names)}})
+
+
 def train_distill(config: TrainConfig, info: DistInfo):
     """Run (or resume) a distillation run; collective over the world. Returns a ``TrainResult``."""
 
@@ -194,7 +217,7 @@ def train_distill(config: TrainConfig, info: DistInfo):
                                 activation_checkpointing=config.activation_checkpointing, compile=config.compile)
     optimizer = build_optimizer(student, vit.depth, config.optim, info.device)
     global_batch = config.optim.batch_size_per_rank * info.world_size
-    schedules = Schedules(config.optim, global_batch)
+    schedules = Schedules(config.optim, global_batch, config.loss)
     loader = build_loader(config, info.rank, info.world_size, vit_config(config.distill.teacher_model).patch_size)
 
     start = 0
@@ -203,9 +226,13 @@ def train_distill(config: TrainConfig, info: DistInfo):
         start, rank_state = load_checkpoint(latest, student, ema, optimizer, info, subdir=slot.spec.name, group=slot.group)
         loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
-    metrics_path = out / "metrics.jsonl"
+    metrics_path, evals_path = out / METRICS_FILE, out / EVALS_FILE
+    evals = CheckpointEvals(config.eval, config.crops.global_size, vit.patch_size)
     if info.is_main:
         truncate_metrics(metrics_path, start)
+        truncate_metrics(evals_path, start + 1)
+    if evals.names and start > 0 and scores_missing(evals_path, start, info.is_main):
+        log_student_scores(evals, ema.backbone, slot, names, start, evals_path, info)
     end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)
     bar = progress(end, "distill", unit="step", initial=start) if info.is_main else None
     step, batches = start, iter(loader)
@@ -222,7 +249,8 @@ def train_distill(config: TrainConfig, info: DistInfo):
             dino_t, ibot_t = distill_targets(teacher, share, cls, patches, hp.teacher_temp,
                                              config.loss.sinkhorn_iterations, slot)
             losses = student_losses(student, share, dino_t, ibot_t, config.loss, mask_student=False,
-                                    generator=step_generator(config.seed, step, info.rank), koleo_group=slot.group)
+                                    generator=step_generator(config.seed, step, info.rank), koleo_group=slot.group,
+                                    local_weight=hp.dino_local_weight)
             losses.total.backward()
             grad_norms = clip_gradients(student, config.optim.clip_grad)
             values = _group_mean(losses.stacked(), slot)
@@ -232,11 +260,11 @@ def train_distill(config: TrainConfig, info: DistInfo):
                 ema_update(ema, student, hp.momentum)
             optimizer.zero_grad(set_to_none=True)
             # One row per student (its group mean, counted once), plus the teacher's forward counters.
-            table = torch.zeros(len(names), len(FIELDS) + 1)
+            table = torch.zeros(len(names), len(FIELDS) + 1, device=info.device)  # NCCL reduces device tensors
             if slot.group_rank == 0:
                 table[slot.index, :-1] = values
                 table[slot.index, -1] = grad_norms.get("backbone", 0.0)
-            teacher_counts = torch.tensor(counter.take(), dtype=torch.float64)
+            teacher_counts = torch.tensor(counter.take(), dtype=torch.float64, device=info.device)
             if dist.is_initialized():
                 dist.all_reduce(table)
                 dist.all_reduce(teacher_counts)
@@ -248,13 +276,14 @@ def train_distill(config: TrainConfig, info: DistInfo):
                 for i, name in enumerate(names):
                     record.update({f"{name}/{f}": float(table[i, j]) for j, f in enumerate(FIELDS)})
                     record[f"{name}/grad_norm_backbone"] = float(table[i, -1])
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_record(metrics_path, record)
                 bar.update(1)
             if step % config.checkpoint.period == 0 or step == end:
                 rank_state = {"loader": loader.state_dict(), "rng": rng_state(), "nan_streak": 0}
                 save_checkpoint(ckpt_root, step, student, ema, optimizer, rank_state, info, config.checkpoint.keep_last,
                                 subdir=slot.spec.name, group=slot.group)
+                if evals.names:
+                    log_student_scores(evals, ema.backbone, slot, names, step, evals_path, info)
     finally:
         if bar is not None:
             bar.close()

@@ -12,13 +12,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from training.models import VisionTransformer
-from training.train.config import ModelConfig
-from training.train.meta_arch import SSLModel, build_student_teacher, vit_config
+from training.train.config import ModelConfig, vit_config
+from training.train.meta_arch import SSLModel, build_student_teacher
 
 
 @dataclass(frozen=True)

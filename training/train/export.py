@@ -8,11 +8,14 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 
-from training.models import ViTConfig, VisionTransformer, export_backbone
-from training.train.config import TrainConfig
-from training.train.meta_arch import build_student_teacher, vit_config
+from training.models import VisionTransformer, ViTConfig, export_backbone
+from training.train.config import TrainConfig, vit_config
+from training.train.meta_arch import build_student_teacher
 
 
 def _write(state: dict, config: ViTConfig, path: Path) -> str:

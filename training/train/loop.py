@@ -6,7 +6,6 @@ initialised group (Ray Train). Per-step metrics go to ``<output_dir>/metrics.jso
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,11 +23,12 @@ from training.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from training.train.config import TrainConfig
-from training.train.data import build_loader
+from training.train.config import TrainConfig, vit_config
+from training.train.data import build_loader, crop_sizes
 from training.train.distributed import DistInfo, barrier, build_models, init_distributed
+from training.train.evals import CheckpointEvals, scores_missing
 from training.train.export import export_teacher
-from training.train.meta_arch import FIELDS, GramTerm, ssl_losses, vit_config
+from training.train.meta_arch import FIELDS, GramTerm, ssl_losses
 from training.train.optim import (
     apply_hyper_params,
     build_optimizer,
@@ -36,8 +36,11 @@ from training.train.optim import (
     ema_update,
 )
 from training.train.run_state import (
+    EVALS_FILE,
+    METRICS_FILE,
     TEACHER_FILE,
     TrainResult,
+    append_record,
     rng_state,
     set_rng_state,
     step_generator,
@@ -45,9 +48,7 @@ from training.train.run_state import (
 )
 from training.train.schedules import Schedules, StepHyperParams
 from training.train.stages import (
-    apply_resolution,
     build_gram_teacher,
-    choose_resolution,
     copy_backbone,
     gram_refresh_due,
     gram_weight,
@@ -84,7 +85,8 @@ def train_step(
     """
     distributed = dist.is_initialized()
     apply_hyper_params(optimizer, hp)
-    losses = ssl_losses(student, teacher, batch, hp.teacher_temp, config.loss, distributed, generator=generator, gram=gram)
+    losses = ssl_losses(student, teacher, batch, hp.teacher_temp, config.loss, distributed, generator=generator,
+                        gram=gram, local_weight=hp.dino_local_weight)
     losses.total.backward()
     grad_norms = clip_gradients(student, config.optim.clip_grad)
     values = losses.stacked()
@@ -98,6 +100,14 @@ def train_step(
         ema_update(teacher, student, hp.momentum)
     optimizer.zero_grad(set_to_none=True)
     return StepOutcome(reduced, grad_norms, finite)
+
+
+def log_scores(evals: CheckpointEvals, backbone: nn.Module, step: int, path: Path, is_main: bool) -> None:
+    """Score the EMA teacher of checkpoint ``step`` (collective) and log the row on rank 0."""
+    scores = evals(backbone)
+    if is_main:
+        append_record(path, {"step": step, **scores})
+        print(f"checkpoint {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -133,7 +143,7 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
     )
     optimizer = build_optimizer(student, vit.depth, config.optim, info.device)
     global_batch = config.optim.batch_size_per_rank * info.world_size
-    schedules = Schedules(config.optim, global_batch)
+    schedules = Schedules(config.optim, global_batch, config.loss)
     loader = build_loader(config, info.rank, info.world_size, vit.patch_size)
     gram_teacher = build_gram_teacher(config.model, info) if config.stage in ("gram", "highres") else None
     extra = {"gram_teacher": gram_teacher} if gram_teacher is not None else {}
@@ -150,9 +160,13 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             init_from_checkpoint(config.init, student, teacher)
         if gram_teacher is not None:
             init_gram_teacher(config.gram, gram_teacher, teacher)
-    metrics_path = out / "metrics.jsonl"
+    metrics_path, evals_path = out / METRICS_FILE, out / EVALS_FILE
+    evals = CheckpointEvals(config.eval, config.crops.global_size, vit.patch_size)
     if info.is_main:
         truncate_metrics(metrics_path, start)
+        truncate_metrics(evals_path, start + 1)
+    if evals.names and start > 0 and scores_missing(evals_path, start, info.is_main):
+        log_scores(evals, teacher.backbone, start, evals_path, info.is_main)
     end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)
     bar = progress(end, "train", unit="step", initial=start) if info.is_main else None
     step = start
@@ -167,9 +181,7 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             hp = schedules.at(step)
             extra_record = {}
             if config.stage == "highres":
-                resolution = choose_resolution(config.seed, step, config.highres.resolutions)
-                batch = apply_resolution(batch, resolution, config.crops, vit.patch_size, config.seed, step, info.rank)
-                extra_record["resolution"] = [resolution.global_size, resolution.local_size, resolution.gram_size]
+                extra_record["resolution"] = crop_sizes(batch)
             gram = None
             if gram_teacher is not None:
                 gram = GramTerm(gram_teacher, gram_weight(config.gram, step, config.optim.iterations), config.gram)
@@ -189,13 +201,12 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
                 record = {
                     "step": step - 1, **dict(zip(FIELDS, reduced)), "lr": hp.lr, "last_layer_lr": hp.last_layer_lr,
                     "weight_decay": hp.weight_decay, "momentum": hp.momentum, "teacher_temp": hp.teacher_temp,
-                    **{f"grad_norm_{k}": v for k, v in grad_norms.items()},
+                    "dino_local_weight": hp.dino_local_weight, **{f"grad_norm_{k}": v for k, v in grad_norms.items()},
                     "images_per_s": global_batch / seconds, "images_seen": step * global_batch,
                     "homogeneous": bool(batch["homogeneous"]), "skipped_optimizer_step": not finite,
                     **extra_record,
                 }
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_record(metrics_path, record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{reduced[0]:.4f}", lr=f"{hp.lr:.2e}")
             if nan_streak >= config.nan_patience:
@@ -207,6 +218,8 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
                 rank_state = {"loader": loader.state_dict(), "rng": rng_state(), "nan_streak": nan_streak}
                 save_checkpoint(ckpt_root, step, student, teacher, optimizer, rank_state, info,
                                 config.checkpoint.keep_last, extra=extra)
+                if evals.names:
+                    log_scores(evals, teacher.backbone, step, evals_path, info.is_main)
     finally:
         if bar is not None:
             bar.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +19,15 @@ from training.losses import (
     koleo_loss,
     sinkhorn_knopp,
 )
-from training.models import MODEL_SIZES, ViTConfig, VisionTransformer
+from training.models import VisionTransformer, ViTConfig
 from training.models.heads import DINOHead
-from training.train.config import GramConfig, HeadConfig, LossConfig, ModelConfig
+from training.train.config import (
+    GramConfig,
+    HeadConfig,
+    LossConfig,
+    ModelConfig,
+    vit_config,
+)
 
 
 class SSLModel(nn.Module):
@@ -46,12 +51,6 @@ class SSLModel(nn.Module):
 
 def _head(in_dim: int, cfg: HeadConfig) -> DINOHead:
     return DINOHead(in_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.n_prototypes, cfg.n_layers)
-
-
-def vit_config(model: ModelConfig) -> ViTConfig:
-    if model.size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {model.size!r}; known: {', '.join(MODEL_SIZES)}")
-    return dataclasses.replace(MODEL_SIZES[model.size], drop_path_rate=model.drop_path_rate)
 
 
 def build_student_teacher(model: ModelConfig, seed: int) -> tuple[SSLModel, SSLModel]:
@@ -128,15 +127,18 @@ def ssl_losses(
     distributed: bool,
     generator: torch.Generator | None = None,
     gram: GramTerm | None = None,
+    local_weight: float = 1.0,
 ) -> StepLosses:
     """The recipe's loss for one per-rank batch (crop-major crops, iBOT masks from the collate).
 
-    total = w_dino·(local·S_gS_l + global·S_g(S_g−1))/pairs + w_koleo·Σ_global-crops KoLeo(student cls)
+    total = w_dino·(local_weight·local·S_gS_l + global·S_g(S_g−1))/pairs + w_koleo·Σ_global-crops KoLeo(student cls)
     + w_ibot·iBOT (+ w_gram·Gram); the student sees the masked global crops, the teacher the unmasked ones.
     """
     n_global = batch["global_crops"].shape[0] // batch["image_ids"].shape[0]
     dino_targets, ibot_targets = teacher_targets(teacher, batch, teacher_temp, n_global, loss, distributed)
-    return student_losses(student, batch, dino_targets, ibot_targets, loss, generator=generator, gram=gram)
+    return student_losses(
+        student, batch, dino_targets, ibot_targets, loss, generator=generator, gram=gram, local_weight=local_weight
+    )
 
 
 def student_losses(
@@ -150,6 +152,7 @@ def student_losses(
     gram: GramTerm | None = None,
     mask_student: bool = True,
     koleo_group: dist.ProcessGroup | None = None,
+    local_weight: float = 1.0,
 ) -> StepLosses:
     """The student side of the loss given the teacher's centred targets.
 
@@ -170,7 +173,7 @@ def student_losses(
     logits = student.dino_head(torch.cat(cls_tokens))
     global_logits = logits[: n_global * n_images].unflatten(0, (n_global, n_images))
     local_logits = logits[n_global * n_images :].unflatten(0, (n_local, n_images))
-    dino = dino_loss(global_logits, local_logits, dino_targets, loss.student_temp, local_weight=loss.dino_local_weight)
+    dino = dino_loss(global_logits, local_logits, dino_targets, loss.student_temp, local_weight=local_weight)
 
     if loss.koleo_group_size is None:
         koleo = sum(koleo_loss(c.float()) for c in g["cls"].chunk(n_global))

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 TEACHER_FILE = "teacher_backbone.safetensors"
+METRICS_FILE = "metrics.jsonl"  # one row per step
+EVALS_FILE = "evals.jsonl"  # one row per checkpoint (``eval`` in the config)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,11 @@ def truncate_metrics(path: Path, before_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
+def append_record(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(output_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
+    path = Path(output_dir) / name
     return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -5,18 +5,22 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from training.train.config import OptimConfig, ScheduleConfig
+from training.train.config import LossConfig, OptimConfig, ScheduleConfig
 
 
 def schedule_value(schedule: ScheduleConfig, iteration: int, total_iterations: int) -> float:
-    """Value at ``iteration``: linear ``start -> peak`` during warmup, then constant or cosine ``peak -> end``.
+    """Value at ``iteration``: ``start -> peak`` during warmup, then constant or cosine ``peak -> end``.
 
-    The warmup is ``linspace(start, peak, warmup, endpoint=False)`` as in DINOv3; the cosine spans the
-    iterations left after the warmup and stays at ``end`` beyond ``total_iterations``.
+    The linear warmup is ``linspace(start, peak, warmup, endpoint=False)`` as in DINOv3, the cosine one
+    the same points on a half-cosine; the cosine decay spans the iterations left after the warmup and
+    stays at ``end`` beyond ``total_iterations``.
     """
     warmup = schedule.warmup_iterations
     if iteration < warmup:
-        return schedule.start + (schedule.peak - schedule.start) * iteration / warmup
+        fraction = iteration / warmup
+        if schedule.warmup_shape == "cosine":
+            fraction = 0.5 * (1.0 - math.cos(math.pi * fraction))
+        return schedule.start + (schedule.peak - schedule.start) * fraction
     if schedule.kind == "constant":
         return schedule.peak
     span = max(1, total_iterations - warmup)
@@ -48,13 +52,15 @@ class StepHyperParams:
     weight_decay: float
     momentum: float
     teacher_temp: float
+    dino_local_weight: float = 1.0
 
 
 class Schedules:
     """All per-iteration values of a run."""
 
-    def __init__(self, optim: OptimConfig, global_batch_size: int) -> None:
+    def __init__(self, optim: OptimConfig, global_batch_size: int, loss: LossConfig | None = None) -> None:
         self.optim = optim
+        self.loss = loss or LossConfig()
         self.lr = scaled_lr_schedule(optim, global_batch_size)
 
     def at(self, iteration: int) -> StepHyperParams:
@@ -66,4 +72,5 @@ class Schedules:
             weight_decay=schedule_value(o.weight_decay, iteration, total),
             momentum=schedule_value(o.momentum, iteration, total),
             teacher_temp=schedule_value(o.teacher_temp, iteration, total),
+            dino_local_weight=schedule_value(self.loss.dino_local_weight, iteration, total),
         )

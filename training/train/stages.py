@@ -1,5 +1,5 @@
-"""What the later DINOv3 stages add to a run: starting from an earlier stage, the Gram teacher's life
-cycle, and the high-resolution stage's per-step crop sizes.
+"""What the later DINOv3 stages add to a run: starting from an earlier stage and the Gram teacher's life
+cycle (the high-resolution stage's per-step crop sizes are drawn by the loader, ``multicrop_options``).
 
 Every decision is a pure function of the config and the step (never of run history), so a resumed run
 makes exactly the choices an uninterrupted one makes, and all ranks agree without communicating.
@@ -10,21 +10,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from training.data.masking import collate
-from training.data.mixing import PURPOSE_MASK, counter_rng
 from training.models import VisionTransformer
 from training.train.checkpoint import load_models, resolve_checkpoint
-from training.train.config import CropsConfig, GramConfig, InitConfig, ModelConfig, Resolution
+from training.train.config import GramConfig, InitConfig, ModelConfig, vit_config
 from training.train.distributed import DistInfo, prepare_frozen_backbone
-from training.train.meta_arch import SSLModel, vit_config
+from training.train.meta_arch import SSLModel
 from training.train.optim import _local
 from training.train.schedules import schedule_value
-
-# Philox key word of the resolution draw; distinct from the data pipeline's purposes (1-4).
-PURPOSE_RESOLUTION = 101
 
 
 def init_from_checkpoint(init: InitConfig, student: SSLModel, teacher: SSLModel) -> None:
@@ -74,52 +68,3 @@ def init_gram_teacher(gram: GramConfig, gram_teacher: nn.Module, ema_teacher: SS
         load_models(resolve_checkpoint(gram.checkpoint), [("teacher/backbone", gram_teacher)])
     else:
         copy_backbone(gram_teacher, ema_teacher.backbone)
-
-
-def choose_resolution(seed: int, step: int, resolutions: list[Resolution]) -> Resolution:
-    """The crop sizes of ``step``: drawn with the configured probabilities, identical on every rank."""
-    u = counter_rng(seed, PURPOSE_RESOLUTION, step).random()
-    cumulative = 0.0
-    for resolution in resolutions:
-        cumulative += resolution.probability
-        if u < cumulative:
-            return resolution
-    return resolutions[-1]
-
-
-def loader_crop_sizes(resolutions: list[Resolution]) -> tuple[int, int, int | None]:
-    """(global, local, Gram) sizes the loader renders at: the largest of each, resized down per step."""
-    grams = [r.gram_size for r in resolutions if r.gram_size is not None]
-    return (
-        max(r.global_size for r in resolutions),
-        max(r.local_size for r in resolutions),
-        max(grams) if grams else None,
-    )
-
-
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-
-
-def apply_resolution(
-    batch: dict, resolution: Resolution, crops: CropsConfig, patch_size: int, seed: int, step: int, rank: int
-) -> dict:
-    """The batch at ``resolution``: crops resized (antialiased bicubic), iBOT masks redrawn for the new grid.
-
-    The masks come from the data pipeline's own ``collate`` with the same per-(seed, step, rank)
-    generator the loader uses, so they are what a loader rendering at this size would draw.
-    """
-    n_images = batch["image_ids"].shape[0]
-    global_crops = _resize(batch["global_crops"], resolution.global_size).unflatten(0, (-1, n_images))
-    local_crops = _resize(batch["local_crops"], resolution.local_size).unflatten(0, (-1, n_images))
-    samples = [{"global_crops": global_crops[:, b], "local_crops": local_crops[:, b]} for b in range(n_images)]
-    out = {k: v for k, v in batch.items() if k != "gram_teacher_crops"}
-    out.update(collate(
-        samples, patch_size=patch_size, rng=counter_rng(seed, PURPOSE_MASK, step, rank),
-        mask_ratio_range=crops.mask_ratio_range, mask_sample_probability=crops.mask_sample_probability,
-    ))
-    if resolution.gram_size is not None and "gram_teacher_crops" in batch:
-        out["gram_teacher_crops"] = _resize(batch["gram_teacher_crops"], resolution.gram_size)
-    return out
