@@ -1,8 +1,9 @@
-"""Dense-feature quality before/after Gram anchoring: tiny pretrain -> gram on demo-pool concept images.
+"""Dense-feature quality before/after Gram anchoring: demo-model pretrain -> gram on demo-pool concept images.
 
-Renders shape/digit concepts of the demo pool (known object masks) into a small catalog, trains a tiny
-pretrain run, then (a) a Gram stage from its checkpoint and (b) the same number of plain pretrain steps
-from it (control), and reports a linear per-patch segmentation probe of each EMA teacher on held-out
+Renders shape/digit concepts of the demo pool (known object masks) into a small catalog, pretrains the
+demo model (``demo_cpu.yaml``: vit_demo, patch 8, 48 px global crops), then (a) a Gram stage from its
+checkpoint (Gram teacher = the pretrain EMA teacher on 96 px crops, never refreshed) and (b) the same
+number of plain pretrain steps from it (control), and reports a linear per-patch segmentation probe of each EMA teacher on held-out
 images, as the trainer logs it at checkpoints (``eval.dense_probe`` -> ``evals.jsonl``). CPU minutes:
 
     .venv/bin/python -m benchmarks.dense_probe --out docs/results/dense_probe_cpu.json
@@ -51,12 +52,12 @@ def write_catalog(root: Path, images: np.ndarray) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-images", type=int, default=256)
+    parser.add_argument("--train-images", type=int, default=512)
     parser.add_argument("--probe-images", type=int, default=96, help="half to fit the probe, half to score it")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--probe-size", type=int, default=96)
-    parser.add_argument("--pretrain-steps", type=int, default=60)
-    parser.add_argument("--gram-steps", type=int, default=30)
+    parser.add_argument("--pretrain-steps", type=int, default=150)
+    parser.add_argument("--gram-steps", type=int, default=50)
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -65,20 +66,23 @@ def main() -> None:
     images, masks = dense_probe_set(args.probe_images, args.probe_size, seed=2)
     np.savez_compressed(root / "probe.npz", images=images, masks=masks)
     # Each run scores its EMA teacher at its last checkpoint (evals.jsonl), as any run with eval.dense_probe does.
-    common = [f"data.catalog_root={catalog}", "checkpoint.period=1000", f"eval.dense_probe={root / 'probe.npz'}"]
+    common = [f"data.catalog_root={catalog}", "data.parts=[shapes_a, shapes_b]", "checkpoint.period=1000",
+              f"eval.dense_probe={root / 'probe.npz'}"]
+    continuation = [f"optim.iterations={args.gram_steps}", f"init.checkpoint={root / 'pretrain'}",
+                    "optim.lr.warmup_iterations=0", "optim.freeze_last_layer_iterations=0"]
+    gram = ["stage=gram", "gram.teacher_size=96", "gram.weight.peak=2.0", "gram.weight.end=2.0",
+            "gram.weight.warmup_iterations=5", "gram.max_updates=0"]
     runs = {
-        "pretrain": ("tiny_cpu.yaml", [f"optim.iterations={args.pretrain_steps}"]),
-        "pretrain+plain": ("tiny_cpu.yaml", [f"optim.iterations={args.gram_steps}", f"init.checkpoint={root / 'pretrain'}",
-                                             "optim.lr.warmup_iterations=0"]),
-        "pretrain+gram": ("tiny_cpu_gram.yaml", [f"optim.iterations={args.gram_steps}", f"init.checkpoint={root / 'pretrain'}",
-                                                 "optim.lr.warmup_iterations=0", "gram.update_period=1000000"]),
+        "pretrain": [f"optim.iterations={args.pretrain_steps}"],
+        "pretrain+plain": continuation,
+        "pretrain+gram": continuation + gram,
     }
-    probe = CheckpointEvals(EvalConfig(dense_probe=str(root / "probe.npz")), args.probe_size, patch_size=16)
-    rows = [{"model": "random init", "steps": 0, "seconds": 0.0, **probe(load_backbone("vit_test", None)[0])}]
-    for name, (config_file, overrides) in runs.items():
+    probe = CheckpointEvals(EvalConfig(dense_probe=str(root / "probe.npz")), args.probe_size, patch_size=8)
+    rows = [{"model": "random init", "steps": 0, "seconds": 0.0, **probe(load_backbone("vit_demo", None)[0])}]
+    for name, overrides in runs.items():
         out = root / name
         t0 = time.perf_counter()
-        config = load_train_config(str(CONFIGS / config_file), [*common, f"output_dir={out}", *overrides])
+        config = load_train_config(str(CONFIGS / "demo_cpu.yaml"), [*common, f"output_dir={out}", *overrides])
         train(config)
         seconds = time.perf_counter() - t0
         scores = {k: v for k, v in read_metrics(out, EVALS_FILE)[-1].items() if k != "step"}

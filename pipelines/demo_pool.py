@@ -661,7 +661,7 @@ def generate_demo_pool(out: str, n: int = 10_000, seed: int = 0, workers: int | 
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
             list(ex.map(_materialise_chunk, [str(root)] * n_chunks, chunks))
     _write_truth(root, pool, seed_items)
-    images, masks = dense_probe_set(96, 64, seed)
+    images, masks = dense_probe_set(96, 96, seed)
     np.savez_compressed(root / DENSE_PROBE_FILE, images=images, masks=masks)
     kinds = [it["kind"] for it in pool]
     summary = {k: kinds.count(k) for k in

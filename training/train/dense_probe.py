@@ -2,8 +2,10 @@
 
 Images and masks are arrays the caller renders (e.g. the demo pool's shape/digit concepts, whose
 object masks are known), so this module opens no files. Each patch is labelled by the majority of
-its mask pixels; a logistic regression on the L2-normalised patch tokens of the training images
-predicts the labels of held-out images, scored by per-class IoU (mIoU) and patch accuracy.
+its mask pixels; a logistic regression on the standardised, L2-normalised patch tokens of the training
+images predicts the labels of held-out images, scored by per-class IoU (mIoU) and patch accuracy.
+Standardising matters: on unit-norm tokens a default-strength L2 penalty leaves a probe that predicts
+the majority class everywhere, whatever the backbone.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from training.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
@@ -32,7 +36,7 @@ def patch_labels(masks: np.ndarray, patch_size: int) -> np.ndarray:
 def patch_features(backbone: nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """``[n, H, W, 3]`` uint8 images -> ``[n, h·w, D]`` L2-normalised output patch tokens (eval mode)."""
     backbone.eval()
-    device = next(backbone.parameters()).device
+    device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     out = []
@@ -63,12 +67,12 @@ def linear_dense_probe(
     c: float = 1.0,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Fit logistic regression patch token -> patch label on the train images; score on the test images."""
+    """Fit (standardise, logistic regression) patch token -> patch label on the train images; score on the test images."""
     x_train = patch_features(backbone, train_images)
     x_test = patch_features(backbone, test_images)
     y_train, y_test = patch_labels(train_masks, patch_size), patch_labels(test_masks, patch_size)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
-    clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
     clf.fit(x_train.reshape(-1, x_train.shape[-1]), y_train.ravel())
     predicted = clf.predict(x_test.reshape(-1, x_test.shape[-1]))
     return segmentation_scores(predicted, y_test.ravel(), n_classes)
