@@ -310,8 +310,11 @@ def train(sub: argparse._SubParsersAction) -> None:
                        "this process; --num-workers N runs Ray Train's TorchTrainer (FSDP2 over N workers); "
                        "--address http://HEAD:8265 submits the same command as a Ray job. Configs: "
                        "training/configs/*.yaml; overrides as key.sub=value.")
-    p.add_argument("--config", required=True, help="training/configs/tiny_cpu.yaml, vits16_pretrain.yaml, …")
-    p.add_argument("--stage", choices=["pretrain", "gram", "highres", "distill"], help="recipe stage to run")
+    p.add_argument("--config", required=True,
+                   help="training/configs/demo_cpu.yaml, vits16_pretrain.yaml, vit7b16_{pretrain,gram,highres,distill}.yaml, …")
+    p.add_argument("--stage", choices=["pretrain", "gram", "highres", "distill"],
+                   help="recipe stage (overrides the config's): gram = Gram anchoring, highres = mixed-resolution "
+                   "adaptation, distill = students from a frozen teacher; later stages start from init.checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=float, default=0)
