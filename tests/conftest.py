@@ -70,3 +70,19 @@ def lvd_catalog(demo_catalog, tmp_path_factory) -> str:
     config = load_config(BuildLVDConfig, None, [*LVD_SETTINGS, f"sample.target_size={int(DEMO_N * 0.3)}"])
     build_lvd(root, config)
     return root
+
+
+@pytest.fixture(scope="session")
+def fsdp_pretrain(tmp_path_factory):
+    """A 2-process FSDP2 tiny pretraining (torchrun, gloo): 8 steps, checkpoints every 3, the last 2 kept.
+
+    Returns (catalog, run dir, steps, the overrides that made it). The trainer's resume test compares
+    against it; the stage chain starts its Gram stage from it.
+    """
+    from tests.train_helpers import TINY, make_catalog, run_torchrun, torchrun_command
+
+    root = tmp_path_factory.mktemp("fsdp")
+    catalog = make_catalog(root)
+    overrides = ("optim.iterations=8", "checkpoint.period=3", "checkpoint.keep_last=2")
+    run_torchrun(torchrun_command(TINY, catalog, root / "full", *overrides))
+    return catalog, root / "full", 8, overrides

@@ -11,7 +11,11 @@ from torch import nn
 from pipelines.demo_job import DEMO_BACKBONE
 from pipelines.demo_pool import dense_probe_set
 from training.models import load_backbone
-from training.train.dense_probe import linear_dense_probe, patch_labels, segmentation_scores
+from training.train.dense_probe import (
+    linear_dense_probe,
+    patch_labels,
+    segmentation_scores,
+)
 
 PATCH = 8
 

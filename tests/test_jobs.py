@@ -193,8 +193,9 @@ def test_ray_stage_runs_on_the_cluster_and_streams_its_log(ray_head, tmp_path, m
 @pytest.mark.slow
 def test_curate_train_runs_as_a_ray_job_with_two_workers(ray_head, tmp_path, monkeypatch, capsys):
     """`curate train --num-workers 2 --address http://…`: Ray Train on the test's own cluster."""
-    from tests.test_trainer import TINY, make_catalog
+    from tests.train_helpers import TINY, make_catalog
     from training.models.checkpoints import load_backbone
+    from training.train.run_state import read_metrics
 
     monkeypatch.delenv("CURATE_RAY_ADDRESS", raising=False)
     catalog = make_catalog(tmp_path, per_part=6)
@@ -203,6 +204,7 @@ def test_curate_train_runs_as_a_ray_job_with_two_workers(ray_head, tmp_path, mon
             f"output_dir={out}", "optim.iterations=3", "checkpoint.period=3", "dist_timeout_s=60"]
     assert maybe_submit(build_parser().parse_args(argv), argv)
     assert "SUCCEEDED" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(out)] == [0, 1, 2]
     assert {p.name for p in (out / "ckpt" / "00000003").iterdir()} >= {"rank0.pt", "rank1.pt"}
     model, info = load_backbone(f"curate:{out / 'teacher_backbone.safetensors'}", None)
     assert info.config.embed_dim == 64 and not info.random_init

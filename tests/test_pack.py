@@ -7,7 +7,7 @@ from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.shards import read_table
 from tests.helpers import run_cli
-from tests.test_trainer import PARTS, make_catalog
+from tests.train_helpers import PARTS, make_catalog
 from training.data.dataset import PartDataset
 from training.train.data import part_table
 

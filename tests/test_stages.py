@@ -4,8 +4,6 @@ pretrain -> gram (SIGKILL + exact resume) -> highres -> distill with two student
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.demo_pool import dense_probe_set
-from tests.helpers import cli_env, kill_command_when
-from tests.test_trainer import REPO, make_catalog
+from tests.helpers import kill_command_when
+from tests.train_helpers import CONFIGS, run_torchrun, torchrun_command, torchrun_env
 from training.data.masking import collate
 from training.data.mixing import choose_option
 from training.models import load_backbone
@@ -29,8 +27,6 @@ from training.train.stages import (
     gram_updates_done,
     gram_weight,
 )
-
-CONFIGS = REPO / "training" / "configs"
 
 
 def _batch(n_images: int, size: int, gram_size: int | None, seed: int = 0) -> dict:
@@ -125,29 +121,14 @@ LOSS_KEYS = ("total", "dino_local", "dino_global", "koleo", "ibot", "gram")
 
 
 def _command(config: str, catalog: str, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "training.train", "--config", str(CONFIGS / config), f"data.catalog_root={catalog}",
-        f"output_dir={out}", f"optim.iterations={STEPS}", "checkpoint.period=2", "dist_timeout_s=60", *extra,
-    ]
-
-
-def _env() -> dict[str, str]:
-    env = cli_env()
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _run(command: list[str]) -> None:
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    return torchrun_command(str(CONFIGS / config), catalog, out, f"optim.iterations={STEPS}", "checkpoint.period=2",
+                            *extra)
 
 
 @pytest.mark.slow
-def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teacher(tmp_path):
-    catalog = make_catalog(tmp_path)
-    pre, gram_ref, gram, highres, distill = (tmp_path / n for n in ("pre", "gram_ref", "gram", "highres", "distill"))
-    _run(_command("tiny_cpu.yaml", catalog, pre))
+def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teacher(fsdp_pretrain, tmp_path):
+    catalog, pre, _, _ = fsdp_pretrain  # a 2-process tiny pretraining
+    gram_ref, gram, highres, distill = (tmp_path / n for n in ("gram_ref", "gram", "highres", "distill"))
     images, masks = dense_probe_set(8, 64, seed=0)
     np.savez_compressed(tmp_path / "probe.npz", images=images, masks=masks)
     probe = f"eval.dense_probe={tmp_path / 'probe.npz'}"
@@ -155,16 +136,16 @@ def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teache
     # Gram stage from the pretrain checkpoint; gram.update_period=2 so the refresh happens inside the run.
     # The dense probe runs on the FSDP-sharded EMA teacher at each checkpoint (both ranks, collectively).
     gram_args = (f"init.checkpoint={pre}", "gram.update_period=2", "gram.first_update=2", probe)
-    _run(_command("tiny_cpu_gram.yaml", catalog, gram_ref, *gram_args))
+    run_torchrun(_command("tiny_cpu_gram.yaml", catalog, gram_ref, *gram_args))
     reference = read_metrics(gram_ref)
     assert [m["gram_teacher_input"] for m in reference] == [[64, 64]] * STEPS  # 2x crops for 32 px students
     assert [m["gram_weight"] for m in reference] == [0.0, 1.0, 2.0, 2.0]
     assert [bool(m.get("gram_teacher_refreshed")) for m in reference] == [False, True, False, True]
 
-    kill_command_when(_command("tiny_cpu_gram.yaml", catalog, gram, *gram_args), _env(),
+    kill_command_when(_command("tiny_cpu_gram.yaml", catalog, gram, *gram_args), torchrun_env(),
                       lambda: (gram / "ckpt" / "00000002").is_dir())
     assert not (gram / TEACHER_FILE).exists()
-    _run(_command("tiny_cpu_gram.yaml", catalog, gram, *gram_args))
+    run_torchrun(_command("tiny_cpu_gram.yaml", catalog, gram, *gram_args))
     resumed = read_metrics(gram)
     assert [m["step"] for m in resumed] == list(range(STEPS))
     for ours, theirs in zip(resumed, reference):
@@ -178,7 +159,7 @@ def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teache
     assert reference_evals[-1]["dense_miou"] == pytest.approx(direct["miou"], abs=1e-6)
 
     # High-res stage: student and teacher from the Gram stage's EMA teacher; mixed sizes per step.
-    _run(_command("tiny_cpu_highres.yaml", catalog, highres, f"init.checkpoint={gram}"))
+    run_torchrun(_command("tiny_cpu_highres.yaml", catalog, highres, f"init.checkpoint={gram}"))
     hr = read_metrics(highres)
     assert len(hr) == STEPS and all(m["gram"] > 0 and m["dino_local_weight"] == 0.5 for m in hr)
     resolutions = load_train_config(str(CONFIGS / "tiny_cpu_highres.yaml")).highres.resolutions
@@ -186,7 +167,7 @@ def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teache
     assert [m["resolution"] for m in hr] == [[r.global_size, r.local_size, r.gram_size] for r in expected]
 
     # Distillation of two students (one rank each) from the high-res teacher: one teacher pass per step.
-    _run(_command("tiny_cpu_distill.yaml", catalog, distill, f"distill.teacher_checkpoint={highres}", probe))
+    run_torchrun(_command("tiny_cpu_distill.yaml", catalog, distill, f"distill.teacher_checkpoint={highres}", probe))
     dm = read_metrics(distill)
     distill_evals = read_metrics(distill, EVALS_FILE)
     assert [e["step"] for e in distill_evals] == [2, 4]

@@ -7,13 +7,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from PIL import Image, ImageDraw
 
-from catalog.shards import write_shards
+from tests.train_helpers import TINY, make_catalog
 from training.data.masking import collate
 from training.models import MODEL_SIZES, load_backbone
 from training.train.config import (
@@ -31,33 +29,6 @@ from training.train.meta_arch import build_student_teacher, ssl_losses
 from training.train.optim import apply_hyper_params, build_optimizer, param_groups
 from training.train.run_state import read_metrics, step_generator
 from training.train.schedules import Schedules, lr_scale, schedule_value
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "training" / "configs" / "tiny_cpu.yaml")
-PARTS = ("shapes_a", "shapes_b")
-
-
-def make_catalog(root: Path, per_part: int = 12, seed: int = 0) -> str:
-    """Real JPEGs of coloured shapes (ellipses in one part, rectangles in the other) as curated parts."""
-    rng = np.random.default_rng(seed)
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    catalog = str(root / "catalog")
-    next_id = 1
-    for part, shape in zip(PARTS, ("ellipse", "rectangle")):
-        ids, uris = [], []
-        for i in range(per_part):
-            image = Image.new("RGB", (48, 40), tuple(int(c) for c in rng.integers(0, 256, 3)))
-            x, y = (int(v) for v in rng.integers(0, 20, 2))
-            getattr(ImageDraw.Draw(image), shape)([x, y, x + 20, y + 16], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-            path = images / f"{part}_{i}.jpg"
-            image.save(path, quality=90)
-            ids.append(next_id)
-            uris.append(str(path))
-            next_id += 1
-        table = pa.table({"image_id": pa.array(ids, pa.int64()), "uri": uris, "part": [part] * per_part})
-        write_shards(catalog, f"curated/{part}", "u0", table)
-    return catalog
 
 
 def tiny_config(catalog: str, output_dir: Path, *overrides: str) -> TrainConfig:

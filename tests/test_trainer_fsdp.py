@@ -2,59 +2,34 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import cli_env, kill_command_when
-from tests.test_trainer import TINY, make_catalog
+from tests.helpers import kill_command_when
+from tests.train_helpers import TINY, run_torchrun, torchrun_command, torchrun_env
 from training.train.run_state import TEACHER_FILE, read_metrics
 
-STEPS = 8
 LOSS_KEYS = ("total", "dino_local", "dino_global", "koleo", "ibot")
 
 
-def _command(catalog: str, output_dir: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "training.train", "--config", TINY, f"data.catalog_root={catalog}", f"output_dir={output_dir}",
-        f"optim.iterations={STEPS}", "checkpoint.period=3", "checkpoint.keep_last=2", "dist_timeout_s=60",
-    ]
-
-
-def _env() -> dict[str, str]:
-    env = cli_env()
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _run(catalog: str, output_dir: Path) -> None:
-    done = subprocess.run(_command(catalog, output_dir), env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.slow
-def test_fsdp_run_resumes_exactly_after_sigkill(tmp_path):
-    catalog = make_catalog(tmp_path)
-    full = tmp_path / "full"
-    _run(catalog, full)
+def test_fsdp_run_resumes_exactly_after_sigkill(fsdp_pretrain, tmp_path):
+    catalog, full, steps, overrides = fsdp_pretrain
     reference = read_metrics(full)
-    assert [m["step"] for m in reference] == list(range(STEPS))
+    assert [m["step"] for m in reference] == list(range(steps))
     assert sorted(p.name for p in (full / "ckpt").iterdir()) == ["00000006", "00000008"]  # keep_last=2
     assert {p.name for p in (full / "ckpt" / "00000008").iterdir()} >= {"rank0.pt", "rank1.pt"}
 
     killed = tmp_path / "killed"
-    kill_command_when(_command(catalog, killed), _env(), lambda: (killed / "ckpt" / "00000003").is_dir())
+    command = torchrun_command(TINY, catalog, killed, *overrides)
+    kill_command_when(command, torchrun_env(), lambda: (killed / "ckpt" / "00000003").is_dir())
     before = read_metrics(killed)
-    assert len(before) < STEPS and not (killed / TEACHER_FILE).exists()
+    assert len(before) < steps and not (killed / TEACHER_FILE).exists()
 
-    _run(catalog, killed)
+    run_torchrun(command)
     resumed = read_metrics(killed)
-    assert [m["step"] for m in resumed] == list(range(STEPS))
+    assert [m["step"] for m in resumed] == list(range(steps))
     for ours, theirs in zip(resumed, reference):
         assert [ours[k] for k in LOSS_KEYS] == [theirs[k] for k in LOSS_KEYS], ours["step"]
     exported, expected = load_file(killed / TEACHER_FILE), load_file(full / TEACHER_FILE)
