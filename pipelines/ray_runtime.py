@@ -29,15 +29,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("CURATE_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
-        return
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level="WARNING",
-        _node_ip_address="127.0.0.1",
-    )
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level="WARNING",
+            _node_ip_address="127.0.0.1",
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
