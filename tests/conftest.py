@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports Ray: Ray reads these once, at import (loopback node IP, no auth, no usage stats).
+import pytest
+
+from pipelines.demo_job import DEMO_SETTINGS
+
 os.environ.setdefault("CURATE_PROGRESS", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-import pytest  # noqa: E402
-
-from pipelines.demo_job import DEMO_SETTINGS  # noqa: E402
 
 DEMO_N = 1500
 
@@ -38,17 +37,12 @@ def demo_catalog(demo_pool, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def ray_cluster():
-    """One Ray head for the session; this process and every `curate` subprocess join it (RAY_ADDRESS)."""
-    from tests.ray_head import running_ray_head
+def _stop_ray_at_end():
+    yield
+    import ray
 
-    with running_ray_head() as head, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ADDRESS", head.address)
-        yield head
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def concept_of_uri(demo_pool: str) -> dict[str, int]:

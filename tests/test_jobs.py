@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -31,10 +39,78 @@ from tests.helpers import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's own SDK
 
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _kill_tree(marks: list[str]) -> None:
+    """Stop every process whose command line carries one of our marks, and their children."""
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
+    procs = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    procs.pop(os.getpid(), None)
+    for p in procs.values():
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
 @pytest.fixture(scope="module")
-def ray_head(ray_cluster) -> str:
-    """The session's Ray head: its dashboard URL, where jobs are submitted."""
-    return ray_cluster.dashboard
+def ray_head():
+    """A Ray head with the dashboard and job server, every port our own, stopped by PID afterwards."""
+    temp_dir = tempfile.mkdtemp(prefix="curate-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = _free_ports(9)
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("CURATE_RAY_ADDRESS", None)
+    cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+           "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+           "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+           "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(node_mgr),
+           "--object-manager-port", str(obj_mgr), "--num-cpus", "2", "--object-store-memory", "200000000",
+           "--disable-usage-stats", "--temp-dir", temp_dir]
+    marks = [temp_dir, f"127.0.0.1:{gcs}"]
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield url
+    finally:
+        _kill_tree(marks)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture()
