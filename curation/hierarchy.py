@@ -67,12 +67,15 @@ class LevelSpec:
             raise ValueError("n_splits > 1 cannot be combined with resampling_steps > 0")
 
 
-def default_levels(n_rows: int, n_levels: int = 5, *, resampling_steps: int = 10) -> list[LevelSpec]:
+def default_levels(
+    n_rows: int, n_levels: int = 5, *, resampling_steps: int = 10, min_top_k: int = 10
+) -> list[LevelSpec]:
     """Level sizes scaled from the paper's ratios to a pool of ``n_rows``.
 
     Rule: level t has k_t = n_rows / (r_1^α · … · r_t^α) clusters, r = PAPER_RATIOS (extended with
     its last ratio beyond 5 levels). α is the largest exponent ≤ 1 that leaves the top level at least
-    c·√n_rows clusters, with c set so the paper's 17B-image pool gets exactly its 25k (α = 1 there):
+    max(``min_top_k``, c·√n_rows) clusters, with c set so the paper's 17B-image pool gets exactly its
+    25k (α = 1 there); the floor keeps tiny pools from ending in a handful of top clusters:
     10k rows → 1262/282/96/37/19 clusters, 200k → 15.4k/2.4k/634/191/86, 1e10 → 128M/5.5M/573k/75k/19k.
     A top level that grows like √n keeps upper clusters from becoming "hubs" of many unrelated
     concepts in small pools (200k × 384 synthetic pool, 4 levels: normalised concept entropy of a 20%
@@ -81,8 +84,8 @@ def default_levels(n_rows: int, n_levels: int = 5, *, resampling_steps: int = 10
     """
     ratios = [PAPER_RATIOS[min(i, len(PAPER_RATIOS) - 1)] for i in range(n_levels)]
     total = sum(math.log(r) for r in ratios)
-    min_top_k = max(2.0, PAPER_TOP_PER_SQRT_ROWS * math.sqrt(n_rows))
-    alpha = min(1.0, max(0.0, math.log(max(n_rows / min_top_k, 1.0)) / total))
+    top_k = max(float(min_top_k), PAPER_TOP_PER_SQRT_ROWS * math.sqrt(n_rows))
+    alpha = min(1.0, max(0.0, math.log(max(n_rows / top_k, 1.0)) / total))
     specs = []
     k = float(n_rows)
     for t, r in enumerate(ratios):
