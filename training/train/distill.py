@@ -45,15 +45,13 @@ from training.train.optim import (
     ema_update,
 )
 from training.train.run_state import (
-    EVALS_FILE,
-    METRICS_FILE,
     TEACHER_FILE,
     TrainResult,
     append_record,
+    resume_logs,
     rng_state,
     set_rng_state,
     step_generator,
-    truncate_metrics,
 )
 from training.train.schedules import Schedules
 
@@ -226,11 +224,8 @@ def train_distill(config: TrainConfig, info: DistInfo):
         start, rank_state = load_checkpoint(latest, student, ema, optimizer, info, subdir=slot.spec.name, group=slot.group)
         loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
-    metrics_path, evals_path = out / METRICS_FILE, out / EVALS_FILE
+    metrics_path, evals_path = resume_logs(out, start, info.is_main)
     evals = CheckpointEvals(config.eval, config.crops.global_size, vit.patch_size)
-    if info.is_main:
-        truncate_metrics(metrics_path, start)
-        truncate_metrics(evals_path, start + 1)
     if evals.names and start > 0 and scores_missing(evals_path, start, info.is_main):
         log_student_scores(evals, ema.backbone, slot, names, start, evals_path, info)
     end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)

@@ -36,15 +36,13 @@ from training.train.optim import (
     ema_update,
 )
 from training.train.run_state import (
-    EVALS_FILE,
-    METRICS_FILE,
     TEACHER_FILE,
     TrainResult,
     append_record,
+    resume_logs,
     rng_state,
     set_rng_state,
     step_generator,
-    truncate_metrics,
 )
 from training.train.schedules import Schedules, StepHyperParams
 from training.train.stages import (
@@ -160,11 +158,8 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
             init_from_checkpoint(config.init, student, teacher)
         if gram_teacher is not None:
             init_gram_teacher(config.gram, gram_teacher, teacher)
-    metrics_path, evals_path = out / METRICS_FILE, out / EVALS_FILE
+    metrics_path, evals_path = resume_logs(out, start, info.is_main)
     evals = CheckpointEvals(config.eval, config.crops.global_size, vit.patch_size)
-    if info.is_main:
-        truncate_metrics(metrics_path, start)
-        truncate_metrics(evals_path, start + 1)
     if evals.names and start > 0 and scores_missing(evals_path, start, info.is_main):
         log_scores(evals, teacher.backbone, start, evals_path, info.is_main)
     end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)

@@ -55,6 +55,15 @@ def truncate_metrics(path: Path, before_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def resume_logs(output_dir: Path, start: int, is_main: bool) -> tuple[Path, Path]:
+    """The run's metrics and evals logs, without the rows written after checkpoint ``start`` (rank 0 trims)."""
+    metrics, evals = output_dir / METRICS_FILE, output_dir / EVALS_FILE
+    if is_main:
+        truncate_metrics(metrics, start)
+        truncate_metrics(evals, start + 1)
+    return metrics, evals
+
+
 def append_record(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
