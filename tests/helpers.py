@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 import psutil
@@ -21,7 +24,29 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """``curate ARGS`` in this process (its Ray is started once and shared), output captured.
+
+    Saves a Python + Ray start-up per call; an unexpected exception becomes exit status 1 with its
+    traceback on stderr, as from the console script. Kill tests and tests whose Ray workers need
+    this process's environment use `run_cli_process`.
+    """
+    from pipelines.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(args)
+        except SystemExit as e:  # argparse errors and --help
+            rc = e.code if isinstance(e.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+    return subprocess.CompletedProcess(["curate", *args], rc, out.getvalue(), err.getvalue())
+
+
+def run_cli_process(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``curate ARGS`` in a fresh Python process with its own Ray."""
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=cli_env(), capture_output=True,
                           text=True, timeout=timeout)
 

@@ -24,7 +24,7 @@ from catalog.paths import S3_RETRIES, resolve
 from catalog.shards import shard_urls, write_shards
 from catalog.sql import query
 from catalog.tables import list_tables
-from tests.helpers import run_cli
+from tests.helpers import run_cli_process
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +135,7 @@ def pool(s3, tmp_path_factory) -> dict[str, str]:
 
 
 def _cli(*args: str):
-    result = run_cli(list(args))
+    result = run_cli_process(list(args))
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
