@@ -26,7 +26,7 @@ from benchmarks.common import report  # noqa: E402
 
 
 def _write_jpeg(args: tuple[str, int]) -> str:
-    from pipelines.demo_pool import CONCEPTS, render_concept_image
+    from pipelines.demo_concepts import CONCEPTS, render_concept_image
 
     folder, i = args
     rng = np.random.default_rng(i)

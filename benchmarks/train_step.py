@@ -14,6 +14,7 @@ MFU = FLOPs / step time / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989e
 
     .venv/bin/python benchmarks/train_step.py --size vit_test --global-size 32 --local-size 16 --batch 4
     .venv/bin/python benchmarks/train_step.py --device cuda --batch 64 --compile --out /tmp/ts.json
+    .venv/bin/python benchmarks/train_step.py --device cuda --batch 256 --compile --unsharded --profile
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -87,6 +89,23 @@ def step_flops(args: argparse.Namespace, cfg, p_backbone: int, p_dino: int, p_ib
     return 3 * (student + ibot) + teacher + ibot
 
 
+def profile_step(step: Callable[[], object], rows: int = 25) -> list[dict]:
+    """Run one step under torch.profiler; print and return the ops with the most self time (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:rows]
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+    return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3,
+             "cpu_ms": e.cpu_time_total / 1e3} for e in events]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="dinov3_vits16")
@@ -100,13 +119,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--unsharded", action="store_true", help="no process group, no FSDP2 (autocast bf16 on CUDA)")
+    ap.add_argument("--profile", action="store_true", help="print the costliest ops of one more step")
     ap.add_argument("--out")
     args = ap.parse_args()
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    if not args.unsharded:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
     info = init_distributed(args.device, timeout_s=300)
     head = HeadConfig(n_prototypes=args.prototypes)
     config = TrainConfig(device=args.device, model=ModelConfig(size=args.size, dino_head=head, ibot_head=head),
@@ -138,21 +160,25 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
         losses.append(out.losses[0])
     step_s = float(np.median(times))
+    top_ops = profile_step(lambda: train_step(student, teacher, optimizer, batch, hp, config,
+                                              step_generator(0, 10**6, 0))) if args.profile else None
     flops = step_flops(args, cfg, p_backbone, p_dino, p_ibot, n_masked)
     facts = machine()
     peak = next((v for k, v in PEAK_BF16.items() if k in facts.get("gpu", "")), None) if args.device == "cuda" else None
     result = {
-        "size": args.size, "device": args.device, "dtype": "bf16 (FSDP2 mixed precision)" if args.device == "cuda" else "fp32",
+        "size": args.size, "device": args.device, "dtype": ("bf16 (autocast)" if args.unsharded else "bf16 (FSDP2 mixed precision)") if info.bf16 else "fp32",
         "batch": args.batch, "global_size": args.global_size, "local_size": args.local_size, "n_local": args.n_local,
         "prototypes": args.prototypes, "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
         "backbone_params": p_backbone, "dino_head_params": p_dino, "ibot_head_params": p_ibot,
         "warmup_s": warmup_s, "step_s_median": step_s, "images_per_s": args.batch / step_s,
         "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
-        "mfu": flops / step_s / peak if peak else None, "losses": losses,
+        "mfu": flops / step_s / peak if peak else None, "losses": losses, "unsharded": args.unsharded,
+        "top_ops": top_ops,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
         "machine": facts,
     }
     rows = [("size", args.size), ("device / dtype", f"{args.device} / {result['dtype']}"), ("batch", args.batch),
+            ("model", "unsharded" if args.unsharded else "FSDP2, 1 rank"),
             ("crops", f"2x{args.global_size} + {args.n_local}x{args.local_size}"), ("compile", args.compile),
             ("step time (median)", f"{step_s:.3f} s"), ("images/s", f"{result['images_per_s']:.1f}"),
             ("model TFLOP/step", f"{result['model_tflops_per_step']:.3f}"),

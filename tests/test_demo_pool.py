@@ -13,16 +13,13 @@ from PIL import Image
 
 from curation import decode
 from curation.decode import DecodeError, decode_rgb
+from pipelines.demo_concepts import CONCEPTS, N_CONCEPTS, PALETTES, render_concept_image
 from pipelines.demo_pool import (
     AWKWARD_KINDS,
     BROKEN_KINDS,
-    CONCEPTS,
-    N_CONCEPTS,
-    PALETTES,
     ZIPF_EXPONENT,
     generate_demo_pool,
     plan_concept_counts,
-    render_concept_image,
 )
 
 N = 300

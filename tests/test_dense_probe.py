@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.demo_concepts import dense_probe_set
 from pipelines.demo_job import DEMO_BACKBONE
-from pipelines.demo_pool import dense_probe_set
 from training.models import load_backbone
 from training.train.dense_probe import (
     linear_dense_probe,

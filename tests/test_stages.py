@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.demo_pool import dense_probe_set
+from pipelines.demo_concepts import dense_probe_set
 from tests.helpers import kill_command_when
 from tests.train_helpers import CONFIGS, run_torchrun, torchrun_command, torchrun_env
 from training.data.masking import collate

@@ -220,6 +220,7 @@ class TrainConfig:
     highres: HighResConfig = field(default_factory=HighResConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 compute on CUDA, fp32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
     nan_patience: int = 2  # stop after this many consecutive steps with a NaN/inf loss

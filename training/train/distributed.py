@@ -27,11 +27,14 @@ from training.train.meta_arch import SSLModel, build_student_teacher
 
 @dataclass(frozen=True)
 class DistInfo:
+    """Where this process computes: its rank in the group, its device, and whether it computes in bf16."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     initialized_here: bool  # this process created the group (and so destroys it at the end)
+    bf16: bool = False  # bf16 compute, fp32 master weights (FSDP2 mixed precision, or autocast unsharded)
 
     @property
     def is_main(self) -> bool:
@@ -42,7 +45,14 @@ def backend_for(device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
-def init_distributed(device: str, timeout_s: int) -> DistInfo:
+def uses_bf16(precision: str, device: str) -> bool:
+    """``precision`` 'auto' is bf16 on CUDA and fp32 on CPU; 'bf16' and 'fp32' force one."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device == "cuda")
+
+
+def init_distributed(device: str, timeout_s: int, precision: str = "auto") -> DistInfo:
     """Use an existing process group (Ray Train), else one from the torchrun env, else a single process."""
     initialized_here = False
     if not dist.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -60,7 +70,7 @@ def init_distributed(device: str, timeout_s: int) -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    return DistInfo(rank, world, local_rank, dev, initialized_here)
+    return DistInfo(rank, world, local_rank, dev, initialized_here, uses_bf16(precision, device))
 
 
 def barrier() -> None:
@@ -85,14 +95,24 @@ def _checkpointed_forward(forward):
     return run
 
 
+def _autocast_forwards(model: nn.Module, names: tuple[str, ...], device_type: str) -> None:
+    """Run the named methods under bf16 autocast: an unsharded model's stand-in for FSDP2 mixed precision."""
+    for name in names:
+        if hasattr(model, name):
+            setattr(model, name, torch.autocast(device_type, dtype=torch.bfloat16)(getattr(model, name)))
+
+
+_COMPUTE_METHODS = ("forward", "forward_bottleneck", "forward_last_layer")
+
+
 def _fsdp_kwargs(info: DistInfo, group: dist.ProcessGroup | None) -> dict:
-    """FSDP2 arguments: a mesh over ``group`` (default: the world); bf16 compute / fp32 reduce on CUDA."""
+    """FSDP2 arguments: a mesh over ``group`` (default: the world); with ``info.bf16``, bf16 compute / fp32 reduce."""
     if group is None:
         mesh = init_device_mesh(info.device.type, (dist.get_world_size(),))
     else:
         mesh = DeviceMesh.from_group(group, info.device.type)
     kwargs = {"mesh": mesh, "reshard_after_forward": True}
-    if info.device.type == "cuda":
+    if info.bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return kwargs
 
@@ -119,8 +139,9 @@ def prepare_model(
     """Move to the device; AC and compile per block; FSDP2 per block, backbone root, then each head.
 
     Parameter names are unchanged (AC patches the block's forward instead of wrapping the module), so
-    state dicts and exports keep the official key layout. Mixed precision (bf16 compute, fp32 reduce)
-    is used on CUDA only. ``group``: shard over this process group (a distillation student) instead
+    state dicts and exports keep the official key layout. With ``info.bf16`` the model computes in
+    bf16 over fp32 weights: FSDP2 mixed precision (fp32 reduce) when sharded, autocast on the
+    backbone's and heads' forwards when no process group is up. ``group``: shard over this process group (a distillation student) instead
     of the world. The heads' ``forward_bottleneck``/``forward_last_layer`` are FSDP forward methods,
     so distillation can call them separately.
     """
@@ -135,6 +156,9 @@ def prepare_model(
         for module in [*blocks, model.dino_head, model.ibot_head]:
             module.compile()
     if not dist.is_initialized():
+        if info.bf16:
+            for module in (model.backbone, model.dino_head, model.ibot_head):
+                _autocast_forwards(module, _COMPUTE_METHODS, info.device.type)
         return model
     # The backbone returns views (cls = prefix[:, 0]); the losses use them out of place only.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -159,6 +183,8 @@ def prepare_frozen_backbone(backbone: VisionTransformer, info: DistInfo) -> Visi
     if dist.is_initialized():
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         _shard_backbone(backbone, _fsdp_kwargs(info, None))
+    elif info.bf16:
+        _autocast_forwards(backbone, ("forward",), info.device.type)
     if on_meta:
         backbone.to_empty(device=info.device)
     return backbone

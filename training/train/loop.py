@@ -86,12 +86,14 @@ def train_step(
     losses = ssl_losses(student, teacher, batch, hp.teacher_temp, config.loss, distributed, generator=generator,
                         gram=gram, local_weight=hp.dino_local_weight)
     losses.total.backward()
-    grad_norms = clip_gradients(student, config.optim.clip_grad)
+    norms = clip_gradients(student, config.optim.clip_grad)
     values = losses.stacked()
     if distributed:
         dist.all_reduce(values)
         values /= dist.get_world_size()
-    reduced = values.tolist()
+    # The step's one host sync: losses and gradient norms together.
+    read = torch.cat([values, *(n.detach().float().reshape(1) for n in norms.values())]).tolist()
+    reduced, grad_norms = read[: len(FIELDS)], dict(zip(norms, read[len(FIELDS) :]))
     finite = math.isfinite(reduced[0])
     if finite:
         optimizer.step()
@@ -114,7 +116,7 @@ def train(config: TrainConfig) -> TrainResult:
     ``config.stage`` picks the recipe stage: ``pretrain``, ``gram`` (Gram anchoring), ``highres``
     (mixed-resolution adaptation with Gram anchoring) or ``distill`` (``training.train.distill``).
     """
-    info = init_distributed(config.device, config.dist_timeout_s)
+    info = init_distributed(config.device, config.dist_timeout_s, config.precision)
     try:
         if config.stage == "distill":
             from training.train.distill import train_distill

@@ -82,20 +82,23 @@ def apply_hyper_params(optimizer: torch.optim.Optimizer, hp: StepHyperParams) ->
         group["weight_decay"] = hp.weight_decay * group["wd_mult"]
 
 
-def _as_float(norm: Tensor) -> float:
-    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(full)
+def _full(norm: Tensor) -> Tensor:
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def clip_gradients(model: nn.Module, max_norm: float | None) -> dict[str, float]:
-    """Clip backbone, DINO head and iBOT head separately; returns their pre-clip gradient norms."""
+def clip_gradients(model: nn.Module, max_norm: float | None) -> dict[str, Tensor]:
+    """Clip backbone, DINO head and iBOT head separately; returns their pre-clip gradient norms.
+
+    The norms stay on the device (0-dim tensors) so the caller reads them with the step's other
+    values in one host sync.
+    """
     norms = {}
     for module in ("backbone", "dino_head", "ibot_head"):
         params = [p for p in getattr(model, module).parameters() if p.grad is not None]
         if not params:
             continue
         limit = max_norm if max_norm is not None else float("inf")
-        norms[module] = _as_float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
+        norms[module] = _full(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
     return norms
 
 
