@@ -37,7 +37,7 @@ ArrayLike = np.ndarray | torch.Tensor
 #: Score matrix elements per chunk (rows × centroids); 2**24 fp32 = 64 MiB on CPU, 2**30 on CUDA.
 _CPU_SCORE_BUDGET = 1 << 24
 _CUDA_SCORE_BUDGET = 1 << 30
-#: torch.mm(..., out_dtype=) (bf16 inputs, fp32 scores) exists in recent torch builds only.
+#: torch.mm(..., out_dtype=) (bf16 inputs, fp32 scores) exists in recent torch builds, on CUDA only.
 _HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 #: Mantissa bits kept for the largest |coordinate| when rounding to the summation grid.
 _GRID_BITS = 22
@@ -149,9 +149,9 @@ def normalize_rows(t: torch.Tensor) -> torch.Tensor:
 def _nearest(xc: torch.Tensor, prep: "_Prepared", centroid_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Running argmin of ``|c|²/2 − x·c`` over centroid chunks; ties go to the lowest index.
 
-    On CUDA with bf16 inputs the bias rides inside the GEMM (x gets constant columns, c gets −|c|²/2
-    split into bf16 high and low parts) and scores come out in fp32 (``out_dtype``), so each chunk is
-    one GEMM plus one max pass over a single [rows, centroid_chunk] fp32 buffer.
+    With bf16 inputs the bias rides inside the GEMM (x gets constant columns, c gets −|c|²/2 split
+    into bf16 high and low parts) and scores come out in fp32, so on CUDA each chunk is one GEMM plus
+    one max pass over a single [rows, centroid_chunk] fp32 buffer.
     """
     best_val: torch.Tensor | None = None
     best_idx: torch.Tensor | None = None
@@ -161,7 +161,7 @@ def _nearest(xc: torch.Tensor, prep: "_Prepared", centroid_chunk: int) -> tuple[
         xa[:, xc.shape[1] : xc.shape[1] + 2] = 1
     for start in range(0, prep.c.shape[0], centroid_chunk):
         if prep.c_aug is not None:
-            s = torch.mm(xa, prep.c_aug[start : start + centroid_chunk].T, out_dtype=torch.float32)
+            s = _fp32_scores(xa, prep.c_aug[start : start + centroid_chunk].T)
             val, idx = s.max(dim=1)
             val = val.neg_()
         else:
@@ -179,6 +179,14 @@ def _nearest(xc: torch.Tensor, prep: "_Prepared", centroid_chunk: int) -> tuple[
     return best_val, best_idx
 
 
+def _fp32_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of bf16 matrices with fp32 output: one GEMM on CUDA; elsewhere the same product of the
+    exactly upcast inputs (CPU builds lack the mixed-dtype kernel)."""
+    if a.device.type == "cuda" and _HAS_MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
 class _Prepared:
     """Centroids placed on the device once per iteration, plus their half squared norms."""
 
@@ -189,7 +197,7 @@ class _Prepared:
         self.half_sq = 0.5 * (c * c).sum(dim=1)
         self.c = c.to(dtype)
         self.c_aug: torch.Tensor | None = None
-        if device.type == "cuda" and dtype != torch.float32 and _HAS_MM_OUT_DTYPE:
+        if dtype == torch.bfloat16:
             k, d = c.shape
             self.c_aug = torch.zeros(k, (d + 2 + 7) // 8 * 8, dtype=dtype, device=device)
             self.c_aug[:, :d] = self.c

@@ -127,3 +127,20 @@ def test_bf16_inputs_close_to_fp32():
     x, truth = blobs(n=1000, k=5, spread=10.0)
     labels, _ = assign(x, kmeans(x, 5, seed=0).centroids, dtype=torch.bfloat16)
     assert adjusted_rand_score(truth, labels) == 1.0
+
+
+def test_bf16_scores_carry_centroid_norms_inside_the_gemm():
+    """bf16 assignment = exact argmin of |c|²/2 − x·c over the bf16-rounded x and c (the CUDA GEMM's math)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 24)).astype(np.float32) * 3 + 5  # offset: |c|² dominates the score
+    c = x[rng.choice(3000, 64, replace=False)] + rng.normal(size=(64, 24)).astype(np.float32) * 0.1
+    labels, dists = assign(x, c, dtype=torch.bfloat16)
+    xb, cb = (torch.from_numpy(a).bfloat16().double() for a in (x, c))
+    score = 0.5 * (torch.from_numpy(c).double() ** 2).sum(1) - xb @ cb.T
+    top2 = score.topk(2, dim=1, largest=False)
+    clear = (top2.values[:, 1] - top2.values[:, 0]).numpy() > 1e-3  # fp32 GEMM rounding decides the rest
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(labels[clear], top2.indices[:, 0].numpy()[clear])
+    # distance = |x|² + 2·score: the bias's high and low bf16 parts together keep |c|²/2 to fp32 accuracy
+    expected = (xb**2).sum(1) + 2 * score.gather(1, torch.from_numpy(labels)[:, None])[:, 0]
+    np.testing.assert_allclose(dists, expected.clamp_min(0).numpy(), rtol=0, atol=0.01)
