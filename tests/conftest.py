@@ -1,12 +1,16 @@
-"""Shared fixtures: quiet Ray on loopback, and one small demo pool + catalog per test session."""
+"""Shared fixtures: quiet Ray on loopback, one small demo pool + catalog per test session, and the
+``--device`` option (tests of code that runs on CPU and CUDA take the ``device`` fixture).
+
+Nothing heavy is imported here, so the device-capable test files also run on a machine that has
+torch but not Ray, DuckDB or faiss (``pytest --device cuda tests/test_kmeans.py …``).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
-
-from pipelines.demo_job import DEMO_SETTINGS
 
 os.environ.setdefault("CURATE_PROGRESS", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -14,6 +18,21 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 DEMO_N = 1500
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="where tests that take the `device` fixture compute (default cpu)")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest):
+    import torch
+
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: CUDA is not available")
+    return torch.device(name)
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +58,8 @@ def demo_catalog(demo_pool, tmp_path_factory) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def _stop_ray_at_end():
     yield
-    import ray
-
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # only a session that imported Ray can have started it
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 
@@ -53,21 +71,19 @@ def concept_of_uri(demo_pool: str) -> dict[str, int]:
     return {os.path.join(demo_pool, "pool", r["relpath"]): r["concept"] for r in truth}
 
 
-# The demo job's settings (the shipped demo backbone at 64 px), the default 5 levels.
-LVD_SETTINGS = DEMO_SETTINGS
-
-
 @pytest.fixture(scope="session")
 def lvd_catalog(demo_catalog, tmp_path_factory) -> str:
-    """A copy of the demo catalog through build-lvd (30% target)."""
+    """A copy of the demo catalog through build-lvd (30% target) with the demo job's settings (the
+    shipped demo backbone at 64 px, the default 5 levels)."""
     import shutil
 
     from catalog.config import load_config
     from pipelines.build_lvd import BuildLVDConfig, build_lvd
+    from pipelines.demo_job import DEMO_SETTINGS
 
     root = str(tmp_path_factory.mktemp("lvd") / "cat")
     shutil.copytree(demo_catalog, root)
-    config = load_config(BuildLVDConfig, None, [*LVD_SETTINGS, f"sample.target_size={int(DEMO_N * 0.3)}"])
+    config = load_config(BuildLVDConfig, None, [*DEMO_SETTINGS, f"sample.target_size={int(DEMO_N * 0.3)}"])
     build_lvd(root, config)
     return root
 

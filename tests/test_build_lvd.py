@@ -7,7 +7,8 @@ import pytest
 
 from catalog.array_store import CatalogArrayStore
 from catalog.sql import query
-from tests.conftest import DEMO_N, LVD_SETTINGS, concept_of_uri
+from pipelines.demo_job import DEMO_SETTINGS
+from tests.conftest import DEMO_N, concept_of_uri
 from tests.helpers import kill_when, run_cli
 
 
@@ -79,7 +80,7 @@ def test_copy_detection_against_the_sidecar(demo_pool, lvd_catalog):
 def test_rerunning_build_lvd_skips_finished_stages(lvd_catalog):
     before = query(lvd_catalog, "SELECT image_id FROM curated_lvd ORDER BY 1").column(0).to_pylist()
     result = run_cli(["build-lvd", "--catalog", lvd_catalog, "--target-size", str(int(DEMO_N * 0.3)),
-                      "--set", *LVD_SETTINGS])
+                      "--set", *DEMO_SETTINGS])
     assert result.returncode == 0, result.stderr
     assert "(already done)" in result.stdout or "already" in result.stdout
     assert query(lvd_catalog, "SELECT image_id FROM curated_lvd ORDER BY 1").column(0).to_pylist() == before

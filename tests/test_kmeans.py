@@ -20,63 +20,63 @@ def blobs(n=3000, k=12, d=16, spread=20.0, seed=0):
     return (centers[truth] + rng.normal(size=(n, d))).astype(np.float32), truth
 
 
-def test_finds_separated_blobs_exactly():
+def test_finds_separated_blobs_exactly(device):
     x, truth = blobs()
-    r = kmeans(x, 12, seed=3)
+    r = kmeans(x, 12, seed=3, device=device)
     assert adjusted_rand_score(truth, r.labels) == 1.0
     for j in range(12):  # centroids are the means of their clusters
         np.testing.assert_allclose(r.centroids[j], x[r.labels == j].mean(0), atol=1e-4)
 
 
-def test_deterministic_for_a_seed():
+def test_deterministic_for_a_seed(device):
     x, _ = blobs(k=20, spread=2.0)
-    a, b = kmeans(x, 20, seed=7), kmeans(x, 20, seed=7)
+    a, b = kmeans(x, 20, seed=7, device=device), kmeans(x, 20, seed=7, device=device)
     assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.labels, b.labels)
     assert a.n_iter == b.n_iter
 
 
-def test_assign_matches_brute_force_with_centroid_chunks():
+def test_assign_matches_brute_force_with_centroid_chunks(device):
     x, _ = blobs(n=1000, k=5, spread=1.0)
     c = x[:37] + 0.01
-    labels, dist = assign(x, c, chunk_size=128, centroid_chunk=10)
+    labels, dist = assign(x, c, chunk_size=128, centroid_chunk=10, device=device)
     d2 = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
     assert np.array_equal(labels, d2.argmin(1))
     np.testing.assert_allclose(dist, d2.min(1), rtol=1e-4, atol=1e-3)
 
 
-def _lloyd_sharded(x, c0, bounds, n_iter, chunk):
+def _lloyd_sharded(x, c0, bounds, n_iter, chunk, device):
     """A driver doing Lloyd by reducing the partial sums of shards [bounds[i], bounds[i+1])."""
     grid = grid_exponent(float(np.abs(x).max()))
     c = c0
     for _ in range(n_iter):
         parts = [
-            partial_sums(x[s:e], c, grid_exp=grid, row_offset=s, chunk_size=chunk)
+            partial_sums(x[s:e], c, grid_exp=grid, row_offset=s, chunk_size=chunk, device=device)
             for s, e in zip(bounds[:-1], bounds[1:])
         ]
         c, _ = update_centroids(reduce_partials(parts[::-1]), c)  # reduction order must not matter
     return c
 
 
-def test_one_vs_many_workers_identical_centroids():
+def test_one_vs_many_workers_identical_centroids(device):
     x, _ = blobs(n=5000, k=30, spread=1.5, seed=1)
     c0 = x[:30].copy()
-    one = _lloyd_sharded(x, c0, [0, 5000], 6, 512)
-    two = _lloyd_sharded(x, c0, [0, 1777, 5000], 6, 512)
-    three = _lloyd_sharded(x, c0, [0, 999, 3001, 5000], 6, 512)
+    one = _lloyd_sharded(x, c0, [0, 5000], 6, 512, device)
+    two = _lloyd_sharded(x, c0, [0, 1777, 5000], 6, 512, device)
+    three = _lloyd_sharded(x, c0, [0, 999, 3001, 5000], 6, 512, device)
     assert np.array_equal(one, two) and np.array_equal(one, three)
-    r = kmeans(x, 30, init_centroids=c0, n_iter=6, tol=0.0, chunk_size=512)
+    r = kmeans(x, 30, init_centroids=c0, n_iter=6, tol=0.0, chunk_size=512, device=device)
     assert np.array_equal(r.centroids, one)
 
 
-def test_partial_sums_match_numpy():
+def test_partial_sums_match_numpy(device):
     x, _ = blobs(n=2000, k=8, spread=3.0)
     c = x[:8].copy()
-    p = partial_sums(x, c, grid_exp=grid_exponent(float(np.abs(x).max())))
-    labels, _ = assign(x, c)
+    p = partial_sums(x, c, grid_exp=grid_exponent(float(np.abs(x).max())), device=device)
+    labels, _ = assign(x, c, device=device)
     ref = np.zeros((8, x.shape[1]))
     np.add.at(ref, labels, x.astype(np.float64))
-    np.testing.assert_allclose(p.sums.numpy(), ref, rtol=1e-5, atol=1e-3)
-    assert np.array_equal(p.counts.numpy(), np.bincount(labels, minlength=8))
+    np.testing.assert_allclose(p.sums.cpu().numpy(), ref, rtol=1e-5, atol=1e-3)
+    assert np.array_equal(p.counts.cpu().numpy(), np.bincount(labels, minlength=8))
 
 
 def test_empty_cluster_takes_farthest_point():
@@ -123,18 +123,18 @@ def test_faiss_backend_same_interface():
     assert adjusted_rand_score(truth, r.labels) > 0.5  # faiss may stop in a local optimum
 
 
-def test_bf16_inputs_close_to_fp32():
+def test_bf16_inputs_close_to_fp32(device):
     x, truth = blobs(n=1000, k=5, spread=10.0)
-    labels, _ = assign(x, kmeans(x, 5, seed=0).centroids, dtype=torch.bfloat16)
+    labels, _ = assign(x, kmeans(x, 5, seed=0).centroids, dtype=torch.bfloat16, device=device)
     assert adjusted_rand_score(truth, labels) == 1.0
 
 
-def test_bf16_scores_carry_centroid_norms_inside_the_gemm():
+def test_bf16_scores_carry_centroid_norms_inside_the_gemm(device):
     """bf16 assignment = exact argmin of |c|²/2 − x·c over the bf16-rounded x and c (the CUDA GEMM's math)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3000, 24)).astype(np.float32) * 3 + 5  # offset: |c|² dominates the score
     c = x[rng.choice(3000, 64, replace=False)] + rng.normal(size=(64, 24)).astype(np.float32) * 0.1
-    labels, dists = assign(x, c, dtype=torch.bfloat16)
+    labels, dists = assign(x, c, dtype=torch.bfloat16, device=device)
     xb, cb = (torch.from_numpy(a).bfloat16().double() for a in (x, c))
     score = 0.5 * (torch.from_numpy(c).double() ** 2).sum(1) - xb @ cb.T
     top2 = score.topk(2, dim=1, largest=False)

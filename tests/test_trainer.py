@@ -203,40 +203,7 @@ def test_activation_checkpointing_replays_stochastic_depth_exactly():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bf16_precision_computes_in_bf16_over_fp32_weights(tmp_path):
-    """precision=bf16 without a process group: autocast on the forwards (FSDP2's mixed precision stand-in)."""
-    config = tiny_config("x", Path("y"))
-    student, teacher = build_student_teacher(config.model, seed=0)
-    mixed_student, mixed_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-    info = DistInfo(0, 1, 0, torch.device("cpu"), False, bf16=True)
-    for model in (mixed_student, mixed_teacher):
-        prepare_model(model, info)
-    gen = torch.Generator().manual_seed(1)
-    samples = [{"global_crops": torch.randn(2, 3, 32, 32, generator=gen), "local_crops": torch.randn(2, 3, 16, 16, generator=gen)}
-               for _ in range(4)]
-    batch = collate(samples, patch_size=16, rng=np.random.default_rng(0))
-    batch["image_ids"] = torch.arange(4)
-    seen = []
-    for model in (student, mixed_student):
-        hook = model.backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-        model.backbone(batch["global_crops"])
-        hook.remove()
-    assert seen == [torch.float32, torch.bfloat16]
-    assert mixed_student.dino_head(torch.randn(3, 64)).dtype == torch.bfloat16
-
-    results = []
-    for s, t in ((student, teacher), (mixed_student, mixed_teacher)):
-        losses = ssl_losses(s, t, batch, 0.05, config.loss, False, generator=step_generator(0, 1, 0))
-        losses.total.backward()
-        results.append((losses.stacked(), {n: p.grad for n, p in s.named_parameters() if p.grad is not None}))
-    (fp32_losses, fp32_grads), (bf16_losses, bf16_grads) = results
-    torch.testing.assert_close(bf16_losses, fp32_losses, rtol=0.03, atol=0.02)
-    assert all(p.dtype == torch.float32 for p in mixed_student.parameters())
-    assert bf16_grads.keys() == fp32_grads.keys()
-    assert all(g.dtype == torch.float32 for g in bf16_grads.values())
-    flat = [torch.cat([g[n].flatten() for n in fp32_grads]) for g in (fp32_grads, bf16_grads)]
-    assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99  # the same step, up to bf16 rounding
-
+def test_bf16_precision_trains_without_a_process_group(tmp_path):
     catalog = make_catalog(tmp_path, per_part=4)
     result = train(tiny_config(catalog, tmp_path / "run", "precision=bf16", "optim.iterations=2", "checkpoint.period=2"))
     metrics = read_metrics(result.output_dir)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, for a lent GPU machine with a short budget (about 9 min
+# on an H100/H200 once started). Needs torch with CUDA, torchvision, numpy, pyarrow, pillow,
+# scikit-learn, scikit-image, safetensors, pytest (not Ray, DuckDB or faiss). Each step has its own time limit and a
+# failing step does not stop the others; the JSON of each benchmark and a log land in $OUT.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh            # everything
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh tests lloyd # some steps: tests lloyd train_s train_l embed
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/gpu}"
+mkdir -p "$out"
+steps="${*:-tests lloyd train_s train_l embed}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CURATE_PROGRESS=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, print the tail
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc in $((SECONDS - t0)) s"
+  tail -n 14 "$out/$name.log"
+}
+
+for s in $steps; do
+  case "$s" in
+    # the device-capable unit tests (k-means incl. the bf16 GEMM scoring, bf16 autocast training step)
+    tests) step tests 120 python -m pytest -q -p no:cacheprovider --device cuda \
+             tests/test_kmeans.py tests/test_mixed_precision.py ;;
+    # issue 4: one Lloyd iteration, N=8M d=768 k=65,536 bf16, against the plain matmul in the same run
+    lloyd) step lloyd 150 python -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 --k 65536 \
+             --dtype bf16 --device cuda --out "$out/lloyd_bf16.json" ;;
+    # issue 7: ViT-S/16 batch 256 and ViT-L/16 batch 64, compiled, unsharded (autocast) then FSDP2 1-rank
+    train_s) step train_s_unsharded 150 python benchmarks/train_step.py --device cuda --size dinov3_vits16 \
+               --batch 256 --compile --unsharded --steps 8 --warmup 3 --profile --out "$out/train_vits16_b256_unsharded.json"
+             step train_s_fsdp 120 python benchmarks/train_step.py --device cuda --size dinov3_vits16 \
+               --batch 256 --compile --steps 8 --warmup 3 --out "$out/train_vits16_b256_fsdp.json" ;;
+    train_l) step train_l_unsharded 150 python benchmarks/train_step.py --device cuda --size dinov3_vitl16 \
+               --batch 64 --compile --unsharded --steps 6 --warmup 3 --out "$out/train_vitl16_b64_unsharded.json" ;;
+    # issue 3: ViT-L/16 model-only vs JPEG files -> GPU decode -> model -> Parquet
+    embed) step embed 150 python -m benchmarks.embed --device cuda --model dinov3_vitl16 --images 12288 \
+             --batch 256 --out "$out/embed_vitl16.json" ;;
+    *) echo "unknown step $s" >&2 ;;
+  esac
+done
