@@ -1,4 +1,4 @@
-"""Test helpers: run a CLI command in its own process group and SIGKILL it part-way."""
+"""Test helpers: run a `curate` command in this process, or start one in its own process group and SIGKILL it part-way."""
 
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     """``curate ARGS`` in this process (its Ray is started once and shared), output captured.
 
     Saves a Python + Ray start-up per call; an unexpected exception becomes exit status 1 with its
-    traceback on stderr, as from the console script. Kill tests and tests whose Ray workers need
-    this process's environment use `run_cli_process`.
+    traceback on stderr, as from the console script. Kill tests start a real process (`kill_when`).
     """
     from pipelines.cli import main
 
@@ -43,12 +42,6 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
             traceback.print_exc()
             rc = 1
     return subprocess.CompletedProcess(["curate", *args], rc, out.getvalue(), err.getvalue())
-
-
-def run_cli_process(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """``curate ARGS`` in a fresh Python process with its own Ray."""
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=cli_env(), capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 300) -> None:

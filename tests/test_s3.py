@@ -1,8 +1,9 @@
 """The whole pipeline against a real S3-compatible server (moto in server mode on loopback).
 
 Pool, catalog, ledger, checkpoints, reports and the retrieval index all live in one bucket; the
-``curate`` CLI runs in subprocesses (with their own Ray workers) that find the server through the
-standard ``AWS_ENDPOINT_URL`` variable, exactly as they would find a real object store.
+``curate`` commands and their Ray workers find the server through the standard ``AWS_ENDPOINT_URL``
+variable, exactly as they would find a real object store. Ray workers take their environment from the
+Ray that starts them, so this module runs on a Ray of its own, started after the variables are set.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from catalog.paths import S3_RETRIES, resolve
 from catalog.shards import shard_urls, write_shards
 from catalog.sql import query
 from catalog.tables import list_tables
-from tests.helpers import run_cli_process
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +67,9 @@ def s3(tmp_path_factory):
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    import ray
+
+    ray.shutdown()  # the session's Ray (if any) has workers without these variables
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -78,6 +82,7 @@ def s3(tmp_path_factory):
         try:
             yield fs
         finally:
+            ray.shutdown()
             s3fs.S3FileSystem.clear_instance_cache()
             server.stop()
 
@@ -135,7 +140,7 @@ def pool(s3, tmp_path_factory) -> dict[str, str]:
 
 
 def _cli(*args: str):
-    result = run_cli_process(list(args))
+    result = run_cli(list(args))
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
