@@ -1,4 +1,4 @@
-"""Test helpers: run a `curate` command in this process, or start one in its own process group and SIGKILL it part-way."""
+"""Test helpers: run `curate` in this process, or start it in its own process group and SIGKILL it part-way."""
 
 from __future__ import annotations
 
