@@ -25,12 +25,7 @@ import numpy as np
 import torch
 
 from curation.hierarchy import LevelSpec, default_levels, hierarchical_kmeans
-from curation.kmeans import (
-    grid_exponent,
-    partial_sums,
-    resolve_device,
-    update_centroids,
-)
+from curation.kmeans import assign, grid_exponent, partial_sums, resolve_device, update_centroids
 from curation.sampling import balanced_sample
 from curation.synthetic import concept_embeddings, normalised_entropy
 
@@ -154,8 +149,11 @@ def run_lloyd(args: argparse.Namespace) -> dict:
                             chunk_size=chunk, device=dev, dtype=dtype)
         update_centroids(part, c)
 
+    def nearest() -> None:  # the score pass alone; lloyd − nearest = the accumulation of sums and counts
+        assign(x, c, chunk_size=chunk, device=dev, dtype=dtype)
+
     out: dict = {"machine": machine(dev), "args": vars(args)}
-    for name, fn in (("matmul", matmul), ("lloyd_iteration", lloyd)):
+    for name, fn in (("matmul", matmul), ("assign_only", nearest), ("lloyd_iteration", lloyd)):
         fn()  # warm-up
         _sync(dev)
         times = []
@@ -200,7 +198,7 @@ def main() -> None:
     if args.lloyd_bench:
         r = run_lloyd(args)
         print(f"{'op':16s} {'s':>8s} {'TFLOP/s':>8s}")
-        for name in ("matmul", "lloyd_iteration"):
+        for name in ("matmul", "assign_only", "lloyd_iteration"):
             print(f"{name:16s} {r[name]['s']:8.3f} {r[name]['tflops']:8.2f}")
         print(f"lloyd / matmul rate: {r['fraction_of_matmul_rate']:.3f}")
     else:

@@ -40,7 +40,7 @@ for s in $steps; do
     train_l) step train_l_unsharded 150 python benchmarks/train_step.py --device cuda --size dinov3_vitl16 \
                --batch 64 --compile --unsharded --steps 6 --warmup 3 --out "$out/train_vitl16_b64_unsharded.json" ;;
     # issue 3: ViT-L/16 model-only vs JPEG files -> GPU decode -> model -> Parquet
-    embed) step embed 150 python -m benchmarks.embed --device cuda --model dinov3_vitl16 --images 12288 \
+    embed) step embed 150 python -m benchmarks.embed --device cuda --model dinov3_vitl16 --images 32768 \
              --batch 256 --out "$out/embed_vitl16.json" ;;
     *) echo "unknown step $s" >&2 ;;
   esac
