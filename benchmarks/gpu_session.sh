@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run, for a lent GPU machine with a short budget (about 9 min
+# Every GPU check of the project in one run, for a lent GPU machine with a short budget (about 10 min
 # on an H100/H200 once started). Needs torch with CUDA, torchvision, numpy, pyarrow, pillow,
 # scikit-learn, scikit-image, safetensors, pytest (not Ray, DuckDB or faiss). Each step has its own time limit and a
 # failing step does not stop the others; the JSON of each benchmark and a log land in $OUT.
@@ -30,8 +30,13 @@ for s in $steps; do
     tests) step tests 120 python -m pytest -q -p no:cacheprovider --device cuda \
              tests/test_kmeans.py tests/test_mixed_precision.py ;;
     # issue 4: one Lloyd iteration, N=8M d=768 k=65,536 bf16, against the plain matmul in the same run
+    # (default rows per chunk, then smaller and larger score buffers: the fp32 scores' memory traffic is the gap)
     lloyd) step lloyd 150 python -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 --k 65536 \
-             --dtype bf16 --device cuda --out "$out/lloyd_bf16.json" ;;
+             --dtype bf16 --device cuda --out "$out/lloyd_bf16.json"
+           for rows in 4096 65536; do
+             step "lloyd_rows$rows" 120 python -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 \
+               --k 65536 --dtype bf16 --device cuda --chunk "$rows" --repeats 1 --out "$out/lloyd_bf16_rows$rows.json"
+           done ;;
     # issue 7: ViT-S/16 batch 256 and ViT-L/16 batch 64, compiled, unsharded (autocast) then FSDP2 1-rank
     train_s) step train_s_unsharded 150 python benchmarks/train_step.py --device cuda --size dinov3_vits16 \
                --batch 256 --compile --unsharded --steps 8 --warmup 3 --profile --out "$out/train_vits16_b256_unsharded.json"
