@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for a lent GPU machine with a short budget (about 10 min
 # on an H100/H200 once started). Needs torch with CUDA, torchvision, numpy, pyarrow, pillow,
-# scikit-learn, scikit-image, safetensors, pytest (not Ray, DuckDB or faiss). Each step has its own time limit and a
-# failing step does not stop the others; the JSON of each benchmark and a log land in $OUT.
+# scikit-learn, scikit-image, safetensors, pyyaml, pytest, and torchdata (the trainer's loader): a
+# machine without it gets the wheel from .whl/ (git-ignored; fill it here with
+# `pip download --no-deps -d .whl torchdata==0.11.0` and carry it). Ray, DuckDB and faiss are not needed.
+# Each step has its own time limit and a failing step does not stop the others; the JSON of each
+# benchmark and a log land in $OUT.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh            # everything
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh tests lloyd # some steps: tests lloyd train_s train_l embed
 set -uo pipefail
 cd "$(dirname "$0")/.."
+py="${PYTHON:-python3}"
 out="${OUT:-/tmp/gpu}"
 mkdir -p "$out"
 steps="${*:-tests lloyd train_s train_l embed}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CURATE_PROGRESS=0
+if ! "$py" -c "import torchdata.stateful_dataloader" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, print the tail
@@ -27,25 +34,25 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 for s in $steps; do
   case "$s" in
     # the device-capable unit tests (k-means incl. the bf16 GEMM scoring, bf16 autocast training step)
-    tests) step tests 120 python -m pytest -q -p no:cacheprovider --device cuda \
-             tests/test_kmeans.py tests/test_mixed_precision.py ;;
+    tests) step tests 120 "$py" -m pytest -q -p no:cacheprovider --device cuda \
+             tests/test_kmeans.py tests/test_mixed_precision.py -k "not faiss" ;;
     # issue 4: one Lloyd iteration, N=8M d=768 k=65,536 bf16, against the plain matmul in the same run
     # (default rows per chunk, then smaller and larger score buffers: the fp32 scores' memory traffic is the gap)
-    lloyd) step lloyd 150 python -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 --k 65536 \
+    lloyd) step lloyd 150 "$py" -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 --k 65536 \
              --dtype bf16 --device cuda --out "$out/lloyd_bf16.json"
            for rows in 4096 65536; do
-             step "lloyd_rows$rows" 120 python -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 \
+             step "lloyd_rows$rows" 120 "$py" -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 \
                --k 65536 --dtype bf16 --device cuda --chunk "$rows" --repeats 1 --out "$out/lloyd_bf16_rows$rows.json"
            done ;;
     # issue 7: ViT-S/16 batch 256 and ViT-L/16 batch 64, compiled, unsharded (autocast) then FSDP2 1-rank
-    train_s) step train_s_unsharded 150 python benchmarks/train_step.py --device cuda --size dinov3_vits16 \
+    train_s) step train_s_unsharded 150 "$py" benchmarks/train_step.py --device cuda --size dinov3_vits16 \
                --batch 256 --compile --unsharded --steps 8 --warmup 3 --profile --out "$out/train_vits16_b256_unsharded.json"
-             step train_s_fsdp 120 python benchmarks/train_step.py --device cuda --size dinov3_vits16 \
+             step train_s_fsdp 120 "$py" benchmarks/train_step.py --device cuda --size dinov3_vits16 \
                --batch 256 --compile --steps 8 --warmup 3 --out "$out/train_vits16_b256_fsdp.json" ;;
-    train_l) step train_l_unsharded 150 python benchmarks/train_step.py --device cuda --size dinov3_vitl16 \
+    train_l) step train_l_unsharded 150 "$py" benchmarks/train_step.py --device cuda --size dinov3_vitl16 \
                --batch 64 --compile --unsharded --steps 6 --warmup 3 --out "$out/train_vitl16_b64_unsharded.json" ;;
     # issue 3: ViT-L/16 model-only vs JPEG files -> GPU decode -> model -> Parquet
-    embed) step embed 150 python -m benchmarks.embed --device cuda --model dinov3_vitl16 --images 32768 \
+    embed) step embed 150 "$py" -m benchmarks.embed --device cuda --model dinov3_vitl16 --images 32768 \
              --batch 256 --out "$out/embed_vitl16.json" ;;
     *) echo "unknown step $s" >&2 ;;
   esac
