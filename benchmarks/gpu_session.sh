@@ -33,9 +33,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 
 for s in $steps; do
   case "$s" in
-    # the device-capable unit tests (k-means incl. the bf16 GEMM scoring, bf16 autocast training step)
+    # the device-capable unit tests: k-means (incl. the bf16 GEMM scoring), Sinkhorn-Knopp, the bf16 step
     tests) step tests 120 "$py" -m pytest -q -p no:cacheprovider --device cuda \
-             tests/test_kmeans.py tests/test_mixed_precision.py -k "not faiss" ;;
+             tests/test_kmeans.py tests/test_mixed_precision.py tests/test_losses.py -k "not faiss" ;;
     # issue 4: one Lloyd iteration, N=8M d=768 k=65,536 bf16, against the plain matmul in the same run
     # (default rows per chunk, then smaller and larger score buffers: the fp32 scores' memory traffic is the gap)
     lloyd) step lloyd 150 "$py" -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 --k 65536 \

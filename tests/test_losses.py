@@ -95,14 +95,14 @@ def test_dino_head_init_and_depth() -> None:
 # ----------------------------------------------------------------------------- Sinkhorn-Knopp
 
 
-def test_sinkhorn_matches_direct_multiplicative_algorithm() -> None:
+def test_sinkhorn_matches_direct_multiplicative_algorithm(device: torch.device) -> None:
     logits = torch.randn(24, 10, generator=_gen(0)) * 2
     for temperature in (0.04, 0.07):
         expected = _sinkhorn_direct(logits, temperature)
-        got = sinkhorn_knopp(logits, temperature)
+        got = sinkhorn_knopp(logits.to(device), temperature).cpu()
         assert got.dtype == torch.float32 and got.shape == (24, 10)
         assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-7)
-        got64 = sinkhorn_knopp(logits.double(), temperature)
+        got64 = sinkhorn_knopp(logits.double().to(device), temperature).cpu()
         assert torch.allclose(got64, expected, rtol=1e-10, atol=1e-14)
     expected5 = _sinkhorn_direct(logits, 0.1, n_iterations=5)
     assert torch.allclose(sinkhorn_knopp(logits.double(), 0.1, n_iterations=5), expected5, rtol=1e-10)
@@ -132,7 +132,7 @@ def test_sinkhorn_is_shift_invariant_for_huge_offsets() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_sinkhorn_finite_for_logits_up_to_1e4(dtype: torch.dtype) -> None:
+def test_sinkhorn_finite_for_logits_up_to_1e4(dtype: torch.dtype, device: torch.device) -> None:
     n, k = 32, 64
     uniform = (torch.rand(n, k, generator=_gen(3)) * 2 - 1) * 1e4
     one_dead_prototype = torch.full((n, k), 1e4)
@@ -140,8 +140,7 @@ def test_sinkhorn_finite_for_logits_up_to_1e4(dtype: torch.dtype) -> None:
     one_cold_sample = torch.randn(n, k, generator=_gen(4))
     one_cold_sample[7] -= 1e4  # a whole sample far below the global max
     for logits in (uniform, -uniform, one_dead_prototype, one_cold_sample):
-        logits = logits.to(dtype)
-        q = sinkhorn_knopp(logits, 0.04)
+        q = sinkhorn_knopp(logits.to(device, dtype), 0.04).cpu()
         assert bool(torch.isfinite(q).all())
         assert torch.allclose(q.sum(dim=1), torch.ones(n), atol=1e-4)
         assert bool(((q >= 0) & (q <= 1)).all())
