@@ -19,13 +19,21 @@ import platform
 import resource
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from curation.hierarchy import LevelSpec, default_levels, hierarchical_kmeans
-from curation.kmeans import assign, grid_exponent, partial_sums, resolve_device, update_centroids
+from curation.kmeans import (
+    assign,
+    default_chunk_size,
+    fused_scoring,
+    grid_exponent,
+    partial_sums,
+    resolve_device,
+    update_centroids,
+)
 from curation.sampling import balanced_sample
 from curation.synthetic import concept_embeddings, normalised_entropy
 
@@ -137,7 +145,7 @@ def run_lloyd(args: argparse.Namespace) -> dict:
     c = x[torch.randperm(args.n, device=dev, generator=g)[: args.k]].float()
     chunk = args.chunk or None
     flops = 2.0 * args.n * args.d * args.k
-    rows = chunk or max(256, (1 << 30 if dev.type == "cuda" else 1 << 24) // args.k)
+    rows = max(256, (1 << 30 if dev.type == "cuda" else 1 << 24) // args.k)  # the baseline's own row blocks
     ct = c.to(dtype)
 
     def matmul() -> None:
@@ -152,8 +160,19 @@ def run_lloyd(args: argparse.Namespace) -> dict:
     def nearest() -> None:  # the score pass alone; lloyd − nearest = the accumulation of sums and counts
         assign(x, c, chunk_size=chunk, device=dev, dtype=dtype)
 
-    out: dict = {"machine": machine(dev), "args": vars(args)}
-    for name, fn in (("matmul", matmul), ("assign_only", nearest), ("lloyd_iteration", lloyd)):
+    def fused_with(tiles: str) -> Callable[[], None]:  # the fused kernel alone, with other tile shapes
+        from curation.fused_nearest import Tiles, nearest_scores  # Triton: CUDA machines only
+
+        shape, bias = Tiles(*map(int, tiles.split(","))), -0.5 * (c * c).sum(1)
+        step = default_chunk_size(args.k, dev, dtype)
+        return lambda: [nearest_scores(x[s : s + step], ct, bias, shape) for s in range(0, args.n, step)]
+
+    ops: list[tuple[str, Callable[[], None]]] = [
+        ("matmul", matmul), ("assign_only", nearest), ("lloyd_iteration", lloyd)]
+    if fused_scoring(dev, dtype):
+        ops += [(f"fused_tiles_{t}", fused_with(t)) for t in args.tiles]
+    out: dict = {"machine": machine(dev), "args": vars(args), "fused_scoring": fused_scoring(dev, dtype)}
+    for name, fn in ops:
         fn()  # warm-up
         _sync(dev)
         times = []
@@ -193,13 +212,16 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--chunk", type=int, default=0, help="rows per chunk (0 = default)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--tiles", nargs="*", default=[], metavar="M,N,K,WARPS,STAGES",
+                   help="also time the fused kernel alone with these tile shapes (CUDA, 16-bit)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.lloyd_bench:
         r = run_lloyd(args)
-        print(f"{'op':16s} {'s':>8s} {'TFLOP/s':>8s}")
-        for name in ("matmul", "assign_only", "lloyd_iteration"):
-            print(f"{name:16s} {r[name]['s']:8.3f} {r[name]['tflops']:8.2f}")
+        print(f"{'op':30s} {'s':>8s} {'TFLOP/s':>8s}   (fused Triton scoring: {r['fused_scoring']})")
+        for name, v in r.items():
+            if isinstance(v, dict) and "tflops" in v:
+                print(f"{name:30s} {v['s']:8.3f} {v['tflops']:8.2f}")
         print(f"lloyd / matmul rate: {r['fraction_of_matmul_rate']:.3f}")
     else:
         r = run_curation(args)

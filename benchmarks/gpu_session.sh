@@ -33,17 +33,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 
 for s in $steps; do
   case "$s" in
-    # the device-capable unit tests: k-means (incl. the bf16 GEMM scoring), Sinkhorn-Knopp, the bf16 step
+    # the device-capable unit tests: k-means and its fused Triton kernel, Sinkhorn-Knopp, the bf16 step
     tests) step tests 120 "$py" -m pytest -q -p no:cacheprovider --device cuda \
-             tests/test_kmeans.py tests/test_mixed_precision.py tests/test_losses.py -k "not faiss" ;;
+             tests/test_kmeans.py tests/test_fused_nearest.py tests/test_mixed_precision.py tests/test_losses.py \
+             -k "not faiss" ;;
     # issue 4: one Lloyd iteration, N=8M d=768 k=65,536 bf16, against the plain matmul in the same run
-    # (default rows per chunk, then smaller and larger score buffers: the fp32 scores' memory traffic is the gap)
-    lloyd) step lloyd 150 "$py" -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 --k 65536 \
-             --dtype bf16 --device cuda --out "$out/lloyd_bf16.json"
-           for rows in 4096 65536; do
-             step "lloyd_rows$rows" 120 "$py" -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 \
-               --k 65536 --dtype bf16 --device cuda --chunk "$rows" --repeats 1 --out "$out/lloyd_bf16_rows$rows.json"
-           done ;;
+    # (scoring is the fused Triton kernel on CUDA; the kernel alone is also timed with other tile shapes)
+    lloyd) step lloyd 240 "$py" -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 --k 65536 \
+             --dtype bf16 --device cuda --tiles 128,256,64,8,3 64,256,64,4,4 128,128,64,4,4 \
+             --out "$out/lloyd_bf16.json" ;;
     # issue 7: ViT-S/16 batch 256 and ViT-L/16 batch 64, compiled, unsharded (autocast) then FSDP2 1-rank
     train_s) step train_s_unsharded 150 "$py" benchmarks/train_step.py --device cuda --size dinov3_vits16 \
                --batch 256 --compile --unsharded --steps 8 --warmup 3 --profile --out "$out/train_vits16_b256_unsharded.json"

@@ -5,6 +5,9 @@ Why the design looks the way it does:
 * Distances are computed as ``|c|²/2 − x·c`` (the ``|x|²`` term does not change the argmin) in row
   chunks of ``chunk_size`` and centroid chunks of ``centroid_chunk``, keeping a running (value, index)
   minimum, so memory stays bounded by ``chunk_size × centroid_chunk`` scores whatever k is.
+* On CUDA with bf16/fp16 inputs the GEMM and the argmin are one Triton kernel
+  (`curation.fused_nearest`), so no score matrix is written at all; each row's result is then
+  independent of how rows are chunked.
 * Centroid sums are accumulated in float64 with ``index_add_`` after rounding every coordinate to a
   fixed power-of-two grid (``grid_exp``, from a bound on ``|x|``). All partial sums are then exact
   multiples of ``2**-grid_exp`` below ``2**53`` units, so float64 addition is exact and therefore
@@ -24,6 +27,7 @@ Why the design looks the way it does:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, runtime_checkable
@@ -39,6 +43,9 @@ _CPU_SCORE_BUDGET = 1 << 24
 _CUDA_SCORE_BUDGET = 1 << 30
 #: torch.mm(..., out_dtype=) (bf16 inputs, fp32 scores) exists in recent torch builds, on CUDA only.
 _HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+#: Triton (shipped with CUDA builds of torch) runs the fused nearest-centroid kernel.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_FUSED_CHUNK_ROWS = 1 << 18
 #: Mantissa bits kept for the largest |coordinate| when rounding to the summation grid.
 _GRID_BITS = 22
 
@@ -123,8 +130,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def default_chunk_size(k: int, device: torch.device) -> int:
-    """Rows per chunk: a fixed function of k and device type, so every worker uses the same grid."""
+def fused_scoring(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether assignment runs as one fused Triton kernel (`curation.fused_nearest`): CUDA, 16-bit inputs."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _HAS_TRITON
+
+
+def default_chunk_size(k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk: a fixed function of k, device type and dtype, so every worker uses the same grid.
+
+    Fused scoring keeps no score buffer, so its chunks are large (enough row blocks to fill the GPU).
+    """
+    if fused_scoring(device, dtype):
+        return _FUSED_CHUNK_ROWS
     budget = _CUDA_SCORE_BUDGET if device.type == "cuda" else _CPU_SCORE_BUDGET
     return int(max(256, min(1 << 16, budget // max(k, 1))))
 
@@ -149,10 +166,16 @@ def normalize_rows(t: torch.Tensor) -> torch.Tensor:
 def _nearest(xc: torch.Tensor, prep: "_Prepared", centroid_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Running argmin of ``|c|²/2 − x·c`` over centroid chunks; ties go to the lowest index.
 
-    With bf16 inputs the bias rides inside the GEMM (x gets constant columns, c gets −|c|²/2 split
-    into bf16 high and low parts) and scores come out in fp32, so on CUDA each chunk is one GEMM plus
-    one max pass over a single [rows, centroid_chunk] fp32 buffer.
+    On CUDA with 16-bit inputs one Triton kernel does it all (`curation.fused_nearest`: no score
+    matrix in memory). Otherwise, with bf16 inputs the bias rides inside the GEMM (x gets constant
+    columns, c gets −|c|²/2 split into bf16 high and low parts) and scores come out in fp32, so each
+    chunk is one GEMM plus one max pass over a single [rows, centroid_chunk] fp32 buffer.
     """
+    if prep.fused:
+        from curation.fused_nearest import nearest_scores  # imports Triton: only where it runs
+
+        best, idx = nearest_scores(xc, prep.c, -prep.half_sq)
+        return best.neg_(), idx
     best_val: torch.Tensor | None = None
     best_idx: torch.Tensor | None = None
     if prep.c_aug is not None:
@@ -196,8 +219,9 @@ class _Prepared:
             c = normalize_rows(c)
         self.half_sq = 0.5 * (c * c).sum(dim=1)
         self.c = c.to(dtype)
+        self.fused = fused_scoring(device, dtype)
         self.c_aug: torch.Tensor | None = None
-        if dtype == torch.bfloat16:
+        if dtype == torch.bfloat16 and not self.fused:
             k, d = c.shape
             self.c_aug = torch.zeros(k, (d + 2 + 7) // 8 * 8, dtype=dtype, device=device)
             self.c_aug[:, :d] = self.c
@@ -245,7 +269,7 @@ def assign(
     """Nearest centroid of every row: (labels int64 [n], distances float32 [n])."""
     dev = resolve_device(device)
     k = int(centroids.shape[0])
-    chunk_size = chunk_size or default_chunk_size(k, dev)
+    chunk_size = chunk_size or default_chunk_size(k, dev, dtype)
     centroid_chunk = centroid_chunk or k
     prep = _Prepared(centroids, metric, dev, dtype)
     n = int(x.shape[0])
@@ -281,7 +305,7 @@ def partial_sums(
     dev = resolve_device(device)
     k = int(centroids.shape[0])
     d = int(x.shape[1])
-    chunk_size = chunk_size or default_chunk_size(k, dev)
+    chunk_size = chunk_size or default_chunk_size(k, dev, dtype)
     centroid_chunk = centroid_chunk or k
     prep = _Prepared(centroids, metric, dev, dtype)
     scale = float(2.0**grid_exp)

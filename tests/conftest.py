@@ -25,6 +25,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="where tests that take the `device` fixture compute (default cpu)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--device") == "cpu":
+        # Triton kernels (`curation.fused_nearest`) then run on CPU tensors in Triton's interpreter;
+        # it must be chosen before Triton is first imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session")
 def device(request: pytest.FixtureRequest):
     import torch
