@@ -17,7 +17,8 @@ mkdir -p "$out"
 steps="${*:-tests lloyd train_s train_l embed}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CURATE_PROGRESS=0
 if ! "$py" -c "import torchdata.stateful_dataloader" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
@@ -44,7 +45,8 @@ for s in $steps; do
              --out "$out/lloyd_bf16.json" ;;
     # issue 7: ViT-S/16 batch 256 and ViT-L/16 batch 64, compiled, unsharded (autocast) then FSDP2 1-rank
     train_s) step train_s_unsharded 150 "$py" benchmarks/train_step.py --device cuda --size dinov3_vits16 \
-               --batch 256 --compile --unsharded --steps 8 --warmup 3 --profile --out "$out/train_vits16_b256_unsharded.json"
+               --batch 256 --compile --unsharded --steps 8 --warmup 3 --profile \
+               --out "$out/train_vits16_b256_unsharded.json"
              step train_s_fsdp 120 "$py" benchmarks/train_step.py --device cuda --size dinov3_vits16 \
                --batch 256 --compile --steps 8 --warmup 3 --out "$out/train_vits16_b256_fsdp.json" ;;
     train_l) step train_l_unsharded 150 "$py" benchmarks/train_step.py --device cuda --size dinov3_vitl16 \

@@ -166,7 +166,8 @@ def main() -> None:
     facts = machine()
     peak = next((v for k, v in PEAK_BF16.items() if k in facts.get("gpu", "")), None) if args.device == "cuda" else None
     result = {
-        "size": args.size, "device": args.device, "dtype": ("bf16 (autocast)" if args.unsharded else "bf16 (FSDP2 mixed precision)") if info.bf16 else "fp32",
+        "size": args.size, "device": args.device,
+        "dtype": ("bf16 (autocast)" if args.unsharded else "bf16 (FSDP2 mixed precision)") if info.bf16 else "fp32",
         "batch": args.batch, "global_size": args.global_size, "local_size": args.local_size, "n_local": args.n_local,
         "prototypes": args.prototypes, "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
         "backbone_params": p_backbone, "dino_head_params": p_dino, "ibot_head_params": p_ibot,

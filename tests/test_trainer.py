@@ -205,7 +205,8 @@ def test_activation_checkpointing_replays_stochastic_depth_exactly():
 
 def test_bf16_precision_trains_without_a_process_group(tmp_path):
     catalog = make_catalog(tmp_path, per_part=4)
-    result = train(tiny_config(catalog, tmp_path / "run", "precision=bf16", "optim.iterations=2", "checkpoint.period=2"))
+    config = tiny_config(catalog, tmp_path / "run", "precision=bf16", "optim.iterations=2", "checkpoint.period=2")
+    result = train(config)
     metrics = read_metrics(result.output_dir)
     assert [m["step"] for m in metrics] == [0, 1] and all(math.isfinite(m["total"]) for m in metrics)
     assert all(math.isfinite(m["grad_norm_backbone"]) and m["grad_norm_backbone"] > 0 for m in metrics)

@@ -141,9 +141,9 @@ def prepare_model(
     Parameter names are unchanged (AC patches the block's forward instead of wrapping the module), so
     state dicts and exports keep the official key layout. With ``info.bf16`` the model computes in
     bf16 over fp32 weights: FSDP2 mixed precision (fp32 reduce) when sharded, autocast on the
-    backbone's and heads' forwards when no process group is up. ``group``: shard over this process group (a distillation student) instead
-    of the world. The heads' ``forward_bottleneck``/``forward_last_layer`` are FSDP forward methods,
-    so distillation can call them separately.
+    backbone's and heads' forwards when no process group is up. ``group``: shard over this process
+    group (a distillation student) instead of the world. The heads' ``forward_bottleneck``/
+    ``forward_last_layer`` are FSDP forward methods, so distillation can call them separately.
     """
     on_meta = any(p.is_meta for p in model.parameters())
     if not on_meta:
