@@ -119,13 +119,13 @@ def end_to_end_cuda(paths: list[str], model, size: int, batch: int, out_dir: str
     def producer() -> None:
         with ThreadPoolExecutor(8) as pool:
             for data in pool.map(lambda b: [read(p) for p in b], batches):
-                t = time.perf_counter()
+                t_decode = time.perf_counter()
                 with torch.cuda.stream(side):
                     imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
                     x = (torch.stack([prep(im) for im in imgs]) - mean) / std
                     event = torch.cuda.Event()
                     event.record(side)
-                spent["producer_decode_s"] += time.perf_counter() - t
+                spent["producer_decode_s"] += time.perf_counter() - t_decode
                 ready.put((x, event))
         ready.put(None)
 
@@ -142,9 +142,9 @@ def end_to_end_cuda(paths: list[str], model, size: int, batch: int, out_dir: str
         t.start()
     i = 0
     while True:
-        t = time.perf_counter()
+        t_wait = time.perf_counter()
         item = ready.get()
-        spent["model_waits_for_batch_s"] += time.perf_counter() - t
+        spent["model_waits_for_batch_s"] += time.perf_counter() - t_wait
         if item is None:
             break
         x, event = item
@@ -153,9 +153,9 @@ def end_to_end_cuda(paths: list[str], model, size: int, batch: int, out_dir: str
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
             emb = model.embed(x)
         emb = emb.half().cpu().numpy()
-        t = time.perf_counter()
+        t_wait = time.perf_counter()
         done.put((i, emb))
-        spent["model_waits_for_writer_s"] += time.perf_counter() - t
+        spent["model_waits_for_writer_s"] += time.perf_counter() - t_wait
         i += 1
     done.put(None)
     for t in threads:
