@@ -4,8 +4,8 @@
 # scikit-learn, scikit-image, safetensors, pyyaml, pytest, and torchdata (the trainer's loader): a
 # machine without it gets the wheel from .whl/ (git-ignored; fill it here with
 # `pip download --no-deps -d .whl torchdata==0.11.0` and carry it). Ray, DuckDB and faiss are not needed.
-# Each step has its own time limit and a failing step does not stop the others; the JSON of each
-# benchmark and a log land in $OUT.
+# Each step has its own time limit and a failing step does not stop the others. $OUT receives at
+# most 7 files (a lent machine returns 8): each benchmark's JSON, gpu.txt and session.log (all logs).
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh            # everything
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh tests lloyd # some steps: tests lloyd train_s train_l embed
@@ -13,6 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 out="${OUT:-/tmp/gpu}"
+logs="$(mktemp -d)"
 mkdir -p "$out"
 steps="${*:-tests lloyd train_s train_l embed}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CURATE_PROGRESS=0
@@ -22,14 +23,15 @@ if ! "$py" -c "import torchdata.stateful_dataloader" 2>/dev/null && ls .whl/*.wh
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, print the tail
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log it, print the log's tail
   local name=$1 limit=$2
   shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
   local rc=$?
   echo "== $name: exit $rc in $((SECONDS - t0)) s"
-  tail -n 14 "$out/$name.log"
+  tail -n 14 "$logs/$name.log"
+  { echo "===== $name (exit $rc)"; cat "$logs/$name.log"; } >>"$out/session.log"
 }
 
 for s in $steps; do
