@@ -45,14 +45,11 @@ for s in $steps; do
     lloyd) step lloyd 240 "$py" -m benchmarks.build_lvd --lloyd-bench --n 8000000 --d 768 --k 65536 \
              --dtype bf16 --device cuda --tiles 128,256,64,8,3 64,256,64,4,4 128,128,64,4,4 \
              --out "$out/lloyd_bf16.json" ;;
-    # issue 7: ViT-S/16 batch 256 and ViT-L/16 batch 64, compiled, unsharded (autocast) then FSDP2 1-rank
-    train_s) step train_s_unsharded 150 "$py" benchmarks/train_step.py --device cuda --size dinov3_vits16 \
-               --batch 256 --compile --unsharded --steps 8 --warmup 3 --profile \
-               --out "$out/train_vits16_b256_unsharded.json"
-             step train_s_fsdp 120 "$py" benchmarks/train_step.py --device cuda --size dinov3_vits16 \
-               --batch 256 --compile --steps 8 --warmup 3 --out "$out/train_vits16_b256_fsdp.json" ;;
-    train_l) step train_l_unsharded 150 "$py" benchmarks/train_step.py --device cuda --size dinov3_vitl16 \
-               --batch 64 --compile --unsharded --steps 6 --warmup 3 --out "$out/train_vitl16_b64_unsharded.json" ;;
+    # issue 7: ViT-S/16 batch 256 and ViT-L/16 batch 64, compiled, bf16 (one rank: not sharded, autocast)
+    train_s) step train_s 150 "$py" benchmarks/train_step.py --device cuda --size dinov3_vits16 \
+               --batch 256 --compile --steps 8 --warmup 3 --profile --out "$out/train_vits16_b256.json" ;;
+    train_l) step train_l 150 "$py" benchmarks/train_step.py --device cuda --size dinov3_vitl16 \
+               --batch 64 --compile --steps 6 --warmup 3 --out "$out/train_vitl16_b64.json" ;;
     # issue 3: ViT-L/16 model-only vs JPEG files -> GPU decode -> model -> Parquet
     embed) step embed 150 "$py" -m benchmarks.embed --device cuda --model dinov3_vitl16 --images 32768 \
              --batch 256 --out "$out/embed_vitl16.json" ;;

@@ -3,7 +3,9 @@
 A step is what the trainer runs: teacher (EMA) on the 2 global crops -> Sinkhorn targets; student on
 2 masked global + n local crops; DINO + KoLeo + iBOT losses; backward; per-module clipping; AdamW; EMA.
 Inputs are synthetic crops (decoding/augmentation is the loader's cost, not measured here). The model
-runs as in training: FSDP2 over a 1-rank group (gloo on CPU, NCCL + bf16 mixed precision on CUDA).
+runs as ``torchrun --nproc_per_node=1`` would run it: a 1-rank process group (gloo on CPU, NCCL on
+CUDA), nothing sharded (FSDP2 shards over 2+ ranks), bf16 autocast on CUDA. ``--profile`` adds a
+torch.profiler table of the costliest ops of one step (device time on CUDA).
 
 Model FLOPs per step (analytic, forward = 2 FLOPs per parameter per token, plus attention):
     fwd(P, tokens, seqs) = 2·P·tokens + depth·4·D·Σ_seq N²          (QKᵀ and AV)
@@ -14,7 +16,7 @@ MFU = FLOPs / step time / peak dense bf16 FLOP/s of the GPU (H100/H200 SXM: 989e
 
     .venv/bin/python benchmarks/train_step.py --size vit_test --global-size 32 --local-size 16 --batch 4
     .venv/bin/python benchmarks/train_step.py --device cuda --batch 64 --compile --out /tmp/ts.json
-    .venv/bin/python benchmarks/train_step.py --device cuda --batch 256 --compile --unsharded --profile
+    .venv/bin/python benchmarks/train_step.py --device cuda --batch 256 --compile --profile
 """
 
 from __future__ import annotations
@@ -119,16 +121,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--unsharded", action="store_true", help="no process group, no FSDP2 (autocast bf16 on CUDA)")
     ap.add_argument("--profile", action="store_true", help="print the costliest ops of one more step")
     ap.add_argument("--out")
     args = ap.parse_args()
 
-    if not args.unsharded:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
     info = init_distributed(args.device, timeout_s=300)
     head = HeadConfig(n_prototypes=args.prototypes)
     config = TrainConfig(device=args.device, model=ModelConfig(size=args.size, dino_head=head, ibot_head=head),
@@ -167,19 +167,18 @@ def main() -> None:
     peak = next((v for k, v in PEAK_BF16.items() if k in facts.get("gpu", "")), None) if args.device == "cuda" else None
     result = {
         "size": args.size, "device": args.device,
-        "dtype": ("bf16 (autocast)" if args.unsharded else "bf16 (FSDP2 mixed precision)") if info.bf16 else "fp32",
+        "dtype": "bf16 (autocast)" if info.bf16 else "fp32",
         "batch": args.batch, "global_size": args.global_size, "local_size": args.local_size, "n_local": args.n_local,
         "prototypes": args.prototypes, "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
         "backbone_params": p_backbone, "dino_head_params": p_dino, "ibot_head_params": p_ibot,
         "warmup_s": warmup_s, "step_s_median": step_s, "images_per_s": args.batch / step_s,
         "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
-        "mfu": flops / step_s / peak if peak else None, "losses": losses, "unsharded": args.unsharded,
+        "mfu": flops / step_s / peak if peak else None, "losses": losses,
         "top_ops": top_ops,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
         "machine": facts,
     }
     rows = [("size", args.size), ("device / dtype", f"{args.device} / {result['dtype']}"), ("batch", args.batch),
-            ("model", "unsharded" if args.unsharded else "FSDP2, 1 rank"),
             ("crops", f"2x{args.global_size} + {args.n_local}x{args.local_size}"), ("compile", args.compile),
             ("step time (median)", f"{step_s:.3f} s"), ("images/s", f"{result['images_per_s']:.1f}"),
             ("model TFLOP/step", f"{result['model_tflops_per_step']:.3f}"),

@@ -210,3 +210,33 @@ def test_bf16_precision_trains_without_a_process_group(tmp_path):
     metrics = read_metrics(result.output_dir)
     assert [m["step"] for m in metrics] == [0, 1] and all(math.isfinite(m["total"]) for m in metrics)
     assert all(math.isfinite(m["grad_norm_backbone"]) and m["grad_norm_backbone"] > 0 for m in metrics)
+
+
+def test_a_one_rank_group_is_not_sharded_and_trains(tmp_path, monkeypatch):
+    """torchrun with one process (or Ray Train with one worker): a process group, nothing to shard."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from training.train.distributed import build_models, init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    config = tiny_config(str(make_catalog(tmp_path, per_part=4)), tmp_path / "run", "optim.iterations=2",
+                         "checkpoint.period=2", "dist_timeout_s=60")
+    info = init_distributed("cpu", 60)
+    try:
+        student, teacher = build_models(config.model, config.seed, info)
+        assert not any(isinstance(p, DTensor) for p in [*student.parameters(), *teacher.parameters()])
+        reference, _ = build_student_teacher(config.model, config.seed)
+        for name, value in reference.state_dict().items():
+            assert torch.equal(student.state_dict()[name], value), name
+    finally:
+        dist.destroy_process_group()
+    result = train(config)  # creates and destroys its own 1-rank group
+    assert [m["step"] for m in read_metrics(result.output_dir)] == [0, 1]
+    assert (result.output_dir / "ckpt" / "00000002").is_dir() and result.teacher_path.is_file()

@@ -105,6 +105,11 @@ def _autocast_forwards(model: nn.Module, names: tuple[str, ...], device_type: st
 _COMPUTE_METHODS = ("forward", "forward_bottleneck", "forward_last_layer")
 
 
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    """Ranks of ``group`` (default: the world); 1 without a process group."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
 def _fsdp_kwargs(info: DistInfo, group: dist.ProcessGroup | None) -> dict:
     """FSDP2 arguments: a mesh over ``group`` (default: the world); with ``info.bf16``, bf16 compute / fp32 reduce."""
     if group is None:
@@ -139,10 +144,10 @@ def prepare_model(
     """Move to the device; AC and compile per block; FSDP2 per block, backbone root, then each head.
 
     Parameter names are unchanged (AC patches the block's forward instead of wrapping the module), so
-    state dicts and exports keep the official key layout. With ``info.bf16`` the model computes in
-    bf16 over fp32 weights: FSDP2 mixed precision (fp32 reduce) when sharded, autocast on the
-    backbone's and heads' forwards when no process group is up. ``group``: shard over this process
-    group (a distillation student) instead of the world. The heads' ``forward_bottleneck``/
+    state dicts and exports keep the official key layout. A group of one rank (or none) is not
+    sharded. With ``info.bf16`` the model computes in bf16 over fp32 weights: FSDP2 mixed precision
+    (fp32 reduce) when sharded, autocast on the backbone's and heads' forwards when not.
+    ``group``: shard over this process group (a distillation student) instead of the world. The heads' ``forward_bottleneck``/
     ``forward_last_layer`` are FSDP forward methods, so distillation can call them separately.
     """
     on_meta = any(p.is_meta for p in model.parameters())
@@ -155,10 +160,12 @@ def prepare_model(
     if compile:
         for module in [*blocks, model.dino_head, model.ibot_head]:
             module.compile()
-    if not dist.is_initialized():
+    if _group_size(group) == 1:  # nothing to shard: FSDP2 over one rank would only add hooks and copies
         if info.bf16:
             for module in (model.backbone, model.dino_head, model.ibot_head):
                 _autocast_forwards(module, _COMPUTE_METHODS, info.device.type)
+        if on_meta:
+            model.to_empty(device=info.device)
         return model
     # The backbone returns views (cls = prefix[:, 0]); the losses use them out of place only.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -174,13 +181,13 @@ def prepare_model(
 
 
 def prepare_frozen_backbone(backbone: VisionTransformer, info: DistInfo) -> VisionTransformer:
-    """A gradient-free, eval-mode backbone (the Gram teacher) on the device, sharded over the world."""
+    """A gradient-free, eval-mode backbone (the Gram teacher) on the device, sharded over a world of 2+ ranks."""
     backbone.requires_grad_(False)
     backbone.eval()
     on_meta = any(p.is_meta for p in backbone.parameters())
     if not on_meta:
         backbone.to(info.device)
-    if dist.is_initialized():
+    if _group_size(None) > 1:
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         _shard_backbone(backbone, _fsdp_kwargs(info, None))
     elif info.bf16:
