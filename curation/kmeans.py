@@ -45,6 +45,7 @@ _CUDA_SCORE_BUDGET = 1 << 30
 _HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 #: Triton (shipped with CUDA builds of torch) runs the fused nearest-centroid kernel.
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+#: Rows per chunk with fused scoring (no score buffer): 2,048 row blocks per launch, enough to fill a GPU.
 _FUSED_CHUNK_ROWS = 1 << 18
 #: Mantissa bits kept for the largest |coordinate| when rounding to the summation grid.
 _GRID_BITS = 22

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,21 +34,11 @@ from pipelines.jobs import (
     strip_address,
     submit,
 )
-from tests.helpers import run_cli
+from tests.helpers import free_ports, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's own SDK
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _kill_tree(marks: list[str]) -> None:
@@ -80,7 +69,7 @@ def _kill_tree(marks: list[str]) -> None:
 def ray_head():
     """A Ray head with the dashboard and job server, every port our own, stopped by PID afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="curate-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    gcs, dash, client, agent, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = _free_ports(9)
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = free_ports(9)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.helpers import free_ports
 from training.losses import KoLeoDistributed, sinkhorn_knopp
 
 WORLD = 2
@@ -19,12 +19,6 @@ TEMPERATURE = 0.05
 MASKED_SPLITS = {"uneven": (7, 3), "empty_rank": (6, 0)}
 KOLEO_LOCAL_BATCH = 6
 KOLEO_GROUP_SIZES = (2, 4, 12)  # within a rank, straddling the rank boundary, the whole world
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -74,7 +68,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, torch.Tensor]]:
     out_dir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_ports()[0], str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -12,7 +12,6 @@ import io
 import logging
 import os
 import re
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +24,7 @@ from catalog.paths import S3_RETRIES, resolve
 from catalog.shards import shard_urls, write_shards
 from catalog.sql import query
 from catalog.tables import list_tables
-from tests.helpers import run_cli
+from tests.helpers import free_ports, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +34,6 @@ CAT = f"s3://{BUCKET}/cat"
 N = 200
 TARGET = 50
 SETTINGS = ["embed.model=vit_test", "embed.image_size=32", "cluster.n_levels=2", "cluster.resampling_steps=2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _upload(fs, local: str, remote: str) -> list[str]:
@@ -62,7 +55,7 @@ def s3(tmp_path_factory):
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
+    port = free_ports()[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

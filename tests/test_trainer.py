@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from tests.helpers import free_ports
 from tests.train_helpers import TINY, make_catalog
 from training.data.masking import collate
 from training.models import MODEL_SIZES, load_backbone
@@ -214,16 +215,12 @@ def test_bf16_precision_trains_without_a_process_group(tmp_path):
 
 def test_a_one_rank_group_is_not_sharded_and_trains(tmp_path, monkeypatch):
     """torchrun with one process (or Ray Train with one worker): a process group, nothing to shard."""
-    import socket
-
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from training.train.distributed import build_models, init_distributed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()[0]
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
     config = tiny_config(str(make_catalog(tmp_path, per_part=4)), tmp_path / "run", "optim.iterations=2",

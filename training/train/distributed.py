@@ -95,14 +95,12 @@ def _checkpointed_forward(forward):
     return run
 
 
-def _autocast_forwards(model: nn.Module, names: tuple[str, ...], device_type: str) -> None:
-    """Run the named methods under bf16 autocast: an unsharded model's stand-in for FSDP2 mixed precision."""
-    for name in names:
-        if hasattr(model, name):
-            setattr(model, name, torch.autocast(device_type, dtype=torch.bfloat16)(getattr(model, name)))
-
-
-_COMPUTE_METHODS = ("forward", "forward_bottleneck", "forward_last_layer")
+def _autocast_forwards(module: nn.Module, device_type: str) -> None:
+    """Run the module's forward methods (a head's two halves too) under bf16 autocast: an unsharded
+    model's stand-in for FSDP2 mixed precision."""
+    for name in ("forward", "forward_bottleneck", "forward_last_layer"):
+        if hasattr(module, name):
+            setattr(module, name, torch.autocast(device_type, dtype=torch.bfloat16)(getattr(module, name)))
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -163,7 +161,7 @@ def prepare_model(
     if _group_size(group) == 1:  # nothing to shard: FSDP2 over one rank would only add hooks and copies
         if info.bf16:
             for module in (model.backbone, model.dino_head, model.ibot_head):
-                _autocast_forwards(module, _COMPUTE_METHODS, info.device.type)
+                _autocast_forwards(module, info.device.type)
         if on_meta:
             model.to_empty(device=info.device)
         return model
@@ -191,7 +189,7 @@ def prepare_frozen_backbone(backbone: VisionTransformer, info: DistInfo) -> Visi
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         _shard_backbone(backbone, _fsdp_kwargs(info, None))
     elif info.bf16:
-        _autocast_forwards(backbone, ("forward",), info.device.type)
+        _autocast_forwards(backbone, info.device.type)
     if on_meta:
         backbone.to_empty(device=info.device)
     return backbone

@@ -92,7 +92,7 @@ def train_step(
         dist.all_reduce(values)
         values /= dist.get_world_size()
     # The step's one host sync: losses and gradient norms together.
-    read = torch.cat([values, *(n.detach().float().reshape(1) for n in norms.values())]).tolist()
+    read = torch.cat([values, *(n.float().reshape(1) for n in norms.values())]).tolist()
     reduced, grad_norms = read[: len(FIELDS)], dict(zip(norms, read[len(FIELDS) :]))
     finite = math.isfinite(reduced[0])
     if finite:
