@@ -20,7 +20,7 @@ from benchmarks.common import report
 from curation.hierarchy import LevelSpec, default_levels, hierarchical_kmeans
 from curation.sampling import balanced_sample
 from curation.synthetic import normalised_entropy
-from pipelines.demo_concepts import N_CONCEPTS
+from pipelines.demo.concepts import N_CONCEPTS
 from pipelines.embedding_source import load_vectors, removed_ids
 
 # The rule before 2026-11-26: a fixed floor of 10 top clusters (its k for this pool size).

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from benchmarks.common import report
 from catalog.shards import write_shards
-from pipelines.demo_concepts import dense_probe_set
+from pipelines.demo.concepts import dense_probe_set
 from training.models import load_backbone
 from training.train.config import EvalConfig, load_train_config
 from training.train.evals import CheckpointEvals

@@ -26,7 +26,7 @@ from benchmarks.common import report  # noqa: E402
 
 
 def _write_jpeg(args: tuple[str, int]) -> str:
-    from pipelines.demo_concepts import CONCEPTS, render_concept_image
+    from pipelines.demo.concepts import CONCEPTS, render_concept_image
 
     folder, i = args
     rng = np.random.default_rng(i)
@@ -63,8 +63,8 @@ def model_only(model, size: int, batch: int, steps: int, device: str, dtype) -> 
 
 def end_to_end_cpu(folder: str, model_name: str, size: int, batch: int) -> tuple[float, int]:
     """The product path: ingest (untimed), then the Ray Data embed stage, timed."""
-    from pipelines.embed import EmbedConfig, embed
-    from pipelines.ingest import ingest
+    from pipelines.stages.embed import EmbedConfig, embed
+    from pipelines.stages.ingest import ingest
     from pipelines.ray_runtime import ensure_ray
 
     root = os.path.join(folder, "catalog")

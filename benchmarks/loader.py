@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from curation.decode import decode_rgb
+from catalog.decode import decode_rgb
 from training.data.dataset import PartDataset
 from training.data.loader import TrainLoader
 from training.data.mixing import MixConfig

@@ -1,5 +1,5 @@
 """Copy detection: kNN similarity graph, connected components, one keeper each (exact-hash dedup is SQL
-in `pipelines/dedup.py`).
+in `pipelines/stages/dedup.py`).
 
 Defaults follow the DINOv2 LVD-142M recipe (Oquab et al. 2023, §3 and App. A.3): self-dedup on
 SSCD copy-detection embeddings with k=64 nearest neighbours, edges with cosine > 0.6, connected

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 from catalog.ledger import Ledger
 from catalog.shards import table_exists
-from pipelines.cluster import ClusterConfig, cluster
-from pipelines.dedup import DedupConfig, dedup
-from pipelines.embed import EmbedConfig, embed
-from pipelines.ingest import IngestConfig, ingest
+from pipelines.stages.cluster import ClusterConfig, cluster
+from pipelines.stages.dedup import DedupConfig, dedup
+from pipelines.stages.embed import EmbedConfig, embed
+from pipelines.stages.ingest import IngestConfig, ingest
 from pipelines.reports import write_lvd_report
-from pipelines.sample import SampleConfig, sample
+from pipelines.stages.sample import SampleConfig, sample
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def device(request: pytest.FixtureRequest):
 @pytest.fixture(scope="session")
 def demo_pool(tmp_path_factory) -> str:
     """A small demo pool (every broken and awkward kind, some duplicate groups)."""
-    from pipelines.demo_pool import generate_demo_pool
+    from pipelines.demo.pool import generate_demo_pool
 
     out = str(tmp_path_factory.mktemp("demo") / "pool_root")
     generate_demo_pool(out, n=DEMO_N, seed=0)
@@ -55,7 +55,7 @@ def demo_pool(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def demo_catalog(demo_pool, tmp_path_factory) -> str:
     """The demo pool ingested once into a catalog; tests must not modify it."""
-    from pipelines.ingest import IngestConfig, ingest
+    from pipelines.stages.ingest import IngestConfig, ingest
 
     root = str(tmp_path_factory.mktemp("catalog") / "cat")
     ingest(os.path.join(demo_pool, "pool"), root, IngestConfig(files_per_unit=100))
@@ -86,7 +86,7 @@ def lvd_catalog(demo_catalog, tmp_path_factory) -> str:
 
     from catalog.config import load_config
     from pipelines.build_lvd import BuildLVDConfig, build_lvd
-    from pipelines.demo_job import DEMO_SETTINGS
+    from pipelines.demo.job import DEMO_SETTINGS
 
     root = str(tmp_path_factory.mktemp("lvd") / "cat")
     shutil.copytree(demo_catalog, root)

@@ -12,7 +12,7 @@ import pyarrow as pa
 from PIL import Image
 
 from catalog.images import read_image_bytes
-from curation.decode import MISSING, DecodeError, decode_rgb
+from catalog.decode import MISSING, DecodeError, decode_rgb
 
 
 class PartDataset:

@@ -22,8 +22,8 @@ import torch
 from PIL import Image, ImageEnhance
 from scipy.ndimage import correlate1d
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from catalog.decode import IMAGENET_MEAN, IMAGENET_STD
+
 
 _BLUR_PROBABILITIES = {
     "effective": (0.0, 0.9, 0.5),

@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from training.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from catalog.decode import IMAGENET_MEAN, IMAGENET_STD
 
 
 def patch_labels(masks: np.ndarray, patch_size: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from catalog.images import read_image_bytes
-from curation.decode import Preprocess, decode_rgb
+from catalog.decode import Preprocess, decode_rgb
 from training.models.checkpoints import load_backbone
 from training.train.config import EvalConfig
 from training.train.dense_probe import linear_dense_probe

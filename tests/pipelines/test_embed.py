@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+
+from catalog.embeddings import (
+    embedding_metadata,
+    export_npy,
+    import_npy,
+    load_embeddings,
+)
+from catalog.images import read_image_bytes
+from catalog.ledger import Ledger
+from catalog.sql import query
+from catalog.decode import Preprocess, decode_rgb
+from pipelines.stages.embed import EmbedConfig, ModelMismatchError, embed
+from tests.helpers import kill_when, run_cli
+from training.models.checkpoints import load_backbone
+
+TINY = ["model=vit_test", "image_size=32", "images_per_unit=40", "batch_size=16"]
+
+
+def _copy_catalog(src: str, dst: str) -> str:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("embeddings", "_ledger"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def embedded(demo_catalog, tmp_path_factory) -> str:
+    root = _copy_catalog(demo_catalog, str(tmp_path_factory.mktemp("emb") / "cat"))
+    result = run_cli(["embed", "--catalog", root, "--set", *TINY])
+    assert result.returncode == 0, result.stderr
+    assert "randomly initialised" in result.stdout
+    return root
+
+
+def test_every_usable_image_has_one_embedding_and_no_broken_file(embedded):
+    ok = set(query(embedded, "SELECT image_id FROM pool WHERE status = 'ok'").column(0).to_pylist())
+    bad = set(query(embedded, "SELECT image_id FROM pool WHERE status = 'error'").column(0).to_pylist())
+    ids, x = load_embeddings(embedded)
+    assert len(ids) == len(set(ids.tolist())) == len(ok) and set(ids.tolist()) == ok
+    assert not (set(ids.tolist()) & bad)
+    assert x.shape == (len(ok), 64) and np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=2e-3)
+    meta = embedding_metadata(embedded)
+    assert meta["model"] == "vit_test" and meta["preprocess"] == Preprocess(size=32).fingerprint()
+
+
+def test_vectors_equal_a_direct_forward_of_the_backbone(embedded):
+    ids, x = load_embeddings(embedded)
+    rows = query(embedded, "SELECT image_id, uri FROM pool WHERE status = 'ok' ORDER BY image_id LIMIT 5").to_pylist()
+    model, _ = load_backbone("vit_test", None)
+    pre = Preprocess(size=32)
+    batch = np.stack([pre(decode_rgb(read_image_bytes(r["uri"]), min_side=pre.resize_size)) for r in rows])
+    with torch.inference_mode():
+        direct = model.embed(torch.from_numpy(batch)).numpy()
+    by_id = dict(zip(ids.tolist(), x))
+    got = np.stack([by_id[r["image_id"]] for r in rows]).astype(np.float32)
+    assert np.allclose(got, direct, atol=2e-3)
+
+
+def test_rerun_does_nothing_and_other_model_is_refused(embedded):
+    result = run_cli(["embed", "--catalog", embedded, "--set", *TINY])
+    assert result.returncode == 0 and "0 images embedded in this run" in result.stdout
+    with pytest.raises(ModelMismatchError, match="never mixed"):
+        embed(embedded, EmbedConfig(model="vit_test14", image_size=28))
+    result = run_cli(["embed", "--catalog", embedded, "--model", "vit_test14", "--set", "image_size=28"])
+    assert result.returncode == 2 and "never mixed" in result.stderr
+
+
+def test_npy_export_and_import_round_trip(embedded, tmp_path):
+    x_path, id_path = export_npy(embedded, str(tmp_path / "npy"))
+    ids, x = load_embeddings(embedded)
+    assert np.array_equal(np.load(id_path), ids) and np.array_equal(np.load(x_path, mmap_mode="r"), x)
+    other = str(tmp_path / "other")
+    assert import_npy(x_path, id_path, other, embedding_metadata(embedded), rows_per_shard=100) == len(ids)
+    ids2, x2 = load_embeddings(other)
+    assert np.array_equal(ids2, ids) and np.array_equal(x2, x)
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_resume_is_bit_identical(embedded, demo_catalog, tmp_path):
+    root = _copy_catalog(demo_catalog, str(tmp_path / "cat"))
+    args = ["embed", "--catalog", root, "--set", *TINY]
+    kill_when(args, lambda: len(Ledger(root, "embed").done()) >= 2)
+    assert len(Ledger(root, "embed").done()) < 9
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr
+    ids, x = load_embeddings(root)
+    ref_ids, ref_x = load_embeddings(embedded)
+    order, ref_order = np.argsort(ids), np.argsort(ref_ids)
+    assert np.array_equal(ids[order], ref_ids[ref_order])
+    assert np.array_equal(x[order].view(np.uint16), ref_x[ref_order].view(np.uint16))
