@@ -1,5 +1,8 @@
 """The one config loader: dataclass defaults, then a YAML file, then ``key.sub=value`` overrides.
 
+A YAML file may start from another with ``base: other.yaml`` (relative to the including file) and
+state only what differs; bases chain, and the overrides apply last.
+
 Every value is type-checked against the dataclass field it lands in, so a typo or a wrong type
 fails at start-up with the full dotted key in the message instead of deep inside a run.
 """
@@ -7,6 +10,8 @@ fails at start-up with the full dotted key in the message instead of deep inside
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -24,19 +29,68 @@ class ConfigError(ValueError):
 
 
 def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build ``cls`` from its defaults, an optional YAML file and command-line overrides."""
-    raw: dict[str, Any] = {}
-    if path:
-        loaded = yaml.safe_load(read_bytes(path)) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level of a config file must be a mapping")
-        raw = loaded
+    """Build ``cls`` from its defaults, an optional YAML file (with its ``base:`` chain) and overrides."""
+    raw: dict[str, Any] = read_config_file(path) if path else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value))
     return from_dict(cls, raw)
+
+
+BASE_KEY = "base"
+
+
+def read_config_file(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The mapping in YAML file ``path``, on top of the file its ``base:`` key names (if any).
+
+    ``base`` is a path relative to the including file (or absolute, or a URL); the base may itself have
+    a base. The including file wins: mappings merge key by key, any other value (a list included)
+    replaces the base's. A file that includes itself through the chain is an error.
+    """
+    here = _canonical(path)
+    if here in _chain:
+        raise ConfigError("config files include each other in a cycle: " + " -> ".join([*_chain, here]))
+    try:
+        loaded = yaml.safe_load(read_bytes(path)) or {}
+    except FileNotFoundError:
+        included_by = f" (the base of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file {path}{included_by} does not exist") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level of a config file must be a mapping")
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE_KEY} must name another YAML file, got {base!r}")
+    return _merge(read_config_file(_relative_to(path, base), (*_chain, here)), loaded)
+
+
+def _relative_to(including: str, base: str) -> str:
+    if "://" in base or os.path.isabs(base):
+        return base
+    if "://" in including:
+        return _canonical(posixpath.join(posixpath.dirname(including), base))
+    return os.path.join(os.path.dirname(including), base)
+
+
+def _canonical(path: str) -> str:
+    """One spelling per file, so a cycle is found however its paths are written."""
+    if "://" in path:
+        protocol, _, rest = path.partition("://")
+        return f"{protocol}://{posixpath.normpath(rest)}"
+    return os.path.realpath(path)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:

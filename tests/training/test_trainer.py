@@ -130,27 +130,61 @@ def test_param_groups_follow_the_recipe():
     assert opt.defaults["betas"] == (0.9, 0.99)
 
 
-def test_schedule_values():
+def _v2_schedule(start: float, peak: float, end: float, warmup: int, total: int, cosine: int | None = None) -> np.ndarray:
+    """DINOv3's v2 schedule from its formula: linear warmup without endpoint, cos(linspace(0, pi, C)), then end."""
+    cosine = total - warmup if cosine is None else cosine
+    ramp = (peak - end) * (np.cos(np.linspace(0, np.pi, cosine)) + 1) / 2 + end
+    return np.concatenate([np.linspace(start, peak, warmup, endpoint=False), ramp, np.full(total - warmup - cosine, end)])
+
+
+def test_cosine_schedule_reaches_its_end_value_exactly():
+    # The issue's example: peak 1e-3, end 1e-6, warmup 10, 50 iterations (the old progress stopped at 2.54e-6).
+    lr = ScheduleConfig("cosine", 0.0, 1e-3, 1e-6, 10)
+    ours = [schedule_value(lr, it, 50) for it in range(50)]
+    assert ours[-1] == 1e-6 and schedule_value(lr, 500, 50) == 1e-6
+    assert ours == pytest.approx(_v2_schedule(0.0, 1e-3, 1e-6, 10, 50), rel=1e-12, abs=1e-18)
+    # A cosine part shorter than the run, then constant: the high-res lr shape (peak 0 -> end).
+    ramp = ScheduleConfig("cosine", 0.0, 0.0, 2.0, 5, cosine_iterations=20)
+    assert [schedule_value(ramp, it, 40) for it in range(40)] == pytest.approx(_v2_schedule(0.0, 0.0, 2.0, 5, 40, 20))
+    assert schedule_value(ramp, 24, 40) == 2.0 and schedule_value(ramp, 4, 40) == 0.0
     warm = ScheduleConfig("constant", 0.04, 0.07, 0.07, 30)
     assert [schedule_value(warm, it, 100) for it in range(30)] == pytest.approx(np.linspace(0.04, 0.07, 30, endpoint=False))
     assert [schedule_value(warm, it, 100) for it in (30, 99, 500)] == pytest.approx([0.07] * 3)
-    ramp = ScheduleConfig("constant", 0.0, 2.0, 2.0, 1000, warmup_shape="cosine")  # the recipe's Gram ramp
-    assert [schedule_value(ramp, it, 10**6) for it in (0, 250, 500, 750, 1000, 5000)] == pytest.approx(
-        [0.0, 2.0 * (1 - np.cos(np.pi / 4)) / 2, 1.0, 2.0 * (1 - np.cos(3 * np.pi / 4)) / 2, 2.0, 2.0])
-    cos = ScheduleConfig("cosine", 0.0, 1.0, 0.1, 10)
-    for it in (10, 40, 75, 110, 200):
-        t = min(1.0, (it - 10) / 100)
-        assert schedule_value(cos, it, 110) == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * t)))
+
+
+def test_dinov2_cosine_scheduler():
+    # DINOv2's CosineScheduler: warmup linspace with its endpoint, cosine progress j / len, end past the schedule.
+    sched = ScheduleConfig("dinov2_cosine", 0.0, 1e-3, 1e-6, 10)
+    cos_part = 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + np.cos(np.pi * np.arange(40) / 40))
+    expected = np.concatenate([np.linspace(0.0, 1e-3, 10), cos_part])
+    assert [schedule_value(sched, it, 50) for it in range(50)] == pytest.approx(expected, rel=1e-12)
+    assert schedule_value(sched, 49, 50) > 1e-6 and schedule_value(sched, 50, 50) == 1e-6
+    # Its teacher temperature: total = warmup, i.e. a warmup to 0.07 (reached on its last step), then constant.
+    temp = ScheduleConfig("dinov2_cosine", 0.04, 0.07, 0.07, 30, cosine_iterations=0)
+    assert [schedule_value(temp, it, 100) for it in (0, 29, 30, 99)] == pytest.approx([0.04, 0.07, 0.07, 0.07])
+    # v1 scales the lr, not min_lr; v2 scales both.
+    optim = OptimConfig(lr=sched)
+    assert Schedules(optim, 4096).lr.peak == pytest.approx(8e-3) and Schedules(optim, 4096).lr.end == 1e-6
+    assert Schedules(OptimConfig(lr=ScheduleConfig("cosine", 0.0, 1e-3, 1e-6, 10)), 4096).lr.end == pytest.approx(8e-6)
+
+
+def test_schedule_values():
     assert lr_scale("sqrt_wrt_1024", 1024) == 4.0 and lr_scale("sqrt_wrt_1024", 4096) == 8.0
     assert lr_scale("linear_wrt_256", 512) == 2.0 and lr_scale("none", 7) == 1.0
     optim = OptimConfig(iterations=1000, freeze_last_layer_iterations=5)
     hp = Schedules(optim, global_batch_size=4096).at(200_000)
     assert hp.lr == pytest.approx(4e-4) and hp.last_layer_lr == hp.lr  # the 7B recipe's 5e-5 x 8
     assert Schedules(optim, 4096).at(4).last_layer_lr == 0.0
-    reweight = LossConfig(dino_local_weight=ScheduleConfig("cosine", 1.0, 1.0, 0.5, 0))  # Gram stage: 1 -> 0.5
-    assert [Schedules(optim, 4096, reweight).at(it).dino_local_weight for it in (0, 500, 1000)] == pytest.approx(
-        [1.0, 0.75, 0.5])
+    reweight = LossConfig(dino_local_weight=ScheduleConfig("cosine", 1.0, 1.0, 0.5, 0))  # 1 -> 0.5 over the run
+    assert [Schedules(optim, 4096, reweight).at(it).dino_local_weight for it in (0, 500, 999)] == pytest.approx(
+        [1.0, 0.75 + 0.25 * np.cos(np.pi * 500 / 999), 0.5])
     assert Schedules(optim, 4096).at(500).dino_local_weight == 1.0
+
+
+def test_a_cosine_part_longer_than_the_run_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="optim.lr: warmup 2 \\+ cosine 10 iterations must fit in optim.iterations=8"):
+        tiny_config("x", tmp_path, "optim.lr={kind: cosine, peak: 1.0e-3, end: 0.0, warmup_iterations: 2, "
+                                   "cosine_iterations: 10}")
 
 
 def test_nan_guard_stops_the_run(tmp_path):

@@ -16,7 +16,8 @@ class ViTConfig:
     `register_tokens`, "dinov3" as `storage_tokens`. The FFN hidden width follows the releases:
     `int(D * ffn_ratio)` for "mlp"; for "swiglu" `int(D * ffn_ratio * 2 / 3)` rounded up to a
     multiple of `ffn_align`. `swiglu_layout` "w12" is DINOv2's fused `w12`/`w3`, "w1w2" DINOv3's
-    `w1`/`w2`/`w3`.
+    `w1`/`w2`/`w3`. RoPE periods come from `rope_base` or from `rope_min_period`/`rope_max_period`
+    (exactly one of the two); `rope_normalize_coords` is DINOv3's `normalize_coords`.
     """
 
     patch_size: int = 16
@@ -37,7 +38,10 @@ class ViTConfig:
     pos_embed_grid: int = 37
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
-    rope_base: float = 100.0
+    rope_base: float | None = 100.0
+    rope_min_period: float | None = None
+    rope_max_period: float | None = None
+    rope_normalize_coords: Literal["separate", "min", "max"] = "separate"
     rope_shift: float | None = None
     rope_jitter: float | None = None
     rope_rescale: float | None = 2.0
@@ -49,6 +53,9 @@ class ViTConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos_encoding == "rope" and self.head_dim % 4:
             raise ValueError(f"RoPE needs a head dim divisible by 4, got {self.head_dim}")
+        both_periods = self.rope_min_period is not None and self.rope_max_period is not None
+        if self.pos_encoding == "rope" and (self.rope_base is None) != both_periods:
+            raise ValueError("RoPE needs either rope_base or both rope_min_period and rope_max_period, not both")
 
     @property
     def head_dim(self) -> int:
