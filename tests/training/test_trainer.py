@@ -130,11 +130,14 @@ def test_param_groups_follow_the_recipe():
     assert opt.defaults["betas"] == (0.9, 0.99)
 
 
-def _v2_schedule(start: float, peak: float, end: float, warmup: int, total: int, cosine: int | None = None) -> np.ndarray:
+def _v2_schedule(
+    start: float, peak: float, end: float, warmup: int, total: int, cosine: int | None = None
+) -> np.ndarray:
     """DINOv3's v2 schedule from its formula: linear warmup without endpoint, cos(linspace(0, pi, C)), then end."""
     cosine = total - warmup if cosine is None else cosine
     ramp = (peak - end) * (np.cos(np.linspace(0, np.pi, cosine)) + 1) / 2 + end
-    return np.concatenate([np.linspace(start, peak, warmup, endpoint=False), ramp, np.full(total - warmup - cosine, end)])
+    warm = np.linspace(start, peak, warmup, endpoint=False)
+    return np.concatenate([warm, ramp, np.full(total - warmup - cosine, end)])
 
 
 def test_cosine_schedule_reaches_its_end_value_exactly():
