@@ -119,7 +119,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Weights and options of the loss terms (DINOv3 names in brackets where ours differ).
+    """Weights and options of the loss terms (the reference's keys in brackets).
 
     ``dino_local_weight`` [``dino.local_loss_weight_schedule``]: extra factor on the local-crop DINO
     term per iteration; the Gram stage takes it 1 -> 0.5 on a half-cosine over its first 1000
@@ -155,8 +155,8 @@ class GramConfig:
     never refreshed). ``normalized``: L2-normalise patch tokens before the Grams (off: raw inner
     products). ``remove_neg``: clamp the negative similarities of both Grams to 0.
     ``remove_only_teacher_neg``: clamp the teacher's negatives to 0 and zero the student's entries where
-    both are negative, so only the student's negatives facing a non-negative target are penalised (the
-    option's intent; the reference's code zeroes the teacher first, which leaves its student mask empty).
+    both are negative, so a pair both Grams find dissimilar costs nothing (the option's intent; the
+    reference's code zeroes the teacher first, which leaves its student mask empty).
     """
 
     weight: ScheduleConfig = field(default_factory=_gram_ramp)
