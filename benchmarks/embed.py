@@ -65,7 +65,7 @@ def end_to_end_cpu(folder: str, model_name: str, size: int, batch: int) -> tuple
     """The product path: ingest (untimed), then the Ray Data embed stage, timed."""
     from pipelines.stages.embed import EmbedConfig, embed
     from pipelines.stages.ingest import ingest
-    from pipelines.ray_runtime import ensure_ray
+    from catalog.ray_runtime import ensure_ray
 
     root = os.path.join(folder, "catalog")
     ingest(folder, root)

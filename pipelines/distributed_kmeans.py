@@ -38,7 +38,7 @@ from curation.kmeans import (
     reduce_partials,
     resolve_device,
 )
-from pipelines.ray_runtime import ensure_ray
+from catalog.ray_runtime import ensure_ray
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from catalog.schemas import ERRORS, stamp
 from catalog.shards import write_shards
 from catalog.sql import query
 from catalog.decode import MISSING, DecodeError, Preprocess, decode_rgb
-from pipelines.ray_runtime import ensure_ray
+from catalog.ray_runtime import ensure_ray
 
 STAGE = "embed"
 

@@ -9,13 +9,12 @@ dataset uses instead of the pool URIs when it is complete. One ledger unit per s
 from __future__ import annotations
 
 import io
-import posixpath
 import tarfile
 
 import pyarrow as pa
 
 from catalog import schemas
-from catalog.images import byte_range_uri, read_image_bytes
+from catalog.images import byte_range_uri, read_image_bytes, uri_extension
 from catalog.ledger import Ledger
 from catalog.manifest import RunManifest
 from catalog.names import check_name
@@ -39,7 +38,7 @@ def _tar_shard(ids: list[int], uris: list[str]) -> tuple[bytes, list[tuple[int, 
             except (FileNotFoundError, OSError):
                 missing += 1
                 continue
-            ext = posixpath.splitext(uri.split("#")[0].split("::")[0])[1].lower() or ".img"
+            ext = uri_extension(uri) or ".img"
             info = tarfile.TarInfo(f"{image_id & 0xFFFFFFFFFFFFFFFF:016x}{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
