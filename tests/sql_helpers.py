@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -17,7 +18,7 @@ _SQL_LINE = re.compile(r'curate sql "([^"]+)"')
 def documented_queries() -> list[str]:
     """Every query a user is shown, from the README and the docs."""
     files = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
-    texts = [open(path, encoding="utf-8").read() for path in files]
+    texts = [Path(path).read_text(encoding="utf-8") for path in files]
     found = [q for text in texts for q in _SQL_LINE.findall(text) if "…" not in q]  # "…": a placeholder
     assert found, "no `curate sql \"…\"` example found in README.md or docs/"
     return found

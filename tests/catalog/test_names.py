@@ -59,7 +59,7 @@ def test_sample_part_outside_the_catalog_is_refused_before_anything_is_deleted(t
     before = _files(outside)
     done = run_cli(["sample", "--catalog", root, "--target-size", "5", "--set", "part=../../X"])
     assert done.returncode == 2 and "not a valid name" in done.stderr, done.stderr
-    assert _files(outside) == before and open(os.path.join(outside, "keep.txt")).read() == "must survive"
+    assert _files(outside) == before and (tmp_path / "X" / "keep.txt").read_text() == "must survive"
     assert not os.path.exists(os.path.join(root, "curated"))
 
 

@@ -175,7 +175,8 @@ def test_a_quote_in_a_table_folder_name_is_a_name_not_sql(tmp_path, folder):
 def test_parameters_fill_placeholders_without_formatting(small_catalog):
     hostile = "lvd' OR '1'='1"
     assert query(small_catalog, "SELECT count(*) AS n FROM curated WHERE part = ?", [hostile]).to_pylist() == [{"n": 0}]
-    assert query(small_catalog, "SELECT count(*) AS n FROM curated WHERE part = $p", {"p": "lvd"}).to_pylist() == [{"n": 2}]
+    named = query(small_catalog, "SELECT count(*) AS n FROM curated WHERE part = $p", {"p": "lvd"})
+    assert named.to_pylist() == [{"n": 2}]
 
 
 def test_every_documented_query_runs(tmp_path, monkeypatch):
