@@ -9,6 +9,7 @@ A cluster is joined as it is configured (token authentication: docker/README.md)
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -66,7 +67,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx.print_on_execution_start = False
 
 
-def _start_reaper() -> None:
-    """The reaper runs as a script by path: it needs only psutil, not this package on its path."""
-    subprocess.Popen([sys.executable, ray_reaper.__file__, str(os.getpid())], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+@functools.cache
+def _start_reaper() -> subprocess.Popen:
+    """One reaper per driver (it rescans every second, so a later in-process Ray is covered too). It
+    runs as a script by path: it needs only psutil, not this package on its path."""
+    return subprocess.Popen([sys.executable, ray_reaper.__file__, str(os.getpid())], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
