@@ -25,6 +25,7 @@ import torch
 
 from catalog.embeddings import EMBEDDINGS, table_dim_and_dtype, to_numpy
 from catalog.paths import resolve
+from catalog.ray_runtime import ensure_ray
 from catalog.schemas import check_version
 from catalog.shards import iter_shards, read_schema
 from curation.kmeans import (
@@ -38,7 +39,6 @@ from curation.kmeans import (
     reduce_partials,
     resolve_device,
 )
-from pipelines.ray_runtime import ensure_ray
 
 
 @dataclass(frozen=True)

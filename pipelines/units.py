@@ -16,7 +16,7 @@ import ray
 
 from catalog.ledger import Ledger
 from catalog.progress import progress
-from pipelines.ray_runtime import ensure_ray
+from catalog.ray_runtime import ensure_ray
 
 
 @dataclass(frozen=True)

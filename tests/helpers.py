@@ -56,15 +56,24 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["curate", *args], rc, out.getvalue(), err.getvalue())
 
 
-def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 300) -> None:
-    """Start ``curate ARGS``, wait until ``ready()``, then SIGKILL it and every process it started."""
-    kill_command_when([sys.executable, "-m", "pipelines.cli", *args], cli_env(), ready, timeout)
+def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 300, *,
+              only_driver: bool = False) -> list[psutil.Process]:
+    """Start ``curate ARGS``, wait until ``ready()``, then SIGKILL it and every process it started.
+
+    ``only_driver``: SIGKILL the ``curate`` process alone (what an OOM kill or a crash does) and leave
+    its helpers to die with it. Returns the processes it had started, as they were at the kill.
+    """
+    return kill_command_when([sys.executable, "-m", "pipelines.cli", *args], cli_env(), ready, timeout,
+                             only_driver=only_driver)
 
 
-def kill_command_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float = 300) -> None:
-    """Start ``cmd`` in its own session, wait until ``ready()``, then SIGKILL its whole process tree."""
+def kill_command_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float = 300, *,
+                      only_driver: bool = False) -> list[psutil.Process]:
+    """Start ``cmd`` in its own session, wait until ``ready()``, then SIGKILL its whole process tree
+    (or, ``only_driver``, the process itself); returns its descendants as they were at the kill."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + timeout
+    descendants: list[psutil.Process] = []
     try:
         while not ready():
             if proc.poll() is not None:
@@ -72,9 +81,14 @@ def kill_command_when(cmd: list[str], env: dict[str, str], ready: Callable[[], b
             if time.time() > deadline:
                 raise AssertionError("kill point never reached")
             time.sleep(0.02)
+        descendants = psutil.Process(proc.pid).children(recursive=True)
     finally:
-        kill_tree(proc.pid)
+        if only_driver and descendants:
+            proc.kill()
+        else:
+            kill_tree(proc.pid)
         proc.wait(timeout=30)
+    return descendants
 
 
 def kill_tree(pid: int) -> None:

@@ -375,7 +375,8 @@ def inspect(sub: argparse._SubParsersAction) -> None:
 def sql(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sql", help="query a catalog with DuckDB (read-only)",
                        description="Every catalog table is a view under its own name (curated parts as "
-                       "curated_<part> and all together as curated). Only queries are allowed.")
+                       "curated_<part> and all together as curated). Only queries are allowed (not EXPLAIN "
+                       "ANALYZE), and they read only the catalog: no other files or URLs, no extensions.")
     p.add_argument("query")
     _add_catalog(p, required=False)
     p.add_argument("--format", choices=FORMATS, default="table")

@@ -29,7 +29,7 @@ from curation.dedup import (
     copy_dedup,
     relative_dedup,
 )
-from pipelines.stages.ingest import COPY_DESCRIPTORS, IMAGE_EXTENSIONS
+from pipelines.stages.ingest import COPY_DESCRIPTORS
 from pipelines.reports import write_dedup_report
 
 STAGE = "dedup"
@@ -107,13 +107,12 @@ def eval_descriptors(folder: str) -> np.ndarray:
     """Pixel descriptors of every readable image in an evaluation-set folder."""
     out = []
     for dirpath, _, files in os.walk(folder):
-        for name in sorted(files):
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                try:
-                    with open(os.path.join(dirpath, name), "rb") as f:
-                        out.append(copy_descriptor(decode_rgb(f.read())))
-                except (DecodeError, OSError):
-                    continue
+        for name in sorted(files):  # any file: what does not decode is skipped
+            try:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    out.append(copy_descriptor(decode_rgb(f.read())))
+            except (DecodeError, OSError):
+                continue
     if not out:
         raise FileNotFoundError(f"evaluation set {folder} holds no readable image")
     return np.stack(out)

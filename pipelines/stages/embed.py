@@ -22,11 +22,11 @@ from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.manifest import RunManifest, fingerprint
 from catalog.progress import progress
+from catalog.ray_runtime import ensure_ray
 from catalog.schemas import ERRORS, stamp
 from catalog.shards import write_shards
 from catalog.sql import query
 from catalog.decode import MISSING, DecodeError, Preprocess, decode_rgb
-from pipelines.ray_runtime import ensure_ray
 
 STAGE = "embed"
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalog.embeddings import embeddings_table
-from catalog.images import parquet_row_uri, read_image_bytes
+from catalog.images import byte_range_uri, file_uri, parquet_row_uri, read_image_bytes, repeated_uri
 from catalog.ledger import Ledger
 from catalog.manifest import RunManifest, fingerprint
 from catalog.paths import resolve, with_protocol
@@ -32,7 +33,8 @@ from pipelines.units import Unit, run_units
 
 STAGE = "ingest"
 COPY_DESCRIPTORS = "copy_descriptors"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+# WebDataset shards keep per-sample metadata beside each image; such members are not pool items.
+TAR_METADATA_EXTENSIONS = {".json", ".txt", ".cls", ".cls2", ".caption", ".key", ".url", ".meta", ".id", ".idx"}
 BYTES_COLUMNS = ("bytes", "image", "jpg", "png")
 
 
@@ -60,13 +62,10 @@ def plan_units(source: str, files_per_unit: int) -> list[Unit]:
         return [Unit(f"tar-{hashlib.sha1(s.encode()).hexdigest()[:16]}", {"tar": s}, 1) for s in shards]
     if not fs.isdir(path):
         raise FileNotFoundError(f"ingest source {source} is not a folder, a .tar glob or a .parquet file")
-    files = sorted(
-        with_protocol(fs, p)
-        for p in fs.find(path)
-        if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS
-    )
+    # Every file, whatever its extension: the decoder decides (a non-image becomes an errors row).
+    files = sorted(file_uri(with_protocol(fs, p)) for p in fs.find(path))
     if not files:
-        raise FileNotFoundError(f"no image files (by extension) under {source}")
+        raise FileNotFoundError(f"no files under {source}")
     return [
         Unit(f"files-{i // files_per_unit:06d}", {"uris": files[i : i + files_per_unit]}, len(files[i : i + files_per_unit]))
         for i in range(0, len(files), files_per_unit)
@@ -82,14 +81,33 @@ def _parquet_units(source: str, rows_per_unit: int) -> list[Unit]:
     inline = next((c for c in BYTES_COLUMNS if c in names), None)
     if inline is None and "uri" not in names:
         raise ValueError(f"{source}: a Parquet source needs a 'uri' column or a bytes column {BYTES_COLUMNS}")
-    return [
-        Unit(
-            f"rows-{i // rows_per_unit:06d}",
-            {"parquet": source, "start": i, "stop": min(n, i + rows_per_unit), "inline": inline},
-            min(n, i + rows_per_unit) - i,
-        )
-        for i in range(0, n, rows_per_unit)
-    ]
+    repeats = {} if inline else _repeated_rows(source)
+    units = []
+    for i in range(0, n, rows_per_unit):
+        stop = min(n, i + rows_per_unit)
+        payload = {"parquet": source, "start": i, "stop": stop, "inline": inline}
+        payload["repeats"] = [[r, k] for r, k in repeats.items() if i <= r < stop]
+        units.append(Unit(f"rows-{i // rows_per_unit:06d}", payload, stop - i))
+    return units
+
+
+def _repeated_rows(source: str) -> dict[int, int]:
+    """Row -> occurrence (2, 3, …) of every row whose URI an earlier row of the list already names.
+
+    Worked out over the whole list at planning, so each unit gives those rows distinct URIs
+    (``repeated_uri``) and every pool row keeps a unique ``image_id``.
+    """
+    fs, path = resolve(source)
+    with fs.open(path, "rb") as f:
+        uris = pq.read_table(f, columns=["uri"]).column("uri")
+    codes = pc.fill_null(pc.dictionary_encode(uris).combine_chunks().indices, -1).to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")
+    ranked = codes[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    occurrence = np.empty(len(codes), np.int64)
+    occurrence[order] = np.arange(len(codes)) - np.repeat(starts, np.diff(np.r_[starts, len(codes)])) + 1
+    repeated = np.flatnonzero((occurrence > 1) & (codes >= 0))
+    return {int(r): int(occurrence[r]) for r in repeated}
 
 
 def _items(payload: dict[str, Any]):
@@ -100,21 +118,29 @@ def _items(payload: dict[str, Any]):
     elif "tar" in payload:
         fs, path = resolve(payload["tar"])
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
             for member in tar:
-                if member.isfile() and posixpath.splitext(member.name)[1].lower() in IMAGE_EXTENSIONS:
-                    data = tar.extractfile(member).read()
-                    yield f"tar://{member.name}::{payload['tar']}", data, None, None
+                if not member.isfile() or posixpath.splitext(member.name)[1].lower() in TAR_METADATA_EXTENSIONS:
+                    continue
+                # A byte range of the shard: the member's name is recorded, never parsed.
+                uri = byte_range_uri(payload["tar"], member.offset_data, member.size, member=member.name)
+                if compressed:
+                    yield uri, None, "unreadable", "compressed tar shard: byte ranges need an uncompressed .tar"
+                else:
+                    yield uri, tar.extractfile(member).read(), None, None
     else:
         fs, path = resolve(payload["parquet"])
         inline = payload["inline"]
         columns = [inline] if inline else ["uri"]
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=columns).slice(payload["start"], payload["stop"] - payload["start"])
+        repeats = dict(payload.get("repeats", []))
         for offset, value in enumerate(table.column(0).to_pylist()):
+            row = payload["start"] + offset
             if inline:
-                yield parquet_row_uri(payload["parquet"], payload["start"] + offset, inline), value, None, None
+                yield parquet_row_uri(payload["parquet"], row, inline), value, None, None
             else:
-                yield (value, *_read(value))
+                yield (repeated_uri(value, repeats[row]) if row in repeats else value, *_read(value))
 
 
 def _read(uri: str) -> tuple[bytes | None, str | None, str | None]:

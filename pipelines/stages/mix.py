@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from catalog import schemas
 from catalog.manifest import RunManifest
+from catalog.names import check_name
 from catalog.paths import exists, join, read_bytes, write_bytes_atomic
 from catalog.shards import delete_table, table_exists, write_shards
 from catalog.sql import query
@@ -29,6 +30,10 @@ class PartSpec:
     source: str
     weight: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.source.startswith("retrieved:"):
+            check_name(self.source.split(":", 1)[1], f"mix source {self.source!r}: the seed")
+
 
 @dataclass(frozen=True)
 class MixConfig:
@@ -37,6 +42,12 @@ class MixConfig:
     parts: dict[str, PartSpec] = field(default_factory=lambda: {"lvd": PartSpec("lvd")})
     homogeneous_part: str | None = "imagenet1k"
     p_homogeneous: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in self.parts:
+            check_name(name, "mix part")
+        if self.homogeneous_part is not None:
+            check_name(self.homogeneous_part, "mix homogeneous_part")
 
 
 def _curated(name: str, table: pa.Table) -> pa.Table:

@@ -9,15 +9,15 @@ dataset uses instead of the pool URIs when it is complete. One ledger unit per s
 from __future__ import annotations
 
 import io
-import posixpath
 import tarfile
 
 import pyarrow as pa
 
 from catalog import schemas
-from catalog.images import byte_range_uri, read_image_bytes
+from catalog.images import byte_range_uri, read_image_bytes, uri_extension
 from catalog.ledger import Ledger
 from catalog.manifest import RunManifest
+from catalog.names import check_name
 from catalog.paths import join, write_bytes_atomic
 from catalog.progress import progress
 from catalog.shards import read_table, write_shards
@@ -38,7 +38,7 @@ def _tar_shard(ids: list[int], uris: list[str]) -> tuple[bytes, list[tuple[int, 
             except (FileNotFoundError, OSError):
                 missing += 1
                 continue
-            ext = posixpath.splitext(uri.split("#")[0].split("::")[0])[1].lower() or ".img"
+            ext = uri_extension(uri) or ".img"
             info = tarfile.TarInfo(f"{image_id & 0xFFFFFFFFFFFFFFFF:016x}{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -50,6 +50,7 @@ def _tar_shard(ids: list[int], uris: list[str]) -> tuple[bytes, list[tuple[int, 
 
 def pack(root: str, part: str, images_per_shard: int = 1000) -> dict[str, int]:
     """Pack ``curated/<part>``; returns images packed and images that could not be read."""
+    check_name(part, "pack --part")
     table = read_table(root, f"curated/{part}", ["image_id", "uri"]).sort_by("image_id")
     ids, uris = table.column("image_id").to_pylist(), table.column("uri").to_pylist()
     ledger = Ledger(root, f"pack-{part}")

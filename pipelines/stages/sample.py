@@ -15,6 +15,7 @@ import pyarrow as pa
 from catalog import schemas
 from catalog.ledger import Ledger
 from catalog.manifest import RunManifest
+from catalog.names import check_name
 from catalog.shards import delete_table, read_table, table_exists, write_shards
 from catalog.sql import query
 from curation.sampling import balanced_sample
@@ -27,6 +28,9 @@ class SampleConfig:
     multiplier: float = 1.0
     seed: int = 0
     part: str = "lvd"
+
+    def __post_init__(self) -> None:
+        check_name(self.part, "sample part")
 
 
 def curated_table(clusters: pa.Table, rows: np.ndarray, uris: dict[int, str], part: str) -> pa.Table:

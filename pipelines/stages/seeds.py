@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from catalog.embeddings import embedding_metadata, load_embeddings
+from catalog.names import MAX_LENGTH, check_name, safe_name
 from catalog.paths import join
 from pipelines.stages.embed import EmbedConfig, ModelMismatchError, config_of_table, embed
 from pipelines.stages.ingest import ingest
@@ -38,6 +39,10 @@ class SeedsConfig:
         "demo": SeedSpec(images="{catalog}/demo_pool/seed"),
     })
 
+    def __post_init__(self) -> None:
+        for name in self.seeds:
+            check_name(name, "seed")
+
 
 def resolve_seed(name_or_path: str, root: str, config: SeedsConfig) -> tuple[str, SeedSpec]:
     """A (name, spec) for a configured name or a direct path/URL to images."""
@@ -49,8 +54,8 @@ def resolve_seed(name_or_path: str, root: str, config: SeedsConfig) -> tuple[str
     if "://" in name_or_path or os.path.exists(name_or_path):
         # the folder name alone could collide with another seed's, so the path's hash is appended
         digest = hashlib.sha1(name_or_path.rstrip("/").encode()).hexdigest()[:8]
-        name = f"{os.path.basename(name_or_path.rstrip('/')) or 'seed'}-{digest}"
-        return name, SeedSpec(images=name_or_path)
+        base = safe_name(os.path.basename(name_or_path.rstrip("/")), "seed")[: MAX_LENGTH - len(digest) - 1]
+        return f"{base}-{digest}", SeedSpec(images=name_or_path)
     known = ", ".join(sorted(config.seeds)) or "none"
     raise FileNotFoundError(f"unknown seed {name_or_path!r}: not in the seeds config ({known}) and not a path")
 

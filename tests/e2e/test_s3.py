@@ -22,9 +22,10 @@ from catalog.array_store import CatalogArrayStore
 from catalog.ledger import Ledger
 from catalog.paths import S3_RETRIES, resolve
 from catalog.shards import shard_urls, write_shards
-from catalog.sql import query
+from catalog.sql import SQLError, query
 from catalog.tables import list_tables
 from tests.helpers import free_ports, run_cli
+from tests.sql_helpers import documented_queries, write_doc_catalog
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +117,26 @@ def test_catalog_sees_what_other_processes_wrote(s3):
     assert list_tables(root) == ["t", "u"]
     assert query(root, "SELECT count(*) FROM t").column(0)[0].as_py() == 4
     np.testing.assert_array_equal(store.get("k")["a"], np.arange(3))
+
+
+
+def test_sql_is_confined_to_a_bucket_catalog(s3):
+    """The documented queries work on an S3 catalog; objects beside it, local files and installs do not."""
+    root = f"s3://{BUCKET}/doccat"
+    write_doc_catalog(root)
+    s3.pipe_file(f"{BUCKET}/beside/secret.txt", b"the-secret-content")
+    s3.pipe_file(f"{BUCKET}/doccat-twin/x.txt", b"the-secret-content")  # shares the catalog's name prefix
+    for sql in documented_queries():
+        assert query(root, sql).num_rows > 0, sql
+    assert query(root, f"SELECT count(*) FROM glob('{root}/pool/*.parquet')").column(0)[0].as_py() == 1
+    for probe in (f"SELECT * FROM read_text('s3://{BUCKET}/beside/secret.txt')",
+                  f"SELECT * FROM read_text('s3://{BUCKET}/doccat-twin/x.txt')",
+                  f"SELECT * FROM read_text('{root}/../beside/secret.txt')",
+                  f"SELECT * FROM glob('s3://{BUCKET}/**')",
+                  "SELECT * FROM read_text('/etc/passwd')"):
+        with pytest.raises(SQLError) as err:
+            query(root, probe)
+        assert "the-secret-content" not in str(err.value), probe
 
 
 @pytest.fixture(scope="module")

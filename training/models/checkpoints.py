@@ -86,6 +86,17 @@ def _unchunk_blocks(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {(f"blocks.{m.group(1)}.{m.group(2)}" if (m := chunked.match(k)) else k): v for k, v in sd.items()}
 
 
+def describe_load_error(e: BaseException) -> str:
+    """Why unpickling a file failed, in one line: a refused global (a file that would run code) or damage."""
+    text = str(e).strip()
+    refused = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+    if refused:
+        return (f"holds Python objects other than tensors and plain containers ({refused.group(1)}); "
+                "refusing to unpickle")
+    detail = text.splitlines()[0] if text else ""
+    return f"truncated, corrupt or not a checkpoint ({type(e).__name__}{': ' + detail if detail else ''})"
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Backbone tensors of a checkpoint file, as float32 where floating, without unpickling objects."""
     p = Path(path)
@@ -100,13 +111,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-            if "Unsupported global" in str(e):
-                raise CheckpointError(
-                    f"{p}: holds Python objects other than tensors and plain containers; refusing to unpickle"
-                ) from e
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
-            raise CheckpointError(f"{p}: truncated, corrupt or not a checkpoint ({reason})") from e
+            raise CheckpointError(f"{p}: {describe_load_error(e)}") from e
     sd = _unwrap(obj, p)
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 

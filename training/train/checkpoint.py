@@ -4,7 +4,8 @@ Layout: ``<output_dir>/ckpt/<step:08d>/`` holds the DCP shards of {student, teac
 (plus ``gram_teacher`` in the Gram stages; a distillation run writes one such set per student into
 ``<step>/<student name>/``, each saved by its own process group) and ``rank<r>.pt`` per rank (data-loader + sampler state, RNG states, run counters). Everything is
 written into ``.tmp-<step>`` first and renamed by rank 0 after all ranks finished, so a directory with
-an integer name is always complete; only the newest ``keep_last`` are kept.
+an integer name is always complete; only the newest ``keep_last`` are kept. Reading is data only
+(``dcp_reader``): a checkpoint handed over by someone else cannot run code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from training.models.checkpoints import CheckpointError, describe_load_error
+from training.train.dcp_reader import load_state
 from training.train.distributed import DistInfo, barrier
 
 
@@ -113,6 +116,17 @@ def save_checkpoint(
     return final
 
 
+def _read_rank_state(path: Path) -> dict:
+    """A rank's loader/RNG state, data only (tensors and plain containers)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # UnpicklingError for a refused global, RuntimeError/EOFError for damage
+        raise CheckpointError(f"{path}: {describe_load_error(e)}") from e
+    if not isinstance(state, dict) or "world_size" not in state:
+        raise CheckpointError(f"{path}: not a rank state of a curate checkpoint")
+    return state
+
+
 def load_checkpoint(
     path: Path,
     student: nn.Module,
@@ -127,7 +141,7 @@ def load_checkpoint(
     rank_file = path / f"rank{info.rank}.pt"
     if not rank_file.is_file():
         raise RuntimeError(f"{path}: no state for rank {info.rank}; was it written with another world size?")
-    rank_state = torch.load(rank_file, weights_only=True)
+    rank_state = _read_rank_state(rank_file)
     if rank_state["world_size"] != info.world_size:
         raise RuntimeError(
             f"{path}: written by {rank_state['world_size']} ranks, resuming with {info.world_size}; "
@@ -136,7 +150,7 @@ def load_checkpoint(
     extra = extra or {}
     state = _model_states(student, teacher, optimizer, extra)
     state["step"] = -1
-    dcp.load(state, checkpoint_id=str(path / subdir), process_group=group)
+    load_state(state, path / subdir, group)
     set_model_state_dict(student, state["student"])
     set_model_state_dict(teacher, state["teacher"])
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
@@ -157,5 +171,5 @@ def load_models(path: Path, targets: list[tuple[str, nn.Module]], group: dist.Pr
         local = get_model_state_dict(model)
         dotted = f"{prefix}." if prefix else ""
         state = {key: {dotted + k: v for k, v in local.items()}}
-        dcp.load(state, checkpoint_id=str(path), process_group=group)
+        load_state(state, path, group)
         set_model_state_dict(model, {k[len(dotted):]: v for k, v in state[key].items()})

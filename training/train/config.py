@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from catalog.config import load_config
+from catalog.names import check_name
 from training.models import MODEL_SIZES, ViTConfig
 
 
@@ -239,6 +240,10 @@ class DataConfig:
     p_homogeneous: float = 0.1
     num_workers: int = 0
     max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in [*self.parts, *(self.weights or {}), *([self.homogeneous_part] if self.homogeneous_part else [])]:
+            check_name(name, "data part")
 
 
 @dataclass

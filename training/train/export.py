@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -15,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from training.models import VisionTransformer, ViTConfig, export_backbone
 from training.train.config import TrainConfig, vit_config
+from training.train.dcp_reader import load_state
 from training.train.meta_arch import build_student_teacher
 
 
@@ -46,7 +46,7 @@ def export_from_checkpoint(checkpoint: str | Path, config: TrainConfig, path: st
     """Export the teacher backbone of a saved training checkpoint (one process, any training world size)."""
     _, teacher = build_student_teacher(config.model, config.seed)
     state = {"teacher": get_model_state_dict(teacher)}
-    dcp.load(state, checkpoint_id=str(checkpoint))
+    load_state(state, checkpoint)
     prefix = "backbone."
     backbone = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
     return _write(backbone, vit_config(config.model), Path(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from catalog.ray_runtime import ensure_ray
 from training.train.config import load_train_config
 
 
@@ -32,7 +33,6 @@ def launch_on_ray(
     ``gpus_per_worker > 0`` asks each worker for that many GPUs and needs ``device=cuda`` in the
     config (it is set here); otherwise workers train on CPU with gloo.
     """
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -43,8 +43,7 @@ def launch_on_ray(
     config = load_train_config(config_path, overrides)  # fail fast on a bad config, before Ray starts
     if not os.path.isabs(config.output_dir):
         raise ValueError(f"output_dir must be an absolute path for Ray workers, got {config.output_dir!r}")
-    if not ray.is_initialized():
-        ray.init(address=address)
+    ensure_ray(address)  # the stages' own start-up: a cluster as configured, or Ray on loopback
     resources = {"GPU": gpus_per_worker} if use_gpu else {"CPU": 1}
     trainer = TorchTrainer(
         _worker,
