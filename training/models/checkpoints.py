@@ -181,7 +181,8 @@ def _fill_constant_buffers(sd: dict[str, Tensor], cfg: ViTConfig) -> dict[str, T
     """Add buffers that are fixed functions of the config when a file leaves them out."""
     sd = dict(sd)
     if cfg.pos_encoding == "rope":
-        sd.setdefault("rope_embed.periods", rope_periods(cfg.head_dim, cfg.rope_base, cfg.rope_min_period, cfg.rope_max_period))
+        periods = rope_periods(cfg.head_dim, cfg.rope_base, cfg.rope_min_period, cfg.rope_max_period)
+        sd.setdefault("rope_embed.periods", periods)
     if cfg.qkv_bias and cfg.mask_k_bias:
         for i in range(cfg.depth):
             sd.setdefault(f"blocks.{i}.attn.qkv.bias_mask", k_bias_mask(cfg.embed_dim))
