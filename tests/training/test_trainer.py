@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,13 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from catalog.config import to_dict
+from catalog.manifest import list_manifests
 from tests.helpers import free_ports
-from tests.train_helpers import TINY, make_catalog
+from tests.train_helpers import CONFIGS, PARTS, TINY, make_catalog
 from training.data.masking import collate
 from training.models import MODEL_SIZES, load_backbone
+from training.train.data import build_loader
 from training.train.config import (
     LossConfig,
     OptimConfig,
@@ -28,7 +33,7 @@ from training.train.knn_eval import knn_accuracy, knn_predict
 from training.train.loop import TrainingDiverged, train
 from training.train.meta_arch import build_student_teacher, ssl_losses
 from training.train.optim import apply_hyper_params, build_optimizer, param_groups
-from training.train.run_state import read_metrics, step_generator
+from training.train.run_state import TEACHER_FILE, read_metrics, step_generator
 from training.train.schedules import Schedules, lr_scale, schedule_value
 
 
@@ -153,16 +158,73 @@ def test_schedule_values():
     assert Schedules(optim, 4096).at(500).dino_local_weight == 1.0
 
 
+# A learning rate no weights survive: the loss is NaN/inf within a few steps, for real.
+DIVERGE = ("optim.lr.peak=1.0e+30", "optim.lr.warmup_iterations=0", "optim.clip_grad=null",
+           "optim.freeze_last_layer_iterations=0", "optim.iterations=20", "checkpoint.period=100", "nan_patience=2")
+HEAD = "{n_prototypes: 128, bottleneck_dim: 32, hidden_dim: 64, n_layers: 3}"
+ONE_STUDENT = f"distill.students=[{{name: small, ranks: 1, model: {{size: vit_test, dino_head: {HEAD}, ibot_head: {HEAD}}}}}]"
+
+
+def _distill_config(catalog: str, teacher_run: str, output_dir: Path, *overrides: str) -> TrainConfig:
+    """The tiny distillation recipe with one student, so one process is the whole world."""
+    return load_train_config(str(CONFIGS / "tiny_cpu_distill.yaml"), [
+        f"data.catalog_root={catalog}", f"output_dir={output_dir}", f"distill.teacher_checkpoint={teacher_run}",
+        ONE_STUDENT, *overrides])
+
+
+def _assert_stopped_on_divergence(run: Path, loss_key: str) -> None:
+    metrics = read_metrics(run)
+    assert len(metrics) < 20 and [m["skipped_optimizer_step"] for m in metrics[-2:]] == [True, True]
+    assert not math.isfinite(metrics[-1][loss_key])
+    [manifest] = list_manifests(str(run))
+    assert manifest["status"].startswith("failed: TrainingDiverged")
+
+
 def test_nan_guard_stops_the_run(tmp_path):
     catalog = make_catalog(tmp_path, per_part=4)
-    config = tiny_config(
-        catalog, tmp_path / "run", "optim.lr.peak=1.0e+30", "optim.lr.warmup_iterations=0", "optim.clip_grad=null",
-        "optim.freeze_last_layer_iterations=0", "optim.iterations=20", "checkpoint.period=100", "nan_patience=2",
-    )
+    config = tiny_config(catalog, tmp_path / "run", *DIVERGE)
     with pytest.raises(TrainingDiverged, match="NaN/inf on 2 consecutive steps"):
         train(config)
-    metrics = read_metrics(tmp_path / "run")
-    assert len(metrics) < 20 and [m["skipped_optimizer_step"] for m in metrics[-2:]] == [True, True]
+    _assert_stopped_on_divergence(tmp_path / "run", "total")
+
+
+def test_distillation_stops_on_divergence_like_pretraining(tiny_run, tmp_path):
+    config, teacher_run = tiny_run
+    sane = train(_distill_config(config.data.catalog_root, teacher_run.output_dir, tmp_path / "sane",
+                                 "optim.iterations=2", "checkpoint.period=2"))
+    metrics = read_metrics(sane.output_dir)
+    assert [m["skipped_optimizer_step"] for m in metrics] == [False, False]
+    assert all(math.isfinite(m["small/total"]) for m in metrics) and metrics[-1]["images_seen"] == 8
+    assert sane.teacher_path == f"{tmp_path / 'sane'}/students/small/{TEACHER_FILE}"
+
+    diverging = _distill_config(config.data.catalog_root, teacher_run.output_dir, tmp_path / "run", *DIVERGE)
+    with pytest.raises(TrainingDiverged, match="NaN/inf on 2 consecutive steps"):
+        train(diverging)
+    _assert_stopped_on_divergence(tmp_path / "run", "small/total")
+
+
+def test_a_run_writes_a_manifest_of_its_config_inputs_and_images_drawn(tiny_run):
+    config, result = tiny_run
+    [manifest] = list_manifests(result.output_dir)
+    assert manifest["stage"] == "train" and manifest["status"] == "ok" and manifest["wall_seconds"] > 0
+    assert manifest["config"] == to_dict(config) and "git_commit" in manifest["code"]
+    batch = config.optim.batch_size_per_rank
+    assert manifest["rows"] == {"images_seen": 4 * batch, "images_this_run": 4 * batch, "skipped_optimizer_steps": 0}
+    notes = manifest["notes"]
+    assert notes["steps_done"] == 4 and notes["resumed_from"] == 0 and notes["teacher_path"] == result.teacher_path
+    assert notes["teacher_sha256"] == hashlib.sha256(Path(result.teacher_path).read_bytes()).hexdigest()
+    # The images drawn per part are the loader's: a fresh loader of the same config draws the same 4 steps.
+    loader = build_loader(config, 0, 1, MODEL_SIZES["vit_test"].patch_size)
+    drawn = Counter(part for _ in range(4) for part in loader.sampler.next_step().parts)
+    assert notes["images_by_part"] == {part: drawn[part] for part in PARTS} and sum(drawn.values()) == 4 * batch
+    assert notes["bad_images_replaced"] == {part: 0 for part in PARTS}
+    catalog = Path(config.data.catalog_root)
+    for part in PARTS:
+        [shard] = (catalog / "curated" / part).glob("*.parquet")
+        recorded = manifest["inputs"]["parts"][part]
+        assert (recorded["table"], recorded["shards"], recorded["bytes"], recorded["images"]) == (
+            f"curated/{part}", 1, shard.stat().st_size, 12)
+    assert manifest["inputs"]["mix"] is None and manifest["inputs"]["plan"]["parts"] == list(PARTS)
 
 
 def test_knn_accuracy_matches_a_direct_vote():
