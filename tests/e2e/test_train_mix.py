@@ -6,6 +6,7 @@ import os
 import shutil
 from collections import Counter
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import yaml
@@ -35,7 +36,7 @@ def test_train_with_only_the_catalog_root_follows_the_mix(demo_pool, lvd_catalog
 
     # The tiny recipe without its data section: nothing but the catalog root says what to read.
     config_file = tmp_path / "tiny_no_data.yaml"
-    recipe = yaml.safe_load(open(TINY))
+    recipe = yaml.safe_load(Path(TINY).read_text())
     del recipe["data"]
     config_file.write_text(yaml.safe_dump(recipe))
     run = str(tmp_path / "run")

@@ -19,7 +19,6 @@ from tests.helpers import free_ports
 from tests.train_helpers import CONFIGS, PARTS, TINY, make_catalog
 from training.data.masking import collate
 from training.models import MODEL_SIZES, load_backbone
-from training.train.data import build_loader
 from training.train.config import (
     LossConfig,
     OptimConfig,
@@ -27,6 +26,7 @@ from training.train.config import (
     TrainConfig,
     load_train_config,
 )
+from training.train.data import build_loader
 from training.train.distributed import DistInfo, prepare_model
 from training.train.export import export_from_checkpoint
 from training.train.knn_eval import knn_accuracy, knn_predict

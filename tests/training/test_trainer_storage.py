@@ -20,7 +20,7 @@ from tests.train_helpers import TINY, make_catalog
 from training.train.checkpoint import COMPLETE, checkpoint_dirs
 from training.train.config import load_train_config
 from training.train.launch import result_of_run, run_training
-from training.train.run_state import EVALS_FILE, TEACHER_FILE, read_metrics
+from training.train.run_state import EVALS_FILE, read_metrics
 
 BUCKET = "curate-train"
 STEPS = 4

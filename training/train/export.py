@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
