@@ -71,6 +71,13 @@ def train(config: TrainConfig) -> TrainResult:
 class Trainer:
     """One invocation of a run: build, resume, step until ``max_steps``/the end, checkpoint, export."""
 
+    # Built by ``run`` (collectively, after the config dump):
+    recipe: Recipe
+    loader: TrainLoader
+    evals: CheckpointEvals
+    metrics: RecordLog
+    evals_log: RecordLog
+
     def __init__(self, config: TrainConfig, info: DistInfo) -> None:
         self.config, self.info = config, info
         self.out = config.output_dir
@@ -78,58 +85,58 @@ class Trainer:
         self.global_batch = config.optim.batch_size_per_rank * info.world_size
         self.end = config.optim.iterations if config.max_steps is None else min(config.max_steps,
                                                                                  config.optim.iterations)
+        self.counts = _Counts()
 
     def run(self) -> TrainResult:
         config, info = self.config, self.info
         if info.is_main:
             write_bytes_atomic(join(self.out, "config.yaml"), yaml.safe_dump(to_dict(config), sort_keys=False).encode())
         barrier()
-        recipe = build_recipe(config, info)
+        self.recipe = build_recipe(config, info)
         data = training_data(config.data)
-        loader = build_loader(config, info.rank, info.world_size, recipe.patch_size, data)
+        self.loader = build_loader(config, info.rank, info.world_size, self.recipe.patch_size, data)
+        self.evals = CheckpointEvals(config.eval, config.crops.global_size, self.recipe.patch_size)
         manifest = RunManifest(self.out, MANIFEST_STAGE, to_dict(config)) if info.is_main else None
         with manifest or contextlib.nullcontext():
-            start, nan_streak = self._resume(recipe, loader)
+            start, nan_streak = self._resume()
             if manifest is not None:
-                manifest.inputs = self._inputs(data)
-            metrics, evals_log = resume_logs(self.out, start, info.is_main)
-            evals = CheckpointEvals(config.eval, config.crops.global_size, recipe.patch_size)
-            if evals.names and start > 0 and scores_missing(evals_log.url, start, info.is_main):
-                self._score(recipe, evals, start, evals_log)
-            counts = _Counts()
-            step = self._loop(recipe, loader, start, nan_streak, metrics, evals, evals_log, counts)
-            drawn = self._images_by_part(loader)
-            teacher_path, sha = self._export(recipe, step)
+                manifest.inputs = _inputs(data)
+            self.metrics, self.evals_log = resume_logs(self.out, start, info.is_main)
+            if self.evals.names and start > 0 and scores_missing(self.evals_log.url, start, info.is_main):
+                self._score(start)
+            step = self._loop(start, nan_streak)
+            drawn = self._images_by_part()
+            teacher_path, sha = self._export(step)
             if manifest is not None:
                 manifest.rows = {"images_seen": step * self.global_batch,
                                  "images_this_run": (step - start) * self.global_batch,
-                                 "skipped_optimizer_steps": counts.skipped}
+                                 "skipped_optimizer_steps": self.counts.skipped}
                 manifest.notes = {"stage": config.stage, "steps_done": step, "resumed_from": start,
-                                  "world_size": info.world_size, "homogeneous_steps_this_run": counts.homogeneous,
+                                  "world_size": info.world_size,
+                                  "homogeneous_steps_this_run": self.counts.homogeneous,
                                   **drawn, "teacher_path": teacher_path, "teacher_sha256": sha}
         barrier()
         return TrainResult(step, start, self.out, teacher_path)
 
-    def _resume(self, recipe: Recipe, loader: TrainLoader) -> tuple[int, int]:
+    def _resume(self) -> tuple[int, int]:
         """Restore the latest checkpoint (returns its step and NaN streak), or start the recipe fresh."""
         latest = latest_checkpoint(self.ckpt_root) if self.config.checkpoint.resume else None
         if latest is None:
-            recipe.start_fresh()
+            self.recipe.start_fresh()
             return 0, 0
-        m = recipe.checkpoint_models()
+        m = self.recipe.checkpoint_models()
         start, rank_state = load_checkpoint(latest, m.student, m.teacher, m.optimizer, self.info, extra=m.extra,
                                             subdir=m.subdir, group=m.group)
-        loader.load_state_dict(rank_state["loader"])
+        self.loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
         return start, int(rank_state["nan_streak"])
 
-    def _loop(self, recipe: Recipe, loader: TrainLoader, start: int, nan_streak: int, metrics: RecordLog,
-              evals: CheckpointEvals, evals_log: RecordLog, counts: _Counts) -> int:
+    def _loop(self, start: int, nan_streak: int) -> int:
         """Step from ``start`` to ``self.end``; returns the completed step count."""
         config, info = self.config, self.info
         schedules = Schedules(config.optim, self.global_batch, config.loss)
-        bar = progress(self.end, recipe.label, unit="step", initial=start) if info.is_main else None
-        step, batches = start, iter(loader)
+        bar = progress(self.end, self.recipe.label, unit="step", initial=start) if info.is_main else None
+        step, batches = start, iter(self.loader)
         try:
             while step < self.end:
                 t0 = time.perf_counter()
@@ -138,12 +145,13 @@ class Trainer:
                     raise RuntimeError(f"loader is at step {batch['step']}, the trainer at {step}")
                 batch = {k: (v.to(info.device, non_blocking=True) if k in DEVICE_KEYS else v) for k, v in batch.items()}
                 hp = schedules.at(step)
-                outcome = recipe.step(batch, hp, step)
+                outcome = self.recipe.step(batch, hp, step)
                 nan_streak = 0 if outcome.finite else nan_streak + 1
-                counts.add(batch["homogeneous"], outcome.finite)
+                self.counts.add(batch["homogeneous"], outcome.finite)
                 step += 1
                 if info.is_main:
-                    metrics.append(self._record(step - 1, hp, outcome, batch["homogeneous"], time.perf_counter() - t0))
+                    self.metrics.append(self._record(step - 1, hp, outcome, batch["homogeneous"],
+                                                     time.perf_counter() - t0))
                     bar.update(1)
                     bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{hp.lr:.2e}")
                 if nan_streak >= config.nan_patience:
@@ -153,12 +161,12 @@ class Trainer:
                         "the data."
                     )
                 if step % config.checkpoint.period == 0 or step == self.end:
-                    self._checkpoint(recipe, loader, step, nan_streak, metrics, evals, evals_log)
+                    self._checkpoint(step, nan_streak)
         finally:
             if bar is not None:
                 bar.close()
             if info.is_main:
-                metrics.flush()
+                self.metrics.flush()
         return step
 
     def _record(self, step: int, hp: StepHyperParams, outcome: StepOutcome, homogeneous: bool,
@@ -172,41 +180,41 @@ class Trainer:
             "homogeneous": bool(homogeneous), "skipped_optimizer_step": not outcome.finite,
         }
 
-    def _checkpoint(self, recipe: Recipe, loader: TrainLoader, step: int, nan_streak: int, metrics: RecordLog,
-                    evals: CheckpointEvals, evals_log: RecordLog) -> None:
+    def _checkpoint(self, step: int, nan_streak: int) -> None:
         """Save after ``step`` steps (every metrics row before it is stored first), then score it."""
         if self.info.is_main:
-            metrics.flush()
-        m = recipe.checkpoint_models()
-        rank_state = {"loader": loader.state_dict(), "rng": rng_state(), "nan_streak": nan_streak}
+            self.metrics.flush()
+        m = self.recipe.checkpoint_models()
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(), "nan_streak": nan_streak}
         save_checkpoint(self.ckpt_root, step, m.student, m.teacher, m.optimizer, rank_state, self.info,
                         self.config.checkpoint.keep_last, extra=m.extra, subdir=m.subdir, group=m.group)
-        if evals.names:
-            self._score(recipe, evals, step, evals_log)
+        if self.evals.names:
+            self._score(step)
 
-    def _score(self, recipe: Recipe, evals: CheckpointEvals, step: int, log: RecordLog) -> None:
+    def _score(self, step: int) -> None:
         """Score checkpoint ``step`` (collective) and log the row on rank 0."""
-        scores = recipe.evaluate(evals)
+        scores = self.recipe.evaluate(self.evals)
         if self.info.is_main:
-            log.append({"step": step, **scores})
-            log.flush()
+            self.evals_log.append({"step": step, **scores})
+            self.evals_log.flush()
             print(f"checkpoint {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
 
-    def _export(self, recipe: Recipe, step: int) -> tuple[str | None, str | None]:
+    def _export(self, step: int) -> tuple[str | None, str | None]:
         """Export the trained backbone once the schedule is done; returns its path and (writer) sha256."""
         if not self.config.export_teacher or step < self.config.optim.iterations:
             return None, None
-        target = recipe.export_target(self.out)
+        target = self.recipe.export_target(self.out)
         sha = export_teacher(target.backbone, target.vit, target.path, target.writer, subgroup=target.subgroup)
         return target.path, sha
 
-    def _images_by_part(self, loader: TrainLoader) -> dict[str, dict[str, int]]:
+    def _images_by_part(self) -> dict[str, dict[str, int]]:
         """Images the loaders of all ranks drew per part over the whole run, and bad images they replaced.
 
         Read from the samplers' counters (checkpointed with the run), summed over the world.
         """
-        parts = sorted(loader.sampler.positions)
-        local = [loader.sampler.positions[p] for p in parts] + [loader.skipped.get(p, 0) for p in parts]
+        sampler, skipped = self.loader.sampler, self.loader.skipped
+        parts = sorted(sampler.positions)
+        local = [sampler.positions[p] for p in parts] + [skipped.get(p, 0) for p in parts]
         totals = torch.tensor(local, dtype=torch.float64, device=self.info.device)
         if dist.is_initialized():
             dist.all_reduce(totals)
@@ -214,13 +222,14 @@ class Trainer:
         return {"images_by_part": dict(zip(parts, values[: len(parts)])),
                 "bad_images_replaced": dict(zip(parts, values[len(parts):]))}
 
-    def _inputs(self, data: TrainingData) -> dict[str, object]:
-        """What the manifest records of the data: the catalog, its mix, the merged plan, the parts' shards."""
-        plan = data.plan
-        return {"catalog": data.root, "mix": plan.recorded.to_json() if plan.recorded else None,
-                "plan": {"parts": plan.parts, "weights": plan.weights, "homogeneous_part": plan.homogeneous_part,
-                         "p_homogeneous": plan.p_homogeneous},
-                "parts": data.fingerprints()}
+
+def _inputs(data: TrainingData) -> dict[str, object]:
+    """What the manifest records of the data: the catalog, its mix, the merged plan, the parts' shards."""
+    plan = data.plan
+    return {"catalog": data.root, "mix": plan.recorded.to_json() if plan.recorded else None,
+            "plan": {"parts": plan.parts, "weights": plan.weights, "homogeneous_part": plan.homogeneous_part,
+                     "p_homogeneous": plan.p_homogeneous},
+            "parts": data.fingerprints()}
 
 
 class _Counts:
