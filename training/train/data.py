@@ -18,6 +18,7 @@ from training.data.multicrop import MultiCropConfig
 from training.train.config import DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
+PART_COLUMNS = ["image_id", "uri"]  # what the loader reads of a part's table
 DEFAULT_P_HOMOGENEOUS = 0.1  # the recipe's share of homogeneous steps, when a config names the part but no share
 
 
@@ -91,7 +92,7 @@ def training_data(data: DataConfig) -> TrainingData:
     """Read every part of the run's plan; warns when a part's size moved since ``curate mix`` recorded it."""
     plan = plan_data(data)
     tables = {part: part_table_name(data.catalog_root, part) for part in plan.parts}
-    datasets = {part: PartDataset(part, read_table(data.catalog_root, table, ["image_id", "uri"]),
+    datasets = {part: PartDataset(part, read_table(data.catalog_root, table, PART_COLUMNS),
                                   max_pixels=data.max_pixels)
                 for part, table in tables.items()}
     if plan.recorded is not None:
@@ -110,7 +111,7 @@ def part_table_name(root: str, part: str) -> str:
 
 def part_table(root: str, part: str) -> pa.Table:
     """A part's ``image_id`` and ``uri`` columns, from the table ``part_table_name`` picks."""
-    return read_table(root, part_table_name(root, part), ["image_id", "uri"])
+    return read_table(root, part_table_name(root, part), PART_COLUMNS)
 
 
 def multicrop_options(config: TrainConfig) -> tuple[list[MultiCropConfig], list[float]]:
