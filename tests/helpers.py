@@ -1,9 +1,11 @@
-"""Test helpers: run `curate` in this process, or start it in its own process group and SIGKILL it part-way."""
+"""Test helpers: run `curate` in this process, or start it in its own process group and SIGKILL it part-way;
+an S3-compatible test server."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import signal
 import socket
@@ -14,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 import psutil
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,3 +109,35 @@ def kill_tree(pid: int) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str):
+    """A moto S3 server on a free loopback port with ``bucket`` created; yields its s3fs filesystem.
+
+    While inside, the standard ``AWS_*`` variables (``AWS_ENDPOINT_URL`` included) point at it, so
+    every s3fs/botocore client in this process finds it as it would find a real object store.
+    """
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_ports()[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            mp.delenv("AWS_PROFILE", raising=False)
+            s3fs.S3FileSystem.clear_instance_cache()
+            fs = s3fs.S3FileSystem()
+            fs.mkdir(bucket)
+            try:
+                yield fs
+            finally:
+                s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        server.stop()

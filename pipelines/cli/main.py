@@ -323,12 +323,11 @@ def train(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         overrides = [*args.overrides, *([f"stage={args.stage}"] if args.stage else [])]
         if args.num_workers > 1 or args.gpus_per_worker > 0 or os.environ.get("CURATE_RAY_ADDRESS"):
-            from training.train.ray_launch import launch_on_ray
+            from training.train.config import load_train_config
+            from training.train.launch import run_training
 
-            result = launch_on_ray(os.path.abspath(args.config), overrides, args.num_workers, args.gpus_per_worker,
-                                   args.address or os.environ.get("CURATE_RAY_ADDRESS"))
-            if result.error is not None:
-                raise RuntimeError(f"training failed: {result.error}")
+            run_training(load_train_config(args.config, overrides), args.num_workers, args.gpus_per_worker,
+                         args.address or os.environ.get("CURATE_RAY_ADDRESS"))
             return 0
         from training.train.__main__ import main as train_main
 

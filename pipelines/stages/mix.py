@@ -8,21 +8,19 @@ homogeneous part are written to ``<catalog>/_mix.json`` for the trainer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
 from catalog import schemas
 from catalog.manifest import RunManifest
+from catalog.mix import TrainingMix, write_mix
 from catalog.names import check_name
-from catalog.paths import exists, join, read_bytes, write_bytes_atomic
+from catalog.paths import join
 from catalog.shards import delete_table, table_exists, write_shards
 from catalog.sql import query
 from catalog.tables import describe
 from pipelines.stages.ingest import ingest
-
-MIX_FILE = "_mix.json"
 
 
 @dataclass(frozen=True)
@@ -93,17 +91,11 @@ def mix(root: str, config: MixConfig) -> dict[str, object]:
         sizes = {name: build_part(root, name, spec.source) for name, spec in sorted(config.parts.items())}
         weights = {name: (spec.weight if spec.weight is not None else float(sizes[name]))
                    for name, spec in config.parts.items()}
-        homogeneous = config.homogeneous_part if config.homogeneous_part in sizes else ""
-        doc = {"parts": sizes, "weights": weights, "homogeneous_part": homogeneous,
-               "p_homogeneous": config.p_homogeneous if homogeneous else 0.0}
-        write_bytes_atomic(join(root, MIX_FILE), json.dumps(doc, indent=2).encode())
+        homogeneous = config.homogeneous_part if config.homogeneous_part in sizes else None
+        recorded = TrainingMix(sizes, weights, homogeneous, config.p_homogeneous if homogeneous else 0.0)
+        write_mix(root, recorded)
+        doc = recorded.to_json()
         manifest.rows = {"in": len(sizes), "out": sum(sizes.values()), "errored": 0}
         manifest.notes = doc
     return doc
 
-
-def read_mix(root: str) -> dict[str, object]:
-    url = join(root, MIX_FILE)
-    if not exists(url):
-        raise FileNotFoundError(f"{root} has no training mix: run `curate mix` first")
-    return json.loads(read_bytes(url))

@@ -9,7 +9,6 @@ Ray that starts them, so this module runs on a Ray of its own, started after the
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 
@@ -24,7 +23,7 @@ from catalog.paths import S3_RETRIES, resolve
 from catalog.shards import shard_urls, write_shards
 from catalog.sql import SQLError, query
 from catalog.tables import list_tables
-from tests.helpers import free_ports, run_cli
+from tests.helpers import run_cli, s3_server
 from tests.sql_helpers import documented_queries, write_doc_catalog
 
 pytestmark = pytest.mark.slow
@@ -51,34 +50,16 @@ def _upload(fs, local: str, remote: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free loopback port, for this module only; yields the s3fs filesystem."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_ports()[0]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+def s3():
+    """A moto S3 server for this module only, and a Ray started after its variables are set; yields s3fs."""
     import ray
 
     ray.shutdown()  # the session's Ray (if any) has workers without these variables
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
+    with s3_server(BUCKET) as fs:
         try:
             yield fs
         finally:
             ray.shutdown()
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
 
 
 def test_s3_clients_retry_adaptively(s3):

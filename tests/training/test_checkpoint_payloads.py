@@ -102,7 +102,7 @@ def pretrain_run(tmp_path_factory) -> tuple[str, Path]:
 
 def _read(reader: str, catalog: str, run: Path, ckpt: Path, tmp_path: Path) -> str:
     """Open the (poisoned) checkpoint the way ``reader`` does; returns the error text it failed with."""
-    common = [f"data.catalog_root={catalog}", "optim.iterations=2"]
+    common = [f"data.catalog_root={catalog}", "optim.iterations=3"]
     if reader == "export":
         done = run_cli(["export-backbone", str(ckpt), str(tmp_path / "out.safetensors")])
         assert done.returncode != 0 and not (tmp_path / "out.safetensors").exists()

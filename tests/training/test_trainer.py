@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from catalog.config import to_dict
+from catalog.manifest import list_manifests
 from tests.helpers import free_ports
-from tests.train_helpers import TINY, make_catalog
+from tests.train_helpers import CONFIGS, PARTS, TINY, make_catalog
 from training.data.masking import collate
 from training.models import MODEL_SIZES, load_backbone
 from training.train.config import (
@@ -22,13 +26,14 @@ from training.train.config import (
     TrainConfig,
     load_train_config,
 )
+from training.train.data import build_loader
 from training.train.distributed import DistInfo, prepare_model
 from training.train.export import export_from_checkpoint
 from training.train.knn_eval import knn_accuracy, knn_predict
 from training.train.loop import TrainingDiverged, train
 from training.train.meta_arch import build_student_teacher, ssl_losses
 from training.train.optim import apply_hyper_params, build_optimizer, param_groups
-from training.train.run_state import read_metrics, step_generator
+from training.train.run_state import TEACHER_FILE, read_metrics, step_generator
 from training.train.schedules import Schedules, lr_scale, schedule_value
 
 
@@ -63,7 +68,7 @@ def test_tiny_run_trains_and_teacher_is_the_exact_ema(tiny_run):
 
     init_student, _ = build_student_teacher(config.model, config.seed)
     init = init_student.state_dict()
-    ckpts = [result.output_dir / "ckpt" / f"{s:08d}" for s in range(1, 5)]
+    ckpts = [Path(result.output_dir) / "ckpt" / f"{s:08d}" for s in range(1, 5)]
     states = [_checkpoint_models(config, c) for c in ckpts]
     student, teacher = states[-1]
     assert not torch.equal(student["backbone.blocks.0.attn.qkv.weight"], init["backbone.blocks.0.attn.qkv.weight"])
@@ -85,11 +90,11 @@ def test_tiny_run_trains_and_teacher_is_the_exact_ema(tiny_run):
 def test_export_is_readable_by_embed_and_equals_the_teacher(tiny_run, tmp_path):
     config, result = tiny_run
     model, info = load_backbone(f"curate:{result.teacher_path}", None)
-    _, teacher = _checkpoint_models(config, result.output_dir / "ckpt" / "00000004")
+    _, teacher = _checkpoint_models(config, Path(result.output_dir) / "ckpt" / "00000004")
     for name, value in model.state_dict().items():
         assert torch.equal(value, teacher["backbone." + name]), name
     assert info.config.embed_dim == MODEL_SIZES["vit_test"].embed_dim
-    again = export_from_checkpoint(result.output_dir / "ckpt" / "00000004", config, tmp_path / "t.safetensors")
+    again = export_from_checkpoint(f"{result.output_dir}/ckpt/00000004", config, str(tmp_path / "t.safetensors"))
     assert again == info.sha256
 
 
@@ -190,16 +195,73 @@ def test_a_cosine_part_longer_than_the_run_is_refused(tmp_path):
                                    "cosine_iterations: 10}")
 
 
+# A learning rate no weights survive: the loss is NaN/inf within a few steps, for real.
+DIVERGE = ("optim.lr.peak=1.0e+30", "optim.lr.warmup_iterations=0", "optim.clip_grad=null",
+           "optim.freeze_last_layer_iterations=0", "optim.iterations=20", "checkpoint.period=100", "nan_patience=2")
+HEAD = "{n_prototypes: 128, bottleneck_dim: 32, hidden_dim: 64, n_layers: 3}"
+ONE_STUDENT = f"distill.students=[{{name: small, ranks: 1, model: {{size: vit_test, dino_head: {HEAD}, ibot_head: {HEAD}}}}}]"
+
+
+def _distill_config(catalog: str, teacher_run: str, output_dir: Path, *overrides: str) -> TrainConfig:
+    """The tiny distillation recipe with one student, so one process is the whole world."""
+    return load_train_config(str(CONFIGS / "tiny_cpu_distill.yaml"), [
+        f"data.catalog_root={catalog}", f"output_dir={output_dir}", f"distill.teacher_checkpoint={teacher_run}",
+        ONE_STUDENT, *overrides])
+
+
+def _assert_stopped_on_divergence(run: Path, loss_key: str) -> None:
+    metrics = read_metrics(run)
+    assert len(metrics) < 20 and [m["skipped_optimizer_step"] for m in metrics[-2:]] == [True, True]
+    assert not math.isfinite(metrics[-1][loss_key])
+    [manifest] = list_manifests(str(run))
+    assert manifest["status"].startswith("failed: TrainingDiverged")
+
+
 def test_nan_guard_stops_the_run(tmp_path):
     catalog = make_catalog(tmp_path, per_part=4)
-    config = tiny_config(
-        catalog, tmp_path / "run", "optim.lr.peak=1.0e+30", "optim.lr.warmup_iterations=0", "optim.clip_grad=null",
-        "optim.freeze_last_layer_iterations=0", "optim.iterations=20", "checkpoint.period=100", "nan_patience=2",
-    )
+    config = tiny_config(catalog, tmp_path / "run", *DIVERGE)
     with pytest.raises(TrainingDiverged, match="NaN/inf on 2 consecutive steps"):
         train(config)
-    metrics = read_metrics(tmp_path / "run")
-    assert len(metrics) < 20 and [m["skipped_optimizer_step"] for m in metrics[-2:]] == [True, True]
+    _assert_stopped_on_divergence(tmp_path / "run", "total")
+
+
+def test_distillation_stops_on_divergence_like_pretraining(tiny_run, tmp_path):
+    config, teacher_run = tiny_run
+    sane = train(_distill_config(config.data.catalog_root, teacher_run.output_dir, tmp_path / "sane",
+                                 "optim.iterations=3", "checkpoint.period=3"))
+    metrics = read_metrics(sane.output_dir)
+    assert [m["skipped_optimizer_step"] for m in metrics] == [False, False, False]
+    assert all(math.isfinite(m["small/total"]) for m in metrics) and metrics[-1]["images_seen"] == 12
+    assert sane.teacher_path == f"{tmp_path / 'sane'}/students/small/{TEACHER_FILE}"
+
+    diverging = _distill_config(config.data.catalog_root, teacher_run.output_dir, tmp_path / "run", *DIVERGE)
+    with pytest.raises(TrainingDiverged, match="NaN/inf on 2 consecutive steps"):
+        train(diverging)
+    _assert_stopped_on_divergence(tmp_path / "run", "small/total")
+
+
+def test_a_run_writes_a_manifest_of_its_config_inputs_and_images_drawn(tiny_run):
+    config, result = tiny_run
+    [manifest] = list_manifests(result.output_dir)
+    assert manifest["stage"] == "train" and manifest["status"] == "ok" and manifest["wall_seconds"] > 0
+    assert manifest["config"] == to_dict(config) and "git_commit" in manifest["code"]
+    batch = config.optim.batch_size_per_rank
+    assert manifest["rows"] == {"images_seen": 4 * batch, "images_this_run": 4 * batch, "skipped_optimizer_steps": 0}
+    notes = manifest["notes"]
+    assert notes["steps_done"] == 4 and notes["resumed_from"] == 0 and notes["teacher_path"] == result.teacher_path
+    assert notes["teacher_sha256"] == hashlib.sha256(Path(result.teacher_path).read_bytes()).hexdigest()
+    # The images drawn per part are the loader's: a fresh loader of the same config draws the same 4 steps.
+    loader = build_loader(config, 0, 1, MODEL_SIZES["vit_test"].patch_size)
+    drawn = Counter(part for _ in range(4) for part in loader.sampler.next_step().parts)
+    assert notes["images_by_part"] == {part: drawn[part] for part in PARTS} and sum(drawn.values()) == 4 * batch
+    assert notes["bad_images_replaced"] == {part: 0 for part in PARTS}
+    catalog = Path(config.data.catalog_root)
+    for part in PARTS:
+        [shard] = (catalog / "curated" / part).glob("*.parquet")
+        recorded = manifest["inputs"]["parts"][part]
+        assert (recorded["table"], recorded["shards"], recorded["bytes"], recorded["images"]) == (
+            f"curated/{part}", 1, shard.stat().st_size, 12)
+    assert manifest["inputs"]["mix"] is None and manifest["inputs"]["plan"]["parts"] == list(PARTS)
 
 
 def test_knn_accuracy_matches_a_direct_vote():
@@ -273,4 +335,4 @@ def test_a_one_rank_group_is_not_sharded_and_trains(tmp_path, monkeypatch):
         dist.destroy_process_group()
     result = train(config)  # creates and destroys its own 1-rank group
     assert [m["step"] for m in read_metrics(result.output_dir)] == [0, 1]
-    assert (result.output_dir / "ckpt" / "00000002").is_dir() and result.teacher_path.is_file()
+    assert (Path(result.output_dir) / "ckpt" / "00000002").is_dir() and Path(result.teacher_path).is_file()

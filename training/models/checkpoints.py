@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from catalog.paths import is_local, resolve, retry
 from training.models.config import MODEL_SIZES, ViTConfig
 from training.models.layers import k_bias_mask
 from training.models.rope import rope_periods
@@ -243,15 +245,27 @@ def load_backbone(
 
 
 def export_backbone(model: VisionTransformer, path: str | Path) -> str:
-    """Write the backbone as safetensors with its ViTConfig in the metadata; returns the file sha256."""
-    path = Path(path)
+    """Write the backbone as safetensors with its ViTConfig in the metadata; returns the file sha256.
+
+    ``path`` may be an fsspec URL: the file is then written locally first and uploaded in one put.
+    """
+    url = str(path)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
     # One metadata key: safetensors stores the metadata map in arbitrary key order, and a second key
     # would make the bytes (and so the sha256 that identifies a model) differ between runs.
-    save_file(sd, str(tmp), metadata={_FORMAT: model.config.to_json()})
-    os.replace(tmp, path)
-    return file_sha256(path)
+    metadata = {_FORMAT: model.config.to_json()}
+    fs, target = resolve(url)
+    if is_local(url):
+        fs.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = target + ".tmp"
+        save_file(sd, tmp, metadata=metadata)
+        os.replace(tmp, target)
+        return file_sha256(target)
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = os.path.join(folder, "backbone.safetensors")
+        save_file(sd, tmp, metadata=metadata)
+        retry(lambda: fs.put_file(tmp, target))
+        return file_sha256(tmp)
 
 
 def _read_curate(path: Path) -> tuple[ViTConfig, dict[str, Tensor]]:

@@ -233,11 +233,20 @@ class CheckpointConfig:
 
 @dataclass
 class DataConfig:
+    """Where the images come from and how steps mix them.
+
+    ``catalog_root`` is enough when ``curate mix`` wrote ``<catalog>/_mix.json``: the run trains on the
+    mix's parts with its weights, homogeneous part and probability. Each of the four keys below, when
+    set, replaces the mix's value (unset: empty list / null); with ``parts`` set, the mix's weights and
+    homogeneous part are kept for the listed parts only. Without a mix: ``parts`` is required, weights
+    default to the part sizes and there is no homogeneous part. ``homogeneous_part: ""`` means none.
+    """
+
     catalog_root: str = ""
     parts: list[str] = field(default_factory=list)  # read from the catalog tables curated/<part>
-    weights: dict[str, float] | None = None  # heterogeneous mix weights; None: by part size
+    weights: dict[str, float] | None = None  # heterogeneous mix weights
     homogeneous_part: str | None = None
-    p_homogeneous: float = 0.1
+    p_homogeneous: float | None = None
     num_workers: int = 0
     max_pixels: int | None = None
 

@@ -13,19 +13,20 @@ import dataclasses
 import io
 import pickle
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from catalog.paths import join, read_bytes
 from training.models.checkpoints import CheckpointError, describe_load_error
 
 _METADATA_CLASSES = frozenset(
@@ -56,11 +57,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
 
 
-def read_metadata_file(path: Path) -> Metadata:
-    """A ``.metadata`` file's ``Metadata``, or a ``CheckpointError`` naming the file."""
+def read_metadata_file(path: str) -> Metadata:
+    """A ``.metadata`` file's ``Metadata`` (any fsspec URL), or a ``CheckpointError`` naming the file."""
     try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        metadata = _MetadataUnpickler(io.BytesIO(read_bytes(path))).load()
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: no such file (not a complete checkpoint directory)") from e
     except Exception as e:  # UnpicklingError, EOFError, AttributeError, ... for crafted or broken files
@@ -70,8 +70,8 @@ def read_metadata_file(path: Path) -> Metadata:
     return metadata
 
 
-class DataOnlyReader(FileSystemReader):
-    """``FileSystemReader`` with a restricted metadata unpickler and per-file error names.
+class DataOnlyReader(FsspecReader):
+    """DCP's fsspec reader (local paths and object stores alike) with a restricted metadata unpickler and per-file error names.
 
     ``read_metadata`` takes no ``rank`` keyword, so DCP never falls back to rank-local
     ``__<rank>.metadata`` files (this house never writes them). DCP turns a failed metadata read into
@@ -82,7 +82,7 @@ class DataOnlyReader(FileSystemReader):
 
     def read_metadata(self, *args: Any) -> Metadata:
         try:
-            metadata = read_metadata_file(Path(self.path) / ".metadata")
+            metadata = read_metadata_file(join(str(self.path), ".metadata"))
         except CheckpointError as e:
             self.refusal = e
             raise
@@ -99,7 +99,7 @@ class DataOnlyReader(FileSystemReader):
             try:
                 super().read_data(dataclasses.replace(plan, items=items), planner).wait()
             except Exception as e:
-                self.refusal = CheckpointError(f"{Path(self.path) / name}: {describe_load_error(e)}")
+                self.refusal = CheckpointError(f"{join(str(self.path), name)}: {describe_load_error(e)}")
                 raise self.refusal from e
         done: Future[None] = Future()
         done.set_result(None)
@@ -117,9 +117,9 @@ class DataOnlyPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def load_state(state: dict, path: str | Path, group: dist.ProcessGroup | None = None) -> None:
+def load_state(state: dict, path: str, group: dist.ProcessGroup | None = None) -> None:
     """``dcp.load(state, path)`` in place, data only; a bad file on any rank is a ``CheckpointError``."""
-    reader = DataOnlyReader(path)
+    reader = DataOnlyReader(str(path))
     try:
         dcp.load(state, storage_reader=reader, planner=DataOnlyPlanner(), process_group=group)
     except CheckpointException as e:  # DCP gathers every rank's failure into one BaseException
