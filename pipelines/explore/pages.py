@@ -76,10 +76,11 @@ def prepare_retrieval(con: duckdb.DuckDBPyConnection, root: str, config: Explore
                       ) -> list[dict]:
     """``retr_groups`` and ``retr_shown`` per seed; ``seed_uris`` from the seeds' own small catalogs.
 
-    A kNN seed's rows are grouped by seed image; a cluster-mode seed's (no seed image) by the pool
-    cluster (level 1) they were taken from. Returns the seeds with their totals, in page order.
+    A kNN seed's rows are grouped by seed image; a cluster-mode seed's (``seed_image_id = -1``: no
+    single seed image; real ids are hashes and may be negative) by the pool cluster (level 1) they
+    were taken from. Returns the seeds with their totals, in page order.
     """
-    seeds = con.sql("SELECT seed, count(*) AS n, count(DISTINCT seed_image_id) FILTER (WHERE seed_image_id >= 0) "
+    seeds = con.sql("SELECT seed, count(*) AS n, count(DISTINCT seed_image_id) FILTER (WHERE seed_image_id <> -1) "
                     "FROM retrieved GROUP BY seed ORDER BY seed").fetchall()
     seed_tables = []
     for seed, _, _ in seeds:
@@ -93,8 +94,8 @@ def prepare_retrieval(con: duckdb.DuckDBPyConnection, root: str, config: Explore
                 "FROM (SELECT DISTINCT seed FROM retrieved)")
     con.execute("""CREATE TEMP TABLE retr_rows AS
                    SELECT r.seed, p.s, r.image_id, r.rank, r.similarity,
-                          CASE WHEN r.seed_image_id >= 0 THEN r.seed_image_id END AS seed_image,
-                          CASE WHEN r.seed_image_id < 0 THEN m.l1 END AS cluster
+                          CASE WHEN r.seed_image_id <> -1 THEN r.seed_image_id END AS seed_image,
+                          CASE WHEN r.seed_image_id = -1 THEN m.l1 END AS cluster
                    FROM retrieved r JOIN seed_pages p USING (seed) LEFT JOIN m USING (image_id)""")
     con.execute("""CREATE TEMP TABLE retr_groups AS
                    SELECT s, seed_image, cluster, count(*) AS n,

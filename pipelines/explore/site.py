@@ -143,6 +143,8 @@ def build_site(root: str, out: str | None = None, config: ExploreConfig | None =
         thumbed = time.time()
 
         n_nodes, largest = write_many(site, _nodes(con, n_levels, config))
+        if n_nodes != node_pages:
+            raise RuntimeError(f"wrote {n_nodes} cluster pages but the tree has {node_pages} nodes with a page")
         sizes = [largest]
         for page, doc in pages.duplicate_pages(con, config):
             sizes.append(write_data(site, f"dups/{page}", doc))
@@ -157,7 +159,7 @@ def build_site(root: str, out: str | None = None, config: ExploreConfig | None =
             sizes.append(write_data(site, f"search/{shard}", written.get(shard, "[]")))
         summary = {
             "catalog": root,
-            "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "tables": [{"name": t, "rows": describe(root, t).rows} for t in tables],
             "levels": _level_counts(con),
             "n_levels": n_levels,
@@ -177,7 +179,7 @@ def build_site(root: str, out: str | None = None, config: ExploreConfig | None =
         copy_static(site)
     finally:
         con.close()
-    return {"site": site, "index": join(site, "index.html"), "node_pages": n_nodes, "expected_node_pages": node_pages,
+    return {"site": site, "index": join(site, "index.html"), "node_pages": n_nodes,
             "thumbnails": thumbs, "largest_data_file": max(sizes),
             "seconds": {"plan": planned - start, "thumbnails": thumbed - planned, "pages": time.time() - thumbed,
                         "total": time.time() - start}}

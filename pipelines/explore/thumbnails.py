@@ -203,4 +203,4 @@ def build_thumbnails(site: str, image_ids: np.ndarray, uris: Sequence[str], spec
     index = built_index(site, ledger) if units else existing
     fresh = index.filter(pc.is_in(index.column("image_id"), pa.array(todo_ids, pa.int64())))
     failed = fresh.num_rows - int(pc.sum(pc.equal(fresh.column("status"), "ok")).as_py() or 0)
-    return index, {"planned": int(len(image_ids)), "built": int(len(todo_ids)), "failed": failed}
+    return index, {"planned": len(image_ids), "built": len(todo_ids), "failed": failed}

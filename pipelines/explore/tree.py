@@ -102,13 +102,14 @@ def assign_pages(con: duckdb.DuckDBPyConnection, n_levels: int, deepest: int) ->
 
 
 def _centroids(con: duckdb.DuckDBPyConnection, level: int) -> np.ndarray:
-    """Unit-norm centroids of one level as rows indexed by cluster id (zeros where there is none)."""
+    """Unit-norm centroids of one level as rows indexed by cluster id (zeros where there is none), in
+    float64: a parent of two children sits halfway, and float32 would order the two at random."""
     t = con.sql(f"SELECT cluster_id, centroid FROM centroids WHERE level = {level}").to_arrow_table()
     if t.num_rows == 0:
         raise ValueError(f"the centroids table has no level {level}: rerun `curate cluster`")
-    x = t.column("centroid").combine_chunks().flatten().to_numpy().astype(np.float32).reshape(t.num_rows, -1)
+    x = t.column("centroid").combine_chunks().flatten().to_numpy().astype(np.float64).reshape(t.num_rows, -1)
     ids = t.column("cluster_id").to_numpy()
-    out = np.zeros((int(ids.max()) + 1, x.shape[1]), np.float32)
+    out = np.zeros((int(ids.max()) + 1, x.shape[1]))
     out[ids] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return out
 
@@ -120,7 +121,7 @@ def _level1_ranking(con: duckdb.DuckDBPyConnection, n_levels: int) -> pa.Table:
     cols = {f"l{t}": anc[f"l{t}"] for t in range(1, n_levels + 1)}
     for t in range(2, n_levels + 1):
         ct = _centroids(con, t)
-        cols[f"sim{t}"] = np.einsum("ij,ij->i", c1[anc["l1"]], ct[anc[f"l{t}"]]).astype(np.float32)
+        cols[f"sim{t}"] = np.einsum("ij,ij->i", c1[anc["l1"]], ct[anc[f"l{t}"]])
     return pa.table(cols)
 
 
@@ -137,8 +138,8 @@ def add_strips(con: duckdb.DuckDBPyConnection, n_levels: int, config: ExploreCon
                         [config.central])
         else:
             con.execute(f"""INSERT INTO shown SELECT {t}, a.l{t}, 'central',
-                            row_number() OVER (PARTITION BY a.l{t} ORDER BY a.sim{t} DESC, a.l1) AS pos, r.image_id
-                            FROM l1rank a JOIN reps r ON r.l1 = a.l1 AND r.pos = 1 QUALIFY pos <= ?""",
+                            row_number() OVER (PARTITION BY a.l{t} ORDER BY a.sim{t} DESC, a.l1) AS rank, r.image_id
+                            FROM l1rank a JOIN reps r ON r.l1 = a.l1 AND r.pos = 1 QUALIFY rank <= ?""",
                         [config.central])
         con.execute(f"""INSERT INTO shown SELECT {t}, m.l{t}, 'random',
                         row_number() OVER (PARTITION BY m.l{t} ORDER BY hash(m.image_id, ?)) AS pos, m.image_id
@@ -191,7 +192,7 @@ def add_neighbours(con: duckdb.DuckDBPyConnection, n_levels: int, config: Explor
         ids = con.sql(f"SELECT id FROM nodes WHERE level = {t} ORDER BY id").fetchnumpy()["id"]
         if k < 1 or len(ids) < 2:
             continue
-        x = _centroids(con, t)[ids]
+        x = _centroids(con, t)[ids].astype(np.float32)
         sims, rows = build_index(x, seed=config.seed, use_gpu=False).search(x, min(k + 1, len(ids)))
         src = np.repeat(ids, rows.shape[1])
         flat = rows.ravel()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from importlib import resources
+from itertools import islice
 
 from catalog.paths import join, write_bytes_atomic
 
