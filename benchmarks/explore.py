@@ -15,6 +15,8 @@ import argparse
 import json
 import os
 import re
+import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +32,7 @@ from catalog import schemas
 from catalog.embeddings import embeddings_table
 from catalog.manifest import RunManifest
 from catalog.shards import write_shards
+from catalog.sql import query
 from curation.hierarchy import Hierarchy, default_levels
 from pipelines.explore.config import ExploreConfig
 from pipelines.explore.site import build_site
@@ -78,7 +81,7 @@ def hierarchy(n: int, dim: int, rng: np.random.Generator) -> tuple[Hierarchy, np
     return Hierarchy(centroids=centroids, labels=[point, *parents], distances=distances), x
 
 
-def write_catalog(root: str, rows: int, n_images: int, dim: int, seed: int = 0) -> dict:
+def write_catalog(root: str, rows: int, n_images: int, dim: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     images = render_images(os.path.join(os.path.dirname(root), "images"), n_images, seed)
     n_dups = rows // 50
@@ -141,35 +144,48 @@ def page_loads(site: str) -> dict:
             "largest_page": worst, "sheets": len(sheet_size)}
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the thumbnail workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed_build(root: str, site: str, config: ExploreConfig, label: str, rows: int) -> dict:
+    cpu = cpu_seconds()
+    out = build_site(root, site, config)
+    return {"build": label, "rows": rows, "node_pages": out["node_pages"], "images_shown": out["thumbnails"]["planned"],
+            "thumbnails_built": out["thumbnails"]["built"], **{f"{k}_s": v for k, v in out["seconds"].items()},
+            "cpu_s": cpu_seconds() - cpu}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=100_000, help="clustered images in the synthetic catalog")
     p.add_argument("--images", type=int, default=3000, help="distinct rendered images the rows point at")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension")
     p.add_argument("--workers", type=int, default=0, help="thumbnail processes (0: one per CPU)")
-    p.add_argument("--work", help="folder to keep the catalog and site in (default: a temporary one)")
+    p.add_argument("--work", help="folder for the catalog and site (default: a temporary one); a catalog "
+                   "already written there by an earlier run is reused, the site is always built afresh")
     p.add_argument("--out")
     args = p.parse_args()
     os.environ.setdefault("CURATE_PROGRESS", "0")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
         root, site = os.path.join(work, "catalog"), os.path.join(work, "site")
+        shutil.rmtree(site, ignore_errors=True)
         t0 = time.time()
-        facts = write_catalog(root, args.rows, args.images, args.dim)
+        if not os.path.exists(os.path.join(root, "curated")):
+            shutil.rmtree(root, ignore_errors=True)
+            write_catalog(root, args.rows, args.images, args.dim)
         write_s = time.time() - t0
+        levels = query(root, "SELECT count(*) FROM centroids GROUP BY level ORDER BY level").column(0).to_pylist()
         config = ExploreConfig(workers=args.workers)
-        first = build_site(root, site, config)
-        again = build_site(root, site, config)
+        rows = [timed_build(root, site, config, "first (thumbnails made)", args.rows),
+                timed_build(root, site, config, "again (thumbnails reused)", args.rows)]
         loads = page_loads(site)
-    rows = [{"build": "first (thumbnails made)", "rows": args.rows, "node_pages": first["node_pages"],
-             "images_shown": first["thumbnails"]["planned"], "thumbnails_built": first["thumbnails"]["built"],
-             **{f"{k}_s": v for k, v in first["seconds"].items()}},
-            {"build": "again (thumbnails reused)", "rows": args.rows, "node_pages": again["node_pages"],
-             "images_shown": again["thumbnails"]["planned"], "thumbnails_built": again["thumbnails"]["built"],
-             **{f"{k}_s": v for k, v in again["seconds"].items()}}]
-    report(f"curate explore on a synthetic {args.rows:,}-row catalog (levels {facts['levels']})", rows, args.out,
-           {"catalog": {**facts, "write_seconds": write_s, "rendered_images": args.images, "dim": args.dim},
-            "loads": loads})
+    report(f"curate explore on a synthetic {args.rows:,}-row catalog (levels {levels})", rows, args.out,
+           {"catalog": {"levels": levels, "write_seconds": write_s, "rendered_images": args.images, "dim": args.dim},
+            "loads": loads, "load_average": os.getloadavg()})
     print(json.dumps(loads, indent=2))
 
 

@@ -162,5 +162,6 @@ def search_shards(con: duckdb.DuckDBPyConnection, n_levels: int, n_shards: int) 
                                  ',' ORDER BY p.image_id) || ']'
         FROM pool p LEFT JOIN m USING (image_id) LEFT JOIN d USING (image_id)
         LEFT JOIN thumbs t ON t.image_id = p.image_id AND t.status = 'ok'
-        GROUP BY shard ORDER BY shard""").fetchall()
-    yield from rows
+        GROUP BY shard""").to_arrow_reader(8)
+    for batch in rows:
+        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())

@@ -154,9 +154,12 @@ def build_site(root: str, out: str | None = None, config: ExploreConfig | None =
         sizes.append(write_data(site, "runs", pages.runs_document(root, config)))
         pool_rows = describe(root, "pool").rows
         n_shards = max(1, math.ceil(pool_rows / config.search_rows_per_shard))
-        written = dict(pages.search_shards(con, n_levels, n_shards))
-        for shard in range(n_shards):
-            sizes.append(write_data(site, f"search/{shard}", written.get(shard, "[]")))
+        empty = set(range(n_shards))
+        for shard, doc in pages.search_shards(con, n_levels, n_shards):
+            sizes.append(write_data(site, f"search/{shard}", doc))
+            empty.discard(shard)
+        for shard in empty:  # app.js loads a shard by id, so every one exists
+            sizes.append(write_data(site, f"search/{shard}", "[]"))
         summary = {
             "catalog": root,
             "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -18,6 +18,8 @@ import hashlib
 import io
 import os
 import posixpath
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -171,6 +173,17 @@ def built_index(site: str, ledger: Ledger) -> pa.Table:
     return pa.concat_tables([read_shard(url) for url in keep])
 
 
+def _exit_with(parent: int) -> None:
+    """Worker initializer: end this process when the build that spawned it is gone (killed), instead of
+    decoding on for nobody."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _run(site: str, units: list[SheetUnit], spec: SheetSpec, ledger: Ledger, workers: int) -> None:
     with progress(sum(len(u.image_ids) for u in units), "explore thumbnails", unit="img") as bar:
         if workers <= 1 or len(units) <= 1:
@@ -179,7 +192,8 @@ def _run(site: str, units: list[SheetUnit], spec: SheetSpec, ledger: Ledger, wor
                 bar.update(len(unit.image_ids))
             return
         # spawn: the parent holds DuckDB and Arrow thread pools, which a fork would copy mid-flight
-        with ProcessPoolExecutor(min(workers, len(units)), mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(min(workers, len(units)), mp_context=get_context("spawn"),
+                                 initializer=_exit_with, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(process, unit, spec): unit for unit in units}
             for future in as_completed(futures):
                 unit = futures[future]

@@ -12,15 +12,18 @@ import glob
 import io
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
+import time
 import urllib.parse
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import run_cli
+from tests.helpers import free_ports, run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -75,12 +78,13 @@ def shots(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("explore_screenshots"))
 
 
-def open_page(browser, site: str, route: str) -> None:
-    """Load ``index.html#route`` and wait until the app has rendered it (or shown an error)."""
+def open_page(browser, site: str, route: str, base: str | None = None) -> None:
+    """Load ``index.html#route`` from disk (or from ``base``, a server's URL) and wait until the app has
+    rendered it (or shown an error)."""
     from selenium.webdriver.common.by import By
 
     browser.get("about:blank")
-    browser.get("file://" + os.path.join(site, "index.html") + route)
+    browser.get((base or "file://" + site) + "/index.html" + route)
     wait_ready(browser, route)
     errors = browser.find_elements(By.CSS_SELECTOR, "#main .error")
     assert not errors, errors[0].text
@@ -159,12 +163,14 @@ def test_top_level_lists_every_top_cluster_with_the_sizes_sql_gives(browser, exp
 
 def test_clicking_into_a_node_shows_its_children(browser, explore_site, explore_catalog, shots):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     open_page(browser, explore_site, "#/")
     top = rows(browser, depth=0)[0]
     children = {int(r["l4"]): int(r["n"]) for r in sql(
         explore_catalog, f"SELECT l4, count(*) AS n FROM clusters WHERE l5 = {top['id']} GROUP BY 1")}
-    top["element"].find_element(By.CSS_SELECTOR, "button.toggle").click()  # expands in place
+    top["element"].find_element(By.CSS_SELECTOR, "button.toggle").click()  # expands in place, once loaded
+    WebDriverWait(browser, 30).until(lambda d: top["element"].get_attribute("data-open") == "1")
     expanded = rows(browser, depth=1)
     assert {r["id"]: r["pool"] for r in expanded} == children and {r["level"] for r in expanded} == {4}
 
@@ -269,6 +275,32 @@ def test_every_page_renders_without_console_errors(browser, explore_site, explor
             assert_not_blank(path)
         if name == "runs":  # ingest, embed, dedup, cluster, sample
             assert len(browser.find_elements(By.CSS_SELECTOR, "tr.run")) >= 5
+
+
+def test_the_same_site_works_from_a_static_web_server(browser, explore_site, explore_catalog):
+    from selenium.webdriver.common.by import By
+
+    (port,) = free_ports(1)
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", explore_site], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "http.server did not start"
+                time.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        open_page(browser, explore_site, "#/", base)
+        pool = {int(r["l5"]): int(r["n"]) for r in sql(explore_catalog, "SELECT l5, count(*) AS n FROM clusters GROUP BY 1")}
+        assert {r["id"]: r["pool"] for r in rows(browser, depth=0)} == pool
+        open_page(browser, explore_site, "#/duplicates/0", base)
+        assert browser.find_elements(By.CSS_SELECTOR, ".dup-group .thumb")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.mark.slow

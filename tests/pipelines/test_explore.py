@@ -8,8 +8,13 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -18,7 +23,7 @@ from catalog.ledger import Ledger
 from catalog.sql import query
 from pipelines.explore.config import ExploreConfig
 from pipelines.explore.thumbnails import STAGE, SheetSpec, build_thumbnails
-from tests.helpers import kill_when, run_cli
+from tests.helpers import cli_env, kill_tree, run_cli
 
 WRAPPER = re.compile(r'^curateData\("([^"]+)", (.*)\);\n$', re.DOTALL)
 
@@ -231,10 +236,24 @@ def test_explore_refuses_a_catalog_without_clusters(demo_catalog, explore_catalo
 
 @pytest.mark.slow
 def test_a_killed_build_resumes_without_redoing_finished_sheets(explore_catalog, tmp_path):
-    out = str(tmp_path / "explore_site")
-    args = ["explore", explore_catalog, "--out", out, "--set", "workers=1", "sheet_cols=3"]
+    out = str(tmp_path / "site")
+    args = ["explore", explore_catalog, "--out", out, "--set", "workers=2", "sheet_cols=3"]
     ledger = Ledger(out, STAGE)
-    kill_when(args, lambda: len(ledger.done()) >= 3)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(ledger.done()) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "no thumbnail unit finished in time"
+            time.sleep(0.02)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)  # the build alone, as the OOM killer would
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert workers and not alive, f"decoding processes outlived the killed build: {alive}"
+    finally:
+        kill_tree(proc.pid)
     finished = set(ledger.done())
     assert not os.path.exists(os.path.join(out, "index.html"))  # killed before the pages
     done_images = sum(info["images"] for info in ledger.done().values())
