@@ -120,14 +120,14 @@ def build_site(root: str, out: str | None = None, config: ExploreConfig | None =
         _ensure_optional_views(con, tables)
         parts = [t.split("/", 1)[1] for t in tables if t.startswith("curated/")]
         tree.prepare_members(con, n_levels, [view_name(f"curated/{p}") for p in parts])
-        tree.prepare_nodes(con, n_levels, len(parts), "duplicates" in tables)
+        tree.prepare_nodes(con, n_levels, len(parts))
         if tree.scalar(con, "SELECT count(*) FROM m") == 0:
             raise ValueError(f"the clusters table of {root} is empty: nothing to explore")
         node_pages = tree.assign_pages(con, n_levels, config.deepest_level)
         tree.add_strips(con, n_levels, config)
         tree.add_members(con, n_levels, config)
         tree.add_child_thumbs(con, n_levels, config)
-        tree.add_node_duplicates(con, n_levels, config, "duplicates" in tables)
+        tree.add_node_duplicates(con, n_levels, config)
         tree.add_neighbours(con, n_levels, config)
         pages.create_extra_shown(con)
         dup_pages = pages.prepare_duplicates(con, config, 0)

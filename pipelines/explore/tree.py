@@ -57,7 +57,7 @@ def prepare_members(con: duckdb.DuckDBPyConnection, n_levels: int, part_views: l
     con.execute("DROP TABLE m0")
 
 
-def prepare_nodes(con: duckdb.DuckDBPyConnection, n_levels: int, n_parts: int, has_duplicates: bool) -> None:
+def prepare_nodes(con: duckdb.DuckDBPyConnection, n_levels: int, n_parts: int) -> None:
     """``nodes`` for every level (the deepest page level's children need their sizes too)."""
     curated = "[" + ", ".join(f"sum(in_{i}::BIGINT)" for i in range(n_parts)) + "]::BIGINT[]"
     counts = " UNION ALL ".join(
@@ -65,8 +65,7 @@ def prepare_nodes(con: duckdb.DuckDBPyConnection, n_levels: int, n_parts: int, h
         f"count(*) AS pool, {curated} AS curated FROM m GROUP BY ALL" for t in range(1, n_levels + 1))
     dups = " UNION ALL ".join(
         f"SELECT {t} AS level, m.l{t} AS id, count(*) AS dups FROM duplicates d JOIN m ON m.image_id = d.kept_id "
-        "GROUP BY ALL" for t in range(1, n_levels + 1)) if has_duplicates else \
-        "SELECT 1 AS level, 0::BIGINT AS id, 0::BIGINT AS dups WHERE false"
+        "GROUP BY ALL" for t in range(1, n_levels + 1))
     con.execute(f"""
         CREATE TEMP TABLE nodes AS
         WITH counts AS ({counts}), dups AS ({dups}),
@@ -117,11 +116,14 @@ def _centroids(con: duckdb.DuckDBPyConnection, level: int) -> np.ndarray:
 def _level1_ranking(con: duckdb.DuckDBPyConnection, n_levels: int) -> pa.Table:
     """Per level-1 cluster, its ancestors and the cosine of its centroid to each ancestor's."""
     anc = con.sql("SELECT DISTINCT " + ", ".join(f"l{t}" for t in range(1, n_levels + 1)) + " FROM m").fetchnumpy()
-    c1 = _centroids(con, 1)
+    cents = {t: _centroids(con, t) for t in range(1, n_levels + 1)}
+    for t, c in cents.items():
+        if anc[f"l{t}"].max() >= len(c):
+            raise ValueError(f"clusters names level-{t} cluster {anc[f'l{t}'].max()}, which the centroids table "
+                             "lacks: rerun `curate cluster`")
     cols = {f"l{t}": anc[f"l{t}"] for t in range(1, n_levels + 1)}
     for t in range(2, n_levels + 1):
-        ct = _centroids(con, t)
-        cols[f"sim{t}"] = np.einsum("ij,ij->i", c1[anc["l1"]], ct[anc[f"l{t}"]])
+        cols[f"sim{t}"] = np.einsum("ij,ij->i", cents[1][anc["l1"]], cents[t][anc[f"l{t}"]])
     return pa.table(cols)
 
 
@@ -167,13 +169,10 @@ def add_child_thumbs(con: duckdb.DuckDBPyConnection, n_levels: int, config: Expl
                 [config.child_thumbs, config.child_thumbs, config.children_with_thumbs, n_levels])
 
 
-def add_node_duplicates(con: duckdb.DuckDBPyConnection, n_levels: int, config: ExploreConfig,
-                        has_duplicates: bool) -> None:
+def add_node_duplicates(con: duckdb.DuckDBPyConnection, n_levels: int, config: ExploreConfig) -> None:
     """``node_dups``: removed duplicates whose kept image is in the node (removed images are not clustered)."""
     con.execute("CREATE TEMP TABLE node_dups (level INTEGER, id BIGINT, pos BIGINT, image_id BIGINT, "
                 "kept_id BIGINT, similarity DOUBLE, reason VARCHAR)")
-    if not has_duplicates:
-        return
     for t in range(config.deepest_level, n_levels + 1):
         con.execute(f"""INSERT INTO node_dups SELECT {t}, m.l{t},
                         row_number() OVER (PARTITION BY m.l{t} ORDER BY d.kept_id, d.image_id) AS pos,

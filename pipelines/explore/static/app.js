@@ -217,7 +217,8 @@ async function showRetrieval(main, index) {
   main.append(el("h2", {}, "Seed " + seed.seed + ": seed image first, then what it retrieved (rank, cosine)"));
   for (const g of await load("retrieval/" + index)) {
     const head = g.seed ? figure(g.seed, "seed", "kept")
-      : el("div", { class: "group-head" }, "cluster mode, from pool cluster ", nodeLink(1, g.cluster));
+      : g.cluster === null ? figure(null, "seed image (no URI)", "kept")
+        : el("div", { class: "group-head" }, "cluster mode, from pool cluster ", nodeLink(1, g.cluster));
     main.append(el("div", { class: "group retrieval-group" }, el("div", { class: "group-head" }, fmt(g.n) + " retrieved"),
       el("div", { class: "strip" }, head, g.retrieved.map((r) =>
         figure(r.img, "#" + r.rank + (r.similarity === null ? "" : " " + r.similarity.toFixed(3)))))));
