@@ -109,3 +109,24 @@ def fsdp_pretrain(tmp_path_factory):
     overrides = ("optim.iterations=8", "checkpoint.period=3", "checkpoint.keep_last=2")
     run_torchrun(torchrun_command(TINY, catalog, root / "full", *overrides))
     return catalog, root / "full", 8, overrides
+
+
+@pytest.fixture(scope="session")
+def explore_catalog(lvd_catalog, tmp_path_factory) -> str:
+    """A copy of ``lvd_catalog`` for `curate explore`'s tests: other tests add tables to the shared one
+    (retrieve), which would change the site between its tests."""
+    import shutil
+
+    root = str(tmp_path_factory.mktemp("explore_catalog") / "cat")
+    shutil.copytree(lvd_catalog, root, ignore=shutil.ignore_patterns("reports", "_index", "_checkpoints"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def explore_site(explore_catalog, tmp_path_factory) -> str:
+    """`curate explore` of ``explore_catalog`` with the default settings; tests must not modify it."""
+    from pipelines.explore.site import build_site
+
+    out = str(tmp_path_factory.mktemp("explore") / "site")
+    build_site(explore_catalog, out)
+    return out

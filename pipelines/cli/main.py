@@ -393,6 +393,44 @@ def sql(sub: argparse._SubParsersAction) -> None:
 
 
 @command
+def explore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explore", help="write a static site to browse a catalog in a web browser",
+                       description="Write a static site (HTML, CSS, a little JavaScript, no server) that browses "
+                       "the catalog's cluster tree (every node's sizes in the pool and curated parts, closest-to-"
+                       "centroid and random thumbnails, members, removed duplicates, neighbours), the duplicate "
+                       "groups, retrievals, errors and stage runs, with a search by image id or URI substring. "
+                       "Open OUT/index.html from disk, serve OUT with any static server, or upload it to a "
+                       "bucket. Thumbnails are built once and resumed after a kill; caps per page: --set "
+                       "members=48 central=12 deepest_level=2 … (pipelines/explore/config.py).")
+    p.add_argument("catalog", help="catalog root: a folder or an fsspec URL")
+    p.add_argument("--out", help="site folder (default: CATALOG/reports/explore)")
+    p.add_argument("--open", action="store_true", help="open the site in the default web browser when done")
+    _config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="forget the thumbnails built before and rebuild them")
+
+    def run(args: argparse.Namespace) -> None:
+        import webbrowser
+
+        from catalog.config import load_config
+        from pipelines.explore.config import ExploreConfig
+        from pipelines.explore.site import build_site
+
+        out = build_site(args.catalog, args.out, load_config(ExploreConfig, args.config, args.set),
+                         overwrite_thumbnails=args.overwrite)
+        thumbs = out["thumbnails"]
+        print(f"site: {out['index']} ({out['node_pages']} cluster pages, {thumbs['planned']} images shown, "
+              f"{thumbs['built']} thumbnails built in this run, largest data file {out['largest_data_file']:,} bytes, "
+              f"{out['seconds']['total']:.1f}s)")
+        if thumbs["failed"]:
+            print(f"warning: {thumbs['failed']} of {thumbs['built']} images could not be decoded for thumbnails "
+                  "(shown as hatched boxes)", file=sys.stderr)
+        if args.open:
+            webbrowser.open("file://" + os.path.abspath(out["index"]) if "://" not in out["index"] else out["index"])
+
+    p.set_defaults(run=run)
+
+
+@command
 def demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the README's main job: demo pool → catalog, with a summary",
                        description="Generate the demo pool (once), run the pipeline on it into "
