@@ -111,7 +111,7 @@ def write_retrieval_report(root: str, seed: str, seed_uris: dict[int, str], leve
     """Rows of [seed image, then the pool images it retrieved, best first] (kNN mode), or of images
     retrieved from the same pool cluster (cluster mode)."""
     rows = query(root, "SELECT r.seed_image_id AS g, p.uri AS uri FROM retrieved r JOIN pool p USING (image_id) "
-                       f"WHERE r.seed = '{seed}' AND r.seed_image_id >= 0 ORDER BY r.seed_image_id, r.rank")
+                       "WHERE r.seed = ? AND r.seed_image_id <> -1 ORDER BY r.seed_image_id, r.rank", [seed])
     groups = _grouped(rows, 9)
     if groups:
         chosen = sorted(groups)[:n_seeds]
