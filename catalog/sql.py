@@ -9,6 +9,7 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
+from catalog.errors import UserError
 from catalog.paths import resolve
 from catalog.shards import shard_urls
 from catalog.tables import list_tables
@@ -16,11 +17,11 @@ from catalog.tables import list_tables
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
-class ReadOnlyError(PermissionError):
+class ReadOnlyError(UserError, PermissionError):
     """A statement other than a query was sent to a catalog."""
 
 
-class SQLError(RuntimeError):
+class SQLError(UserError, RuntimeError):
     """DuckDB rejected the query; carries DuckDB's own message."""
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import ray
-
 # Keep a local Ray on loopback, quiet, and without usage reporting; these must be set before init.
 _ENV_DEFAULTS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -20,12 +18,15 @@ LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``CURATE_RAY_ADDRESS``), or start Ray in-process.
 
-    The in-process Ray gets a capped object store so it fits beside the stage's own memory.
+    The in-process Ray gets a capped object store so it fits beside the stage's own memory. Ray is
+    imported here, after its environment is set: it reads some of these variables at import.
     """
-    if ray.is_initialized():
-        return
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return
     address = address or os.environ.get("CURATE_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
