@@ -15,14 +15,19 @@ _ENV_DEFAULTS = {
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 
 
+def set_ray_environment() -> None:
+    """Our defaults for Ray's environment, unless already set; before Ray is imported anywhere."""
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``CURATE_RAY_ADDRESS``), or start Ray in-process.
 
     The in-process Ray gets a capped object store so it fits beside the stage's own memory. Ray is
     imported here, after its environment is set: it reads some of these variables at import.
     """
-    for key, value in _ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    set_ray_environment()
     import ray
 
     if ray.is_initialized():

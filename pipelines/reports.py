@@ -88,13 +88,16 @@ def _uris_of_clusters(root: str, table: str, top_col: str, clusters: list[int], 
                                 f"WHERE t.{top_col} IN ({ids}) ORDER BY hash(t.image_id)"), per_row)
 
 
-def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clusters: int = 6) -> list[str]:
-    """Write the histograms and contact sheets; returns their URLs."""
+def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clusters: int = 6,
+                     with_images: bool = True) -> list[str]:
+    """Write the histograms and (``with_images``: the pool's images are known) contact sheets; returns their URLs."""
     out_dir = join(root, "reports", part)
     written = []
     url = join(out_dir, "cluster_sizes.png")
     write_bytes_atomic(url, size_histograms(root, part, n_levels))
     written.append(url)
+    if not with_images:
+        return written
     top_col = f"l{n_levels}"
     top = query(root, f"SELECT DISTINCT {top_col} FROM clusters ORDER BY 1").column(0).to_numpy()
     chosen = sorted(np.random.default_rng(seed).choice(top, size=min(n_clusters, len(top)), replace=False).tolist())

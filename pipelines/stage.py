@@ -351,7 +351,9 @@ def _run(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, uni
         manifest.inputs = dict(plan.inputs)
         total = sum(u.size for u in units)
         rows_run: dict[str, int] = {}
-        bar = progress(total, ctx.run, initial=total - sum(u.size for u in todo))
+        # a one-unit stage shows its own progress (cluster's steps), not a bar of one
+        bar = progress(total if len(units) > 1 else None, ctx.run, initial=total - sum(u.size for u in todo))
+        bar.disable = bar.disable or len(units) <= 1
         with bar:
             for unit, marker in _execute(chosen, stage, ctx, sink, todo):
                 for table, n in marker["rows"].items():
