@@ -14,7 +14,8 @@ from catalog.config import ConfigError
 from catalog.errors import MissingInputError
 from catalog.schemas import POOL_TABLE
 from catalog.shards import table_exists
-from pipelines.stage import Executor, StageResult, run_stage
+from pipelines.executors import Executor
+from pipelines.stage import StageResult, run_stage
 from pipelines.stages.cluster import ClusterConfig
 from pipelines.stages.dedup import DedupConfig
 from pipelines.stages.embed import EmbedConfig

@@ -24,9 +24,8 @@ import ray
 import torch
 
 from catalog.embeddings import table_dim_and_dtype, to_numpy
-from catalog.schemas import EMBEDDINGS_TABLE
 from catalog.paths import resolve
-from catalog.schemas import check_version
+from catalog.schemas import EMBEDDINGS_TABLE, check_version
 from catalog.shards import iter_shards, read_schema
 from curation.kmeans import (
     KMeansResult,

@@ -17,10 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from catalog.decode import DecodeError, decode_rgb  # noqa: E402
 from catalog.images import read_image_bytes  # noqa: E402
 from catalog.paths import join, write_bytes_atomic  # noqa: E402
 from catalog.sql import query  # noqa: E402
-from catalog.decode import DecodeError, decode_rgb  # noqa: E402
 
 THUMB = 64
 

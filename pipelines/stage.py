@@ -34,7 +34,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -45,11 +45,9 @@ from catalog.manifest import RunManifest, fingerprint
 from catalog.paths import join, write_bytes_atomic
 from catalog.progress import progress
 from catalog.shards import delete_shards, shard_sizes, write_shards
+from pipelines.executors import EXECUTORS, Executor, choose_executor
 
 log = logging.getLogger("curate.pipelines")
-
-Executor = Literal["auto", "ray", "local"]
-EXECUTORS: tuple[str, ...] = ("auto", "ray", "local")
 
 
 @dataclass(frozen=True)
@@ -352,8 +350,7 @@ def _run(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, uni
         total = sum(u.size for u in units)
         rows_run: dict[str, int] = {}
         # a one-unit stage shows its own progress (cluster's steps), not a bar of one
-        bar = progress(total if len(units) > 1 else None, ctx.run, initial=total - sum(u.size for u in todo))
-        bar.disable = bar.disable or len(units) <= 1
+        bar = progress(total, ctx.run, initial=total - sum(u.size for u in todo), enabled=len(units) > 1)
         with bar:
             for unit, marker in _execute(chosen, stage, ctx, sink, todo):
                 for table, n in marker["rows"].items():
@@ -374,20 +371,6 @@ def _run(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, uni
         manifest.notes["executor"] = chosen
     ledger.mark_complete({"summary": summary, "outputs": outputs, "plan": fingerprint(dataclasses.asdict(plan))})
     return StageResult(ctx.run, summary, False, len(todo), totals.items_run, rows_run)
-
-
-def cluster_address(address: str | None) -> str | None:
-    return address or os.environ.get("CURATE_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
-
-
-def choose_executor(stage: Stage, ctx: StageContext, todo: list[Unit], executor: Executor) -> str:
-    """``local`` for whole-table stages and (``auto``) for small work without a cluster, else ``ray``."""
-    if not stage.distributable or not todo:
-        return "local"
-    if executor != "auto":
-        return executor
-    small = sum(u.size for u in todo) <= stage.in_process_below
-    return "local" if small and not cluster_address(ctx.address) else "ray"
 
 
 def _execute(chosen: str, stage: Stage, ctx: StageContext, sink: CatalogSink,

@@ -12,12 +12,11 @@ from pipelines.build_lvd import BuildLVDConfig, build_lvd
 from pipelines.cli.report_text import inspect_text
 from pipelines.cli.sql_output import render
 
-# The backbone our trainer made on a demo pool (training/configs/demo_cpu.yaml says how), at 64 px:
-# small enough to finish in minutes on 2 cores; docs/benchmarks.md has the measured times.
+# The backbone our trainer made on a demo pool (training/configs/demo_cpu.yaml says how); its file records
+# its 64 px input, small enough to finish in minutes on 2 cores (docs/benchmarks.md has the measured times).
 DEMO_BACKBONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_backbone.safetensors")
 DEMO_SETTINGS = [
     f"embed.model=curate:{DEMO_BACKBONE}",
-    "embed.image_size=64",
     "embed.batch_size=128",
     "embed.pooling=cls+mean",  # flatter curated sets than cls alone on the demo (docs/benchmarks.md)
 ]

@@ -12,7 +12,9 @@ from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.sql import query
 from catalog.decode import Preprocess, decode_rgb
-from pipelines.stages.embed import EmbedConfig, ModelMismatchError, embed
+from catalog.embeddings import ModelMismatchError
+from pipelines.stage import run_stage
+from pipelines.stages.embed import EmbedConfig
 from tests.helpers import kill_when, run_cli
 from training.models.checkpoints import load_backbone
 
@@ -31,7 +33,7 @@ def embedded(demo_catalog, tmp_path_factory) -> str:
     root = _copy_catalog(demo_catalog, str(tmp_path_factory.mktemp("emb") / "cat"))
     result = run_cli(["embed", "--catalog", root, "--set", *TINY])
     assert result.returncode == 0, result.stderr
-    assert "randomly initialised" in result.stdout
+    assert "randomly initialised" in result.stderr
     return root
 
 
@@ -63,7 +65,7 @@ def test_rerun_does_nothing_and_other_model_is_refused(embedded):
     result = run_cli(["embed", "--catalog", embedded, "--set", *TINY])
     assert result.returncode == 0 and "0 images embedded in this run" in result.stdout
     with pytest.raises(ModelMismatchError, match="never mixed"):
-        embed(embedded, EmbedConfig(model="vit_test14", image_size=28))
+        run_stage("embed", embedded, EmbedConfig(model="vit_test14", image_size=28))
     result = run_cli(["embed", "--catalog", embedded, "--model", "vit_test14", "--set", "image_size=28"])
     assert result.returncode == 2 and "never mixed" in result.stderr
 

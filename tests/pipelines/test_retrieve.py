@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from catalog.sql import query
-from pipelines.stages.embed import ModelMismatchError
-from pipelines.stages.seeds import SeedSpec, check_identity
+from catalog.embeddings import EmbeddingIdentity, ModelMismatchError
+from pipelines.seeds import SeedSpec
 from tests.conftest import concept_of_uri
 from tests.helpers import run_cli
 
@@ -56,12 +56,13 @@ def test_knn_rerun_reuses_the_index_and_writes_no_duplicate_rows(demo_pool, lvd_
 
 
 def test_seed_embedded_with_another_model_is_refused():
-    pool = {"model": "dinov3_vits16", "weights_sha256": "a", "preprocess": "p", "pooling": "mean", "normalized": "True"}
-    check_identity(pool, dict(pool), "same")
-    with pytest.raises(ModelMismatchError, match="model: pool 'dinov3_vits16' vs seed 'dinov2_vitl14'"):
-        check_identity(pool, {**pool, "model": "dinov2_vitl14"}, "other")
+    pool = EmbeddingIdentity("dinov3_vits16", "a", "p", "mean", "True")
+    pool.check(EmbeddingIdentity.from_metadata(pool.metadata()), "same", "")
+    other = EmbeddingIdentity.from_metadata({**pool.metadata(), "model": "dinov2_vitl14"})
+    with pytest.raises(ModelMismatchError, match="model: 'dinov2_vitl14' there vs 'dinov3_vits16' here"):
+        pool.check(other, "seed", "seeds must be embedded exactly like the pool")
     with pytest.raises(ModelMismatchError, match="preprocess"):
-        check_identity(pool, {**pool, "preprocess": "q"}, "other")
+        pool.check(EmbeddingIdentity.from_metadata({**pool.metadata(), "preprocess": "q"}), "seed", "")
     assert SeedSpec(images="x").embeddings is None
 
 
@@ -94,7 +95,8 @@ def test_dedup_and_retrieval_resume_from_a_killed_state_without_duplicate_rows(d
     assert run_cli(["retrieve", "--catalog", root, "--seed", "demo", "--mode", "knn",
                     "--set", _seeds(demo_pool)]).returncode == 0
     before_ret = query(root, "SELECT * FROM retrieved WHERE seed = 'demo' ORDER BY image_id").to_pylist()
-    for stage, unit in (("dedup", "copy"), ("dedup", "_complete"), ("retrieve", "seed=demo")):
+    for stage, unit in (("dedup", "copy"), ("dedup", "_complete"), ("retrieve-demo", "all"),
+                        ("retrieve-demo", "_complete")):
         os.remove(os.path.join(Ledger(root, stage).dir, f"{unit}.json"))
     assert run_cli(["dedup", "--catalog", root]).returncode == 0
     assert run_cli(["retrieve", "--catalog", root, "--seed", "demo", "--mode", "knn",
