@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -93,3 +95,33 @@ def test_sigkill_midway_then_resume_is_bit_identical(embedded, demo_catalog, tmp
     order, ref_order = np.argsort(ids), np.argsort(ref_ids)
     assert np.array_equal(ids[order], ref_ids[ref_order])
     assert np.array_equal(x[order].view(np.uint16), ref_x[ref_order].view(np.uint16))
+
+
+@pytest.mark.slow
+def test_in_process_and_ray_give_identical_tables_with_one_backbone_per_worker(embedded, demo_catalog, tmp_path,
+                                                                               monkeypatch):
+    from training.models.vit import VisionTransformer
+
+    built = []
+    init = VisionTransformer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(os.getpid())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionTransformer, "__init__", counting_init)
+    config = EmbedConfig(model="vit_test", image_size=32, images_per_unit=40, batch_size=16)
+    tables = {}
+    for executor in ("local", "ray"):
+        root = _copy_catalog(demo_catalog, str(tmp_path / executor))
+        built.clear()
+        result = run_stage("embed", root, config, executor=executor)
+        workers = {m["worker"] for m in Ledger(root, "embed").done().values()}
+        if executor == "local":  # one backbone for the whole run, in this process
+            assert built == [os.getpid()] and result.units_run > 2
+        else:  # the driver built none; one actor (the default pool size) embedded every unit
+            assert built == [] and len(workers) == 1 and not any(w.endswith(f":{os.getpid()}") for w in workers)
+        tables[executor] = [query(root, sql).to_pylist() for sql in
+                            ("SELECT image_id, embedding FROM embeddings ORDER BY 1", "SELECT * FROM errors ORDER BY 1")]
+    assert tables["local"] == tables["ray"]
+    assert tables["ray"][0] == query(embedded, "SELECT image_id, embedding FROM embeddings ORDER BY 1").to_pylist()
