@@ -24,8 +24,8 @@ from catalog.sql import query  # noqa: E402
 
 def bench_ingest(work: str, n: int) -> dict:
     from pipelines.demo.pool import generate_demo_pool
-    from pipelines.stages.ingest import ingest
     from pipelines.ray_runtime import ensure_ray
+    from pipelines.stages.ingest import ingest
 
     pool = os.path.join(work, "pool_root")
     t0 = time.time()

@@ -63,9 +63,9 @@ def model_only(model, size: int, batch: int, steps: int, device: str, dtype) -> 
 
 def end_to_end_cpu(folder: str, model_name: str, size: int, batch: int) -> tuple[float, int]:
     """The product path: ingest (untimed), then the Ray Data embed stage, timed."""
+    from pipelines.ray_runtime import ensure_ray
     from pipelines.stages.embed import EmbedConfig, embed
     from pipelines.stages.ingest import ingest
-    from pipelines.ray_runtime import ensure_ray
 
     root = os.path.join(folder, "catalog")
     ingest(folder, root)

@@ -128,7 +128,8 @@ def export_npy(root: str, out_dir: str, table: str = EMBEDDINGS_TABLE, dtype: st
     return x_path, id_path
 
 
-def embeddings_table(ids: np.ndarray, x: np.ndarray, metadata: dict[str, str], table: str = EMBEDDINGS_TABLE) -> pa.Table:
+def embeddings_table(ids: np.ndarray, x: np.ndarray, metadata: dict[str, str],
+                     table: str = EMBEDDINGS_TABLE) -> pa.Table:
     """Build an embeddings Arrow table from arrays (float16 or float32 storage follows ``x``)."""
     value_type = pa.float16() if x.dtype == np.float16 else pa.float32()
     schema = schemas.stamp(schemas.embeddings(x.shape[1], value_type), table, metadata)

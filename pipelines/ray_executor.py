@@ -20,7 +20,8 @@ def _loaded(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _result_row(unit: Unit, marker: dict[str, Any]) -> dict[str, Any]:
-    return {"name": unit.name, "tables": sorted(marker["rows"]), "rows": [marker["rows"][t] for t in sorted(marker["rows"])]}
+    tables = sorted(marker["rows"])
+    return {"name": unit.name, "tables": tables, "rows": [marker["rows"][t] for t in tables]}
 
 
 class _Load:

@@ -121,8 +121,9 @@ def write_retrieval_report(root: str, seed: str, seed_uris: dict[int, str], leve
         sheet = {g: [seed_uris[g], *groups[g]] for g in chosen if g in seed_uris}
         title = f"seed {seed}: seed image (first column), then its nearest pool images"
     else:
-        sheet = _grouped(query(root, f"SELECT c.l{level} AS g, p.uri AS uri FROM retrieved r JOIN pool p USING (image_id) "
-                                     f"JOIN clusters c USING (image_id) WHERE r.seed = '{seed}' ORDER BY g, r.rank"), 10)
+        sheet = _grouped(query(root, f"SELECT c.l{level} AS g, p.uri AS uri FROM retrieved r "
+                                     "JOIN pool p USING (image_id) JOIN clusters c USING (image_id) "
+                                     f"WHERE r.seed = '{seed}' ORDER BY g, r.rank"), 10)
         sheet = dict(list(sheet.items())[:n_seeds])
         title = f"seed {seed}: images retrieved from pool clusters that hold seed images (one row per cluster)"
     url = join(root, "reports", "retrieve", f"{seed}.png")

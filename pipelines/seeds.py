@@ -57,8 +57,8 @@ def resolve_seed(name_or_path: str, root: str, config: SeedsConfig) -> tuple[str
     if name_or_path in config.seeds:
         spec = config.seeds[name_or_path]
         parent = os.path.dirname(root.rstrip("/"))
-        fill = (lambda p: p.replace("{catalog}", parent) if p else p)
-        return name_or_path, SeedSpec(images=fill(spec.images), embeddings=fill(spec.embeddings))
+        images, embeddings = (p.replace("{catalog}", parent) if p else p for p in (spec.images, spec.embeddings))
+        return name_or_path, SeedSpec(images=images, embeddings=embeddings)
     if "://" in name_or_path or os.path.exists(name_or_path):
         return seed_name(name_or_path, config), SeedSpec(images=name_or_path)
     known = ", ".join(sorted(config.seeds)) or "none"

@@ -201,7 +201,8 @@ def _when(ms: int | None) -> str:
 
 def add_jobs_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser | None = None) -> None:
     """``curate jobs list|status|logs|stop [JOB_ID] --address URL``."""
-    p = sub.add_parser("jobs", parents=[common] if common else [], help="list, inspect, follow or stop curate jobs on a Ray cluster",
+    p = sub.add_parser("jobs", parents=[common] if common else [],
+                       help="list, inspect, follow or stop curate jobs on a Ray cluster",
                        description="Any command that takes --address runs as a Ray job when the address is "
                        "the cluster's dashboard URL (http://HEAD:8265); these look after those jobs.")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])

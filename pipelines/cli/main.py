@@ -68,7 +68,8 @@ def train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> N
                        epilog="Configs: training/configs/*.yaml; override keys with --set key.sub=value (as every "
                        "command). Positional KEY=VALUE overrides still work but are deprecated.")
     p.add_argument("--config", required=True,
-                   help="training/configs/demo_cpu.yaml, vits16_pretrain.yaml, vit7b16_{pretrain,gram,highres,distill}.yaml, …")
+                   help="training/configs/demo_cpu.yaml, vits16_pretrain.yaml, "
+                   "vit7b16_{pretrain,gram,highres,distill}.yaml, …")
     p.add_argument("--stage", choices=["pretrain", "gram", "highres", "distill"],
                    help="recipe stage (overrides the config's): gram = Gram anchoring, highres = mixed-resolution "
                    "adaptation, distill = students from a frozen teacher; later stages start from init.checkpoint")

@@ -171,7 +171,8 @@ class ClusterStage(Stage):
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         n = totals.rows(CLUSTERS_TABLE)
         meta = schemas.metadata_of(read_schema(shard_urls(ctx.root, CENTROIDS_TABLE)[0]))
-        return {"in": n, "out": n, "errored": 0, "levels": json.loads(meta["k"]), "inertia": json.loads(meta["inertia"])}
+        return {"in": n, "out": n, "errored": 0, "levels": json.loads(meta["k"]),
+                "inertia": json.loads(meta["inertia"])}
 
 
 STAGE = ClusterStage()

@@ -78,7 +78,8 @@ def plan_units(source: str, files_per_unit: int) -> list[Unit]:
                    if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
     if not files:
         raise MissingInputError(f"no image files (by extension) under {source}")
-    return [_files_unit(i // files_per_unit, files[i : i + files_per_unit]) for i in range(0, len(files), files_per_unit)]
+    step = files_per_unit
+    return [_files_unit(i // step, files[i : i + step]) for i in range(0, len(files), step)]
 
 
 def _files_unit(index: int, files: list[tuple[str, int]]) -> Unit:
@@ -194,7 +195,8 @@ class IngestStage(Stage):
 
 def find_id_collisions(root: str) -> int:
     """Distinct URIs that hash to the same image_id (astronomically rare, but checked)."""
-    table = query(root, "SELECT count(*) AS n FROM (SELECT image_id FROM pool GROUP BY image_id HAVING count(DISTINCT uri) > 1)")
+    table = query(root, "SELECT count(*) AS n FROM (SELECT image_id FROM pool GROUP BY image_id "
+                        "HAVING count(DISTINCT uri) > 1)")
     return int(table.column("n")[0].as_py())
 
 

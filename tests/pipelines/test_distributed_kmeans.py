@@ -18,15 +18,14 @@ from curation.kmeans import (
     resolve_device,
 )
 from curation.synthetic import concept_embeddings
-from curation.hierarchy import LevelSpec
-from pipelines.stage import run_stage
-from pipelines.stages.cluster import ClusterConfig
 from pipelines.distributed_kmeans import (
     RowIndex,
     ShardedEmbeddings,
     distributed_kmeans,
     worker_bounds,
 )
+from pipelines.stage import run_stage
+from pipelines.stages.cluster import ClusterConfig
 
 CHUNK = 256  # small chunks so 4000 rows spread over several workers
 CPUS = 0.25  # per actor: the tests run on two cores

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from catalog.decode import Preprocess, decode_rgb
 from catalog.embeddings import (
+    ModelMismatchError,
     embedding_metadata,
     export_npy,
     import_npy,
@@ -13,8 +15,6 @@ from catalog.embeddings import (
 from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.sql import query
-from catalog.decode import Preprocess, decode_rgb
-from catalog.embeddings import ModelMismatchError
 from pipelines.stage import run_stage
 from pipelines.stages.embed import EmbedConfig
 from tests.helpers import kill_when, run_cli
@@ -121,7 +121,7 @@ def test_in_process_and_ray_give_identical_tables_with_one_backbone_per_worker(e
             assert built == [os.getpid()] and result.units_run > 2
         else:  # the driver built none; one actor (the default pool size) embedded every unit
             assert built == [] and len(workers) == 1 and not any(w.endswith(f":{os.getpid()}") for w in workers)
-        tables[executor] = [query(root, sql).to_pylist() for sql in
-                            ("SELECT image_id, embedding FROM embeddings ORDER BY 1", "SELECT * FROM errors ORDER BY 1")]
+        tables[executor] = [query(root, sql).to_pylist() for sql in ("SELECT image_id, embedding FROM embeddings "
+                                                                     "ORDER BY 1", "SELECT * FROM errors ORDER BY 1")]
     assert tables["local"] == tables["ray"]
     assert tables["ray"][0] == query(embedded, "SELECT image_id, embedding FROM embeddings ORDER BY 1").to_pylist()

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from catalog.sql import query
 from catalog.embeddings import EmbeddingIdentity, ModelMismatchError
+from catalog.sql import query
 from pipelines.seeds import SeedSpec
 from tests.conftest import concept_of_uri
 from tests.helpers import run_cli

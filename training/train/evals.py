@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from catalog.images import read_image_bytes
 from catalog.decode import Preprocess, decode_rgb
+from catalog.images import read_image_bytes
 from training.models.checkpoints import load_backbone
 from training.train.config import EvalConfig
 from training.train.dense_probe import linear_dense_probe
