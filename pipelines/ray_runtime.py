@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Keep a local Ray on loopback, quiet, and without usage reporting; these must be set before init.
@@ -13,6 +14,24 @@ _ENV_DEFAULTS = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+START_ATTEMPTS = 3
+log = logging.getLogger("curate.pipelines")
+
+
+def _start_local(ray, num_cpus: int | None) -> None:
+    """Start the in-process Ray. Its raylet must register within a fixed 30 s, which a heavily loaded
+    machine can miss (seen on a shared 2-core host at load 15): then Ray is stopped and started again."""
+    for attempt in range(START_ATTEMPTS):
+        try:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                     include_dashboard=False, log_to_driver=True, logging_level="WARNING",
+                     _node_ip_address="127.0.0.1")
+            return
+        except Exception as e:  # Ray raises a bare Exception for the timeout
+            if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS - 1:
+                raise
+            log.warning("Ray's node did not start in time (machine busy?): trying again")
+            ray.shutdown()
 
 
 def set_ray_environment() -> None:
@@ -36,14 +55,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     else:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count(),
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            include_dashboard=False,
-            log_to_driver=True,
-            logging_level="WARNING",
-            _node_ip_address="127.0.0.1",
-        )
+        _start_local(ray, num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -60,7 +60,7 @@ def run_demo(out: str, n: int = 10_000, target_fraction: float = 0.3) -> str:
         _step(f'curate sql "{sql}" --catalog {catalog}')
         render(query(catalog, sql), "table", None)
     _step("report")
-    for url in result.get("report", []):
+    for url in result["sample"].summary.get("report", []):
         print(url)
     print(f"\ndone in {time.time() - start:.0f}s. Ground truth for checking lives in {pool_root}/truth "
           f"(no stage reads it). Explore: curate sql \"SELECT * FROM curated_lvd LIMIT 5\" --catalog {catalog}")
