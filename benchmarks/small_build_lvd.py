@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,11 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.demo.pool import generate_demo_pool
 
     work = tempfile.mkdtemp(prefix="curate-small-lvd-")
-    generate_demo_pool(os.path.join(work, "demo"), n=args.n, seed=0, workers=1)
+    generate_demo_pool(os.path.join(work, "demo"), n=max(args.n, 100), seed=0, workers=1)
+    folder = os.path.join(work, "folder")  # the first n files of the demo pool (a few broken among them)
+    os.makedirs(folder)
+    pool = os.path.join(work, "demo", "pool")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(pool) for f in fs)[: args.n]
+    for path in files:
+        shutil.copy2(path, os.path.join(folder, os.path.relpath(path, pool).replace(os.sep, "_")),
+                     follow_symlinks=False)
     catalog = os.path.join(work, "catalog")
-    cmd = [sys.executable, "-m", "pipelines.cli", "build-lvd", "--catalog", catalog, "--source",
-           os.path.join(work, "demo", "pool"), "--target-size", str(max(1, args.n // 3)), "--set",
-           *_settings(args.repo)]
+    cmd = [sys.executable, "-m", "pipelines.cli", "build-lvd", "--catalog", catalog, "--source", folder,
+           "--target-size", str(max(1, args.n // 3)), "--set", *_settings(args.repo)]
     env = {**os.environ, "PYTHONPATH": args.repo, "CURATE_PROGRESS": "0"}
     start = time.perf_counter()
     subprocess.run(cmd, cwd=args.repo, env=env, check=True, capture_output=True)
