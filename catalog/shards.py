@@ -132,10 +132,3 @@ def delete_shards(root: str, table: str, prefix: str) -> None:
             _, path = resolve(url)
             retry(lambda p=path: fs.rm(p))
     fs.invalidate_cache(resolve(table_dir(root, table))[1])
-
-
-def delete_table(root: str, table: str) -> None:
-    fs, path = resolve(table_dir(root, table), fresh=True)
-    if retry(lambda: fs.exists(path)):
-        retry(lambda: fs.rm(path, recursive=True))
-        fs.invalidate_cache(path)

@@ -282,9 +282,9 @@ def _inputs(stage: Stage, ctx: StageContext) -> dict[str, str]:
     return {**inputs, **stage.extra_inputs(ctx)}
 
 
-def _reconcile(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, plan: Plan) -> str:
-    """Compare with the recorded plan: ``fresh``, ``resume`` or ``done``; restart when inputs changed;
-    raise LedgerPlanError when settings or units differ."""
+def _reconcile(ctx: StageContext, ledger: Ledger, sink: CatalogSink, plan: Plan) -> str:
+    """Compare with the recorded plan: ``fresh``, ``resume``, ``done``, or ``restart`` when inputs (or the
+    finished run's outputs) changed; raise LedgerPlanError when settings or units differ."""
     old = ledger.plan()
     if old is None:
         return "fresh"
@@ -331,7 +331,7 @@ def run_stage(stage: str | Stage, root: str, config: Any = None, *, overwrite: b
     inputs = _inputs(stage, ctx)
     units = stage.plan(ctx)
     plan = Plan(stage.settings(ctx), inputs, {u.name: u.fingerprint for u in units}, list(sink.outputs))
-    decision = _reconcile(stage, ctx, ledger, sink, plan)
+    decision = _reconcile(ctx, ledger, sink, plan)
     if decision == "done":
         return StageResult(ctx.run, ledger.completion().get("summary", {}), True, 0, 0, {})
     if decision in ("fresh", "restart"):
