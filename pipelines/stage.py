@@ -309,8 +309,12 @@ def _reconcile(ctx: StageContext, ledger: Ledger, sink: CatalogSink, plan: Plan)
 
 
 def _start_over(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, forget_state: bool) -> None:
+    """Forget the run: its ledger, its rows of every table it writes now or wrote under its recorded plan
+    (a mix with other parts), and (``forget_state``) its other state."""
+    recorded = ledger.plan()
+    written = set(sink.outputs) | set(recorded.outputs if recorded else ())
+    replace(sink, outputs=tuple(sorted(written))).clear()
     ledger.reset()
-    sink.clear()
     if forget_state:
         stage.clear(ctx)
 

@@ -129,6 +129,14 @@ def test_overwrite_with_a_smaller_source_leaves_no_stale_row(small_pool, tmp_pat
     assert not set(query(root, "SELECT uri FROM pool").column(0).to_pylist()) & set(broken)
 
 
+def test_overwrite_deletes_what_the_earlier_settings_wrote(small_lvd, tmp_path):
+    root = _copy(small_lvd, str(tmp_path / "cat"))
+    run_stage("mix", root, {"parts": {"pool": {"source": "pool"}, "lvd": {"source": "lvd"}}})
+    run_stage("mix", root, {"parts": {"lvd": {"source": "lvd"}}}, overwrite=True)
+    parts = query(root, "SELECT DISTINCT part FROM curated").column(0).to_pylist()
+    assert parts == ["lvd"]  # curated/pool of the earlier mix is gone
+
+
 @pytest.mark.parametrize(("run", "table", "args"), [
     ("sample-lvd", "curated_lvd", ["sample", "--target-size", str(TARGET)]),
     ("mix", "curated", ["mix", "--set", "parts={pool: {source: pool}, lvd: {source: lvd}}"]),

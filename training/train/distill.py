@@ -36,7 +36,7 @@ from training.train.config import StudentConfig, TrainConfig, vit_config
 from training.train.data import build_loader
 from training.train.distributed import DistInfo, barrier, build_models, prepare_model
 from training.train.evals import CheckpointEvals, scores_missing
-from training.train.export import export_teacher
+from training.train.export import export_teacher, input_spec_of
 from training.train.meta_arch import FIELDS, SSLModel, student_losses
 from training.train.optim import (
     apply_hyper_params,
@@ -285,6 +285,7 @@ def train_distill(config: TrainConfig, info: DistInfo):
     teacher_path = None
     if config.export_teacher and step >= config.optim.iterations:
         teacher_path = out / STUDENTS_DIR / slot.spec.name / TEACHER_FILE
-        export_teacher(ema.backbone, vit, teacher_path, slot.group_rank == 0, subgroup=True)
+        export_teacher(ema.backbone, vit, teacher_path, slot.group_rank == 0, subgroup=True,
+                       input_spec=input_spec_of(config))
     barrier()
     return TrainResult(step, start, out, teacher_path)

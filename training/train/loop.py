@@ -27,7 +27,7 @@ from training.train.config import TrainConfig, vit_config
 from training.train.data import build_loader, crop_sizes
 from training.train.distributed import DistInfo, barrier, build_models, init_distributed
 from training.train.evals import CheckpointEvals, scores_missing
-from training.train.export import export_teacher
+from training.train.export import export_teacher, input_spec_of
 from training.train.meta_arch import FIELDS, GramTerm, ssl_losses
 from training.train.optim import (
     apply_hyper_params,
@@ -223,6 +223,6 @@ def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
     teacher_path = None
     if config.export_teacher and step >= config.optim.iterations:
         teacher_path = out / TEACHER_FILE
-        export_teacher(teacher.backbone, vit, teacher_path, info.is_main)
+        export_teacher(teacher.backbone, vit, teacher_path, info.is_main, input_spec=input_spec_of(config))
     barrier()
     return TrainResult(step, start, out, teacher_path)
