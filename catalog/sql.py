@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
+from catalog.errors import UserError
 from catalog.paths import is_local, resolve
 from catalog.shards import shard_urls
 from catalog.tables import list_tables
@@ -37,11 +38,11 @@ _CONNECTION_CONFIG = {
 Params = Sequence[object] | Mapping[str, object] | None
 
 
-class ReadOnlyError(PermissionError):
+class ReadOnlyError(UserError, PermissionError):
     """A statement other than a query was sent to a catalog."""
 
 
-class SQLError(RuntimeError):
+class SQLError(UserError, RuntimeError):
     """DuckDB rejected the query; carries DuckDB's own message."""
 
 

@@ -55,10 +55,11 @@ def demo_pool(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def demo_catalog(demo_pool, tmp_path_factory) -> str:
     """The demo pool ingested once into a catalog; tests must not modify it."""
-    from pipelines.stages.ingest import IngestConfig, ingest
+    from pipelines.stage import run_stage
+    from pipelines.stages.ingest import IngestConfig
 
     root = str(tmp_path_factory.mktemp("catalog") / "cat")
-    ingest(os.path.join(demo_pool, "pool"), root, IngestConfig(files_per_unit=100))
+    run_stage("ingest", root, IngestConfig(source=os.path.join(demo_pool, "pool"), files_per_unit=100))
     return root
 
 

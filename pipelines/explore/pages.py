@@ -153,7 +153,8 @@ def runs_document(root: str, config: ExploreConfig) -> str:
 def search_shards(con: duckdb.DuckDBPyConnection, n_levels: int, n_shards: int) -> Iterator[tuple[int, str]]:
     """``(shard, json)``: every pool image by ``image_id mod n_shards`` (app.js computes the same with
     BigInt), with its status, cluster path (l1 first), curated parts, duplicate status and thumbnail."""
-    path = "CASE WHEN m.image_id IS NULL THEN NULL ELSE [" + ", ".join(f"m.l{t}" for t in range(1, n_levels + 1)) + "] END"
+    levels = ", ".join(f"m.l{t}" for t in range(1, n_levels + 1))
+    path = f"CASE WHEN m.image_id IS NULL THEN NULL ELSE [{levels}] END"
     rows = con.sql(f"""
         WITH d AS (SELECT image_id, min(kept_id) AS kept_id, min(reason) AS reason FROM duplicates GROUP BY 1)
         SELECT ((p.image_id % {n_shards}) + {n_shards}) % {n_shards} AS shard,

@@ -36,7 +36,7 @@ from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.paths import join, ls, resolve, retry, write_bytes_atomic
 from catalog.progress import progress
-from catalog.shards import delete_table, read_shard, shard_urls, write_shards
+from catalog.shards import delete_shards, read_shard, shard_urls, write_shards
 
 STAGE = "explore-thumbnails"
 INDEX_TABLE = "_thumbs"  # inside the site folder, beside the sheets
@@ -208,7 +208,7 @@ def build_thumbnails(site: str, image_ids: np.ndarray, uris: Sequence[str], spec
     ledger = Ledger(site, STAGE)
     if overwrite:
         ledger.reset()
-        delete_table(site, INDEX_TABLE)
+        delete_shards(site, INDEX_TABLE, "")
     existing = built_index(site, ledger)
     todo = ~np.isin(image_ids, existing.column("image_id").to_numpy())
     todo_ids = np.asarray(image_ids)[todo]

@@ -95,7 +95,8 @@ def assign_pages(con: duckdb.DuckDBPyConnection, n_levels: int, deepest: int) ->
         order.append(pa.table({"level": pa.array(np.full(len(page), t, np.int32)), "id": rows["id"], "p": page}))
         start += len(sort)
     con.register("pages_tmp", pa.concat_tables(order))
-    con.execute("UPDATE nodes SET page = p FROM pages_tmp WHERE nodes.level = pages_tmp.level AND nodes.id = pages_tmp.id")
+    con.execute("UPDATE nodes SET page = p FROM pages_tmp "
+                "WHERE nodes.level = pages_tmp.level AND nodes.id = pages_tmp.id")
     con.unregister("pages_tmp")
     return start
 
@@ -179,7 +180,8 @@ def add_node_duplicates(con: duckdb.DuckDBPyConnection, n_levels: int, config: E
                         d.image_id, d.kept_id, d.similarity, d.reason
                         FROM duplicates d JOIN m ON m.image_id = d.kept_id QUALIFY pos <= ?""",
                     [config.node_duplicates])
-    con.execute("""INSERT INTO shown SELECT level, id, 'dup', 2 * pos + k, CASE WHEN k = 0 THEN kept_id ELSE image_id END
+    con.execute("""INSERT INTO shown SELECT level, id, 'dup', 2 * pos + k,
+                          CASE WHEN k = 0 THEN kept_id ELSE image_id END
                    FROM node_dups, (VALUES (0), (1)) AS t(k)""")
 
 
