@@ -67,6 +67,18 @@ def table_state(root: str, table: str) -> TableState:
     return TableState(fingerprint(parts), unfinished)
 
 
+def run_output_fingerprint(root: str, run: str, table: str) -> str | None:
+    """What one run wrote to a shared table (a filter's rows of ``errors``): its recorded content while its
+    shards are as recorded, else their names and sizes; None when the run has no shards there and never
+    finished writing it."""
+    mine = run_shards(shard_sizes(root, table), run)
+    record = Ledger(root, run).completion()
+    output = (record or {}).get("outputs", {}).get(table)
+    if output is not None and listing_fingerprint(mine) == output["listing"]:
+        return output["content"]
+    return listing_fingerprint(mine) if mine else None
+
+
 def file_fingerprint(url: str) -> str:
     """A file brought from outside the catalog (``--embeddings X.npy``): fsspec's checksum of its
     metadata (size and modification time locally, the ETag on object stores)."""

@@ -24,6 +24,8 @@ DUPLICATES_TABLE = "duplicates"
 CLUSTERS_TABLE = "clusters"
 CENTROIDS_TABLE = "centroids"
 RETRIEVED_TABLE = "retrieved"
+# The stage whose errors rows (reason ``filtered:<rule>``) are images removed for quality: cluster leaves them out.
+FILTER_STAGE = "filter"
 # Other catalog entries shared between stages (and the trainer).
 MIX_FILE = "_mix.json"
 SEEDS_DIR = "_seeds"  # small catalogs of seed sets, one per seed name
@@ -56,8 +58,18 @@ POOL = pa.schema(
         pa.field("format", pa.string()),
         pa.field("sha256", pa.string()),
         pa.field("status", pa.string(), nullable=False),
+        # quality signals (curation/quality.py), null for unusable files and in pools ingested before them
+        pa.field("min_side", pa.int32()),
+        pa.field("aspect", pa.float32()),
+        pa.field("sharpness", pa.float32()),
+        pa.field("dark_fraction", pa.float32()),
+        pa.field("bright_fraction", pa.float32()),
+        pa.field("colour_entropy", pa.float32()),
+        pa.field("nearly_constant", pa.bool_()),
     ]
 )
+QUALITY_COLUMNS = ("min_side", "aspect", "sharpness", "dark_fraction", "bright_fraction", "colour_entropy",
+                   "nearly_constant")
 
 ERRORS = pa.schema(
     [

@@ -1,4 +1,7 @@
-"""``curate build-lvd``: ingest → embed → dedup → cluster → sample (with its report), as stages of the runner.
+"""``curate build-lvd``: ingest → filter → embed → dedup → cluster → sample (with its report), as stages of the runner.
+
+The filter runs when one of its rules is set, or when it ran before (so turning it off is a change of its
+settings, refused without ``curate filter --overwrite``, instead of its old removals silently staying).
 
 Each stage is skipped when it is done with the same settings and inputs, resumed after a kill, and rerun
 from scratch when an input changed (a re-embedded pool reclusters and resamples). Ray starts at most once
@@ -12,13 +15,15 @@ from dataclasses import dataclass, field, replace
 
 from catalog.config import ConfigError
 from catalog.errors import MissingInputError
-from catalog.schemas import POOL_TABLE
+from catalog.ledger import Ledger
+from catalog.schemas import FILTER_STAGE, POOL_TABLE
 from catalog.shards import table_exists
 from pipelines.executors import Executor
 from pipelines.stage import StageResult, run_stage
 from pipelines.stages.cluster import ClusterConfig
 from pipelines.stages.dedup import DedupConfig
 from pipelines.stages.embed import EmbedConfig
+from pipelines.stages.filter import FilterConfig
 from pipelines.stages.ingest import IngestConfig
 from pipelines.stages.sample import SampleConfig
 
@@ -28,6 +33,7 @@ log = logging.getLogger("curate.pipelines")
 @dataclass(frozen=True)
 class BuildLVDConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)  # every rule off by default
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -44,6 +50,8 @@ def build_lvd(root: str, config: BuildLVDConfig, *, source: str | None = None, a
     if not ingest.source and not table_exists(root, POOL_TABLE):
         raise MissingInputError(f"{root} has no pool table: give --source to ingest one first")
     steps = [("ingest", ingest)] if ingest.source else []
+    if config.filter.any_rule() or Ledger(root, FILTER_STAGE).plan() is not None:
+        steps.append((FILTER_STAGE, config.filter))
     steps += [("embed", config.embed)] + ([("dedup", config.dedup)] if config.run_dedup else [])
     steps += [("cluster", config.cluster), ("sample", config.sample)]
     out = {}

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from catalog.embeddings import load_embeddings, load_npy_pair, to_numpy
 from catalog.errors import UserError
 from catalog.paths import resolve
-from catalog.schemas import DUPLICATES_TABLE
+from catalog.schemas import DUPLICATES_TABLE, ERRORS_TABLE, FILTER_STAGE
 from catalog.shards import table_exists
 from catalog.sql import query
 
@@ -43,3 +43,10 @@ def removed_ids(root: str) -> np.ndarray:
     if not table_exists(root, DUPLICATES_TABLE):
         return np.empty(0, np.int64)
     return query(root, "SELECT DISTINCT image_id FROM duplicates").column(0).to_numpy()
+
+
+def filtered_ids(root: str) -> np.ndarray:
+    """Images the filter stage removed (its ``errors`` rows); clustering leaves them out."""
+    if not table_exists(root, ERRORS_TABLE):
+        return np.empty(0, np.int64)
+    return query(root, "SELECT DISTINCT image_id FROM errors WHERE stage = ?", [FILTER_STAGE]).column(0).to_numpy()

@@ -1,7 +1,8 @@
 """Reports a person can look at: PNG histograms and contact sheets under ``<catalog>/reports/``.
 
 - build-lvd: per level, cluster sizes in the pool and in the curated part (balanced sampling should
-  flatten them), and thumbnails of a few random top-level clusters before and after curation;
+  flatten them), and thumbnails of a few random top-level clusters before and after curation; the pool's
+  quality signals (a histogram each, the filter's removals stacked on top) and what each filter rule removed;
 - retrieve: a few seed images next to what they retrieved;
 - dedup: a few copy groups, the kept image first.
 """
@@ -20,6 +21,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from catalog.decode import DecodeError, decode_rgb  # noqa: E402
 from catalog.images import read_image_bytes  # noqa: E402
 from catalog.paths import join, write_bytes_atomic  # noqa: E402
+from catalog.schemas import ERRORS_TABLE, FILTER_STAGE  # noqa: E402
+from catalog.shards import table_exists  # noqa: E402
 from catalog.sql import query  # noqa: E402
 
 THUMB = 64
@@ -52,8 +55,8 @@ def size_histograms(root: str, part: str, n_levels: int) -> bytes:
     return _png(fig)
 
 
-def contact_sheet(uris_by_cluster: dict[int, list[str]], title: str, per_row: int = 10) -> bytes:
-    """A grid: one row of thumbnails per cluster, labelled with the cluster id."""
+def contact_sheet(uris_by_cluster: dict[int | str, list[str]], title: str, per_row: int = 10) -> bytes:
+    """A grid: one row of thumbnails per cluster (or filter rule), labelled with its id."""
     rows = max(1, len(uris_by_cluster))
     sheet = Image.new("RGB", (80 + per_row * (THUMB + 2), 20 + rows * (THUMB + 2)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -88,6 +91,56 @@ def _uris_of_clusters(root: str, table: str, top_col: str, clusters: list[int], 
                                 f"WHERE t.{top_col} IN ({ids}) ORDER BY hash(t.image_id)"), per_row)
 
 
+# the signals drawn, with their axis label; sharpness spans decades, so its axis is logarithmic
+QUALITY_PANELS = (("min_side", "shortest side (px)"), ("aspect", "aspect ratio (long / short)"),
+                  ("sharpness", "sharpness (Laplacian variance, log)"), ("dark_fraction", "dark pixel fraction"),
+                  ("bright_fraction", "bright pixel fraction"), ("colour_entropy", "colour entropy (bits)"))
+
+
+def quality_histograms(root: str) -> bytes:
+    """One panel per signal over the usable pool; images the filter removed are stacked in another colour."""
+    rows = query(root, "SELECT p.*, e.reason IS NOT NULL AS removed FROM pool p LEFT JOIN (SELECT image_id, reason "
+                       "FROM errors WHERE stage = ?) e USING (image_id) WHERE p.status = 'ok' AND p.sharpness "
+                       "IS NOT NULL", [FILTER_STAGE])
+    removed = rows.column("removed").to_numpy(zero_copy_only=False).astype(bool)
+    constant = int(rows.column("nearly_constant").to_numpy(zero_copy_only=False).astype(bool).sum())
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6))
+    for ax, (column, label) in zip(axes.ravel(), QUALITY_PANELS):
+        values = rows.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+        if column == "sharpness":
+            values = np.log10(np.maximum(values, 1e-3))
+        bins = np.histogram_bin_edges(values, bins=40) if len(values) else 10
+        ax.hist([values[~removed], values[removed]], bins=bins, stacked=True, label=["kept", "filtered"],
+                color=["tab:blue", "tab:red"])
+        ax.set_xlabel(label + (" (log10)" if column == "sharpness" else ""))
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("images")
+    axes[1][0].set_ylabel("images")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"quality signals of {len(removed)} usable pool images ({constant} nearly constant, "
+                 f"{int(removed.sum())} filtered)")
+    return _png(fig)
+
+
+def filtered_sheet(root: str, per_row: int = 10) -> bytes | None:
+    """One row per filter rule: images it removed (None when the filter removed nothing)."""
+    rows = query(root, "SELECT replace(reason, 'filtered:', '') AS g, uri FROM errors WHERE stage = ? "
+                       "ORDER BY reason, hash(image_id)", [FILTER_STAGE])
+    groups = _grouped(rows, per_row)
+    return contact_sheet(groups, "removed by each filter rule (reason filtered:<rule>)") if groups else None
+
+
+def write_quality_report(root: str, out_dir: str) -> list[str]:
+    """The signal histograms and (when the filter removed images) the sheet of what each rule removed."""
+    written = [join(out_dir, "quality_signals.png")]
+    write_bytes_atomic(written[0], quality_histograms(root))
+    sheet = filtered_sheet(root)
+    if sheet is not None:
+        written.append(join(out_dir, "filtered.png"))
+        write_bytes_atomic(written[1], sheet)
+    return written
+
+
 def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clusters: int = 6,
                      with_images: bool = True) -> list[str]:
     """Write the histograms and (``with_images``: the pool's images are known) contact sheets; returns their URLs."""
@@ -98,6 +151,9 @@ def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clust
     written.append(url)
     if not with_images:
         return written
+    measured = "sharpness" in query(root, "SELECT * FROM pool LIMIT 0").column_names  # not in older pools
+    if measured and table_exists(root, ERRORS_TABLE):
+        written += write_quality_report(root, out_dir)
     top_col = f"l{n_levels}"
     top = query(root, f"SELECT DISTINCT {top_col} FROM clusters ORDER BY 1").column(0).to_numpy()
     chosen = sorted(np.random.default_rng(seed).choice(top, size=min(n_clusters, len(top)), replace=False).tolist())

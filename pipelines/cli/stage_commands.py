@@ -57,6 +57,12 @@ def _embed(r: Any, _: dict[str, Any]) -> str:
             f"{r.rows_run.get('errors', 0)} failed to decode")
 
 
+def _filter(r: Any, _: dict[str, Any]) -> str:
+    removed = r.summary["removed"]
+    detail = ", ".join(f"{k}={v}" for k, v in removed.items()) or "no rule set or none matched"
+    return f"filtered: {sum(removed.values())} of {r.summary['in']} usable images ({detail})"
+
+
 def _dedup(r: Any, _: dict[str, Any]) -> str:
     return "removed: " + ", ".join(f"{k}={v}" for k, v in r.summary["removed"].items())
 
@@ -102,6 +108,12 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "the files of SOURCE", "pool (every file: status ok|error), errors (reason per unusable file), "
         "copy_descriptors",
         (Flag("source", "source", "folder, .tar glob or .parquet file (local or an fsspec URL)"),), _ingest),
+    StageCommand(
+        "filter", "pipelines.stages.filter:FilterConfig", "remove low-quality images before clustering",
+        "Drop usable pool images by the quality signals ingest measured (every rule off by default): "
+        "--set drop_constant=true min_side=200 max_aspect=3 (DataComp's figures) min_sharpness=6 "
+        "max_dark_fraction=… max_bright_fraction=… min_colour_entropy=…",
+        "pool", "errors (stage filter, reason filtered:<rule>); clustering leaves those images out", (), _filter),
     StageCommand(
         "embed", "pipelines.stages.embed:EmbedConfig", "embed the pool's usable images with an SSL backbone",
         "Decode every usable pool image (Ray CPU tasks, or in-process for small pools) and embed it with the "
@@ -163,10 +175,11 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
          Flag("--images-per-shard", "images_per_shard", "images per tar shard (default 1000)", int)), _pack),
     StageCommand(
         "build-lvd", "pipelines.build_lvd:BuildLVDConfig",
-        "the whole LVD pipeline: ingest → embed → dedup → cluster → sample",
-        "Run every stage that is not done yet. Settings are grouped per stage: --set embed.model=dinov3_vitl16 "
-        "embed.weights=/w/dinov3.pth cluster.n_levels=4 sample.strategy=random",
-        "the files of --source (or an ingested pool)", "everything the five stages write, and reports/lvd/*.png",
+        "the whole LVD pipeline: ingest → filter → embed → dedup → cluster → sample",
+        "Run every stage that is not done yet (the filter only with a rule set, e.g. filter.min_side=200). "
+        "Settings are grouped per stage: --set embed.model=dinov3_vitl16 embed.weights=/w/dinov3.pth "
+        "cluster.n_levels=4 sample.strategy=random",
+        "the files of --source (or an ingested pool)", "everything the stages write, and reports/lvd/*.png",
         (Flag("--source", "ingest.source", "pool to ingest first (folder, tar glob, Parquet); omit if ingested"),
          Flag("--target-size", "sample.target_size", "images in the curated part", int, required=True),
          Flag("--levels", "cluster.n_levels", "hierarchy levels (default 5)", int)), _build_lvd, overwrite=False),

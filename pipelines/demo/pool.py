@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from pipelines.demo.concepts import (
     CONCEPTS,
@@ -47,6 +47,9 @@ BROKEN_KINDS = ("empty_file", "truncated_jpeg", "text_as_jpg", "html_as_jpg", "p
 AWKWARD_KINDS = ("cmyk_jpeg", "png16", "gray_png", "palette_trns_png", "animated_gif",
                  "exif_rotated_jpeg", "webp", "rgba_png")
 NEAR_DUP_TRANSFORMS = ("reencode", "resize", "crop", "format")
+# Valid images a quality filter should remove (kind "low_quality"), planted only on request so that the
+# default pool, and every figure measured on it, stays as it was.
+LOW_QUALITY_KINDS = ("blurred", "constant", "tiny", "extreme_aspect")
 _EXT = {"jpeg": "jpg", "png": "png", "empty_file": "jpg", "truncated_jpeg": "jpg",
         "text_as_jpg": "jpg", "html_as_jpg": "jpg", "png_bomb": "png", "random_bytes_png": "png",
         "corrupt_png": "png", "dangling_symlink": "jpg", "cmyk_jpeg": "jpg", "png16": "png",
@@ -199,6 +202,20 @@ def _near_duplicate_bytes(img: Image.Image, item: dict[str, Any],
     return _encode(img, fmt, quality)
 
 
+def _low_quality_bytes(detail: str, img: Image.Image, rng: np.random.Generator) -> bytes:
+    """A planted defect; tiny and extreme-aspect images were planned at their size, the others are made here."""
+    if detail == "blurred":  # a blur radius of 1/6 of the longer side: out of focus at any scale
+        return _save(img.filter(ImageFilter.GaussianBlur(max(img.size) / 6)), "JPEG", quality=95)
+    if detail == "constant":  # one colour with faint sensor noise
+        w, h = img.size
+        colour = rng.integers(0, 256, 3).astype(np.float32)
+        flat = colour + rng.standard_normal((h, w, 3), dtype=np.float32) * 0.8
+        return _save(Image.fromarray(np.clip(flat, 0, 255).astype(np.uint8), "RGB"), "JPEG", quality=90)
+    if detail in ("tiny", "extreme_aspect"):
+        return _save(img, "PNG")
+    raise ValueError(f"unknown low-quality kind {detail!r}")
+
+
 def _materialise(out: Path, item: dict[str, Any]) -> None:
     """Write one planned file; everything it needs is in `item`, so any process can do it."""
     path = out / item["rel"]
@@ -215,6 +232,8 @@ def _materialise(out: Path, item: dict[str, Any]) -> None:
         data = _awkward_bytes(item["detail"], img, mask, rng)
     elif kind == "near_duplicate":
         data = _near_duplicate_bytes(img, item, np.random.default_rng(item["transform_seed"]))
+    elif kind == "low_quality":
+        data = _low_quality_bytes(item["detail"], img, rng)
     else:
         data = _encode(img, item["fmt"], item["quality"])
     path.write_bytes(data)
@@ -255,7 +274,31 @@ def _ext(item: dict[str, Any]) -> str:
     return _EXT[item["fmt"]]
 
 
-def _plan_pool(n: int, seed: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+def _low_quality_size(detail: str, rng: np.random.Generator) -> tuple[int, int]:
+    """Tiny: both sides 8..20 px; extreme aspect: 4..6 : 1 with the shorter side >= 32 (so never tiny)."""
+    if detail == "tiny":
+        return int(rng.integers(8, 21)), int(rng.integers(8, 21))
+    if detail == "extreme_aspect":
+        short = int(rng.integers(32, 49))
+        long = int(round(short * rng.uniform(4.0, 6.0)))
+        return (long, short) if rng.random() < 0.5 else (short, long)
+    return _draw_size(rng)
+
+
+def _plan_low_quality(per_kind: int, seed: int) -> list[dict[str, Any]]:
+    """``per_kind`` planted images of each `LOW_QUALITY_KINDS`, drawn from their own random stream."""
+    rng = np.random.default_rng([seed, 3])
+    items = []
+    for i in range(per_kind * len(LOW_QUALITY_KINDS)):
+        detail = LOW_QUALITY_KINDS[i % len(LOW_QUALITY_KINDS)]
+        item = _item(rng, -1, "low_quality", detail)
+        item.update(size=_low_quality_size(detail, rng), render_concept=int(rng.integers(N_CONCEPTS)),
+                    fmt="png" if detail in ("tiny", "extreme_aspect") else "jpeg")
+        items.append(item)
+    return items
+
+
+def _plan_pool(n: int, seed: int, low_quality_per_kind: int = 0) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Every pool file as a plain dict (truth + render recipe), in final listing order."""
     rng = np.random.default_rng([seed, 0])
     per_kind = max(2, round(n * 0.0005))
@@ -292,6 +335,7 @@ def _plan_pool(n: int, seed: int) -> tuple[list[dict[str, Any]], np.ndarray]:
         broken = _item(rng, -1, "broken", BROKEN_KINDS[i % len(BROKEN_KINDS)])
         broken["render_concept"] = int(rng.integers(N_CONCEPTS))
         items.append(broken)
+    items += _plan_low_quality(low_quality_per_kind, seed)
     order = rng.permutation(len(items))
     listed = [items[i] for i in order]
     for pos, item in enumerate(listed):
@@ -358,9 +402,12 @@ def _write_truth(out: Path, pool: list[dict[str, Any]], seed_items: list[dict[st
 DENSE_PROBE_FILE = "truth/dense_probe.npz"
 
 
-def generate_demo_pool(out: str, n: int = 10_000, seed: int = 0, workers: int | None = None
-                       ) -> dict[str, int]:
+def generate_demo_pool(out: str, n: int = 10_000, seed: int = 0, workers: int | None = None,
+                       low_quality_per_kind: int = 0) -> dict[str, int]:
     """Write OUT/pool, OUT/seed and OUT/truth (with the dense probe set) for (n, seed); returns counts by kind.
+
+    ``low_quality_per_kind`` > 0 plants that many images of each `LOW_QUALITY_KINDS` (kind ``low_quality``
+    in the truth) on top of the ``n`` files; 0 (the default) leaves the pool byte for byte as without them.
 
     Refuses a non-empty OUT/pool so a stale pool never mixes with a new one. Workers are
     spawned (not forked, so threads of Ray or torch in the caller are harmless); scripts that
@@ -369,7 +416,7 @@ def generate_demo_pool(out: str, n: int = 10_000, seed: int = 0, workers: int | 
     root = Path(out)
     if (root / "pool").exists() and any((root / "pool").iterdir()):
         raise FileExistsError(f"{root / 'pool'} is not empty")
-    pool, counts = _plan_pool(n, seed)
+    pool, counts = _plan_pool(n, seed, low_quality_per_kind)
     seed_items = _plan_seed_set(counts, n, seed)
     everything = pool + seed_items
     for folder in sorted({(root / it["rel"]).parent for it in everything}):
@@ -389,6 +436,8 @@ def generate_demo_pool(out: str, n: int = 10_000, seed: int = 0, workers: int | 
     kinds = [it["kind"] for it in pool]
     summary = {k: kinds.count(k) for k in
                ("normal", "near_duplicate", "exact_duplicate", "broken", "awkward")}
+    if low_quality_per_kind:
+        summary["low_quality"] = kinds.count("low_quality")
     summary.update(n_files=len(pool), n_seed_images=len(seed_items),
                    n_dup_groups=len({it["dup_group"] for it in pool} - {-1}),
                    n_concepts_present=int((counts > 0).sum()),

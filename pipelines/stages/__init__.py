@@ -8,6 +8,7 @@ import importlib
 
 STAGE_MODULES: dict[str, str] = {
     "ingest": "pipelines.stages.ingest",
+    "filter": "pipelines.stages.filter",
     "embed": "pipelines.stages.embed",
     "dedup": "pipelines.stages.dedup",
     "cluster": "pipelines.stages.cluster",

@@ -1,6 +1,7 @@
 """``curate cluster``: hierarchical k-means with resampling over the pool's embeddings.
 
-Writes ``clusters`` (each image's cluster at every level, l1 finest) and ``centroids`` (every
+Leaves out the images dedup and the filter stage removed. Writes ``clusters`` (each image's cluster at every
+level, l1 finest) and ``centroids`` (every
 cluster with its parent and size). Each level and resampling step is checkpointed under the catalog,
 so a killed run resumes at the step it was in and ends with bit-identical clusters.
 
@@ -24,15 +25,22 @@ import pyarrow as pa
 from catalog import schemas
 from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
-from catalog.lineage import file_fingerprint
+from catalog.lineage import file_fingerprint, run_output_fingerprint
 from catalog.manifest import fingerprint
 from catalog.progress import progress
-from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, DUPLICATES_TABLE, EMBEDDINGS_TABLE
+from catalog.schemas import (
+    CENTROIDS_TABLE,
+    CLUSTERS_TABLE,
+    DUPLICATES_TABLE,
+    EMBEDDINGS_TABLE,
+    ERRORS_TABLE,
+    FILTER_STAGE,
+)
 from catalog.shards import read_schema, shard_urls
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
 from curation.kmeans import RowSource, default_chunk_size, resolve_device
 from pipelines.distributed_kmeans import RowIndex, ShardedEmbeddings
-from pipelines.embedding_source import load_vectors, removed_ids
+from pipelines.embedding_source import filtered_ids, load_vectors, removed_ids
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 
@@ -111,12 +119,12 @@ def centroids_table(hierarchy: Hierarchy) -> pa.Table:
 
 def _read_inputs(root: str, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray | RowIndex]:
     """Sorted image ids and their vectors in that order, or (``workers > 1``) where to find them."""
-    exclude = removed_ids(root) if config.exclude_duplicates else None
+    exclude = np.union1d(removed_ids(root), filtered_ids(root)) if config.exclude_duplicates else filtered_ids(root)
     if config.workers > 1:
         index = RowIndex.read(root, exclude_ids=exclude)
         return index.image_ids, index
     image_ids, x = load_vectors(root, config.embeddings, config.ids)
-    if exclude is not None:
+    if len(exclude):
         keep = ~np.isin(image_ids, exclude)
         image_ids, x = image_ids[keep], x[keep]
     order = np.argsort(image_ids, kind="stable")  # row order independent of shard layout
@@ -146,7 +154,9 @@ class ClusterStage(Stage):
 
     def extra_inputs(self, ctx: StageContext) -> dict[str, str]:
         files = {"embeddings": ctx.config.embeddings, "ids": ctx.config.ids}
-        return {f"file:{k}": file_fingerprint(v) for k, v in files.items() if v}
+        inputs = {f"file:{k}": file_fingerprint(v) for k, v in files.items() if v}
+        filtered = run_output_fingerprint(ctx.root, FILTER_STAGE, ERRORS_TABLE)  # the filter stage's removals
+        return inputs | ({"run:filter": filtered} if filtered else {})
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         return [Unit("all", {}, 1, fingerprint("all"))]

@@ -36,6 +36,7 @@ from catalog.schemas import (
 )
 from catalog.sql import query
 from curation.copy_descriptor import DIM, SIDE, copy_descriptor
+from curation.quality import quality_signals
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 BYTES_COLUMNS = ("bytes", "image", "jpg", "png")
@@ -183,7 +184,8 @@ class IngestStage(Stage):
         return plan_units(ctx.config.source, ctx.config.files_per_unit)
 
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
-        """Probe every image of one unit: its ``pool``, ``copy_descriptors`` and ``errors`` rows."""
+        """Probe every image of one unit: its ``pool`` rows (with the quality signals, measured on the decode
+        the copy descriptor is made from), ``copy_descriptors`` and ``errors`` rows."""
         config: IngestConfig = ctx.config
         pool_rows: list[dict[str, Any]] = []
         error_rows: list[dict[str, Any]] = []
@@ -197,8 +199,10 @@ class IngestStage(Stage):
                 row["sha256"] = hashlib.sha256(data).hexdigest()
                 try:
                     info = probe_image(data, max_pixels=config.max_pixels)
-                    descriptor = copy_descriptor(decode_rgb(data, max_pixels=config.max_pixels, min_side=2 * SIDE))
-                    row.update(width=info.width, height=info.height, format=info.format, status="ok")
+                    img = decode_rgb(data, max_pixels=config.max_pixels, min_side=2 * SIDE)
+                    descriptor = copy_descriptor(img)
+                    row.update(width=info.width, height=info.height, format=info.format, status="ok",
+                               **quality_signals(img, info.width, info.height)._asdict())
                     descriptors.append(descriptor)
                     desc_ids.append(iid)
                 except DecodeError as e:
