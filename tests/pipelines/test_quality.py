@@ -15,8 +15,8 @@ from catalog.schemas import POOL, QUALITY_COLUMNS, stamp
 from catalog.shards import write_shards
 from catalog.sql import query
 from curation.quality import RULES, first_failed_rule, quality_signals
-from pipelines.reports import THUMB
 from pipelines.demo.pool import LOW_QUALITY_KINDS, generate_demo_pool
+from pipelines.reports import THUMB
 from pipelines.stage import run_stage
 from pipelines.stages.filter import FilterConfig
 from pipelines.stages.ingest import IngestConfig
