@@ -18,6 +18,7 @@ thumbnail so that they cost a fraction of the decode (``benchmarks/quality_signa
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -27,7 +28,7 @@ from scipy import ndimage
 THUMB_SIDE = 64  # longer side of the thumbnail the pixel signals are measured on (never upscaled)
 DARK_LEVEL, BRIGHT_LEVEL = 24, 232
 CONSTANT_STD = 3.0
-COLOUR_LEVELS = 8  # per channel: 512 colour bins
+COLOUR_BITS = 3  # per channel: 8 levels, 512 colour bins
 
 
 
@@ -44,22 +45,20 @@ class QualitySignals(NamedTuple):
 
 
 def thumbnail(img: Image.Image, side: int = THUMB_SIDE) -> np.ndarray:
-    """RGB uint8 ``[h, w, 3]`` with the longer side at most ``side`` (box-filtered, never upscaled)."""
-    small = img.convert("RGB")
-    w, h = small.size
-    scale = side / max(w, h)
-    if scale < 1:
-        small = small.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
-    return np.asarray(small)
+    """RGB uint8 ``[h, w, 3]`` with the longer side at most ``side``: an integer box reduction (PIL's
+    ``reduce``, about 3x cheaper than a resize to an exact size), never upscaled."""
+    factor = math.ceil(max(img.size) / side)
+    small = img.reduce(factor) if factor > 1 else img
+    return np.asarray(small if small.mode == "RGB" else small.convert("RGB"))
 
 
-def colour_entropy(rgb: np.ndarray, levels: int = COLOUR_LEVELS) -> float:
-    """Entropy in bits of the colours of ``rgb [h, w, 3]`` quantised to ``levels`` per channel."""
-    q = (rgb.reshape(-1, 3).astype(np.int64) * levels) // 256
-    codes = (q[:, 0] * levels + q[:, 1]) * levels + q[:, 2]
-    p = np.bincount(codes, minlength=levels**3).astype(np.float64) / len(codes)
+def colour_entropy(rgb: np.ndarray) -> float:
+    """Entropy in bits of the colours of ``rgb [h, w, 3]`` quantised to `COLOUR_BITS` bits per channel."""
+    q = (rgb >> (8 - COLOUR_BITS)).astype(np.uint16)
+    codes = (q[..., 0] << (2 * COLOUR_BITS)) | (q[..., 1] << COLOUR_BITS) | q[..., 2]
+    p = np.bincount(codes.ravel(), minlength=1 << (3 * COLOUR_BITS)) / codes.size
     p = p[p > 0]
-    return float(-(p * np.log2(p)).sum())
+    return max(0.0, float(-(p * np.log2(p)).sum()))  # never -0.0
 
 
 def quality_signals(img: Image.Image, width: int, height: int) -> QualitySignals:

@@ -18,6 +18,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 DEMO_N = 1500
+# Filter thresholds for the demo pool (its images are 48..256 px, so DataComp's 200 px would remove most):
+# they remove exactly the planted low-quality images (tests/pipelines/test_quality.py, docs/benchmarks.md).
+DEMO_FILTER = ("drop_constant=true", "min_side=24", "max_aspect=3", "min_sharpness=6")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -82,7 +85,8 @@ def concept_of_uri(demo_pool: str) -> dict[str, int]:
 @pytest.fixture(scope="session")
 def lvd_catalog(demo_catalog, tmp_path_factory) -> str:
     """A copy of the demo catalog through build-lvd (30% target) with the demo job's settings (the
-    shipped demo backbone at 64 px, the default 5 levels)."""
+    shipped demo backbone at 64 px, the default 5 levels) and the quality filter at the demo pool's
+    thresholds (`DEMO_FILTER`), which removes none of its images (only planted ones)."""
     import shutil
 
     from catalog.config import load_config
@@ -91,7 +95,8 @@ def lvd_catalog(demo_catalog, tmp_path_factory) -> str:
 
     root = str(tmp_path_factory.mktemp("lvd") / "cat")
     shutil.copytree(demo_catalog, root)
-    config = load_config(BuildLVDConfig, None, [*DEMO_SETTINGS, f"sample.target_size={int(DEMO_N * 0.3)}"])
+    config = load_config(BuildLVDConfig, None, [*DEMO_SETTINGS, *(f"filter.{s}" for s in DEMO_FILTER),
+                                                f"sample.target_size={int(DEMO_N * 0.3)}"])
     build_lvd(root, config)
     return root
 

@@ -8,7 +8,7 @@ import pytest
 from catalog.array_store import CatalogArrayStore
 from catalog.sql import query
 from pipelines.demo.job import DEMO_SETTINGS
-from tests.conftest import DEMO_N, concept_of_uri
+from tests.conftest import DEMO_FILTER, DEMO_N, concept_of_uri
 from tests.helpers import kill_when, run_cli
 
 
@@ -53,6 +53,14 @@ def test_hierarchy_tables_are_consistent(lvd_catalog):
         assert os.path.getsize(os.path.join(lvd_catalog, "reports", "lvd", f"{name}.png")) > 1000
 
 
+def test_the_demo_filter_keeps_every_image_of_the_clean_demo_pool(lvd_catalog):
+    ran = query(lvd_catalog, "SELECT count(*) FROM errors WHERE stage = 'filter'").column(0)[0].as_py()
+    measured = query(lvd_catalog, "SELECT count(sharpness) AS m, count(*) AS n FROM pool WHERE status = 'ok'")
+    assert ran == 0 and measured.column("m")[0].as_py() == measured.column("n")[0].as_py() > 0
+    assert os.path.exists(os.path.join(lvd_catalog, "_ledger", "filter", "_complete.json"))
+    assert os.path.getsize(os.path.join(lvd_catalog, "reports", "lvd", "quality_signals.png")) > 1000
+
+
 def test_copy_detection_against_the_sidecar(demo_pool, lvd_catalog):
     import pyarrow.parquet as pq
 
@@ -80,9 +88,9 @@ def test_copy_detection_against_the_sidecar(demo_pool, lvd_catalog):
 def test_rerunning_build_lvd_skips_finished_stages(lvd_catalog):
     before = query(lvd_catalog, "SELECT image_id FROM curated_lvd ORDER BY 1").column(0).to_pylist()
     result = run_cli(["build-lvd", "--catalog", lvd_catalog, "--target-size", str(int(DEMO_N * 0.3)),
-                      "--set", *DEMO_SETTINGS])
+                      "--set", *DEMO_SETTINGS, *(f"filter.{s}" for s in DEMO_FILTER)])
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("(already done)") == 4, result.stderr  # embed, dedup, cluster, sample
+    assert result.stderr.count("(already done)") == 5, result.stderr  # filter, embed, dedup, cluster, sample
     assert query(lvd_catalog, "SELECT image_id FROM curated_lvd ORDER BY 1").column(0).to_pylist() == before
     assert query(lvd_catalog, "SELECT count(*) - count(DISTINCT image_id) FROM duplicates").column(0)[0].as_py() == 0
 

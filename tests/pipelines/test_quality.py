@@ -20,12 +20,10 @@ from pipelines.reports import THUMB
 from pipelines.stage import run_stage
 from pipelines.stages.filter import FilterConfig
 from pipelines.stages.ingest import IngestConfig
+from tests.conftest import DEMO_FILTER
 from tests.helpers import run_cli
 
 PER_KIND = 5
-# The demo pool's own thresholds (its images are 48..256 px, so DataComp's 200 px would remove most of them):
-# what a user sets from the report's histograms. See pipelines/stages/filter.py for the figures.
-DEMO_FILTER = ["drop_constant=true", "min_side=24", "max_aspect=3", "min_sharpness=6"]
 RULE_OF_KIND = {"blurred": "blurry", "constant": "constant", "tiny": "small", "extreme_aspect": "aspect"}
 
 
@@ -56,7 +54,7 @@ def test_signals_of_known_images():
     assert s.colour_entropy == pytest.approx(1.0)  # two colours, equally many pixels: one bit
     assert not s.nearly_constant
     flat = quality_signals(Image.new("RGB", (300, 200), (90, 140, 30)), 300, 200)
-    assert flat.nearly_constant and flat.sharpness == 0.0 and flat.colour_entropy == 0.0
+    assert flat.nearly_constant and flat.sharpness == pytest.approx(0.0, abs=1e-6) and flat.colour_entropy == 0.0
     assert (flat.dark_fraction, flat.bright_fraction) == (0.0, 0.0)
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
     sharp = quality_signals(noise, 256, 256).sharpness
@@ -153,3 +151,14 @@ def test_planted_kinds_have_their_defects(planted):
                 short, long = sorted(img.size)
             assert (long <= 20) if kind == "tiny" else (long / short >= 4 and short >= 32), (kind, img.size)
     assert sum(k == "blurred" for k in kinds.values()) == PER_KIND
+
+
+def test_build_lvd_refuses_to_drop_a_filter_silently(planted, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "cat")
+    shutil.copytree(planted[0], root)
+    # the filter ran with rules; a build-lvd without them is a change of its settings, refused before embedding
+    result = run_cli(["build-lvd", "--catalog", root, "--target-size", "10"])
+    assert result.returncode == 2 and "filter" in result.stderr and "--overwrite" in result.stderr, result.stderr
+    assert not os.path.exists(os.path.join(root, "embeddings"))
