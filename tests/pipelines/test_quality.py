@@ -14,7 +14,7 @@ from catalog.errors import MissingInputError
 from catalog.schemas import POOL, QUALITY_COLUMNS, stamp
 from catalog.shards import write_shards
 from catalog.sql import query
-from curation.quality import RULES, first_failed_rule, quality_signals
+from curation.quality import RULES, first_failed_rule, laplacian_variance, quality_signals
 from pipelines.demo.pool import LOW_QUALITY_KINDS, generate_demo_pool
 from pipelines.reports import THUMB
 from pipelines.stage import run_stage
@@ -62,6 +62,14 @@ def test_signals_of_known_images():
     assert blurred < sharp / 100
     # the size signals come from the displayed size, not the (draft) decode
     assert quality_signals(Image.new("RGB", (20, 5)), 400, 100).min_side == 100
+
+
+def test_laplacian_variance_matches_scipy_on_the_interior():
+    from scipy import ndimage
+
+    grey = np.random.default_rng(1).uniform(0, 255, (37, 52)).astype(np.float32)
+    assert laplacian_variance(grey) == pytest.approx(float(ndimage.laplace(grey)[1:-1, 1:-1].var()), rel=1e-5)
+    assert laplacian_variance(grey[:2]) == 0.0
 
 
 def test_the_first_failed_rule_names_the_removal():
