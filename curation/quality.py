@@ -2,7 +2,8 @@
 
 The signals the curation tools our users compare us with filter on (DataComp: size and aspect;
 cleanvision and fastdup: blurry, dark, over-exposed, low-information), measured on a small grey
-thumbnail so that they cost a fraction of the decode (``benchmarks/quality_signals.py``):
+thumbnail, where they add about a quarter to ingest's per-image work on the demo pool
+(``benchmarks/quality_filter.py``):
 
 - ``min_side`` and ``aspect`` (longer side / shorter side, >= 1) of the image as displayed;
 - ``sharpness``: variance of the Laplacian of the grey thumbnail (0..255 levels); blur removes the
@@ -28,7 +29,6 @@ THUMB_SIDE = 64  # longer side of the thumbnail the pixel signals are measured o
 DARK_LEVEL, BRIGHT_LEVEL = 24, 232
 CONSTANT_STD = 3.0
 COLOUR_BITS = 3  # per channel: 8 levels, 512 colour bins
-
 
 
 class QualitySignals(NamedTuple):
@@ -63,8 +63,8 @@ def colour_entropy(rgb: np.ndarray) -> float:
 def laplacian_variance(grey: np.ndarray) -> float:
     """Variance of the 4-neighbour Laplacian over the interior pixels (0 for an image under 3 px a side).
 
-    Written as array slices: on a thumbnail this small, ``scipy.ndimage.laplace`` costs ~8x more in call
-    overhead than the arithmetic itself."""
+    Written as array slices: on a thumbnail this small, ``scipy.ndimage.laplace`` costs about 3x as much, in
+    call overhead rather than arithmetic."""
     if min(grey.shape) < 3:
         return 0.0
     g = grey.astype(np.float32, copy=False)
