@@ -164,7 +164,7 @@ class ThumbnailsStage(Stage):
 
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         files, cells = sheets(unit.name, unit.payload["uris"], ctx.config)
-        names, positions, statuses = zip(*cells) if cells else ((), (), ())
+        names, positions, statuses = zip(*cells)  # a unit holds at least one image
         index = pa.Table.from_arrays([pa.array(unit.payload["ids"], pa.int64()), pa.array(names, pa.string()),
                                       pa.array(positions, pa.int32()), pa.array(statuses, pa.string())],
                                      schema=INDEX_SCHEMA)
