@@ -37,8 +37,9 @@ from curation.hierarchy import Hierarchy, default_levels
 from pipelines.executors import EXECUTORS
 from pipelines.explore.config import ExploreConfig
 from pipelines.explore.site import build_site
+from pipelines.stage import run_stage
 from pipelines.stages.cluster import centroids_table, clusters_table
-from pipelines.stages.sample import SampleConfig, sample
+from pipelines.stages.sample import SampleConfig
 
 SHARD_ROWS = 250_000
 
@@ -118,7 +119,7 @@ def write_catalog(root: str, rows: int, n_images: int, dim: int, seed: int = 0) 
          "message": ["synthetic"] * n_errors}, schema=schemas.stamp(schemas.ERRORS, "errors")))
     with RunManifest(root, "synthetic", {"rows": rows}) as manifest:
         manifest.rows = {"in": total, "out": rows, "errored": n_errors}
-    sample(root, SampleConfig(target_size=int(rows * 0.3)))
+    run_stage("sample", root, SampleConfig(target_size=int(rows * 0.3)), executor="local")
     return {"levels": [len(c) for c in tree.centroids], "duplicates": n_dups, "errors": n_errors}
 
 
