@@ -15,9 +15,10 @@ Two fences, because ``curate sql`` runs whatever a user (or a script fed by othe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -129,6 +130,18 @@ def check_read_only(sql: str) -> None:
                                 "use EXPLAIN for the plan")
 
 
+@contextlib.contextmanager
+def connection(root: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A confined connection (``connect``) with a private spill folder, closed and cleaned up after use:
+    for callers that run many statements (temporary tables included) over one catalog."""
+    with tempfile.TemporaryDirectory(prefix="curate-sql-") as spill:
+        con = connect(root, spill)
+        try:
+            yield con
+        finally:
+            con.close()
+
+
 def query(root: str, sql: str, params: Params = None) -> pa.Table:
     """Run one read-only query over the catalog and return its result as Arrow.
 
@@ -136,11 +149,8 @@ def query(root: str, sql: str, params: Params = None) -> pa.Table:
     reasons) this way instead of formatting them into ``sql``.
     """
     check_read_only(sql)
-    with tempfile.TemporaryDirectory(prefix="curate-sql-") as spill:
-        con = connect(root, spill)
+    with connection(root) as con:
         try:
-            return con.execute(sql, params).to_arrow_table()
+            return con.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as e:
             raise SQLError(str(e)) from None
-        finally:
-            con.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from catalog.config import ConfigError, at_least
+
 
 @dataclass(frozen=True)
 class ExploreConfig:
@@ -37,11 +39,9 @@ class ExploreConfig:
     seed: int = 0  # picks the "random" members
 
     def __post_init__(self) -> None:
-        for name in ("thumb_size", "sheet_cols", "dup_groups_per_page", "search_rows_per_shard", "deepest_level"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"explore: {name} must be at least 1, got {getattr(self, name)}")
+        at_least(self, 1, "thumb_size", "sheet_cols", "dup_groups_per_page", "search_rows_per_shard", "deepest_level")
         if not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(f"explore: jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+            raise ConfigError(f"explore: jpeg_quality must be in 1..95, got {self.jpeg_quality}")
 
     @property
     def per_sheet(self) -> int:

@@ -16,8 +16,10 @@ from dataclasses import asdict
 import duckdb
 import numpy as np
 
+from catalog.config import ConfigError
+from catalog.errors import MissingInputError
 from catalog.paths import join
-from catalog.sql import connect, view_name
+from catalog.sql import connection, view_name
 from catalog.tables import describe, list_tables
 from pipelines.explore import pages, tree
 from pipelines.explore.config import ExploreConfig
@@ -34,7 +36,7 @@ def default_out(root: str) -> str:
 def _check_tables(root: str, tables: list[str]) -> None:
     missing = [t for t in REQUIRED if t not in tables]
     if missing:
-        raise FileNotFoundError(f"catalog {root} has no {', '.join(missing)} table: run `curate build-lvd` "
+        raise MissingInputError(f"catalog {root} has no {', '.join(missing)} table: run `curate build-lvd` "
                                 "(or ingest, embed and cluster) before `curate explore`")
 
 
@@ -112,17 +114,16 @@ def build_site(root: str, out: str | None = None, config: ExploreConfig | None =
     start = time.time()
     tables = list_tables(root)
     _check_tables(root, tables)
-    con = connect(root)
-    try:
+    with connection(root) as con:
         n_levels = tree.level_count(con)
         if config.deepest_level > n_levels:
-            raise ValueError(f"deepest_level={config.deepest_level} but the catalog has {n_levels} levels")
+            raise ConfigError(f"deepest_level={config.deepest_level} but the catalog has {n_levels} levels")
         _ensure_optional_views(con, tables)
         parts = [t.split("/", 1)[1] for t in tables if t.startswith("curated/")]
         tree.prepare_members(con, n_levels, [view_name(f"curated/{p}") for p in parts])
         tree.prepare_nodes(con, n_levels, len(parts))
         if tree.scalar(con, "SELECT count(*) FROM m") == 0:
-            raise ValueError(f"the clusters table of {root} is empty: nothing to explore")
+            raise MissingInputError(f"the clusters table of {root} is empty: nothing to explore")
         node_pages = tree.assign_pages(con, n_levels, config.deepest_level)
         tree.add_strips(con, n_levels, config)
         tree.add_members(con, n_levels, config)
@@ -180,8 +181,6 @@ def build_site(root: str, out: str | None = None, config: ExploreConfig | None =
         }
         sizes.append(write_data(site, "summary", json.dumps(summary)))
         copy_static(site)
-    finally:
-        con.close()
     return {"site": site, "index": join(site, "index.html"), "node_pages": n_nodes,
             "thumbnails": thumbs, "largest_data_file": max(sizes),
             "seconds": {"plan": planned - start, "thumbnails": thumbed - planned, "pages": time.time() - thumbed,

@@ -21,6 +21,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from catalog.errors import MissingInputError
 from curation.index import build_index
 from pipelines.explore.config import ExploreConfig
 
@@ -37,7 +38,7 @@ def level_count(con: duckdb.DuckDBPyConnection) -> int:
     cols = [row[0] for row in con.sql("DESCRIBE clusters").fetchall()]
     n = sum(1 for c in cols if c[0] == "l" and c[1:].isdigit())
     if n == 0:
-        raise ValueError("the clusters table has no level columns (l1, l2, …)")
+        raise MissingInputError("the clusters table has no level columns (l1, l2, …)")
     return n
 
 
@@ -106,7 +107,7 @@ def _centroids(con: duckdb.DuckDBPyConnection, level: int) -> np.ndarray:
     float64: a parent of two children sits halfway, and float32 would order the two at random."""
     t = con.sql(f"SELECT cluster_id, centroid FROM centroids WHERE level = {level}").to_arrow_table()
     if t.num_rows == 0:
-        raise ValueError(f"the centroids table has no level {level}: rerun `curate cluster`")
+        raise MissingInputError(f"the centroids table has no level {level}: rerun `curate cluster`")
     x = t.column("centroid").combine_chunks().flatten().to_numpy().astype(np.float64).reshape(t.num_rows, -1)
     ids = t.column("cluster_id").to_numpy()
     out = np.zeros((int(ids.max()) + 1, x.shape[1]))
@@ -120,7 +121,7 @@ def _level1_ranking(con: duckdb.DuckDBPyConnection, n_levels: int) -> pa.Table:
     cents = {t: _centroids(con, t) for t in range(1, n_levels + 1)}
     for t, c in cents.items():
         if anc[f"l{t}"].max() >= len(c):
-            raise ValueError(f"clusters names level-{t} cluster {anc[f'l{t}'].max()}, which the centroids table "
+            raise MissingInputError(f"clusters names level-{t} cluster {anc[f'l{t}'].max()}, which the centroids table "
                              "lacks: rerun `curate cluster`")
     cols = {f"l{t}": anc[f"l{t}"] for t in range(1, n_levels + 1)}
     for t in range(2, n_levels + 1):
