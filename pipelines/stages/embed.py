@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.config import ConfigError, above, at_least
-from catalog.decode import MISSING, DecodeError, Preprocess, decode_rgb
+from catalog.decode import DecodeError, Preprocess, decode_rgb
 from catalog.embeddings import EmbeddingIdentity, embeddings_table
-from catalog.images import read_image_bytes
+from catalog.images import UnreadableItem, read_item
 from catalog.manifest import fingerprint
 from catalog.schemas import EMBEDDINGS_TABLE, ERRORS, ERRORS_TABLE, POOL_TABLE, stamp
 from catalog.sql import query
@@ -127,10 +127,10 @@ class EmbedStage(Stage):
         for i, uri in enumerate(unit.payload["uris"]):
             reason, message = "", ""
             try:
-                pixels[i] = pre.crop(decode_rgb(read_image_bytes(uri), max_pixels=config.max_pixels,
+                pixels[i] = pre.crop(decode_rgb(read_item(uri), max_pixels=config.max_pixels,
                                                 min_side=pre.resize_size))
-            except FileNotFoundError:
-                reason, message = MISSING, "file vanished after ingest"
+            except UnreadableItem as e:
+                reason, message = e.reason, f"unreadable after ingest: {e}"
             except DecodeError as e:
                 reason, message = e.reason, str(e)
             reasons.append(reason)
