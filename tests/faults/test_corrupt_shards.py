@@ -63,19 +63,24 @@ def test_a_planted_shard_is_named_by_the_stage_and_by_sql(catalog, kind):
     assert errors > 0  # the other tables still answer
 
 
-def test_flipped_bits_in_a_data_page_are_caught_by_the_page_crc(catalog):
+def test_flipped_bits_in_a_data_page_are_caught_by_the_page_crc(tmp_path):
     import pyarrow.parquet as pq
 
-    shard = _shards(catalog, "copy_descriptors")[0]
+    root = str(tmp_path / "cat")
+    rng = np.random.default_rng(1)
+    x, ids = rng.standard_normal((200, 16)).astype(np.float32), np.arange(200)
+    write_shards(root, "embeddings", "embed=a", embeddings_table(ids, x, _identity(32).metadata()))
+    shard = _shards(root, "embeddings")[0]
     column = pq.ParquetFile(shard).metadata.row_group(0).column(1)  # the embedding column
-    at = column.data_page_offset + column.total_compressed_size - 8  # inside the last page's data
+    end = (column.dictionary_page_offset or column.data_page_offset) + column.total_compressed_size
+    at = (column.data_page_offset + end) // 2  # inside the data page, past its header
     with open(shard, "r+b") as f:
         f.seek(at)
         byte = f.read(1)
         f.seek(at)
         f.write(bytes([byte[0] ^ 0x10]))
     with pytest.raises(CorruptShardError, match=os.path.basename(shard)):
-        load_embeddings(catalog, "copy_descriptors")
+        load_embeddings(root)
 
 
 def _identity(size: int) -> EmbeddingIdentity:
