@@ -26,13 +26,12 @@ import numpy as np
 
 from benchmarks.common import report
 from catalog import lease
-from catalog.decode import DecodeError, decode_rgb
 from catalog.embeddings import load_embeddings
 from catalog.shards import CorruptShardError
 from catalog.sql import query
 from pipelines.demo.pool import generate_demo_pool
 from tests.faults.kills import killed_and_resumed
-from tests.faults.malformed import corpus
+from tests.faults.malformed import corpus, decodes
 from tests.helpers import run_cli
 
 INGEST = ["--set", "files_per_unit=20", "--executor", "local"]
@@ -72,14 +71,6 @@ def kill_trials(source: str, reference: str, work: str, trials: int, embed_trial
     return rows
 
 
-def _decodes(data: bytes) -> bool:
-    try:
-        decode_rgb(data, min_side=16)
-    except DecodeError:
-        return False
-    return True
-
-
 def bad_input_trials(work: str, seeds: int) -> dict:
     tried = handled = 0
     start = time.perf_counter()
@@ -95,7 +86,7 @@ def bad_input_trials(work: str, seeds: int) -> dict:
         rows = query(root, "SELECT p.uri, p.status, e.reason FROM pool p LEFT JOIN errors e USING (image_id)")
         by_name = {r["uri"].rsplit("/", 1)[1]: r for r in rows.to_pylist()}
         tried += len(files)
-        handled += sum(name in by_name and (by_name[name]["status"] == "ok") == _decodes(data)
+        handled += sum(name in by_name and (by_name[name]["status"] == "ok") == decodes(data)
                        and (by_name[name]["reason"] is None) == (by_name[name]["status"] == "ok")
                        for name, data in files.items())
     return {"fault": "malformed image", "trials": tried, "ok": handled, "what ok means": "handled",

@@ -12,6 +12,8 @@ import zlib
 
 from PIL import Image
 
+from catalog.decode import DecodeError, decode_rgb
+
 HEADER_BYTES = 32
 
 
@@ -55,3 +57,12 @@ def corpus(seed: int = 0, flips: int = 6) -> dict[str, bytes]:
     files["text_as.jpg"] = b"this is not an image\n" * 4
     files["html_as.png"] = b"<!DOCTYPE html><html><body>404 Not Found</body></html>"
     return files
+
+
+def decodes(data: bytes) -> bool:
+    """Whether the decoder reads these bytes as an image (what ingest must mark ``ok``)."""
+    try:
+        decode_rgb(data, min_side=16)
+    except DecodeError:
+        return False
+    return True

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -35,14 +34,6 @@ def _used_bytes(root: str) -> int:
     return sum(-(-s // 4096) * 4096 for s in sizes)
 
 
-@pytest.fixture(scope="module")
-def source(demo_pool, tmp_path_factory) -> str:
-    src = tmp_path_factory.mktemp("full_pool")
-    for path in sorted(glob.glob(os.path.join(demo_pool, "pool", "**", "*.*"), recursive=True))[:200]:
-        shutil.copy(path, src / os.path.basename(path))
-    return str(src)
-
-
 @pytest.fixture()
 def small_disk(tmp_path):
     mount = tmp_path / "disk"
@@ -52,8 +43,8 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
-def test_full_disk_is_one_line_and_resumes_exactly(source, small_disk, tmp_path, executor):
-    args = ["ingest", source, "--set", "files_per_unit=20", "--executor", executor]
+def test_full_disk_is_one_line_and_resumes_exactly(fault_source, small_disk, tmp_path, executor):
+    args = ["ingest", fault_source, "--set", "files_per_unit=20", "--executor", executor]
     reference = str(tmp_path / "reference")
     assert run_cli([*args, "--catalog", reference]).returncode == 0
     _tmpfs(small_disk, _used_bytes(reference) // 2)
@@ -64,7 +55,7 @@ def test_full_disk_is_one_line_and_resumes_exactly(source, small_disk, tmp_path,
     assert "Traceback" not in full.stderr and len([x for x in lines if "no space left" in x]) == 1, full.stderr
     assert "rerun the same command" in full.stderr
     done = len(Ledger(root, "ingest").done())
-    assert 0 < done < 10  # it stopped part-way, with some units committed
+    assert 0 < done < 8  # it stopped part-way, with some units committed
     assert not glob.glob(os.path.join(root, "**", "*.tmp-*"), recursive=True)
     assert len(query(root, "SELECT * FROM pool")) == 20 * done  # what was committed reads back whole
 

@@ -4,13 +4,12 @@ ends with exactly the tables of a run against a healthy disk."""
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 
 import pytest
 
 from catalog.sql import query
+from tests.faults.conftest import demo_subset
 from tests.faults.flaky_proxy import flaky_proxy
 from tests.helpers import run_cli, s3_server
 
@@ -19,10 +18,7 @@ POOL_COLUMNS = "image_id, uri, bytes, width, height, format, sha256, status"
 
 @pytest.fixture(scope="module")
 def source(demo_pool, tmp_path_factory) -> str:
-    src = tmp_path_factory.mktemp("flaky_pool")
-    for path in sorted(glob.glob(os.path.join(demo_pool, "pool", "**", "*.*"), recursive=True))[:40]:
-        shutil.copy(path, src / os.path.basename(path))
-    return str(src)
+    return demo_subset(demo_pool, str(tmp_path_factory.mktemp("flaky_pool")), 40)
 
 
 @pytest.mark.slow

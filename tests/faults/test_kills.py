@@ -5,7 +5,6 @@ many more seeds.)"""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 
@@ -24,27 +23,19 @@ POOL_COLUMNS = "image_id, uri, bytes, width, height, format, sha256, status"
 
 
 @pytest.fixture(scope="module")
-def source(demo_pool, tmp_path_factory) -> str:
-    src = tmp_path_factory.mktemp("kill_pool")
-    for path in sorted(glob.glob(os.path.join(demo_pool, "pool", "**", "*.*"), recursive=True))[:160]:
-        shutil.copy(path, src / os.path.basename(path))
-    return str(src)
-
-
-@pytest.fixture(scope="module")
-def reference(source, tmp_path_factory) -> str:
+def reference(fault_source, tmp_path_factory) -> str:
     """The uninterrupted ingest and embed."""
     root = str(tmp_path_factory.mktemp("kill_reference") / "cat")
-    assert run_cli(["ingest", source, *INGEST, "--catalog", root]).returncode == 0
+    assert run_cli(["ingest", fault_source, *INGEST, "--catalog", root]).returncode == 0
     assert run_cli([*EMBED, "--catalog", root]).returncode == 0
     return root
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1])
-def test_ingest_killed_twice_resumes_to_the_uninterrupted_tables(source, reference, tmp_path, seed):
+def test_ingest_killed_twice_resumes_to_the_uninterrupted_tables(fault_source, reference, tmp_path, seed):
     root = str(tmp_path / "cat")
-    killed_and_resumed(["ingest", source, *INGEST], root, "ingest", seed, units=8)
+    killed_and_resumed(["ingest", fault_source, *INGEST], root, "ingest", seed, units=8)
     for sql in (f"SELECT {POOL_COLUMNS} FROM pool ORDER BY image_id",
                 "SELECT image_id, uri, reason FROM errors ORDER BY image_id"):
         assert query(root, sql).to_pylist() == query(reference, sql).to_pylist()

@@ -26,6 +26,7 @@ from catalog.paths import create_exclusive
 from catalog.sql import query
 from pipelines.stage import run_stage
 from pipelines.stages.ingest import IngestConfig
+from tests.faults.conftest import demo_subset
 from tests.helpers import cli_env, kill_tree, run_cli, s3_server
 
 TINY = ["model=vit_test", "image_size=32", "images_per_unit=20", "batch_size=10"]
@@ -49,11 +50,9 @@ def _dead_process() -> psutil.Process:
 @pytest.fixture(scope="module")
 def small_catalog(demo_pool, tmp_path_factory) -> str:
     """120 demo images ingested: small enough that a whole embed is quick."""
-    src = tmp_path_factory.mktemp("lease_pool")
-    for path in sorted(glob.glob(os.path.join(demo_pool, "pool", "**", "*.*"), recursive=True))[:120]:
-        shutil.copy(path, src / os.path.basename(path))
+    src = demo_subset(demo_pool, str(tmp_path_factory.mktemp("lease_pool")), 120)
     root = str(tmp_path_factory.mktemp("lease") / "cat")
-    run_stage("ingest", root, IngestConfig(source=str(src)))
+    run_stage("ingest", root, IngestConfig(source=src))
     return root
 
 
