@@ -175,7 +175,7 @@ def query(root: str, sql: str, params: Params = None) -> pa.Table:
         con, broken = _open(root, spill)
         try:
             _refuse_broken(sql, broken)
-            return con.execute(sql, params).to_arrow_table()
+            return con.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as e:
             raise SQLError(str(e)) from None
         finally:
