@@ -37,6 +37,7 @@ class Plan:
     runs: list[Run]
     evals: EvalSuiteConfig
     image_size: int
+    part_sizes: dict[str, int]
 
 
 def _recipe(config_file: str, config: AblationConfig) -> tuple[TrainConfig, list[str]]:
@@ -83,7 +84,7 @@ def prepare(root: str, config_file: str, config: AblationConfig, address: str | 
             out = run_dir(root, config.name, arm, seed)
             runs.append(Run(arm, seed, out, [*overrides, *data, f"seed={seed}", f"output_dir={json.dumps(out)}"]))
     image_size = config.image_size or recipe.eval.image_size or recipe.crops.global_size
-    return Plan(folder, config_file, runs, evals, image_size)
+    return Plan(folder, config_file, runs, evals, image_size, sizes)
 
 
 def run_arms(plan: Plan, arms: list[str] | None = None, num_workers: int = 1, gpus_per_worker: float = 0,
@@ -103,7 +104,7 @@ def run_arms(plan: Plan, arms: list[str] | None = None, num_workers: int = 1, gp
         print(f"\n== ablate: {r.arm} seed {r.seed}: {config.optim.iterations} steps on {config.data.parts or 'the mix'} "
               f"-> {r.out} ==", flush=True)
         manifest = train(config, num_workers, gpus_per_worker, address)
-        doc = score(r, config, manifest, suite)
+        doc = score(r, manifest, suite)
         print(f"{r.arm} seed {r.seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in doc["scores"].items()), flush=True)
 
 
@@ -115,7 +116,7 @@ def report(plan: Plan, config: AblationConfig, started: float | None = None) -> 
     scores = [read_scores(r) for r in plan.runs]
     summary = summarise(config.name, scores, list(config.arms), list(scores[0]["scores"]))
     summary |= {
-        "config_file": plan.config_file, "seeds": config.seeds, "steps": scores[0]["steps"], "evals": to_dict(plan.evals),
+        "config_file": plan.config_file, "part_sizes": plan.part_sizes, "seeds": config.seeds, "steps": scores[0]["steps"], "evals": to_dict(plan.evals),
         "train_seconds_total": round(sum(s["train_seconds"] for s in scores), 1),
         "load_average_1m": [s["load_average_1m"] for s in scores],
         "machine": {"host": os.uname().nodename, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},

@@ -19,7 +19,7 @@ from training.evals.suite import EvalSuite
 from training.models import load_backbone
 from training.train.config import TrainConfig, load_train_config
 from training.train.launch import run_training
-from training.train.run_state import MANIFEST_STAGE, TEACHER_FILE
+from training.train.run_state import MANIFEST_STAGE, TEACHER_FILE, read_metrics
 
 ABLATIONS_DIR = "ablations"
 SCORES_FILE = "scores.json"
@@ -102,17 +102,15 @@ def _load_teacher(url: str):
         return load_backbone(f"curate:{local}", None)[0]
 
 
-def homogeneous_steps(config: TrainConfig, manifest: dict) -> int | None:
-    """Homogeneous steps of the whole run, from the loaders' draws (a homogeneous step fills the whole
-    global batch from the homogeneous part, and no other step draws from it)."""
-    part = manifest["inputs"]["plan"]["homogeneous_part"]
-    if not part:
+def homogeneous_steps(run: str, manifest: dict) -> int | None:
+    """Homogeneous steps of the whole run: the loader's flag on each trained step's metrics row (a resume
+    drops the rows after its checkpoint, so each step has one row). None without a homogeneous part."""
+    if not manifest["inputs"]["plan"]["homogeneous_part"]:
         return None
-    drawn = manifest["notes"]["images_by_part"][part]
-    return drawn // (config.optim.batch_size_per_rank * manifest["notes"]["world_size"])
+    return sum(bool(row["homogeneous"]) for row in read_metrics(run))
 
 
-def score(run: Run, config: TrainConfig, manifest: dict, suite: EvalSuite) -> dict:
+def score(run: Run, manifest: dict, suite: EvalSuite) -> dict:
     """Score the run's exported teacher and write ``scores.json`` (which marks the run finished)."""
     backbone = _load_teacher(manifest["notes"]["teacher_path"])
     scores = suite(backbone, backbone.config.patch_size)
@@ -120,7 +118,7 @@ def score(run: Run, config: TrainConfig, manifest: dict, suite: EvalSuite) -> di
     doc = {
         "arm": run.arm, "seed": run.seed, "scores": scores,
         "steps": notes["steps_done"], "images_seen": manifest["rows"]["images_seen"],
-        "images_by_part": notes["images_by_part"], "homogeneous_steps": homogeneous_steps(config, manifest),
+        "homogeneous_steps": homogeneous_steps(run.out, manifest),
         "plan": manifest["inputs"]["plan"], "teacher_sha256": notes["teacher_sha256"],
         "train_seconds": round(sum(m["wall_seconds"] for m in _train_manifests(run.out)), 1),
         "load_average_1m": round(os.getloadavg()[0], 2),  # how shared the machine was as the run ended

@@ -68,8 +68,12 @@ def markdown(summary: dict) -> str:
         cells = [_cell(table[arm][m], len(arms) > 1 and table[arm][m]["mean"] == best[m]) for m in metrics]
         lines.append("| " + " | ".join([arm, *cells, seen, share]) + " |")
     n = len(summary["mechanics"][arms[0]]["seeds"])
-    lines.append(f"\nScores in %, mean ± std over {n} seed{'s' if n > 1 else ''}; "
-                 "homogeneous steps counted from the loaders' draws over all seeds.")
+    lines.append(f"\nScores in %, mean ± std over {n} seed{'s' if n > 1 else ''}; homogeneous steps: the "
+                 "loader's flag on every trained step, over all seeds.")
+    sizes = summary.get("part_sizes", {})
+    parts = "; ".join(f"{arm}: " + " + ".join(f"{p} ({sizes[p]:,})" if p in sizes else p
+                                              for p in summary["mechanics"][arm]["parts"]) for arm in arms)
+    lines.append(f"Parts (images): {parts}.")
     return "\n".join(lines) + "\n"
 
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from training.evals.instance_retrieval import instance_retrieval_eval
-from training.evals.knn import knn_eval
-from training.evals.linear_probe import linear_probe_eval
+from training.evals.knn import knn_split_accuracy
+from training.evals.linear_probe import linear_probe_accuracy
 from training.evals.sets import load_instance_set, load_labelled_set, read_frequency
 from training.train.dense_probe import linear_dense_probe
 from training.train.evals import load_dense_probe_set
+from training.train.knn_eval import embed_images
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,10 @@ class EvalSuite:
         backbone.eval()
         c = self.config
         scores: dict[str, float] = {}
-        if self.labelled is not None:
-            scores |= knn_eval(backbone, self.labelled, c.k, c.temperature)
-            scores |= linear_probe_eval(backbone, self.labelled, c.probe_folds)
+        if self.labelled is not None:  # one embedding of the labelled set serves k-NN and the probe
+            features = embed_images(backbone, self.labelled.images)
+            scores |= knn_split_accuracy(features, self.labelled.labels, self.labelled.head, c.k, c.temperature)
+            scores["linear_probe"] = linear_probe_accuracy(features, self.labelled.labels, c.probe_folds)
         if self.instances is not None:
             scores |= instance_retrieval_eval(backbone, self.instances)
         if self.dense is not None:
