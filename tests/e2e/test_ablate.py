@@ -131,10 +131,12 @@ def test_a_finished_ablation_is_not_redone_and_a_changed_one_is_refused(quick):
 @pytest.mark.slow
 def test_a_killed_ablation_resumes_the_unfinished_arm_only(demo_layout):
     root = os.path.join(demo_layout, "catalog")
+    seed_set = os.path.join(demo_layout, "demo_pool", "seed")  # a small labelled set: scoring stays quick
     args = ["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--name", "killed", "--set", "seeds=[0]", "steps=9",
+            "demo_pool=''", f"evals.labelled={seed_set}",
             "arms={raw: {parts: {pool: {source: pool}}}, clustering: {parts: {lvd: {source: lvd}}}}"]
     raw, clustering = run_dir(root, "killed", "raw", 0), run_dir(root, "killed", "clustering", 0)
-    kill_when(args, lambda: latest_checkpoint(os.path.join(clustering, "ckpt")) is not None)
+    kill_when(args, lambda: latest_checkpoint(os.path.join(clustering, "ckpt")) is not None, timeout=900)
     assert os.path.exists(os.path.join(raw, SCORES_FILE)) and not os.path.exists(os.path.join(clustering, SCORES_FILE))
     raw_scores = _text(raw, SCORES_FILE)
 
