@@ -19,13 +19,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from catalog.errors import UserError, short_repr
 from catalog.paths import read_bytes
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config key is unknown or holds a value of the wrong type."""
+class ConfigError(UserError, ValueError):
+    """A config key is unknown or holds a value of the wrong type or out of range."""
 
 
 def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
@@ -34,7 +35,7 @@ def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] 
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {short_repr(item)} must look like key.sub=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value))
     return from_dict(cls, raw)
 
@@ -105,7 +106,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             f"unknown config key {prefix + unknown[0]!r} (known keys here: {', '.join(sorted(fields))})"
         )
     kwargs = {name: _coerce(hints[name], data[name], prefix + name) for name in data}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a range check in the dataclass's __post_init__
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -146,14 +150,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 return _coerce(arg, value, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {short_repr(value)}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {short_repr(value)}")
         return value
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {short_repr(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
@@ -163,7 +167,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return tuple(coerced) if origin is tuple else coerced
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {short_repr(value)}")
         kt, vt = args if args else (Any, Any)
         return {_coerce(kt, k, key): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
     if hint is float:
@@ -173,14 +177,30 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {short_repr(value)}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {short_repr(value)}")
         return value
     if hint in (str, bool):
         if not isinstance(value, hint):
-            raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {short_repr(value)}")
         return value
     raise ConfigError(f"{key}: unsupported config type {hint!r}")
+
+
+def at_least(config: object, minimum: float, *names: str) -> None:
+    """Range check for a config's ``__post_init__``: each named field is None or ``>= minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {short_repr(value)}")
+
+
+def above(config: object, minimum: float, *names: str) -> None:
+    """Range check for a config's ``__post_init__``: each named field is None or ``> minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= minimum:
+            raise ConfigError(f"{name} must be more than {minimum}, got {short_repr(value)}")

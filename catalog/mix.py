@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from catalog.errors import UserError
 from catalog.paths import exists, join, read_bytes, write_bytes_atomic
+from catalog.schemas import MIX_FILE
 
-MIX_FILE = "_mix.json"
 
-
-class MixFileError(ValueError):
+class MixFileError(UserError, ValueError):
     """``_mix.json`` exists but does not describe a usable mix."""
 
 
@@ -51,7 +51,8 @@ class TrainingMix:
         if bad_weights:
             raise MixFileError(f"weights must be finite and non-negative, got {bad_weights}")
         if self.homogeneous_part is not None and self.homogeneous_part not in self.parts:
-            raise MixFileError(f"homogeneous part {self.homogeneous_part!r} is not among the parts {sorted(self.parts)}")
+            raise MixFileError(f"homogeneous part {self.homogeneous_part!r} is not among the parts "
+                               f"{sorted(self.parts)}")
         if not 0.0 <= self.p_homogeneous <= 1.0:
             raise MixFileError(f"p_homogeneous must be in [0, 1], got {self.p_homogeneous}")
 

@@ -15,13 +15,15 @@ Two fences, because ``curate sql`` runs whatever a user (or a script fed by othe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
 
+from catalog.errors import UserError
 from catalog.paths import is_local, resolve
 from catalog.shards import shard_urls
 from catalog.tables import list_tables
@@ -37,11 +39,11 @@ _CONNECTION_CONFIG = {
 Params = Sequence[object] | Mapping[str, object] | None
 
 
-class ReadOnlyError(PermissionError):
+class ReadOnlyError(UserError, PermissionError):
     """A statement other than a query was sent to a catalog."""
 
 
-class SQLError(RuntimeError):
+class SQLError(UserError, RuntimeError):
     """DuckDB rejected the query; carries DuckDB's own message."""
 
 
@@ -128,6 +130,18 @@ def check_read_only(sql: str) -> None:
                                 "use EXPLAIN for the plan")
 
 
+@contextlib.contextmanager
+def connection(root: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A confined connection (``connect``) with a private spill folder, closed and cleaned up after use:
+    for callers that run many statements (temporary tables included) over one catalog."""
+    with tempfile.TemporaryDirectory(prefix="curate-sql-") as spill:
+        con = connect(root, spill)
+        try:
+            yield con
+        finally:
+            con.close()
+
+
 def query(root: str, sql: str, params: Params = None) -> pa.Table:
     """Run one read-only query over the catalog and return its result as Arrow.
 
@@ -135,11 +149,8 @@ def query(root: str, sql: str, params: Params = None) -> pa.Table:
     reasons) this way instead of formatting them into ``sql``.
     """
     check_read_only(sql)
-    with tempfile.TemporaryDirectory(prefix="curate-sql-") as spill:
-        con = connect(root, spill)
+    with connection(root) as con:
         try:
             return con.execute(sql, params).to_arrow_table()
         except duckdb.Error as e:
             raise SQLError(str(e)) from None
-        finally:
-            con.close()

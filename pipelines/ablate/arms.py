@@ -1,16 +1,38 @@
-"""The data of each arm: its parts built in the catalog (through ``curate mix``'s ``build_part``) and
-the ``data.*`` overrides that make an ordinary training run read exactly them."""
+"""The data of each arm: its parts built in the catalog (by the mix stage's own units, run through the
+stage runner) and the ``data.*`` overrides that make an ordinary training run read exactly them."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import logging
+from typing import Any
+
+from catalog.ledger import LedgerPlanError
+from catalog.schemas import RETRIEVED_TABLE, curated_table
 from catalog.shards import table_exists
 from catalog.sql import query
+from catalog.tables import describe
 from pipelines.ablate.config import ArmSpec
-from pipelines.stages.mix import build_part
-from pipelines.stages.retrieve import retrieve
+from pipelines.stage import StageContext, Totals, run_stage
+from pipelines.stages.mix import MixConfig, MixStage, PartSpec
+
+log = logging.getLogger("curate.pipelines")
+
+
+class ArmParts(MixStage):
+    """The mix stage's parts without its ``_mix.json``: an ablation leaves the catalog's own mix alone
+    (each arm names its parts and weights in its runs' ``data.*`` overrides)."""
+
+    name = "ablate-parts"
+
+    def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
+        sizes = {name: describe(ctx.root, curated_table(name)).rows for name in sorted(ctx.config.parts)}
+        return {"in": len(sizes), "out": sum(sizes.values()), "errored": 0, "sizes": sizes}
+
+
+ARM_PARTS = ArmParts()
 
 
 def fill(text: str, root: str) -> str:
@@ -31,20 +53,30 @@ def part_sources(arms: dict[str, ArmSpec], root: str) -> dict[str, str]:
 
 
 def _retrieved_count(root: str, seed: str) -> int:
-    if not table_exists(root, "retrieved"):
+    if not table_exists(root, RETRIEVED_TABLE):
         return 0
     return query(root, "SELECT count(*) FROM retrieved WHERE seed = ?", [seed]).column(0)[0].as_py()
 
 
 def build_parts(root: str, sources: dict[str, str], address: str | None = None) -> dict[str, int]:
-    """Materialise each part as ``curated/<name>``; a seed never retrieved is retrieved first. Returns sizes."""
-    sizes = {}
+    """Materialise each part as ``curated/<name>``; a seed never retrieved is retrieved first. Returns sizes.
+
+    One run (``ablate-parts``) holds every ablation's parts; an ablation with other parts than the
+    last one's replaces them (the finished ablation keeps its trained runs and scores).
+    """
+    for source in sorted(set(sources.values())):
+        seed = source.split(":", 1)[1] if source.startswith("retrieved:") else None
+        if seed is not None and _retrieved_count(root, seed) == 0:
+            print(f"== ablate: its parts need seed {seed!r} retrieved: curate retrieve --seed {seed} ==", flush=True)
+            run_stage("retrieve", root, {"seed_set": seed}, address=address)
+    config = MixConfig(parts={name: PartSpec(source) for name, source in sources.items()}, homogeneous_part=None)
+    try:
+        result = run_stage(ARM_PARTS, root, config, address=address)
+    except LedgerPlanError:
+        log.info("ablate: the catalog holds another ablation's parts: replacing them with %s", sorted(sources))
+        result = run_stage(ARM_PARTS, root, config, overwrite=True, address=address)
+    sizes = result.summary["sizes"]
     for name, source in sorted(sources.items()):
-        if source.startswith("retrieved:") and _retrieved_count(root, source.split(":", 1)[1]) == 0:
-            seed = source.split(":", 1)[1]
-            print(f"== ablate: part {name} needs seed {seed!r} retrieved: curate retrieve --seed {seed} ==", flush=True)
-            retrieve(root, seed, address=address)
-        sizes[name] = build_part(root, name, source)
         if sizes[name] == 0:
             raise ValueError(f"part {name!r} ({source}) is empty: an arm cannot train on it")
         print(f"part {name:>20}: {sizes[name]:>8} images ({source})", flush=True)

@@ -11,8 +11,8 @@ import pytest
 from catalog.config import ConfigError, load_config
 from catalog.names import MAX_LENGTH, check_name, safe_name
 from catalog.shards import write_shards
+from pipelines.seeds import SeedsConfig, resolve_seed
 from pipelines.stages.mix import MixConfig
-from pipelines.stages.seeds import SeedsConfig, resolve_seed
 from tests.helpers import run_cli
 from tests.train_helpers import TINY
 from training.train.config import load_train_config

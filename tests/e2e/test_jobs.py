@@ -26,7 +26,6 @@ from catalog import schemas
 from catalog.shards import write_shards
 from catalog.sql import query
 from pipelines.cli import build_parser
-from pipelines.demo.job import DEMO_SETTINGS
 from pipelines.cli.jobs import (
     JobError,
     add_jobs_command,
@@ -37,6 +36,7 @@ from pipelines.cli.jobs import (
     strip_address,
     submit,
 )
+from pipelines.demo.job import DEMO_SETTINGS
 from tests.helpers import cli_env, free_ports, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's own SDK

@@ -190,13 +190,12 @@ def test_sql_cli_reads_the_catalog_from_the_bucket(pool, built):
 
 
 def test_rerun_of_build_lvd_redoes_no_stage(s3, built):
-    # sample and the report always run again (they are cheap); the stages before them must not
-    stable = ("embeddings", "clusters", "centroids", "duplicates", "pool", "errors", "_checkpoints",
-              "_ledger/ingest", "_ledger/embed", "_ledger/dedup", "_ledger/cluster")
+    stable = ("embeddings", "clusters", "centroids", "duplicates", "pool", "errors", "_checkpoints", "curated",
+              "reports", "_ledger/ingest", "_ledger/embed", "_ledger/dedup", "_ledger/cluster", "_ledger/sample-lvd")
     before = {p: _objects(s3, f"cat/{p}") for p in stable}
     curated_before = sorted(query(CAT, "SELECT image_id FROM curated_lvd").column(0).to_pylist())
-    out = _cli("build-lvd", "--catalog", CAT, "--target-size", str(TARGET), "--set", *SETTINGS).stdout
-    assert len(re.findall(r"\(already done\)", out)) == 3, out
+    log = _cli("build-lvd", "--catalog", CAT, "--target-size", str(TARGET), "--set", *SETTINGS).stderr
+    assert len(re.findall(r"\(already done\)", log)) == 4, log  # embed, dedup, cluster, sample
     assert {p: _objects(s3, f"cat/{p}") for p in stable} == before
     assert sorted(query(CAT, "SELECT image_id FROM curated_lvd").column(0).to_pylist()) == curated_before
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from catalog.decode import WEB_FORMATS
 from catalog.sql import query
-from pipelines.stages.ingest import IngestConfig, ingest
+from pipelines.stage import run_stage
+from pipelines.stages.ingest import IngestConfig
 
 # (file name, Pillow format, mode, save options): all formats the decoder opens (WEB_FORMATS)
 READABLE = [
@@ -66,7 +67,7 @@ def test_every_file_lands_in_pool_once_and_the_decoder_decides(tmp_path):
     folder = tmp_path / "corpus"
     usable, broken = _corpus(folder)
     root = str(tmp_path / "cat")
-    ingest(str(folder), root, IngestConfig(files_per_unit=16))
+    run_stage("ingest", root, IngestConfig(source=str(folder), files_per_unit=16))
 
     pool = query(root, "SELECT uri, status, format FROM pool").to_pylist()
     errors = query(root, "SELECT uri, reason FROM errors").to_pylist()

@@ -20,7 +20,8 @@ from PIL import Image
 
 from catalog.images import URIError, read_image_bytes
 from catalog.sql import query
-from pipelines.stages.ingest import IngestConfig, image_id, ingest
+from pipelines.stage import run_stage
+from pipelines.stages.ingest import IngestConfig, image_id
 from tests.helpers import run_cli
 
 TINY_EMBED = ["model=vit_test", "image_size=32", "images_per_unit=8", "batch_size=8"]
@@ -73,7 +74,7 @@ def tricky_tar(tmp_path_factory) -> tuple[Path, Path, list[tuple[str, bytes]]]:
 def test_tar_members_read_back_their_own_bytes_with_unique_ids(tricky_tar, tmp_path):
     shard, other, members = tricky_tar
     root = str(tmp_path / "cat")
-    ingest(str(shard), root)
+    run_stage("ingest", root, IngestConfig(source=str(shard)))
     rows = _pool(root)
     images = [(name, data) for name, data in members if not name.endswith(".json")]
     assert len(rows) == len(images) and len({r["image_id"] for r in rows}) == len(rows)
@@ -89,7 +90,7 @@ def test_tar_members_read_back_their_own_bytes_with_unique_ids(tricky_tar, tmp_p
 def test_embed_over_tricky_names_runs_and_reruns(tricky_tar, tmp_path):
     shard, _, _ = tricky_tar
     root = str(tmp_path / "cat")
-    ingest(str(shard), root)
+    run_stage("ingest", root, IngestConfig(source=str(shard)))
     for _ in range(2):
         done = run_cli(["embed", "--catalog", root, "--set", *TINY_EMBED])
         assert done.returncode == 0, done.stderr[-3000:]
@@ -107,7 +108,7 @@ def test_files_named_like_uri_syntax_read_back(tmp_path):
         (folder / name).write_bytes(data)
         written[name] = _sha(data)
     root = str(tmp_path / "cat")
-    ingest(str(folder), root)
+    run_stage("ingest", root, IngestConfig(source=str(folder)))
     rows = _pool(root)
     assert len(rows) == len(names) and len({r["image_id"] for r in rows}) == len(rows)
     for row in rows:
@@ -124,15 +125,15 @@ def test_repeated_uris_in_a_list_get_distinct_ids_across_units(tmp_path):
     source = tmp_path / "list.parquet"
     pq.write_table(pa.table({"uri": listing}), source)
     root = str(tmp_path / "cat")
-    ingest(str(source), root, IngestConfig(files_per_unit=2))  # the repeats fall in other units
+    run_stage("ingest", root, IngestConfig(source=str(source), files_per_unit=2))  # the repeats fall in other units
     rows = _pool(root)
     assert len(rows) == len(listing) and len({r["image_id"] for r in rows}) == len(listing)
     uris = sorted(r["uri"] for r in rows)
     assert uris == sorted([str(a), str(b), f"{a}#dup=2", f"{a}#dup=3", f"{b}#dup=2"])
     for row in rows:
         assert read_image_bytes(row["uri"]) == (a if row["uri"].startswith(str(a)) else b).read_bytes()
-    rerun = IngestConfig(files_per_unit=2)
-    ingest(str(source), root, rerun)  # the plan (with its repeats) is the same on a rerun
+    # a rerun: the plan (with its repeats) is the same
+    run_stage("ingest", root, IngestConfig(source=str(source), files_per_unit=2))
     assert _pool(root) == rows
 
 
@@ -143,7 +144,7 @@ def test_error_messages_never_quote_file_content(tmp_path):
     (folder / "notes").write_text("api_key=topsecretvalue\n")
     (folder / "page.png").write_text("<html><body>password: hunter2secret</body></html>")
     root = str(tmp_path / "cat")
-    ingest(str(folder), root)
+    run_stage("ingest", root, IngestConfig(source=str(folder)))
     errors = query(root, "SELECT uri, reason, message FROM errors ORDER BY uri").to_pylist()
     assert [e["reason"] for e in errors] == ["text_file", "html_page", "text_file"]
     for secret in ("supersecrethash", "topsecretvalue", "hunter2secret"):

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from catalog.decode import IMAGENET_MEAN, IMAGENET_STD
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -142,3 +144,24 @@ MODEL_SIZES: dict[str, ViTConfig] = {
     "vit_demo": _dinov3(128, 4, 2, patch_size=8),
     "vit_test14": _dinov2(64, 2, 2, pos_embed_grid=16, layerscale_init=1e-5),
 }
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The pixels a backbone expects: square side, and the mean/std it was trained with."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_json(self) -> dict[str, object]:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> InputSpec:
+        return cls(int(data["size"]), tuple(data["mean"]), tuple(data["std"]))  # type: ignore[arg-type]
+
+
+# Each registry entry's default preprocessing (`curate embed` uses it unless image_size is given): the
+# official releases are evaluated at 224 px with ImageNet statistics; the demo backbone at 64 px.
+MODEL_INPUTS: dict[str, InputSpec] = {name: InputSpec() for name in MODEL_SIZES} | {"vit_demo": InputSpec(size=64)}

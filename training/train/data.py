@@ -17,7 +17,7 @@ from training.data.mixing import MixConfig
 from training.data.multicrop import MultiCropConfig
 from training.train.config import DataConfig, TrainConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("curate.training")
 PART_COLUMNS = ["image_id", "uri"]  # what the loader reads of a part's table
 DEFAULT_P_HOMOGENEOUS = 0.1  # the recipe's share of homogeneous steps, when a config names the part but no share
 

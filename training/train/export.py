@@ -13,20 +13,28 @@ from torch.distributed.checkpoint.state_dict import (
 
 from catalog.paths import join
 from training.models import VisionTransformer, ViTConfig, export_backbone
+from training.models.config import InputSpec
 from training.train.config import TrainConfig, vit_config
 from training.train.dcp_reader import load_state
 from training.train.meta_arch import build_student_teacher
 
 
-def _write(state: dict, config: ViTConfig, path: str) -> str:
+def input_spec_of(config: TrainConfig) -> InputSpec:
+    """The resolution the run scores its teacher at (``eval.image_size``, else the global crop), recorded in
+    the export so `curate embed --model curate:FILE` needs no image size."""
+    return InputSpec(size=config.eval.image_size or config.crops.global_size)
+
+
+def _write(state: dict, config: ViTConfig, path: str, input_spec: InputSpec | None) -> str:
     with torch.device("meta"):
         model = VisionTransformer(dataclasses.replace(config, drop_path_rate=0.0))
     model.load_state_dict(state, strict=True, assign=True)
-    return export_backbone(model, path)
+    return export_backbone(model, path, input_spec)
 
 
 def export_teacher(
-    backbone: nn.Module, config: ViTConfig, path: str, is_main: bool, *, subgroup: bool = False
+    backbone: nn.Module, config: ViTConfig, path: str, is_main: bool, *, subgroup: bool = False,
+    input_spec: InputSpec | None = None,
 ) -> str | None:
     """Gather the (possibly FSDP-sharded) backbone; ``is_main`` writes it and returns its sha256.
 
@@ -38,7 +46,7 @@ def export_teacher(
     state = get_model_state_dict(backbone, options=options)
     if not is_main:
         return None
-    return _write({k: v.detach().float() for k, v in state.items()}, config, str(path))
+    return _write({k: v.detach().float() for k, v in state.items()}, config, str(path), input_spec)
 
 
 def export_from_checkpoint(checkpoint: str, config: TrainConfig, path: str) -> str:
@@ -48,7 +56,7 @@ def export_from_checkpoint(checkpoint: str, config: TrainConfig, path: str) -> s
     load_state(state, checkpoint)
     prefix = "backbone."
     backbone = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
-    return _write(backbone, vit_config(config.model), str(path))
+    return _write(backbone, vit_config(config.model), str(path), input_spec_of(config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ Per-step metrics go to ``<output_dir>/metrics.jsonl``, checkpoint scores to ``ev
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import torch
@@ -28,7 +29,7 @@ from training.train.data import TrainingData, build_loader, training_data
 from training.train.distill import DistillRecipe
 from training.train.distributed import DistInfo, barrier, init_distributed
 from training.train.evals import CheckpointEvals, scores_missing
-from training.train.export import export_teacher
+from training.train.export import export_teacher, input_spec_of
 from training.train.pretrain import SSLRecipe
 from training.train.recipe import Recipe, StepOutcome
 from training.train.run_state import (
@@ -43,6 +44,8 @@ from training.train.schedules import Schedules, StepHyperParams
 
 DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "image_ids",
                "gram_teacher_crops")
+
+log = logging.getLogger("curate.training")
 
 
 class TrainingDiverged(RuntimeError):
@@ -197,14 +200,15 @@ class Trainer:
         if self.info.is_main:
             self.evals_log.append({"step": step, **scores})
             self.evals_log.flush()
-            print(f"checkpoint {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+            log.info("checkpoint %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
     def _export(self, step: int) -> tuple[str | None, str | None]:
         """Export the trained backbone once the schedule is done; returns its path and (writer) sha256."""
         if not self.config.export_teacher or step < self.config.optim.iterations:
             return None, None
         target = self.recipe.export_target(self.out)
-        sha = export_teacher(target.backbone, target.vit, target.path, target.writer, subgroup=target.subgroup)
+        sha = export_teacher(target.backbone, target.vit, target.path, target.writer, subgroup=target.subgroup,
+                             input_spec=input_spec_of(self.config))
         return target.path, sha
 
     def _images_by_part(self) -> dict[str, dict[str, int]]:
