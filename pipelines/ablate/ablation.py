@@ -101,8 +101,8 @@ def run_arms(plan: Plan, arms: list[str] | None = None, num_workers: int = 1, gp
     suite = EvalSuite(plan.evals, plan.image_size)
     for r in todo:
         config = r.config(plan.config_file)
-        print(f"\n== ablate: {r.arm} seed {r.seed}: {config.optim.iterations} steps on {config.data.parts or 'the mix'} "
-              f"-> {r.out} ==", flush=True)
+        print(f"\n== ablate: {r.arm} seed {r.seed}: {config.optim.iterations} steps on "
+              f"{config.data.parts or 'the mix'} -> {r.out} ==", flush=True)
         manifest = train(config, num_workers, gpus_per_worker, address)
         doc = score(r, manifest, suite)
         print(f"{r.arm} seed {r.seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in doc["scores"].items()), flush=True)
@@ -116,7 +116,8 @@ def report(plan: Plan, config: AblationConfig, started: float | None = None) -> 
     scores = [read_scores(r) for r in plan.runs]
     summary = summarise(config.name, scores, list(config.arms), list(scores[0]["scores"]))
     summary |= {
-        "config_file": plan.config_file, "part_sizes": plan.part_sizes, "seeds": config.seeds, "steps": scores[0]["steps"], "evals": to_dict(plan.evals),
+        "config_file": plan.config_file, "part_sizes": plan.part_sizes, "seeds": config.seeds,
+        "steps": scores[0]["steps"], "evals": to_dict(plan.evals),
         "train_seconds_total": round(sum(s["train_seconds"] for s in scores), 1),
         "load_average_1m": [s["load_average_1m"] for s in scores],
         "machine": {"host": os.uname().nodename, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
@@ -168,7 +169,8 @@ def ablate(root: str, config_file: str, config: AblationConfig, *, only: str | N
     from pipelines.cli.jobs import is_job_address
 
     if only is not None and only not in PHASES and not (only.startswith("arm:") and only[4:] in config.arms):
-        raise ValueError(f"--only takes prepare, report or arm:<name> with an arm of {sorted(config.arms)}, not {only!r}")
+        raise ValueError(f"--only takes prepare, report or arm:<name> with an arm of {sorted(config.arms)}, "
+                         f"not {only!r}")
     if is_job_address(address):
         run_as_jobs(address, job_argv or [], list(config.arms))
         return None

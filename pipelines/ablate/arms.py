@@ -4,9 +4,8 @@ stage runner) and the ``data.*`` overrides that make an ordinary training run re
 from __future__ import annotations
 
 import json
-import os
-
 import logging
+import os
 from typing import Any
 
 from catalog.ledger import LedgerPlanError

@@ -101,7 +101,8 @@ def bar_chart(summary: dict) -> bytes:
 def write_results(folder: str, summary: dict) -> list[str]:
     """Write the JSON, Markdown and PNG; returns their URLs."""
     urls = [join(folder, f) for f in RESULTS]
-    for url, data in zip(urls, (json.dumps(summary, indent=2).encode(), markdown(summary).encode(), bar_chart(summary))):
+    contents = (json.dumps(summary, indent=2).encode(), markdown(summary).encode(), bar_chart(summary))
+    for url, data in zip(urls, contents):
         write_bytes_atomic(url, data)
     return urls
 

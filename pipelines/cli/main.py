@@ -119,7 +119,8 @@ def ablate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> 
                    help="ablation settings, e.g. seeds=[0,1,2] steps=100 train=[optim.lr.peak=5e-4] "
                    "'arms={raw: {parts: {pool: {source: pool}}}, lvd: {parts: {lvd: {source: lvd}}}}' "
                    "demo_pool='' evals.labelled=/data/labelled evals.frequency=/data/freq.json")
-    p.add_argument("--name", help="the ablation's folder under <catalog>/ablations (default: default, or quick with --quick)")
+    p.add_argument("--name", help="the ablation's folder under <catalog>/ablations "
+                   "(default: default, or quick with --quick)")
     p.add_argument("--quick", action="store_true", help="the whole ablation in miniature: one seed, 6 steps")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per run")
     p.add_argument("--gpus-per-worker", type=float, default=0)
