@@ -98,6 +98,7 @@ def test_every_arm_sees_the_same_images_and_differs_only_by_data(quick):
     assert query(root, "SELECT count(*) FROM curated_pool").column(0)[0].as_py() == kept
     retrieved = query(root, "SELECT count(DISTINCT image_id) FROM retrieved WHERE seed = 'demo'").column(0)[0].as_py()
     assert query(root, "SELECT count(*) FROM \"curated_retrieved-demo\"").column(0)[0].as_py() == retrieved > 0
+    assert not os.path.exists(os.path.join(root, "_mix.json"))  # the arms' parts leave the catalog's mix alone
 
 
 @pytest.mark.slow
