@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from catalog.config import to_dict
+from catalog.config import ConfigError, to_dict
 from catalog.manifest import fingerprint
 from catalog.paths import exists, join, read_bytes, write_bytes_atomic
 from pipelines.ablate.arms import build_parts, data_overrides, fill, part_sources
@@ -44,7 +44,7 @@ def _recipe(config_file: str, config: AblationConfig) -> tuple[TrainConfig, list
     """The recipe every arm shares and the overrides that make it (the ablation's, then the schedule's)."""
     base = load_train_config(config_file, config.train)
     if base.stage != "pretrain":
-        raise ValueError(f"an ablation compares pretraining runs; {config_file} is a {base.stage!r} stage")
+        raise ConfigError(f"an ablation compares pretraining runs; {config_file} is a {base.stage!r} stage")
     overrides = [*config.train, *(shortened(base, config.steps) if config.steps else [])]
     return load_train_config(config_file, overrides), overrides
 
@@ -69,7 +69,7 @@ def prepare(root: str, config_file: str, config: AblationConfig, address: str | 
     if exists(plan_url):
         doc = json.loads(read_bytes(plan_url))
         if doc["fingerprint"] != fingerprint(planned):
-            raise ValueError(f"ablation {config.name!r} in {folder} was started with another ablation config or "
+            raise ConfigError(f"ablation {config.name!r} in {folder} was started with another ablation config or "
                              "recipe: rerun it with the same settings, choose another --name, or delete the folder")
         sizes = doc["parts"]
     else:
@@ -112,7 +112,7 @@ def report(plan: Plan, config: AblationConfig, started: float | None = None) -> 
     """The table over every run (all must be finished); written beside the runs and printed."""
     missing = [f"{r.arm}/seed{r.seed}" for r in plan.runs if not r.finished]
     if missing:
-        raise ValueError(f"runs not finished yet: {', '.join(missing)}; rerun `curate ablate` to finish them")
+        raise ConfigError(f"runs not finished yet: {', '.join(missing)}; rerun `curate ablate` to finish them")
     scores = [read_scores(r) for r in plan.runs]
     summary = summarise(config.name, scores, list(config.arms), list(scores[0]["scores"]))
     summary |= {
@@ -169,7 +169,7 @@ def ablate(root: str, config_file: str, config: AblationConfig, *, only: str | N
     from pipelines.cli.jobs import is_job_address
 
     if only is not None and only not in PHASES and not (only.startswith("arm:") and only[4:] in config.arms):
-        raise ValueError(f"--only takes prepare, report or arm:<name> with an arm of {sorted(config.arms)}, "
+        raise ConfigError(f"--only takes prepare, report or arm:<name> with an arm of {sorted(config.arms)}, "
                          f"not {only!r}")
     if is_job_address(address):
         run_as_jobs(address, job_argv or [], list(config.arms))

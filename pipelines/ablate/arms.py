@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any
 
+from catalog.config import ConfigError
 from catalog.ledger import LedgerPlanError
 from catalog.schemas import RETRIEVED_TABLE, curated_table
 from catalog.shards import table_exists
@@ -46,7 +47,7 @@ def part_sources(arms: dict[str, ArmSpec], root: str) -> dict[str, str]:
         for name, part in spec.parts.items():
             source = fill(part.source, root)
             if sources.setdefault(name, source) != source:
-                raise ValueError(f"part {name!r} of arm {arm!r} has source {source!r}, another arm's has "
+                raise ConfigError(f"part {name!r} of arm {arm!r} has source {source!r}, another arm's has "
                                  f"{sources[name]!r}: give them different names")
     return sources
 
@@ -77,7 +78,7 @@ def build_parts(root: str, sources: dict[str, str], address: str | None = None) 
     sizes = result.summary["sizes"]
     for name, source in sorted(sources.items()):
         if sizes[name] == 0:
-            raise ValueError(f"part {name!r} ({source}) is empty: an arm cannot train on it")
+            raise ConfigError(f"part {name!r} ({source}) is empty: an arm cannot train on it")
         print(f"part {name:>20}: {sizes[name]:>8} images ({source})", flush=True)
     return sizes
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from catalog.config import ConfigError
 from catalog.names import check_name
 from pipelines.stages.mix import PartSpec
 from training.evals.suite import EvalSuiteConfig
@@ -32,14 +33,14 @@ class ArmSpec:
 
     def __post_init__(self) -> None:
         if self.from_mix == bool(self.parts):
-            raise ValueError("an arm names its parts or sets from_mix: true (one of the two)")
+            raise ConfigError("an arm names its parts or sets from_mix: true (one of the two)")
         for name in self.parts:
             check_name(name, "arm part")
         if self.homogeneous_part is not None and self.homogeneous_part not in self.parts:
-            raise ValueError(f"homogeneous_part {self.homogeneous_part!r} is not one of the arm's parts "
+            raise ConfigError(f"homogeneous_part {self.homogeneous_part!r} is not one of the arm's parts "
                              f"{sorted(self.parts)}")
         if not 0.0 <= self.p_homogeneous < 1.0:
-            raise ValueError(f"p_homogeneous must be in [0, 1), got {self.p_homogeneous}")
+            raise ConfigError(f"p_homogeneous must be in [0, 1), got {self.p_homogeneous}")
 
 
 def default_arms() -> dict[str, ArmSpec]:
@@ -77,13 +78,13 @@ class AblationConfig:
     def __post_init__(self) -> None:
         check_name(self.name, "ablation name")
         if not self.arms:
-            raise ValueError("an ablation needs at least one arm")
+            raise ConfigError("an ablation needs at least one arm")
         for arm in self.arms:
             check_name(arm, "arm name")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-            raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds}")
+            raise ConfigError(f"seeds must be distinct non-negative integers, got {self.seeds}")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
 
 
 # `--quick`: the whole ablation in miniature (CI, a first look): one seed, a few steps, same arms.
