@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 
 from curation.checkpoint_store import ArrayStore
-from curation.kmeans import (
-    ArrayRows,
+from curation.kmeans import ArrayRows, RowSource, kmeans_rows
+from curation.kmeans_assign import (
     Metric,
-    RowSource,
-    kmeans_rows,
+    bias_minus_dot,
+    distances_from_scores,
+    half_sq_norms,
     normalize_rows,
     resolve_device,
 )
@@ -130,6 +131,52 @@ def resample_rows(
     return np.sort(order[rank < per_cluster])
 
 
+def _size_buckets(sizes: np.ndarray, width: int, element_budget: int) -> Iterator[np.ndarray]:
+    """Non-empty groups, largest first, in buckets whose sizes differ < 2× (padding wastes < half)
+    and whose padded [groups, largest, width] block stays within ``element_budget`` (one group always fits)."""
+    by_size = [g for g in np.argsort(-sizes, kind="stable") if sizes[g] > 0]
+    i = 0
+    while i < len(by_size):
+        top = sizes[by_size[i]]
+        j = i + 1
+        while j < len(by_size) and 2 * sizes[by_size[j]] > top and (j - i + 1) * top * width <= element_budget:
+            j += 1
+        yield np.array(by_size[i:j])
+        i = j
+
+
+def _batched_scores(xb: torch.Tensor, c: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
+    """[G, s, m] scores of every padded row against its own group's sub-centroids (unused ones: +inf)."""
+    return bias_minus_dot(xb, c, half_sq_norms(c)).masked_fill(~cmask[:, None, :], float("inf"))
+
+
+def _batched_lloyd(
+    xb: torch.Tensor, vmask: torch.Tensor, cmask: torch.Tensor, c: torch.Tensor, n_iter: int, metric: Metric
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lloyd on G padded groups at once: (sub-centroids [G, m, d], labels [G, s], distances [G, s]).
+
+    Stops when no label changes; an empty sub-cluster keeps its centroid.
+    """
+    g, m, d = c.shape
+    flat_base = torch.arange(g, device=xb.device)[:, None] * m
+    prev = None
+    for _ in range(n_iter):
+        lab = _batched_scores(xb, c, cmask).argmin(-1)
+        if prev is not None and torch.equal(lab, prev):
+            break
+        prev = lab
+        idx = (flat_base + lab)[vmask]
+        sums = torch.zeros(g * m, d, dtype=torch.float64, device=xb.device)
+        sums.index_add_(0, idx, xb[vmask].double())
+        cnt = torch.bincount(idx, minlength=g * m).reshape(g, m)
+        new = (sums.reshape(g, m, d) / cnt.clamp_min(1)[..., None]).float()
+        if metric == "cosine":
+            new = normalize_rows(new)
+        c = torch.where((cnt > 0)[..., None], new, c)
+    best, lab = _batched_scores(xb, c, cmask).min(-1)
+    return c, lab, distances_from_scores(xb, best, metric)
+
+
 def split_clusters(
     x: np.ndarray,
     groups: np.ndarray,
@@ -143,39 +190,31 @@ def split_clusters(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split every group into up to ``n_splits`` sub-clusters by k-means, batched across groups.
 
-    Groups are bucketed by size (within a bucket sizes differ < 2×, so padding wastes < half) and each
-    bucket runs Lloyd as one padded ``baddbmm`` over all its groups. Init: random distinct members.
-    Empty sub-clusters are dropped. Returns (centroids, labels, distances) with leaves numbered by
+    Groups are bucketed by size and each bucket runs Lloyd as one padded batched GEMM over all its
+    groups, on the scores of `curation.kmeans_assign`. Init: random distinct members. Empty
+    sub-clusters are dropped. Returns (centroids, labels, distances) with leaves numbered by
     (group, sub-cluster).
     """
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
     n, d = x.shape
+    m = n_splits
     n_groups = int(groups.max()) + 1
     sizes = np.bincount(groups, minlength=n_groups)
     members = np.argsort(groups, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    m = n_splits
     sub_c = np.zeros((n_groups, m, d), dtype=np.float32)
     sub_n = np.zeros((n_groups, m), dtype=np.int64)
     labels = np.empty(n, dtype=np.int64)
     dists = np.empty(n, dtype=np.float32)
-    by_size = [g for g in np.argsort(-sizes, kind="stable") if sizes[g] > 0]
-    i = 0
-    while i < len(by_size):
-        top = sizes[by_size[i]]
-        j = i + 1
-        while j < len(by_size) and 2 * sizes[by_size[j]] > top and (j - i + 1) * top * max(d, m) <= element_budget:
-            j += 1
-        bucket = np.array(by_size[i:j])
-        i = j
-        s_max = int(top)
+    for bucket in _size_buckets(sizes, max(d, m), element_budget):
+        s_max = int(sizes[bucket[0]])
         pos = starts[bucket][:, None] + np.arange(s_max)[None, :]
         valid = np.arange(s_max)[None, :] < sizes[bucket][:, None]
         rows = members[np.where(valid, pos, starts[bucket][:, None])]
         xb = torch.as_tensor(x[rows.ravel()].reshape(len(bucket), s_max, d), dtype=torch.float32, device=dev)
         if metric == "cosine":
-            xb = normalize_rows(xb.reshape(-1, d)).reshape(xb.shape)
+            xb = normalize_rows(xb)
         vmask = torch.as_tensor(valid, device=dev)
         m_g = torch.as_tensor(np.minimum(sizes[bucket], m), device=dev)
         cmask = torch.arange(m, device=dev)[None, :] < m_g[:, None]  # [G, m] usable sub-centroids
@@ -183,36 +222,14 @@ def split_clusters(
         init = np.argsort(keys, axis=1, kind="stable")[:, :m]
         if init.shape[1] < m:
             init = np.pad(init, ((0, 0), (0, m - init.shape[1])))
-        c = torch.gather(xb, 1, torch.as_tensor(init, device=dev)[:, :, None].expand(-1, -1, d))
-        flat_base = torch.arange(len(bucket), device=dev)[:, None] * m
-        prev = None
-        for _ in range(n_iter):
-            half_sq = 0.5 * (c * c).sum(-1)
-            val = torch.baddbmm(half_sq[:, None, :], xb, c.transpose(1, 2), alpha=-1)
-            val = val.masked_fill(~cmask[:, None, :], float("inf"))
-            lab = val.argmin(-1)
-            if prev is not None and torch.equal(lab, prev):
-                break
-            prev = lab
-            idx = (flat_base + lab)[vmask]
-            sums = torch.zeros(len(bucket) * m, d, dtype=torch.float64, device=dev)
-            sums.index_add_(0, idx, xb[vmask].double())
-            cnt = torch.bincount(idx, minlength=len(bucket) * m).reshape(len(bucket), m)
-            new = (sums.reshape(len(bucket), m, d) / cnt.clamp_min(1)[..., None]).float()
-            if metric == "cosine":
-                new = normalize_rows(new.reshape(-1, d)).reshape(new.shape)
-            c = torch.where((cnt > 0)[..., None], new, c)
-        half_sq = 0.5 * (c * c).sum(-1)
-        val = torch.baddbmm(half_sq[:, None, :], xb, c.transpose(1, 2), alpha=-1)
-        val = val.masked_fill(~cmask[:, None, :], float("inf"))
-        best, lab = val.min(-1)
-        sq = ((xb * xb).sum(-1) + 2 * best).clamp_min(0)
-        dist = sq * 0.5 if metric == "cosine" else sq
+        c0 = torch.gather(xb, 1, torch.as_tensor(init, device=dev)[:, :, None].expand(-1, -1, d))
+        c, lab, dist = _batched_lloyd(xb, vmask, cmask, c0, n_iter, metric)
         vm = vmask.cpu().numpy()
-        labels[rows[vm]] = (bucket[:, None] * m + lab.cpu().numpy())[vm]
+        leaf = bucket[:, None] * m + lab.cpu().numpy()
+        labels[rows[vm]] = leaf[vm]
         dists[rows[vm]] = dist.cpu().numpy()[vm]
         sub_c[bucket] = c.cpu().numpy()
-        sub_n[bucket] = torch.bincount((flat_base + lab)[vmask], minlength=len(bucket) * m).reshape(-1, m).cpu().numpy()
+        sub_n.ravel()[:] += np.bincount(leaf[vm], minlength=n_groups * m)
     keep = np.flatnonzero(sub_n.ravel() > 0)
     remap = np.full(n_groups * m, -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
