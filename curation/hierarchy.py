@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from curation.checkpoint_store import ArrayStore
+from curation.cluster_cost import level1_shape
 from curation.kmeans import ArrayRows, RowSource, kmeans_rows
 from curation.kmeans_assign import (
     Metric,
@@ -69,11 +70,17 @@ class LevelSpec:
 
 
 def default_levels(
-    n_rows: int, n_levels: int = 5, *, resampling_steps: int = 10, min_top_k: int = 10
+    n_rows: int,
+    n_levels: int = 5,
+    *,
+    resampling_steps: int = 10,
+    min_top_k: int = 10,
+    dim: int = 384,
+    n_iter: int = 30,
 ) -> list[LevelSpec]:
-    """Level sizes scaled from the paper's ratios to a pool of ``n_rows``.
+    """Level sizes scaled from the paper's ratios to a pool of ``n_rows``, level 1 shaped by its cost.
 
-    Rule: level t has k_t = n_rows / (r_1^α · … · r_t^α) clusters, r = PAPER_RATIOS (extended with
+    Sizes: level t has k_t = n_rows / (r_1^α · … · r_t^α) clusters, r = PAPER_RATIOS (extended with
     its last ratio beyond 5 levels). α is the largest exponent ≤ 1 that leaves the top level at least
     max(``min_top_k``, c·√n_rows) clusters, with c set so the paper's 17B-image pool gets exactly its
     25k (α = 1 there); the floor keeps tiny pools from ending in a handful of top clusters:
@@ -82,18 +89,31 @@ def default_levels(
     concepts in small pools (200k × 384 synthetic pool, 4 levels: normalised concept entropy of a 20%
     sample 0.949 with this rule, 0.910 with a fixed floor of 10 top clusters; benchmarks/build_lvd.py).
     Level 1 gets no resampling (too costly at scale, as in the paper); upper levels get ``resampling_steps``.
+
+    Shape of level 1 (`curation.cluster_cost.level1_shape`): a direct k-means while it costs under
+    ``DIRECT_MAX_FLOPS`` (1 TFLOP: seconds on 2 cores, e.g. every pool up to ~25k rows × 384), else
+    two-step, √(1.5·k₁) pre-clusters each split into ≤ k₁/pre sub-clusters, the cheapest split (per row
+    and iteration it scores pre + 1.5·splits centroids instead of k₁). Measured on 200k × 384
+    (benchmarks/cluster_defaults.py, 2 cores): a direct k₁ = 11,447 had not finished level 1 after
+    11 min; two-step 131 × 88 ran the whole 4-level hierarchy in the time of docs/benchmarks.md.
+    A deeper split tree (pre-clusters of pre-clusters) would bring level 1 from N·2√k₁ toward
+    N·log k₁ per iteration, but each extra step adds a pass over all rows and another quantisation of
+    cell boundaries; at 10⁹ rows two steps already score ~8,700 centroids per row (≈0.5 GFLOP per row
+    over 30 iterations at d = 1024, under 1 % of a ViT-L forward pass), so the plain two-step is kept.
+    The choice depends on (n_rows, dim, n_iter) only, never on the machine, so plans resume anywhere.
     """
     ratios = [PAPER_RATIOS[min(i, len(PAPER_RATIOS) - 1)] for i in range(n_levels)]
     total = sum(math.log(r) for r in ratios)
     top_k = max(float(min_top_k), PAPER_TOP_PER_SQRT_ROWS * math.sqrt(n_rows))
     alpha = min(1.0, max(0.0, math.log(max(n_rows / top_k, 1.0)) / total))
-    specs = []
+    ks: list[int] = []
     k = float(n_rows)
     for t, r in enumerate(ratios):
         k /= r**alpha
-        k_t = max(2, min(int(round(k)), n_rows if t == 0 else specs[-1].k))
-        specs.append(LevelSpec(k=k_t, resampling_steps=0 if t == 0 else resampling_steps))
-    return specs
+        ks.append(max(2, min(int(round(k)), n_rows if t == 0 else ks[-1])))
+    pre, splits = level1_shape(n_rows, ks[0], dim, n_iter)
+    first = LevelSpec(k=pre, n_splits=splits)
+    return [first] + [LevelSpec(k=k_t, resampling_steps=resampling_steps) for k_t in ks[1:]]
 
 
 @dataclass

@@ -67,10 +67,11 @@ class ClusterConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("workers", "worker_cpus")}
 
 
-def level_specs(config: ClusterConfig, n_rows: int) -> list[LevelSpec]:
+def level_specs(config: ClusterConfig, n_rows: int, dim: int) -> list[LevelSpec]:
     if config.levels:
         return [LevelSpec(**asdict(level)) for level in config.levels]
-    return default_levels(n_rows, config.n_levels, resampling_steps=config.resampling_steps)
+    return default_levels(n_rows, config.n_levels, resampling_steps=config.resampling_steps, dim=dim,
+                          n_iter=config.n_iter)
 
 
 def _device(name: str) -> str:
@@ -147,14 +148,14 @@ def cluster(root: str, config: ClusterConfig | None = None, *, embeddings: str |
         ledger.reset()
         store.clear()
     image_ids, vectors = _read_inputs(root, config, embeddings, ids)
-    specs = level_specs(config, len(image_ids))
+    dim = vectors.dim if isinstance(vectors, RowIndex) else vectors.shape[1]
+    specs = level_specs(config, len(image_ids), dim)
     plan = fingerprint(config.plan_settings(), [asdict(s) for s in specs], len(image_ids), int(image_ids.sum()))
     if ledger.is_complete() and ledger.done().get("all", {}).get("plan") == plan:
         return {"skipped": True, "levels": [s.k for s in specs]}
     ledger.check_plan(plan)
     device = _device(config.device)
     with RunManifest(root, STAGE, asdict(config)) as manifest:
-        dim = vectors.dim if isinstance(vectors, RowIndex) else vectors.shape[1]
         manifest.inputs = {"rows": len(image_ids), "dim": dim, "levels": [asdict(s) for s in specs]}
         steps = sum(1 + s.resampling_steps for s in specs)
         with progress(steps, "cluster", unit="step") as bar, _level1(vectors, config, specs, device) as level1:
