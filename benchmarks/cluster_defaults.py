@@ -51,7 +51,7 @@ def run_row(paths: dict[str, str], n_levels: int, overrides: list[str], frac: fl
     result = cluster(root, config, embeddings=paths["embeddings"], ids=paths["ids"])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     walls = level_walls(root, n_levels, started)
-    sample(root, SampleConfig(target_size=int(round(frac * n))))
+    sample(root, SampleConfig(target_size=round(frac * n)))
     picked = read_table(root, "curated/lvd", columns=["image_id"]).column("image_id").to_numpy()
     return {"levels": n_levels, "knobs": " ".join(overrides) or "defaults", "level1": level1_shape(root),
             "k": "/".join(str(k) for k in result["levels"]), "wall_s": wall, "cpu_s": cpu,
@@ -64,8 +64,9 @@ def run_row(paths: dict[str, str], n_levels: int, overrides: list[str], frac: fl
 def level1_shape(root: str) -> str:
     """Level 1's shape as the stage's manifest recorded it (direct k, or pre-clusters × splits)."""
     manifests = os.path.join(root, "_manifests")
-    latest = sorted(f for f in os.listdir(manifests) if f.startswith("cluster"))[-1]
-    spec = json.load(open(os.path.join(manifests, latest)))["inputs"]["levels"][0]
+    latest = max(f for f in os.listdir(manifests) if f.startswith("cluster"))
+    with open(os.path.join(manifests, latest)) as f:
+        spec = json.load(f)["inputs"]["levels"][0]
     return f"{spec['k']} x {spec['n_splits']}" if spec["n_splits"] > 1 else f"{spec['k']} direct"
 
 

@@ -25,8 +25,10 @@ def write_pool(out: str, n: int = 200_000, d: int = 384, n_concepts: int = 1000,
     paths = {name.removesuffix(".npy"): os.path.join(out, name) for name in FILES}
     stamp = os.path.join(out, "args.txt")
     args = f"n={n} d={d} concepts={n_concepts} seed={seed}"
-    if os.path.exists(stamp) and open(stamp).read() == args and all(map(os.path.exists, paths.values())):
-        return paths
+    if os.path.exists(stamp) and all(map(os.path.exists, paths.values())):
+        with open(stamp) as f:
+            if f.read() == args:
+                return paths
     x, concept, _ = concept_embeddings(n, d, n_concepts, seed=seed)
     np.save(paths["embeddings"], x)
     np.save(paths["ids"], np.arange(n, dtype=np.int64))

@@ -6,8 +6,9 @@ Built on the cost model of `curation.cluster_cost` and the level rule of `curati
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from curation.cluster_cost import (
     GB,
@@ -100,11 +101,11 @@ def _level_plan(level: int, n: int, d: int, spec: LevelSpec, n_iter: int, rates:
 def format_plan(plan: Plan) -> str:
     """The plan as a text table, one row per level, with the rates it was estimated from."""
     r = plan.rates
-    lines = [f"plan for {plan.rows:,} rows × {plan.dim} on {r.device} "
-             f"({r.gemm_flops / 1e9:,.0f} GFLOP/s GEMM, {r.elementwise / 1e9:.2f} G elem/s, "
-             f"{r.step_latency_s * 1e6:.0f} µs per step)",
-             f"{'level':>5} {'inputs':>14} {'k':>12} {'shape':>20} {'resample':>8} {'TFLOP':>10} "
-             f"{'time':>10} {'memory':>10} {'workers':>7} {'GB/worker':>9}"]
+    lines = [(f"plan for {plan.rows:,} rows × {plan.dim} on {r.device} "
+              f"({r.gemm_flops / 1e9:,.0f} GFLOP/s GEMM, {r.elementwise / 1e9:.2f} G elem/s, "
+              f"{r.step_latency_s * 1e6:.0f} µs per step)"),
+             (f"{'level':>5} {'inputs':>14} {'k':>12} {'shape':>20} {'resample':>8} {'TFLOP':>10} "
+              f"{'time':>10} {'memory':>10} {'workers':>7} {'GB/worker':>9}")]
     for lv in plan.levels:
         shape = f"{lv.pre_clusters:,} × {lv.splits}" if lv.shape == "two-step" else "direct"
         lines.append(f"{lv.level:>5} {lv.inputs:>14,} {lv.k:>12,} {shape:>20} {lv.resampling_steps:>8} "

@@ -14,9 +14,8 @@ procedure at cosine > 0.45, dropping every component that touches an evaluation 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-from typing import Iterable, Iterator
 
 import numpy as np
 

@@ -23,8 +23,9 @@ step samples are gathered here (all of them for ``n_splits > 1``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -110,7 +111,7 @@ def default_levels(
     k = float(n_rows)
     for t, r in enumerate(ratios):
         k /= r**alpha
-        ks.append(max(2, min(int(round(k)), n_rows if t == 0 else ks[-1])))
+        ks.append(max(2, min(round(k), n_rows if t == 0 else ks[-1])))
     pre, splits = level1_shape(n_rows, ks[0], dim, n_iter)
     first = LevelSpec(k=pre, n_splits=splits)
     return [first] + [LevelSpec(k=k_t, resampling_steps=resampling_steps) for k_t in ks[1:]]
@@ -165,35 +166,33 @@ def _size_buckets(sizes: np.ndarray, width: int, element_budget: int) -> Iterato
         i = j
 
 
-def _batched_scores(xb: torch.Tensor, c: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
-    """[G, s, m] scores of every padded row against its own group's sub-centroids (unused ones: +inf)."""
-    return bias_minus_dot(xb, c, half_sq_norms(c)).masked_fill(~cmask[:, None, :], float("inf"))
-
-
 def _batched_lloyd(
     xb: torch.Tensor, vmask: torch.Tensor, cmask: torch.Tensor, c: torch.Tensor, n_iter: int, metric: Metric
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd on G padded groups at once: (sub-centroids [G, m, d], labels [G, s], distances [G, s]).
 
-    Stops when no label changes; an empty sub-cluster keeps its centroid.
+    Unused sub-centroids get an infinite bias, so no row picks them. Stops when no label changes;
+    an empty sub-cluster keeps its centroid.
     """
     g, m, d = c.shape
     flat_base = torch.arange(g, device=xb.device)[:, None] * m
+    rows64 = xb[vmask].double()  # the real (unpadded) rows, summed in float64
+    unused = torch.where(cmask, 0.0, float("inf"))
     prev = None
     for _ in range(n_iter):
-        lab = _batched_scores(xb, c, cmask).argmin(-1)
+        lab = bias_minus_dot(xb, c, half_sq_norms(c) + unused).argmin(-1)
         if prev is not None and torch.equal(lab, prev):
             break
         prev = lab
         idx = (flat_base + lab)[vmask]
         sums = torch.zeros(g * m, d, dtype=torch.float64, device=xb.device)
-        sums.index_add_(0, idx, xb[vmask].double())
+        sums.index_add_(0, idx, rows64)
         cnt = torch.bincount(idx, minlength=g * m).reshape(g, m)
         new = (sums.reshape(g, m, d) / cnt.clamp_min(1)[..., None]).float()
         if metric == "cosine":
             new = normalize_rows(new)
         c = torch.where((cnt > 0)[..., None], new, c)
-    best, lab = _batched_scores(xb, c, cmask).min(-1)
+    best, lab = bias_minus_dot(xb, c, half_sq_norms(c) + unused).min(-1)
     return c, lab, distances_from_scores(xb, best, metric)
 
 

@@ -14,7 +14,8 @@ import math
 import struct
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import faiss
 import numpy as np

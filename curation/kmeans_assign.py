@@ -17,7 +17,8 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import torch
