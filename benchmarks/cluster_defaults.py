@@ -13,7 +13,6 @@ stage; per level, the wall time comes from when each level's last checkpoint was
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -25,6 +24,7 @@ import numpy as np
 from benchmarks.common import report
 from benchmarks.long_tail_pool import write_pool
 from catalog.config import load_config
+from catalog.manifest import list_manifests
 from catalog.shards import read_table
 from curation.synthetic import normalised_entropy
 from pipelines.stages.cluster import ClusterConfig, cluster
@@ -63,10 +63,7 @@ def run_row(paths: dict[str, str], n_levels: int, overrides: list[str], frac: fl
 
 def level1_shape(root: str) -> str:
     """Level 1's shape as the stage's manifest recorded it (direct k, or pre-clusters × splits)."""
-    manifests = os.path.join(root, "_manifests")
-    latest = max(f for f in os.listdir(manifests) if f.startswith("cluster"))
-    with open(os.path.join(manifests, latest)) as f:
-        spec = json.load(f)["inputs"]["levels"][0]
+    spec = next(m for m in list_manifests(root) if m["stage"] == "cluster")["inputs"]["levels"][0]
     return f"{spec['k']} x {spec['n_splits']}" if spec["n_splits"] > 1 else f"{spec['k']} direct"
 
 

@@ -14,7 +14,7 @@ procedure at cosine > 0.45, dropping every component that touches an evaluation 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,9 +22,25 @@ import numpy as np
 from curation.components import ComponentForest, connected_components
 from curation.index import PoolIndex, build_index, fingerprint
 
-__all__ = ["COPY_K", "COPY_THRESHOLD", "RELATIVE_THRESHOLD", "DedupResult", "Edges", "block_edges", "checked_index",
-           "connected_components", "copy_dedup", "graph_components", "graph_nprobe", "knn_graph", "query_blocks",
-           "relative_dedup", "select_keepers", "unique_edges"]
+__all__ = [
+    "COPY_K",
+    "COPY_THRESHOLD",
+    "RELATIVE_THRESHOLD",
+    "DedupResult",
+    "Edges",
+    "Mirror",
+    "block_edges",
+    "checked_index",
+    "connected_components",
+    "copy_dedup",
+    "graph_components",
+    "graph_nprobe",
+    "knn_graph",
+    "query_blocks",
+    "relative_dedup",
+    "select_keepers",
+    "unique_edges",
+]
 
 COPY_K = 64  # DINOv2: k=64 nearest neighbours per image
 COPY_THRESHOLD = 0.6  # DINOv2: self-dedup edge when cosine > 0.6
@@ -64,6 +80,9 @@ def graph_nprobe(index: PoolIndex, min_nprobe: int = GRAPH_MIN_NPROBE) -> int | 
     return None if tuned is None else max(tuned, min_nprobe)
 
 
+Mirror = Callable[[np.ndarray], np.ndarray]
+
+
 def block_edges(
     index: PoolIndex,
     queries: np.ndarray,
@@ -72,9 +91,23 @@ def block_edges(
     threshold: float = COPY_THRESHOLD,
     *,
     nprobe: int | None = None,
+    mirror: Mirror | None = None,
 ) -> Edges:
     """Edges of one query block (rows ``first_row ..``, themselves indexed): cosine > threshold among
-    each row's k neighbours besides itself. A pair may come out of both of its rows' blocks."""
+    each row's k neighbours besides itself. A pair may come out of both of its rows' blocks.
+
+    ``mirror`` maps descriptors to those of the mirrored images (`curation.copy_descriptor.mirror`):
+    each row is then also searched mirrored, so a left/right flipped copy meets its original.
+    """
+    edges = _search_edges(index, queries, first_row, k, threshold, nprobe)
+    if mirror is None:
+        return edges
+    flipped = _search_edges(index, mirror(queries), first_row, k, threshold, nprobe)
+    return Edges(*(np.concatenate([getattr(edges, f), getattr(flipped, f)]) for f in ("src", "dst", "sim")))
+
+
+def _search_edges(index: PoolIndex, queries: np.ndarray, first_row: int, k: int, threshold: float,
+                  nprobe: int | None) -> Edges:
     kk = min(k + 1, index.ntotal)  # +1: a row usually finds itself first
     q_rows = np.arange(first_row, first_row + len(queries), dtype=np.int64)
     s, i = index.search(queries, kk, nprobe=nprobe)
@@ -113,6 +146,7 @@ def knn_graph(
     batch_size: int = GRAPH_BATCH,
     min_nprobe: int = GRAPH_MIN_NPROBE,
     seed: int = 0,
+    mirror: Mirror | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Undirected edges (src < dst, int64) with cosine > threshold among each row's k neighbours.
 
@@ -122,7 +156,8 @@ def knn_graph(
     """
     index, x = checked_index(index_or_x, x, seed)
     nprobe = graph_nprobe(index, min_nprobe)
-    blocks = (block_edges(index, q, start, k, threshold, nprobe=nprobe) for start, q in query_blocks(x, batch_size))
+    blocks = (block_edges(index, q, start, k, threshold, nprobe=nprobe, mirror=mirror)
+              for start, q in query_blocks(x, batch_size))
     e = unique_edges(blocks)
     return e.src, e.dst, e.sim
 
@@ -135,6 +170,7 @@ def graph_components(
     *,
     batch_size: int = GRAPH_BATCH,
     min_nprobe: int = GRAPH_MIN_NPROBE,
+    mirror: Mirror | None = None,
 ) -> tuple[np.ndarray, int]:
     """(component per row, edges found) of the copy graph, streamed: each query block's edges go
     straight into a `ComponentForest`, so no whole edge list is ever held. ``edges found`` counts a
@@ -143,7 +179,7 @@ def graph_components(
     nprobe = graph_nprobe(index, min_nprobe)
     found = 0
     for start, q in query_blocks(x, batch_size):
-        e = block_edges(index, q, start, k, threshold, nprobe=nprobe)
+        e = block_edges(index, q, start, k, threshold, nprobe=nprobe, mirror=mirror)
         forest.add_edges(e.src, e.dst)
         found += len(e)
     return forest.labels(), found
@@ -181,12 +217,16 @@ class DedupResult:
     n_edges: int  # edges above the threshold as found (a pair found from both of its rows counts twice)
 
 
-def _rowwise_cosine(x: np.ndarray, a: np.ndarray, b: np.ndarray, batch: int = 65_536) -> np.ndarray:
+def _rowwise_cosine(x: np.ndarray, a: np.ndarray, b: np.ndarray, mirror: Mirror | None = None,
+                    batch: int = 65_536) -> np.ndarray:
     out = np.empty(len(a), dtype=np.float32)
     for s in range(0, len(a), batch):
         xa = np.asarray(x[a[s : s + batch]], dtype=np.float32)
         xb = np.asarray(x[b[s : s + batch]], dtype=np.float32)
-        out[s : s + len(xa)] = np.einsum("ij,ij->i", xa, xb)
+        sim = np.einsum("ij,ij->i", xa, xb)
+        if mirror is not None:
+            sim = np.maximum(sim, np.einsum("ij,ij->i", mirror(xa), xb))
+        out[s : s + len(xa)] = sim
     return out
 
 
@@ -199,21 +239,23 @@ def copy_dedup(
     *,
     index: PoolIndex | None = None,
     seed: int = 0,
+    mirror: Mirror | None = None,
 ) -> DedupResult:
     """Self-dedup: kNN graph -> components -> keep the largest image (then smallest id) of each.
 
-    The reported similarity is to the keeper itself, which can be below `threshold` when the row
-    joined the component through a chain of near copies.
+    The reported similarity is to the keeper itself (the better of straight and mirrored with
+    ``mirror``), which can be below `threshold` when the row joined the component through a chain
+    of near copies.
     """
     index, x = checked_index(x if index is None else index, x, seed)
-    labels, n_edges = graph_components(index, x, k, threshold)
+    labels, n_edges = graph_components(index, x, k, threshold, mirror=mirror)
     keep_mask, keeper = select_keepers(labels, priority, ids)
     removed = np.flatnonzero(~keep_mask)
     return DedupResult(
         removed_rows=removed,
         kept_rows=np.flatnonzero(keep_mask),
         keeper_of_removed=keeper[removed],
-        removed_similarity=_rowwise_cosine(x, removed, keeper[removed]),
+        removed_similarity=_rowwise_cosine(x, removed, keeper[removed], mirror),
         labels=labels,
         n_edges=n_edges,
     )
@@ -226,9 +268,10 @@ def relative_dedup(
     threshold: float = RELATIVE_THRESHOLD,
     *,
     seed: int = 0,
+    mirror: Mirror | None = None,
 ) -> np.ndarray:
     """Sorted pool rows to drop: every pool row whose component (graph over pool + eval) has an eval row."""
     n_pool = pool_x.shape[0]
     both = np.concatenate([pool_x, np.asarray(eval_x, dtype=pool_x.dtype)])
-    labels, _ = graph_components(build_index(both, seed=seed), both, k, threshold)
+    labels, _ = graph_components(build_index(both, seed=seed), both, k, threshold, mirror=mirror)
     return np.flatnonzero(np.isin(labels[:n_pool], labels[n_pool:]))

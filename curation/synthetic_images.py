@@ -68,6 +68,26 @@ def copy_variants(img: Image.Image, rng: np.random.Generator, kinds: tuple[str, 
     return [(kind, VARIANTS[kind](img, rng)) for kind in kinds]
 
 
+def random_scene(rng: np.random.Generator, width: int = 96, height: int = 80) -> Image.Image:
+    """A distinct photo-like image: a smooth random colour field, a shape, and sometimes stripes."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    field = np.zeros((height, width, 3))
+    for _ in range(4):
+        fy, fx = rng.uniform(0.5, 3.0, 2)
+        field += rng.uniform(-1, 1, 3) * np.cos(2 * np.pi * (fy * yy + fx * xx) + rng.uniform(0, 2 * np.pi))[..., None]
+    rgb = 128 + 40 * field
+    if rng.random() < 0.5:
+        period, angle = rng.uniform(4, 10), rng.uniform(0, np.pi)
+        rgb += 30 * np.sign(np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) * width / period))[..., None]
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    x0, y0 = rng.uniform(0.1, 0.5, 2) * (width, height)
+    x1, y1 = (x0, y0) + rng.uniform(0.2, 0.45, 2) * (width, height)
+    shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+    shape((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return img
+
+
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 

@@ -20,7 +20,9 @@ from catalog.ledger import Ledger
 from catalog.manifest import RunManifest, fingerprint
 from catalog.shards import delete_table, table_exists, write_shards
 from catalog.sql import query
-from curation.copy_descriptor import copy_descriptor
+from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
+from curation.copy_descriptor import RELATIVE_THRESHOLD as PIXEL_RELATIVE_THRESHOLD
+from curation.copy_descriptor import copy_descriptor, mirror
 from catalog.decode import DecodeError, decode_rgb
 from curation.dedup import (
     COPY_K,
@@ -33,10 +35,6 @@ from pipelines.stages.ingest import COPY_DESCRIPTORS, IMAGE_EXTENSIONS
 from pipelines.reports import write_dedup_report
 
 STAGE = "dedup"
-# Cosine thresholds of the pixel descriptor, calibrated on the demo pool's injected copies
-# (re-encoded, resized, cropped ≤10%) against distinct instances of the same concept.
-PIXEL_COPY_THRESHOLD = 0.95
-PIXEL_RELATIVE_THRESHOLD = 0.9
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,8 @@ def copy_step(root: str, config: DedupConfig) -> pa.Table:
     sizes = query(root, "SELECT image_id, coalesce(width * height, 0) AS px FROM pool WHERE status = 'ok'")
     px = dict(zip(sizes.column("image_id").to_pylist(), sizes.column("px").to_pylist()))
     priority = np.asarray([px.get(int(i), 0) for i in ids], np.float64)
-    result = copy_dedup(x, ids, priority, config.k, config.copy_threshold(), seed=config.seed)
+    result = copy_dedup(x, ids, priority, config.k, config.copy_threshold(), seed=config.seed,
+                        mirror=mirror if config.descriptor == "pixels" else None)
     return _rows(ids[result.removed_rows], ids[result.keeper_of_removed], result.removed_similarity, "copy")
 
 
@@ -127,7 +126,8 @@ def eval_step(root: str, config: DedupConfig, name: str, folder: str) -> pa.Tabl
     earlier = ["exact", "copy"] + [f"eval:{n}" for n in sorted(config.eval_sets) if n < name]
     keep = ~np.isin(ids, _removed_by(root, earlier))
     ids, x = ids[keep], x[keep]
-    rows = relative_dedup(x, eval_descriptors(folder), config.k, config.eval_threshold(), seed=config.seed)
+    rows = relative_dedup(x, eval_descriptors(folder), config.k, config.eval_threshold(), seed=config.seed,
+                          mirror=mirror)
     return _rows(ids[rows], np.full(len(rows), -1), np.full(len(rows), np.nan), f"eval:{name}")
 
 

@@ -26,7 +26,7 @@ from catalog.paths import resolve, with_protocol
 from catalog.schemas import ERRORS, POOL, stamp
 from catalog.shards import write_shards
 from catalog.sql import query
-from curation.copy_descriptor import DIM, SIDE, copy_descriptor
+from curation.copy_descriptor import DIM, NAME, SIDE, copy_descriptor
 from catalog.decode import MISSING, DecodeError, decode_rgb, probe_image
 from pipelines.units import Unit, run_units
 
@@ -153,7 +153,7 @@ def process_unit(root: str, config: IngestConfig, name: str, payload: dict[str, 
     write_shards(root, "pool", name, pa.Table.from_pylist(pool_rows, schema=pool_schema), max_rows=config.rows_per_shard)
     x = np.stack(descriptors) if descriptors else np.zeros((0, DIM), np.float16)
     write_shards(root, COPY_DESCRIPTORS, name,
-                 embeddings_table(np.asarray(desc_ids, np.int64), x, {"descriptor": f"pixels{SIDE}"}, COPY_DESCRIPTORS),
+                 embeddings_table(np.asarray(desc_ids, np.int64), x, {"descriptor": NAME}, COPY_DESCRIPTORS),
                  max_rows=config.rows_per_shard)
     if error_rows:
         errors = pa.Table.from_pylist(error_rows, schema=stamp(ERRORS, "errors"))
