@@ -17,7 +17,7 @@ bit-identical results.
 
 Level 1 may be given as a ``RowSource`` instead of an array (rows held by workers elsewhere): its
 k-means and the assignments of its resampling steps then run on the source, and only the rows a
-step samples are gathered here (all of them for ``n_splits > 1``).
+step samples are gathered here (for ``n_splits > 1``, one size bucket of groups at a time).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from curation.checkpoint_store import ArrayStore
 from curation.cluster_cost import level1_shape
-from curation.kmeans import ArrayRows, RowSource, kmeans_rows
+from curation.kmeans import ArrayRows, RowSource, as_rows, kmeans_rows
 from curation.kmeans_assign import (
     Metric,
     bias_minus_dot,
@@ -152,6 +152,11 @@ def resample_rows(
     return np.sort(order[rank < per_cluster])
 
 
+def _dim(source: RowSource) -> int:
+    """Row width of a source (one row fetched: a `RowSource` knows its rows, not their width)."""
+    return int(np.asarray(source.take(np.zeros(1, dtype=np.int64))).shape[1])
+
+
 def _size_buckets(sizes: np.ndarray, width: int, element_budget: int) -> Iterator[np.ndarray]:
     """Non-empty groups, largest first, in buckets whose sizes differ < 2× (padding wastes < half)
     and whose padded [groups, largest, width] block stays within ``element_budget`` (one group always fits)."""
@@ -197,7 +202,7 @@ def _batched_lloyd(
 
 
 def split_clusters(
-    x: np.ndarray,
+    x: np.ndarray | RowSource,
     groups: np.ndarray,
     n_splits: int,
     *,
@@ -212,11 +217,13 @@ def split_clusters(
     Groups are bucketed by size and each bucket runs Lloyd as one padded batched GEMM over all its
     groups, on the scores of `curation.kmeans_assign`. Init: random distinct members. Empty
     sub-clusters are dropped. Returns (centroids, labels, distances) with leaves numbered by
-    (group, sub-cluster).
+    (group, sub-cluster). Rows are fetched one bucket at a time (``x`` may be a `RowSource` whose
+    rows live on workers), so memory stays at ``element_budget`` values beyond the per-row results.
     """
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
-    n, d = x.shape
+    source = as_rows(x)
+    n, d = len(groups), _dim(source)
     m = n_splits
     n_groups = int(groups.max()) + 1
     sizes = np.bincount(groups, minlength=n_groups)
@@ -231,7 +238,8 @@ def split_clusters(
         pos = starts[bucket][:, None] + np.arange(s_max)[None, :]
         valid = np.arange(s_max)[None, :] < sizes[bucket][:, None]
         rows = members[np.where(valid, pos, starts[bucket][:, None])]
-        xb = torch.as_tensor(x[rows.ravel()].reshape(len(bucket), s_max, d), dtype=torch.float32, device=dev)
+        xb = torch.as_tensor(np.asarray(source.take(rows.ravel())).reshape(len(bucket), s_max, d),
+                             dtype=torch.float32, device=dev)
         if metric == "cosine":
             xb = normalize_rows(xb)
         vmask = torch.as_tensor(valid, device=dev)
@@ -281,7 +289,7 @@ def _run_level(
         if spec.n_splits > 1:
             pre = _cached(store, f"level{level}/pre", lambda: _km(inputs, spec.k, _seed(seed, level, 0)))
             return _step_arrays(*split_clusters(
-                np.asarray(inputs.take(slice(None))), pre["labels"], spec.n_splits, seed=_seed(seed, level, 0, 1),
+                inputs, pre["labels"], spec.n_splits, seed=_seed(seed, level, 0, 1),
                 metric=metric, n_iter=n_iter, device=device))
         return _km(inputs, spec.k, _seed(seed, level, 0))
 
