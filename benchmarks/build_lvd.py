@@ -81,7 +81,7 @@ def build_levels(args: argparse.Namespace) -> list[LevelSpec]:
     """The CLI's default levels (`default_levels`, level 1 shaped by its cost) unless --ks/--split say otherwise."""
     if not args.ks and args.split == 0:
         return default_levels(args.n, args.levels, resampling_steps=args.steps, dim=args.d, n_iter=args.n_iter)
-    ks = [int(k) for k in args.ks.split(",")] if args.ks else [s.k * s.n_splits for s in default_levels(args.n, args.levels)]
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else [s.clusters for s in default_levels(args.n, args.levels)]
     first = LevelSpec(k=max(1, ks[0] // args.split), n_splits=args.split) if args.split > 1 else LevelSpec(k=ks[0])
     return [first] + [LevelSpec(k=k, resampling_steps=args.steps) for k in ks[1:]]
 

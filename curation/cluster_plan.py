@@ -93,7 +93,7 @@ def _level_plan(level: int, n: int, d: int, spec: LevelSpec, n_iter: int, rates:
         cost = cost + resampling_cost(n, spec.k, d, n_iter, spec.sample_size)
     memory = assign_memory(n, spec.k, d) + (4.0 * n * d * SPLIT_PADDING if two_step else 0.0)
     workers, per_worker = level1_workers(n, spec.k, d, storage_bytes, usable) if level == 1 else (1, memory)
-    return LevelPlan(level, n, spec.k * spec.n_splits, "two-step" if two_step else "direct",
+    return LevelPlan(level, n, spec.clusters, "two-step" if two_step else "direct",
                      spec.k if two_step else 0, spec.n_splits if two_step else 0, spec.resampling_steps,
                      cost.flops, cost.seconds(rates) / workers, memory, workers, per_worker)
 

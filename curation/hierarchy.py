@@ -69,6 +69,11 @@ class LevelSpec:
         if self.n_splits > 1 and self.resampling_steps > 0:
             raise ValueError("n_splits > 1 cannot be combined with resampling_steps > 0")
 
+    @property
+    def clusters(self) -> int:
+        """Clusters the level ends with, at most (a two-step level drops its empty sub-clusters)."""
+        return self.k * self.n_splits
+
 
 def default_levels(
     n_rows: int,
