@@ -84,9 +84,9 @@ def two_step_shape(k: int) -> tuple[int, int]:
     return pre, max(2, math.ceil(k / pre))
 
 
-def resampling_cost(n: int, k: int, d: int, n_iter: int, sample_size: int | None) -> Cost:
-    per = sample_size or max(2, round(n / k / 2))
-    sample = min(n, k * per)
+def resampling_cost(n: int, k: int, d: int, n_iter: int, sample_size: int) -> Cost:
+    """A fresh k-means on ``sample_size`` points per cluster, then every input assigned."""
+    sample = min(n, k * sample_size)
     return kmeans_cost(sample, k, d, n_iter) + Cost(2.0 * n * k * d, 4.0 * n * k, 4)
 
 

@@ -21,7 +21,7 @@ from curation.cluster_cost import (
     resampling_cost,
     split_cost,
 )
-from curation.hierarchy import LevelSpec, default_levels
+from curation.hierarchy import LevelSpec, default_levels, default_sample_size
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _level_plan(level: int, n: int, d: int, spec: LevelSpec, n_iter: int, rates:
     if two_step:
         cost = cost + split_cost(n, spec.n_splits, d, n_iter, spec.k)
     for _ in range(spec.resampling_steps):
-        cost = cost + resampling_cost(n, spec.k, d, n_iter, spec.sample_size)
+        cost = cost + resampling_cost(n, spec.k, d, n_iter, spec.sample_size or default_sample_size(n, spec.k))
     memory = assign_memory(n, spec.k, d) + (4.0 * n * d * SPLIT_PADDING if two_step else 0.0)
     workers, per_worker = level1_workers(n, spec.k, d, storage_bytes, usable) if level == 1 else (1, memory)
     return LevelPlan(level, n, spec.clusters, "two-step" if two_step else "direct",

@@ -54,9 +54,9 @@ Progress = Callable[[str], None]
 class LevelSpec:
     """One level. ``resampling_steps`` counts the resampled k-means runs *after* the first one.
 
-    ``sample_size`` (points taken per cluster when resampling) defaults to half the mean cluster
-    size of the level, at least 2 (with 1 point per cluster the resampled k-means is degenerate). ``n_splits > 1`` makes the level two-step: ``k`` groups, each split into up
-    to ``n_splits`` sub-clusters (for huge k at level 1); it cannot be combined with resampling.
+    ``sample_size`` (points taken per cluster when resampling) defaults to `default_sample_size`.
+    ``n_splits > 1`` makes the level two-step: ``k`` groups, each split into up to ``n_splits``
+    sub-clusters (for huge k at level 1); it cannot be combined with resampling.
     """
 
     k: int
@@ -73,6 +73,22 @@ class LevelSpec:
     def clusters(self) -> int:
         """Clusters the level ends with, at most (a two-step level drops its empty sub-clusters)."""
         return self.k * self.n_splits
+
+
+def default_sample_size(n_inputs: int, k: int) -> int:
+    """Points per cluster a resampling step takes: half the mean cluster size (as Vo et al.), but 1
+    when that is under 3.
+
+    Upper levels hold only 2-5 inputs per cluster. Taking 2 of them and re-running k-means averages
+    pairs of neighbouring centroids, which recreates the "hub" means (centroids sitting between many
+    unrelated concepts) that resampling is meant to remove; taking 1 (the member closest to its
+    centroid) and re-clustering exactly those k points snaps every centroid onto a member instead.
+    Measured on the 200k × 384 long-tailed pool (levels 3-4 re-run on one level-2 result, 5 seeds):
+    normalised concept entropy of a 20 % sample 0.953 ± 0.006 with 1, 0.936 ± 0.002 with 2, 0.945 ±
+    0.008 without resampling.
+    """
+    half = round(n_inputs / k / 2)
+    return half if half >= 3 else 1
 
 
 def default_levels(
@@ -97,14 +113,15 @@ def default_levels(
     Level 1 gets no resampling (too costly at scale, as in the paper); upper levels get ``resampling_steps``.
 
     Shape of level 1 (`curation.cluster_cost.level1_shape`): a direct k-means while it costs under
-    ``DIRECT_MAX_FLOPS`` (1 TFLOP: seconds on 2 cores, e.g. every pool up to ~25k rows × 384), else
+    ``DIRECT_MAX_FLOPS`` (1 TFLOP: seconds on 2 cores; pools up to ~20k rows × 384), else
     two-step, √(1.5·k₁) pre-clusters each split into ≤ k₁/pre sub-clusters, the cheapest split (per row
     and iteration it scores pre + 1.5·splits centroids instead of k₁). Measured on 200k × 384
-    (benchmarks/cluster_defaults.py, 2 cores): a direct k₁ = 11,447 had not finished level 1 after
-    11 min; two-step 131 × 88 ran the whole 4-level hierarchy in the time of docs/benchmarks.md.
+    (benchmarks/cluster_defaults.py, 2 shared cores): a direct k₁ = 11,447 had not finished level 1
+    after 11 min; two-step, level 1 took 44 s (152 × 102, 5 levels, load ≈ 2) to 106 s (131 × 88,
+    4 levels, load ≈ 9); the cost model counts 6.6e13 FLOPs for the direct level 1, 1.25e12 for 131 × 88.
     A deeper split tree (pre-clusters of pre-clusters) would bring level 1 from N·2√k₁ toward
     N·log k₁ per iteration, but each extra step adds a pass over all rows and another quantisation of
-    cell boundaries; at 10⁹ rows two steps already score ~8,700 centroids per row (≈0.5 GFLOP per row
+    cell boundaries; at 10⁹ rows two steps already score ~8,900 centroids per row (≈0.56 GFLOP per row
     over 30 iterations at d = 1024, under 1 % of a ViT-L forward pass), so the plain two-step is kept.
     The choice depends on (n_rows, dim, n_iter) only, never on the machine, so plans resume anywhere.
     """
@@ -304,7 +321,7 @@ def _run_level(
 
     def resampled(prev: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
         k = len(prev["centroids"])
-        per = spec.sample_size or max(2, round(inputs.n_rows / k / 2))
+        per = spec.sample_size or default_sample_size(inputs.n_rows, k)
         rows = resample_rows(prev["labels"], prev["distances"], per, spec.sample_strategy,
                              np.random.default_rng(_seed(seed, level, step)))
         if len(rows) < k:

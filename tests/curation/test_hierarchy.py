@@ -6,6 +6,7 @@ from curation.checkpoint_store import MemoryStore
 from curation.hierarchy import (
     LevelSpec,
     default_levels,
+    default_sample_size,
     hierarchical_kmeans,
     resample_rows,
     split_clusters,
@@ -127,3 +128,10 @@ def test_default_levels_rule():
     assert big[0].n_splits > 1 and 200e6 <= big[0].clusters < 200e6 + big[0].k  # two-step at this size
     with pytest.raises(ValueError):
         LevelSpec(k=5, n_splits=3, resampling_steps=2)
+
+
+def test_default_sample_size_takes_one_member_of_small_clusters():
+    assert default_sample_size(100_000, 1_000) == 50  # half the mean cluster size
+    assert default_sample_size(600, 100) == 3
+    assert default_sample_size(500, 100) == 1  # 2 of 5 would average neighbouring centroids into hubs
+    assert default_sample_size(150, 100) == 1
