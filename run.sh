@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two set-up commands of the README:
 #   ./run.sh demo   install into .venv, then run `curate build-lvd` on the bundled demo pool
-#   ./run.sh test   install into .venv (with test extras), then run the whole test suite
+#   ./run.sh test   install into .venv (with test extras), then `ruff check` the tree and run the whole test suite
 # Both are idempotent: the install is skipped when pyproject.toml has not changed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,6 +28,7 @@ export PATH="$PWD/$VENV/bin:$PATH"
 if [ "$what" = demo ]; then
   exec "$VENV/bin/curate" demo "${2:-demo_out}"
 fi
+"$VENV/bin/ruff" check . || { echo "ERROR: ruff check failed (fix the lines above)" >&2; exit 1; }
 # pytest exits 5 when it collected no test: that must fail loudly, not pass.
 set +e
 "$VENV/bin/python" -m pytest "${@:2}"

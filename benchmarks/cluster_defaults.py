@@ -24,11 +24,11 @@ import numpy as np
 from benchmarks.common import report
 from benchmarks.long_tail_pool import write_pool
 from catalog.config import load_config
-from catalog.manifest import list_manifests
 from catalog.shards import read_table
 from curation.synthetic import normalised_entropy
-from pipelines.stages.cluster import ClusterConfig, cluster
-from pipelines.stages.sample import SampleConfig, sample
+from pipelines.stage import run_stage
+from pipelines.stages.cluster import ClusterConfig, level_specs
+from pipelines.stages.sample import SampleConfig
 
 
 def level_walls(root: str, n_levels: int, started: float) -> list[float]:
@@ -44,27 +44,29 @@ def level_walls(root: str, n_levels: int, started: float) -> list[float]:
 def run_row(paths: dict[str, str], n_levels: int, overrides: list[str], frac: float, work: str) -> dict:
     root = os.path.join(work, f"catalog-l{n_levels}")
     shutil.rmtree(root, ignore_errors=True)
-    config = load_config(ClusterConfig, None, [*overrides, f"n_levels={n_levels}"])
+    files = [f"embeddings={paths['embeddings']}", f"ids={paths['ids']}"]
+    config = load_config(ClusterConfig, None, [*overrides, *files, f"n_levels={n_levels}"])
     concepts = np.load(paths["concepts"])
     n = len(concepts)
     started, wall, cpu = time.time(), time.perf_counter(), time.process_time()
-    result = cluster(root, config, embeddings=paths["embeddings"], ids=paths["ids"])
+    result = run_stage("cluster", root, config)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     walls = level_walls(root, n_levels, started)
-    sample(root, SampleConfig(target_size=round(frac * n)))
+    run_stage("sample", root, SampleConfig(target_size=round(frac * n)))
     picked = read_table(root, "curated/lvd", columns=["image_id"]).column("image_id").to_numpy()
-    return {"levels": n_levels, "knobs": " ".join(overrides) or "defaults", "level1": level1_shape(root),
-            "k": "/".join(str(k) for k in result["levels"]), "wall_s": wall, "cpu_s": cpu,
+    return {"levels": n_levels, "knobs": " ".join(overrides) or "defaults",
+            "level1": level1_shape(config, n, np.load(paths["embeddings"], mmap_mode="r").shape[1]),
+            "k": "/".join(str(k) for k in result.summary["levels"]), "wall_s": wall, "cpu_s": cpu,
             "level_wall_s": "/".join(f"{w:.0f}" for w in walls),
             "entropy": normalised_entropy(concepts[picked], int(concepts.max()) + 1),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "load_1min": os.getloadavg()[0]}
 
 
-def level1_shape(root: str) -> str:
-    """Level 1's shape as the stage's manifest recorded it (direct k, or pre-clusters × splits)."""
-    spec = next(m for m in list_manifests(root) if m["stage"] == "cluster")["inputs"]["levels"][0]
-    return f"{spec['k']} x {spec['n_splits']}" if spec["n_splits"] > 1 else f"{spec['k']} direct"
+def level1_shape(config: ClusterConfig, rows: int, dim: int) -> str:
+    """Level 1's shape as the stage derives it (`level_specs`): direct k, or pre-clusters × splits."""
+    spec = level_specs(config, rows, dim)[0]
+    return f"{spec.k} x {spec.n_splits}" if spec.n_splits > 1 else f"{spec.k} direct"
 
 
 def main() -> None:

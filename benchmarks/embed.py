@@ -63,16 +63,16 @@ def model_only(model, size: int, batch: int, steps: int, device: str, dtype) -> 
 
 def end_to_end_cpu(folder: str, model_name: str, size: int, batch: int) -> tuple[float, int]:
     """The product path: ingest (untimed), then the Ray Data embed stage, timed."""
-    from pipelines.stages.embed import EmbedConfig, embed
-    from pipelines.stages.ingest import ingest
-    from pipelines.ray_runtime import ensure_ray
+    from catalog.ray_runtime import ensure_ray
+    from pipelines.stage import run_stage
+    from pipelines.stages.embed import EmbedConfig
 
     root = os.path.join(folder, "catalog")
-    ingest(folder, root)
+    run_stage("ingest", root, {"source": folder})
     ensure_ray()
     config = EmbedConfig(model=model_name, image_size=size, batch_size=batch, images_per_unit=4 * batch)
     t0 = time.perf_counter()
-    rows = embed(root, config)
+    rows = run_stage("embed", root, config, executor="ray").summary
     return rows["out"] / (time.perf_counter() - t0), rows["out"]
 
 

@@ -36,8 +36,8 @@ import torch.distributed as dist
 from training.data.masking import collate
 from training.train.config import HeadConfig, ModelConfig, TrainConfig, vit_config
 from training.train.distributed import build_models, init_distributed
-from training.train.loop import train_step
 from training.train.optim import build_optimizer
+from training.train.pretrain import train_step
 from training.train.run_state import step_generator
 from training.train.schedules import StepHyperParams
 

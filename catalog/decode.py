@@ -65,7 +65,10 @@ class ImageInfo(NamedTuple):
 
 
 def _not_an_image(data: bytes) -> DecodeError:
-    """Say what the bytes are instead, so the errors table tells crawl problems apart."""
+    """Say what the bytes are instead, so the errors table tells crawl problems apart.
+
+    Never quote the content: the message lands in the catalog, and the file may be a secret.
+    """
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")) or b"<html" in head:
         return DecodeError(HTML_PAGE, f"an HTML/XML page, not an image ({len(data)} bytes)")
@@ -74,7 +77,7 @@ def _not_an_image(data: bytes) -> DecodeError:
     except UnicodeDecodeError:
         text = None
     if text is not None and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
-        return DecodeError(TEXT_FILE, f"plain text, not an image ({len(data)} bytes): {text[:40]!r}")
+        return DecodeError(TEXT_FILE, f"plain text, not an image ({len(data)} bytes)")
     return DecodeError(NOT_AN_IMAGE, f"binary data of no known image format ({len(data)} bytes)")
 
 

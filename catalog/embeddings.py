@@ -6,15 +6,59 @@ that reshapes to ``[rows, dim]`` without copying row by row.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pyarrow as pa
 
 from catalog import schemas
+from catalog.errors import MissingInputError, UserError, short_repr
+from catalog.paths import is_local, resolve
+from catalog.schemas import EMBEDDINGS_TABLE
 from catalog.shards import iter_shards, read_schema, shard_urls, write_shards
 
-EMBEDDINGS = "embeddings"
+
+class ModelMismatchError(UserError, ValueError):
+    """Two sets of embeddings that would be compared or mixed come from another model or preprocessing."""
+
+
+@dataclass(frozen=True)
+class EmbeddingIdentity:
+    """What makes two embedding tables comparable, stored in every shard's metadata.
+
+    ``model`` names the architecture (a registry size, or ``curate`` for our own exports, whose config the
+    weights hash covers); ``weights_sha256`` the weights, so the same file reached by another path is the
+    same model. Where a file lives is recorded beside it (``model_source``), never compared.
+    """
+
+    model: str
+    weights_sha256: str
+    preprocess: str
+    pooling: str
+    normalized: str
+
+    def metadata(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> EmbeddingIdentity | None:
+        names = [f.name for f in fields(cls)]
+        return cls(**{n: meta[n] for n in names}) if all(n in meta for n in names) else None
+
+    @classmethod
+    def of_table(cls, root: str, table: str = EMBEDDINGS_TABLE) -> EmbeddingIdentity | None:
+        return cls.from_metadata(embedding_metadata(root, table))
+
+    def check(self, other: EmbeddingIdentity | None, where: str, remedy: str) -> None:
+        """Refuse ``other`` (the embeddings found at ``where``) unless it is this identity."""
+        if other is None or other == self:
+            return
+        detail = "; ".join(f"{f.name}: {short_repr(getattr(other, f.name))} there vs "
+                           f"{short_repr(getattr(self, f.name))} here"
+                           for f in fields(self) if getattr(other, f.name) != getattr(self, f.name))
+        raise ModelMismatchError(f"{where} holds embeddings of another model or preprocessing ({detail}); {remedy}")
 
 
 def table_dim_and_dtype(schema: pa.Schema) -> tuple[int, np.dtype]:
@@ -22,12 +66,20 @@ def table_dim_and_dtype(schema: pa.Schema) -> tuple[int, np.dtype]:
     return field.list_size, np.dtype(field.value_type.to_pandas_dtype())
 
 
-def embedding_metadata(root: str, table: str = EMBEDDINGS) -> dict[str, str]:
+def embedding_metadata(root: str, table: str = EMBEDDINGS_TABLE) -> dict[str, str]:
     """The model id, weights hash and preprocessing recorded in the table's files."""
     urls = shard_urls(root, table)
     if not urls:
         return {}
     return schemas.metadata_of(read_schema(urls[0]))
+
+
+def recorded_embed_config(root: str, table: str = EMBEDDINGS_TABLE) -> dict[str, object]:
+    """The embed settings a table was made with (to embed a seed set exactly like the pool)."""
+    meta = embedding_metadata(root, table)
+    if "embed_config" not in meta:
+        raise MissingInputError(f"{root}/{table} records no embed settings: embed the pool with `curate embed` first")
+    return json.loads(meta["embed_config"])
 
 
 def to_numpy(column: pa.ChunkedArray | pa.FixedSizeListArray, dim: int) -> np.ndarray:
@@ -37,7 +89,7 @@ def to_numpy(column: pa.ChunkedArray | pa.FixedSizeListArray, dim: int) -> np.nd
     return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
 
-def load_embeddings(root: str, table: str = EMBEDDINGS, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+def load_embeddings(root: str, table: str = EMBEDDINGS_TABLE, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """All embeddings in memory as ``(image_ids [N], x [N, dim])``, in shard order."""
     ids, xs = [], []
     for _, shard in iter_shards(root, table):
@@ -45,18 +97,18 @@ def load_embeddings(root: str, table: str = EMBEDDINGS, dtype: str = "float32") 
         ids.append(shard.column("image_id").to_numpy())
         xs.append(to_numpy(shard.column("embedding"), dim).astype(dtype, copy=False))
     if not ids:
-        raise FileNotFoundError(f"catalog {root} has no {table} table: run `curate embed` first")
+        raise MissingInputError(f"catalog {root} has no {table} table: run `curate embed` first")
     return np.concatenate(ids), np.concatenate(xs)
 
 
-def export_npy(root: str, out_dir: str, table: str = EMBEDDINGS, dtype: str = "float32") -> tuple[str, str]:
+def export_npy(root: str, out_dir: str, table: str = EMBEDDINGS_TABLE, dtype: str = "float32") -> tuple[str, str]:
     """Write ``embeddings.npy`` (memory-mappable) and ``image_ids.npy`` shard by shard.
 
     Memory stays at one shard however large the table is.
     """
     urls = shard_urls(root, table)
     if not urls:
-        raise FileNotFoundError(f"catalog {root} has no {table} table")
+        raise MissingInputError(f"catalog {root} has no {table} table")
     dim, _ = table_dim_and_dtype(read_schema(urls[0]))
     from catalog.tables import describe
 
@@ -76,7 +128,8 @@ def export_npy(root: str, out_dir: str, table: str = EMBEDDINGS, dtype: str = "f
     return x_path, id_path
 
 
-def embeddings_table(ids: np.ndarray, x: np.ndarray, metadata: dict[str, str], table: str = EMBEDDINGS) -> pa.Table:
+def embeddings_table(ids: np.ndarray, x: np.ndarray, metadata: dict[str, str],
+                     table: str = EMBEDDINGS_TABLE) -> pa.Table:
     """Build an embeddings Arrow table from arrays (float16 or float32 storage follows ``x``)."""
     value_type = pa.float16() if x.dtype == np.float16 else pa.float32()
     schema = schemas.stamp(schemas.embeddings(x.shape[1], value_type), table, metadata)
@@ -85,13 +138,29 @@ def embeddings_table(ids: np.ndarray, x: np.ndarray, metadata: dict[str, str], t
     return pa.Table.from_arrays([pa.array(ids, pa.int64()), column], schema=schema)
 
 
-def import_npy(x_path: str, id_path: str, root: str, metadata: dict[str, str], table: str = EMBEDDINGS,
+def load_npy(url: str) -> np.ndarray:
+    """A ``.npy`` file from any fsspec location: memory-mapped when local, read whole otherwise."""
+    fs, path = resolve(url)
+    if is_local(url):
+        if not fs.exists(path):
+            raise MissingInputError(f"{url}: no such file")
+        return np.load(path, mmap_mode="r")
+    with fs.open(path, "rb") as f:
+        return np.load(f)
+
+
+def load_npy_pair(x_path: str, id_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids [N] int64, x [N, d])`` of precomputed embeddings brought as two ``.npy`` files."""
+    x, ids = load_npy(x_path), load_npy(id_path)
+    if len(ids) != len(x):
+        raise UserError(f"{id_path} has {len(ids)} ids but {x_path} has {len(x)} rows")
+    return np.asarray(ids, np.int64), x
+
+
+def import_npy(x_path: str, id_path: str, root: str, metadata: dict[str, str], table: str = EMBEDDINGS_TABLE,
                rows_per_shard: int = 250_000) -> int:
     """Bring precomputed embeddings (``.npy`` + ids) into a catalog table; returns rows written."""
-    x = np.load(x_path, mmap_mode="r")
-    ids = np.load(id_path, mmap_mode="r")
-    if len(ids) != len(x):
-        raise ValueError(f"{id_path} has {len(ids)} ids but {x_path} has {len(x)} rows")
+    ids, x = load_npy_pair(x_path, id_path)
     for i, start in enumerate(range(0, len(x), rows_per_shard)):
         stop = start + rows_per_shard
         write_shards(root, table, f"import-{i:06d}", embeddings_table(ids[start:stop], x[start:stop], metadata, table),

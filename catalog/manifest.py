@@ -1,7 +1,7 @@
 """Run manifests: what a stage run did, written beside the catalog it changed.
 
-A manifest records the config, the code version, fingerprints of the inputs, row counts in / out /
-errored, wall time and peak memory. ``curate inspect`` lists them; a catalog without one is not done.
+A manifest records the config, the code version, fingerprints of the inputs and outputs, row counts
+in / out / errored, wall and CPU time and peak memory. ``curate inspect`` lists them; a catalog without one is not done.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class RunManifest:
     inputs: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # fingerprint of each table written
+    worker_cpu_seconds: float = 0.0  # CPU time of the units, wherever they ran
     _start: float = 0.0
     _cpu_start: float = 0.0
 
@@ -83,11 +85,13 @@ class RunManifest:
             "started": started.isoformat(),
             "wall_seconds": round(time.time() - self._start, 3),
             "cpu_seconds": round(time.process_time() - self._cpu_start, 3),
+            "worker_cpu_seconds": self.worker_cpu_seconds,
             "peak_memory_mb": round(peak_memory_mb(), 1),
             "code": code_version(),
             "config": self.config,
             "inputs": self.inputs,
             "rows": self.rows,
+            "outputs": self.outputs,
             "notes": self.notes,
             "host": os.uname().nodename,
         }

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import fsspec
 import fsspec.config
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 
 T = TypeVar("T")
 
@@ -64,6 +64,14 @@ def resolve(url: str, *, fresh: bool = False) -> tuple[fsspec.AbstractFileSystem
     if fresh:
         fs.invalidate_cache(path)
     return fs, path
+
+
+def resolve_object(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of one object, taking ``url`` literally: unlike ``resolve`` it never
+    parses an fsspec chain (``a::b``), so a ``::`` in a file name stays part of the name."""
+    protocol, _ = split_protocol(url)
+    fs = fsspec.filesystem(protocol or "file")
+    return fs, fs._strip_protocol(url)
 
 
 def join(root: str, *parts: str) -> str:

@@ -8,12 +8,41 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from catalog.errors import UserError
+
 SCHEMA_VERSION = 1
 VERSION_KEY = b"curate.schema_version"
 TABLE_KEY = b"curate.table"
 
+# Table names (folders under a catalog root): stages name what they read and write with these, so no
+# stage imports another for a name.
+POOL_TABLE = "pool"
+ERRORS_TABLE = "errors"
+COPY_DESCRIPTORS_TABLE = "copy_descriptors"
+EMBEDDINGS_TABLE = "embeddings"
+DUPLICATES_TABLE = "duplicates"
+CLUSTERS_TABLE = "clusters"
+CENTROIDS_TABLE = "centroids"
+RETRIEVED_TABLE = "retrieved"
+# Other catalog entries shared between stages (and the trainer).
+MIX_FILE = "_mix.json"
+SEEDS_DIR = "_seeds"  # small catalogs of seed sets, one per seed name
+PARTS_DIR = "_parts"  # small catalogs of `images:` parts of a mix
+# What ingest (and every folder walk) takes for an image, by extension.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 
-class CatalogVersionError(RuntimeError):
+
+def curated_table(part: str) -> str:
+    """The table of one training part: written by ``sample`` (part ``lvd``…) or ``mix``."""
+    return f"curated/{part}"
+
+
+def packed_table(part: str) -> str:
+    """The byte-range index of a part's tar shards (``curate pack``)."""
+    return f"packed/{part}"
+
+
+class CatalogVersionError(UserError):
     """A catalog file was written by a newer schema version than this code understands."""
 
 
@@ -66,6 +95,15 @@ CURATED = pa.schema(
         pa.field("part", pa.string(), nullable=False),
     ]
 )
+
+
+def curated_rows(part: str, image_ids: pa.Array, uris: pa.Array, lineage: pa.Table | None = None) -> pa.Table:
+    """Rows of ``curated/<part>``: the CURATED columns, then any lineage columns (cluster ids per level…)."""
+    base = pa.table({"image_id": pa.array(image_ids, pa.int64()), "uri": pa.array(uris, pa.string()),
+                     "part": pa.array([part] * len(image_ids), pa.string())}, schema=CURATED)
+    for name in (lineage.column_names if lineage is not None else []):
+        base = base.append_column(lineage.schema.field(name), lineage.column(name))
+    return base.replace_schema_metadata(stamp(base.schema, curated_table(part)).metadata)
 
 
 def embeddings(dim: int, dtype: pa.DataType = pa.float16()) -> pa.Schema:

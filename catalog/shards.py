@@ -7,16 +7,33 @@ is what makes every stage safe to kill and rerun.
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
 import re
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from catalog.errors import MissingInputError
 from catalog.paths import join, ls, resolve, retry, write_bytes_atomic
 from catalog.schemas import check_version
 
 DEFAULT_MAX_ROWS = 250_000
 _SAFE_UNIT = re.compile(r"^[A-Za-z0-9._=-]+$")
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """A committed shard: where, how many bytes, and the sha256 of those bytes (the content fingerprint)."""
+
+    url: str
+    size: int
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.url)
 
 
 def table_dir(root: str, table: str) -> str:
@@ -30,11 +47,11 @@ def write_shards(
     data: pa.Table,
     *,
     max_rows: int = DEFAULT_MAX_ROWS,
-) -> list[str]:
+) -> list[WrittenShard]:
     """Write ``data`` as ``<table>/<unit>-<i>.parquet`` shards of at most ``max_rows`` rows.
 
     Each shard is serialised in memory and committed with one atomic write, zstd-compressed, with the
-    table's schema (and its version metadata) embedded.
+    table's schema (and its version metadata) embedded; its sha256 is taken from the same bytes.
     """
     if not _SAFE_UNIT.match(unit):
         raise ValueError(f"unit name {unit!r} must match {_SAFE_UNIT.pattern}")
@@ -45,14 +62,25 @@ def write_shards(
         sink = pa.BufferOutputStream()
         pq.write_table(piece, sink, compression="zstd")
         url = join(table_dir(root, table), f"{unit}-{i:05d}.parquet")
-        write_bytes_atomic(url, sink.getvalue().to_pybytes())
-        written.append(url)
+        data_bytes = sink.getvalue().to_pybytes()
+        write_bytes_atomic(url, data_bytes)
+        written.append(WrittenShard(url, len(data_bytes), hashlib.sha256(data_bytes).hexdigest()))
     return written
 
 
 def shard_urls(root: str, table: str) -> list[str]:
     """All committed shards of a table, sorted by name (deterministic read order), listed fresh."""
     return [url for url in ls(table_dir(root, table)) if url.endswith(".parquet")]
+
+
+def shard_sizes(root: str, table: str) -> dict[str, int]:
+    """``{shard file name: bytes}`` of every committed shard of a table, listed fresh."""
+    fs, path = resolve(table_dir(root, table), fresh=True)
+    try:
+        infos = retry(lambda: fs.ls(path, detail=True))
+    except FileNotFoundError:
+        return {}
+    return {posixpath.basename(i["name"]): int(i["size"]) for i in infos if i["name"].endswith(".parquet")}
 
 
 def table_exists(root: str, table: str) -> bool:
@@ -86,7 +114,7 @@ def read_table(root: str, table: str, columns: list[str] | None = None) -> pa.Ta
     """Read a whole table, checking every shard's schema version first."""
     urls = shard_urls(root, table)
     if not urls:
-        raise FileNotFoundError(f"catalog {root} has no table {table!r}")
+        raise MissingInputError(f"catalog {root} has no table {table!r}")
     return pa.concat_tables([read_shard(url, columns) for url in urls])
 
 
@@ -96,8 +124,11 @@ def iter_shards(root: str, table: str, columns: list[str] | None = None):
         yield url, read_shard(url, columns)
 
 
-def delete_table(root: str, table: str) -> None:
-    fs, path = resolve(table_dir(root, table), fresh=True)
-    if retry(lambda: fs.exists(path)):
-        retry(lambda: fs.rm(path, recursive=True))
-        fs.invalidate_cache(path)
+def delete_shards(root: str, table: str, prefix: str) -> None:
+    """Delete the shards of ``table`` whose file names start with ``prefix`` (one run's rows)."""
+    fs, _ = resolve(root)
+    for url in shard_urls(root, table):
+        if posixpath.basename(url).startswith(prefix):
+            _, path = resolve(url)
+            retry(lambda p=path: fs.rm(p))
+    fs.invalidate_cache(resolve(table_dir(root, table))[1])

@@ -1,26 +1,49 @@
-"""DuckDB over a catalog: every table is a view under its own name; only reads are allowed.
+"""DuckDB over a catalog: every table is a view under its own name; only reads, only of the catalog.
 
 Curated parts live in ``curated/<part>/`` and appear as ``curated_<part>`` plus one ``curated`` view
 over all parts. Object-store catalogs are read through the same fsspec filesystem as everything else.
+
+Two fences, because ``curate sql`` runs whatever a user (or a script fed by others) types:
+
+- the statement: anything but a query is refused before DuckDB sees it, and so is ``EXPLAIN ANALYZE``
+  (it executes the statement it explains);
+- the connection: once the views exist, DuckDB may read only below the catalog root
+  (``enable_external_access = false`` with ``allowed_directories``), installs and loads no extension,
+  scans no Python variables, and the configuration is locked. So ``read_text('/etc/passwd')``,
+  ``glob('/**')``, ``http://``/``s3://`` URLs elsewhere and ``INSTALL`` all fail inside DuckDB.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+
 import duckdb
 import pyarrow as pa
 
-from catalog.paths import resolve
+from catalog.errors import UserError
+from catalog.paths import is_local, resolve
 from catalog.shards import shard_urls
 from catalog.tables import list_tables
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+# Parquet, JSON and ICU are linked into DuckDB's Python wheel: nothing needs loading.
+_CONNECTION_CONFIG = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "python_enable_replacements": False,
+}
+Params = Sequence[object] | Mapping[str, object] | None
 
 
-class ReadOnlyError(PermissionError):
+class ReadOnlyError(UserError, PermissionError):
     """A statement other than a query was sent to a catalog."""
 
 
-class SQLError(RuntimeError):
+class SQLError(UserError, RuntimeError):
     """DuckDB rejected the query; carries DuckDB's own message."""
 
 
@@ -28,26 +51,63 @@ def view_name(table: str) -> str:
     return table.replace("/", "_")
 
 
-def connect(root: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per catalog table."""
-    con = duckdb.connect()
-    fs, _ = resolve(root)
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _allowed_prefixes(root: str) -> list[str]:
+    """The catalog root as DuckDB spells the paths it opens (an fsspec store's in both URL forms)."""
+    fs, path = resolve(root)
+    if is_local(root):
+        return [os.path.abspath(path).rstrip("/") + "/"]
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol not in ("file", "local"):
-        con.register_filesystem(fs)
+    bare = path.strip("/")
+    return [f"{protocol}://{bare}/", f"{protocol}:///{bare}/"]
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, root: str) -> None:
     curated = []
     for table in list_tables(root):
-        files = shard_urls(root, table)
-        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        con.execute(
-            f'CREATE VIEW "{view_name(table)}" AS SELECT * FROM read_parquet([{listed}], union_by_name=true)'
-        )
+        files = [os.path.abspath(f) if is_local(f) else f for f in shard_urls(root, table)]
+        listed = ", ".join(quote_literal(f) for f in files)
+        view = quote_identifier(view_name(table))
+        con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet([{listed}], union_by_name=true)")
         if table.startswith("curated/"):
-            curated.append(view_name(table))
+            curated.append(view)
     if curated:
-        union = " UNION ALL BY NAME ".join(f'SELECT * FROM "{v}"' for v in curated)
+        union = " UNION ALL BY NAME ".join(f"SELECT * FROM {v}" for v in curated)
         con.execute(f"CREATE VIEW curated AS {union}")
+
+
+def connect(root: str, spill_dir: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with one view per catalog table, confined to the catalog.
+
+    ``spill_dir``: an empty private folder for DuckDB's temporary files (the one place outside the
+    catalog it may still touch; its default would be ``./.tmp`` of whoever runs the query).
+    """
+    con = duckdb.connect(config=_CONNECTION_CONFIG)
+    fs, _ = resolve(root)
+    if not is_local(root):
+        con.register_filesystem(fs)
+    _create_views(con, root)
+    allowed = ", ".join(quote_literal(p) for p in _allowed_prefixes(root))
+    con.execute(f"SET temp_directory = {quote_literal(spill_dir)}")
+    con.execute(f"SET allowed_directories = [{allowed}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
+
+
+def _keywords(statement: str) -> list[str]:
+    """The keyword tokens of one statement, upper-cased (comments and string constants are not keywords)."""
+    tokens = duckdb.tokenize(statement)
+    ends = [start for start, _ in tokens[1:]] + [len(statement)]
+    return [statement[start:end].strip().upper()
+            for (start, kind), end in zip(tokens, ends) if kind == duckdb.token_type.keyword]
 
 
 def check_read_only(sql: str) -> None:
@@ -65,15 +125,32 @@ def check_read_only(sql: str) -> None:
                 f"curate sql is read-only: a {kind} statement would change the catalog or the "
                 "session; only SELECT / WITH / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN are allowed"
             )
+        if st.type == duckdb.StatementType.EXPLAIN and {"ANALYZE", "ANALYSE"} & set(_keywords(st.query)):
+            raise ReadOnlyError("curate sql is read-only: EXPLAIN ANALYZE runs the statement it explains; "
+                                "use EXPLAIN for the plan")
 
 
-def query(root: str, sql: str) -> pa.Table:
-    """Run one read-only query over the catalog and return its result as Arrow."""
+@contextlib.contextmanager
+def connection(root: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A confined connection (``connect``) with a private spill folder, closed and cleaned up after use:
+    for callers that run many statements (temporary tables included) over one catalog."""
+    with tempfile.TemporaryDirectory(prefix="curate-sql-") as spill:
+        con = connect(root, spill)
+        try:
+            yield con
+        finally:
+            con.close()
+
+
+def query(root: str, sql: str, params: Params = None) -> pa.Table:
+    """Run one read-only query over the catalog and return its result as Arrow.
+
+    ``params`` fill ``?`` (a sequence) or ``$name`` (a mapping) placeholders: pass values (seed names,
+    reasons) this way instead of formatting them into ``sql``.
+    """
     check_read_only(sql)
-    con = connect(root)
-    try:
-        return con.sql(sql).to_arrow_table()
-    except duckdb.Error as e:
-        raise SQLError(str(e)) from None
-    finally:
-        con.close()
+    with connection(root) as con:
+        try:
+            return con.sql(sql, params=params).to_arrow_table()
+        except duckdb.Error as e:
+            raise SQLError(str(e)) from None

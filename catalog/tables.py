@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
+from catalog.manifest import fingerprint
 from catalog.paths import join, resolve, retry
 from catalog.schemas import metadata_of
 
@@ -50,3 +51,16 @@ def describe(root: str, table: str) -> TableInfo:
             if not meta:
                 meta = metadata_of(pf.schema_arrow)
     return TableInfo(table, len(files), rows, sum(int(d["size"]) for d in files), meta)
+
+
+def table_fingerprint(root: str, table: str) -> dict[str, object]:
+    """Which shards a reader saw: their count, total bytes and a sha256 over (name, size) of each.
+
+    Shards are immutable once committed (a rerun of a unit rewrites its own shard names), so a
+    changed table changes this fingerprint without reading any data.
+    """
+    fs, path = resolve(join(root, table), fresh=True)
+    files = sorted((posixpath.basename(d["name"]), int(d["size"]))
+                   for d in retry(lambda: fs.ls(path, detail=True)) if d["name"].endswith(".parquet"))
+    return {"table": table, "shards": len(files), "bytes": sum(size for _, size in files),
+            "fingerprint": fingerprint(files)}

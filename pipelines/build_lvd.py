@@ -1,21 +1,28 @@
-"""``curate build-lvd``: ingest → embed → dedup → cluster → sample → report, skipping finished stages.
+"""``curate build-lvd``: ingest → embed → dedup → cluster → sample (with its report), as stages of the runner.
 
-Each stage is resumable on its own through the ledger, so rerunning ``build-lvd`` after a kill picks
-up in the stage that was running.
+Each stage is skipped when it is done with the same settings and inputs, resumed after a kill, and rerun
+from scratch when an input changed (a re-embedded pool reclusters and resamples). Ray starts at most once
+for the whole command, and only if a stage has work large enough to need it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 
-from catalog.ledger import Ledger
+from catalog.config import ConfigError
+from catalog.errors import MissingInputError
+from catalog.schemas import POOL_TABLE
 from catalog.shards import table_exists
-from pipelines.stages.cluster import ClusterConfig, cluster
-from pipelines.stages.dedup import DedupConfig, dedup
-from pipelines.stages.embed import EmbedConfig, embed
-from pipelines.stages.ingest import IngestConfig, ingest
-from pipelines.reports import write_lvd_report
-from pipelines.stages.sample import SampleConfig, sample
+from pipelines.executors import Executor
+from pipelines.stage import StageResult, run_stage
+from pipelines.stages.cluster import ClusterConfig
+from pipelines.stages.dedup import DedupConfig
+from pipelines.stages.embed import EmbedConfig
+from pipelines.stages.ingest import IngestConfig
+from pipelines.stages.sample import SampleConfig
+
+log = logging.getLogger("curate.pipelines")
 
 
 @dataclass(frozen=True)
@@ -26,33 +33,22 @@ class BuildLVDConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     run_dedup: bool = True
-    report: bool = True
 
 
-def _say(msg: str, root: str | None = None, stage: str | None = None) -> None:
-    done = root is not None and stage is not None and Ledger(root, stage).is_complete()
-    print(f"\n== build-lvd: {msg}{' (already done)' if done else ''} ==", flush=True)
-
-
-def build_lvd(root: str, config: BuildLVDConfig, *, source: str | None = None,
-              address: str | None = None) -> dict[str, object]:
-    """Run every stage that is not finished yet; returns what each stage reported."""
-    out: dict[str, object] = {}
-    if source is not None:
-        _say(f"ingest {source}")
-        out["ingest"] = ingest(source, root, config.ingest, address=address)
-    elif not table_exists(root, "pool"):
-        raise FileNotFoundError(f"{root} has no pool table: give --source to ingest one first")
-    _say(f"embed with {config.embed.model}", root, "embed")
-    out["embed"] = embed(root, config.embed, address=address)
-    if config.run_dedup:
-        _say("dedup (exact sha256 + copy detection)", root, "dedup")
-        out["dedup"] = dedup(root, config.dedup)
-    _say("cluster", root, "cluster")
-    out["cluster"] = cluster(root, config.cluster)
-    _say(f"sample {config.sample.target_size} images into curated/{config.sample.part}")
-    out["sample"] = sample(root, config.sample)
-    if config.report:
-        n_levels = len(out["cluster"]["levels"])  # type: ignore[index]
-        out["report"] = write_lvd_report(root, config.sample.part, n_levels, seed=config.sample.seed)
+def build_lvd(root: str, config: BuildLVDConfig, *, source: str | None = None, address: str | None = None,
+              executor: Executor = "auto") -> dict[str, StageResult]:
+    """Run every stage that is not done yet; returns each stage's result."""
+    if config.sample.target_size is None:
+        raise ConfigError("build-lvd needs a target size (--target-size N)")
+    ingest = replace(config.ingest, source=source) if source else config.ingest
+    if not ingest.source and not table_exists(root, POOL_TABLE):
+        raise MissingInputError(f"{root} has no pool table: give --source to ingest one first")
+    steps = [("ingest", ingest)] if ingest.source else []
+    steps += [("embed", config.embed)] + ([("dedup", config.dedup)] if config.run_dedup else [])
+    steps += [("cluster", config.cluster), ("sample", config.sample)]
+    out = {}
+    for name, stage_config in steps:
+        log.info("== build-lvd: %s ==", name)
+        out[name] = run_stage(name, root, stage_config, address=address, executor=executor)
+        log.info("== build-lvd: %s %s ==", name, "(already done)" if out[name].skipped else "done")
     return out

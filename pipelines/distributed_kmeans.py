@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from catalog.embeddings import EMBEDDINGS, table_dim_and_dtype, to_numpy
+from catalog.embeddings import table_dim_and_dtype, to_numpy
 from catalog.paths import resolve
-from catalog.schemas import check_version
+from catalog.ray_runtime import ensure_ray
+from catalog.schemas import EMBEDDINGS_TABLE, check_version
 from catalog.shards import iter_shards, read_schema
 from curation.kmeans import (
     KMeansResult,
@@ -38,7 +39,6 @@ from curation.kmeans import (
     reduce_partials,
     resolve_device,
 )
-from pipelines.ray_runtime import ensure_ray
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class RowIndex:
     dim: int
 
     @classmethod
-    def read(cls, root: str, *, exclude_ids: np.ndarray | None = None, table: str = EMBEDDINGS) -> RowIndex:
+    def read(cls, root: str, *, exclude_ids: np.ndarray | None = None, table: str = EMBEDDINGS_TABLE) -> RowIndex:
         """Index of ``table`` without ``exclude_ids``, ordered like the stage (stable sort by image_id)."""
         urls, ids = [], []
         for url, shard in iter_shards(root, table, columns=["image_id"]):

@@ -9,8 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.embeddings import load_embeddings, to_numpy
+from catalog.embeddings import load_embeddings, load_npy_pair, to_numpy
+from catalog.errors import UserError
 from catalog.paths import resolve
+from catalog.schemas import DUPLICATES_TABLE
 from catalog.shards import table_exists
 from catalog.sql import query
 
@@ -22,12 +24,9 @@ def load_vectors(root: str, embeddings: str | None = None, ids: str | None = Non
         return load_embeddings(root)
     if embeddings.endswith(".npy"):
         if ids is None:
-            raise ValueError("--embeddings FILE.npy needs --ids FILE.npy (one int64 id per row)")
-        x = np.load(embeddings, mmap_mode="r")
-        image_ids = np.load(ids)
-        if len(image_ids) != len(x):
-            raise ValueError(f"{ids} has {len(image_ids)} ids but {embeddings} has {len(x)} rows")
-        return image_ids.astype(np.int64), np.asarray(x, dtype=np.float32)
+            raise UserError("--embeddings FILE.npy needs --ids FILE.npy (one int64 id per row)")
+        image_ids, x = load_npy_pair(embeddings, ids)
+        return image_ids, np.asarray(x, dtype=np.float32)
     fs, path = resolve(embeddings)
     with fs.open(path, "rb") as f:
         table = pq.read_table(f, columns=[id_column, column])
@@ -41,6 +40,6 @@ def load_vectors(root: str, embeddings: str | None = None, ids: str | None = Non
 
 def removed_ids(root: str) -> np.ndarray:
     """Images the dedup stage removed; clustering and retrieval leave them out."""
-    if not table_exists(root, "duplicates"):
+    if not table_exists(root, DUPLICATES_TABLE):
         return np.empty(0, np.int64)
     return query(root, "SELECT DISTINCT image_id FROM duplicates").column(0).to_numpy()

@@ -17,10 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from catalog.decode import DecodeError, decode_rgb  # noqa: E402
 from catalog.images import read_image_bytes  # noqa: E402
 from catalog.paths import join, write_bytes_atomic  # noqa: E402
 from catalog.sql import query  # noqa: E402
-from catalog.decode import DecodeError, decode_rgb  # noqa: E402
 
 THUMB = 64
 
@@ -88,13 +88,16 @@ def _uris_of_clusters(root: str, table: str, top_col: str, clusters: list[int], 
                                 f"WHERE t.{top_col} IN ({ids}) ORDER BY hash(t.image_id)"), per_row)
 
 
-def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clusters: int = 6) -> list[str]:
-    """Write the histograms and contact sheets; returns their URLs."""
+def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clusters: int = 6,
+                     with_images: bool = True) -> list[str]:
+    """Write the histograms and (``with_images``: the pool's images are known) contact sheets; returns their URLs."""
     out_dir = join(root, "reports", part)
     written = []
     url = join(out_dir, "cluster_sizes.png")
     write_bytes_atomic(url, size_histograms(root, part, n_levels))
     written.append(url)
+    if not with_images:
+        return written
     top_col = f"l{n_levels}"
     top = query(root, f"SELECT DISTINCT {top_col} FROM clusters ORDER BY 1").column(0).to_numpy()
     chosen = sorted(np.random.default_rng(seed).choice(top, size=min(n_clusters, len(top)), replace=False).tolist())
@@ -111,15 +114,16 @@ def write_retrieval_report(root: str, seed: str, seed_uris: dict[int, str], leve
     """Rows of [seed image, then the pool images it retrieved, best first] (kNN mode), or of images
     retrieved from the same pool cluster (cluster mode)."""
     rows = query(root, "SELECT r.seed_image_id AS g, p.uri AS uri FROM retrieved r JOIN pool p USING (image_id) "
-                       f"WHERE r.seed = '{seed}' AND r.seed_image_id >= 0 ORDER BY r.seed_image_id, r.rank")
+                       "WHERE r.seed = ? AND r.seed_image_id <> -1 ORDER BY r.seed_image_id, r.rank", [seed])
     groups = _grouped(rows, 9)
     if groups:
         chosen = sorted(groups)[:n_seeds]
         sheet = {g: [seed_uris[g], *groups[g]] for g in chosen if g in seed_uris}
         title = f"seed {seed}: seed image (first column), then its nearest pool images"
     else:
-        sheet = _grouped(query(root, f"SELECT c.l{level} AS g, p.uri AS uri FROM retrieved r JOIN pool p USING (image_id) "
-                                     f"JOIN clusters c USING (image_id) WHERE r.seed = '{seed}' ORDER BY g, r.rank"), 10)
+        sheet = _grouped(query(root, f"SELECT c.l{level} AS g, p.uri AS uri FROM retrieved r "
+                                     "JOIN pool p USING (image_id) JOIN clusters c USING (image_id) "
+                                     f"WHERE r.seed = '{seed}' ORDER BY g, r.rank"), 10)
         sheet = dict(list(sheet.items())[:n_seeds])
         title = f"seed {seed}: images retrieved from pool clusters that hold seed images (one row per cluster)"
     url = join(root, "reports", "retrieve", f"{seed}.png")

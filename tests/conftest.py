@@ -55,10 +55,11 @@ def demo_pool(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def demo_catalog(demo_pool, tmp_path_factory) -> str:
     """The demo pool ingested once into a catalog; tests must not modify it."""
-    from pipelines.stages.ingest import IngestConfig, ingest
+    from pipelines.stage import run_stage
+    from pipelines.stages.ingest import IngestConfig
 
     root = str(tmp_path_factory.mktemp("catalog") / "cat")
-    ingest(os.path.join(demo_pool, "pool"), root, IngestConfig(files_per_unit=100))
+    run_stage("ingest", root, IngestConfig(source=os.path.join(demo_pool, "pool"), files_per_unit=100))
     return root
 
 
@@ -109,3 +110,24 @@ def fsdp_pretrain(tmp_path_factory):
     overrides = ("optim.iterations=8", "checkpoint.period=3", "checkpoint.keep_last=2")
     run_torchrun(torchrun_command(TINY, catalog, root / "full", *overrides))
     return catalog, root / "full", 8, overrides
+
+
+@pytest.fixture(scope="session")
+def explore_catalog(lvd_catalog, tmp_path_factory) -> str:
+    """A copy of ``lvd_catalog`` for `curate explore`'s tests: other tests add tables to the shared one
+    (retrieve), which would change the site between its tests."""
+    import shutil
+
+    root = str(tmp_path_factory.mktemp("explore_catalog") / "cat")
+    shutil.copytree(lvd_catalog, root, ignore=shutil.ignore_patterns("reports", "_index", "_checkpoints"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def explore_site(explore_catalog, tmp_path_factory) -> str:
+    """`curate explore` of ``explore_catalog`` with the default settings; tests must not modify it."""
+    from pipelines.explore.site import build_site
+
+    out = str(tmp_path_factory.mktemp("explore") / "site")
+    build_site(explore_catalog, out)
+    return out

@@ -1,9 +1,11 @@
-"""Test helpers: run `curate` in this process, or start it in its own process group and SIGKILL it part-way."""
+"""Test helpers: run `curate` in this process, or start it in its own process group and SIGKILL it part-way;
+an S3-compatible test server."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import signal
 import socket
@@ -14,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 import psutil
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,15 +59,24 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["curate", *args], rc, out.getvalue(), err.getvalue())
 
 
-def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 300) -> None:
-    """Start ``curate ARGS``, wait until ``ready()``, then SIGKILL it and every process it started."""
-    kill_command_when([sys.executable, "-m", "pipelines.cli", *args], cli_env(), ready, timeout)
+def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 300, *,
+              only_driver: bool = False) -> list[psutil.Process]:
+    """Start ``curate ARGS``, wait until ``ready()``, then SIGKILL it and every process it started.
+
+    ``only_driver``: SIGKILL the ``curate`` process alone (what an OOM kill or a crash does) and leave
+    its helpers to die with it. Returns the processes it had started, as they were at the kill.
+    """
+    return kill_command_when([sys.executable, "-m", "pipelines.cli", *args], cli_env(), ready, timeout,
+                             only_driver=only_driver)
 
 
-def kill_command_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float = 300) -> None:
-    """Start ``cmd`` in its own session, wait until ``ready()``, then SIGKILL its whole process tree."""
+def kill_command_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float = 300, *,
+                      only_driver: bool = False) -> list[psutil.Process]:
+    """Start ``cmd`` in its own session, wait until ``ready()``, then SIGKILL its whole process tree
+    (or, ``only_driver``, the process itself); returns its descendants as they were at the kill."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + timeout
+    descendants: list[psutil.Process] = []
     try:
         while not ready():
             if proc.poll() is not None:
@@ -72,9 +84,14 @@ def kill_command_when(cmd: list[str], env: dict[str, str], ready: Callable[[], b
             if time.time() > deadline:
                 raise AssertionError("kill point never reached")
             time.sleep(0.02)
+        descendants = psutil.Process(proc.pid).children(recursive=True)
     finally:
-        kill_tree(proc.pid)
+        if only_driver and descendants:
+            proc.kill()
+        else:
+            kill_tree(proc.pid)
         proc.wait(timeout=30)
+    return descendants
 
 
 def kill_tree(pid: int) -> None:
@@ -92,3 +109,35 @@ def kill_tree(pid: int) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str):
+    """A moto S3 server on a free loopback port with ``bucket`` created; yields its s3fs filesystem.
+
+    While inside, the standard ``AWS_*`` variables (``AWS_ENDPOINT_URL`` included) point at it, so
+    every s3fs/botocore client in this process finds it as it would find a real object store.
+    """
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_ports()[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            mp.delenv("AWS_PROFILE", raising=False)
+            s3fs.S3FileSystem.clear_instance_cache()
+            fs = s3fs.S3FileSystem()
+            fs.mkdir(bucket)
+            try:
+                yield fs
+            finally:
+                s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        server.stop()

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from catalog.errors import UserError
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
@@ -40,7 +42,7 @@ RESUME_HINT = ("resubmit the same command to resume: the stage ledger keeps ever
                "so nothing done is redone")
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """A job server that cannot be reached, or a job that ended FAILED or STOPPED."""
 
 
@@ -53,7 +55,7 @@ def job_address(address: str | None) -> str:
     for candidate in (address, os.environ.get("CURATE_RAY_ADDRESS"), os.environ.get("RAY_API_SERVER_ADDRESS")):
         if is_job_address(candidate):
             return candidate.rstrip("/")
-    raise ValueError("give --address http://HEAD:8265 (the Ray dashboard) or set CURATE_RAY_ADDRESS")
+    raise JobError("give --address http://HEAD:8265 (the Ray dashboard) or set CURATE_RAY_ADDRESS")
 
 
 def _client(address: str) -> JobSubmissionClient:
@@ -197,9 +199,10 @@ def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
-def add_jobs_command(sub: argparse._SubParsersAction) -> None:
+def add_jobs_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser | None = None) -> None:
     """``curate jobs list|status|logs|stop [JOB_ID] --address URL``."""
-    p = sub.add_parser("jobs", help="list, inspect, follow or stop curate jobs on a Ray cluster",
+    p = sub.add_parser("jobs", parents=[common] if common else [],
+                       help="list, inspect, follow or stop curate jobs on a Ray cluster",
                        description="Any command that takes --address runs as a Ray job when the address is "
                        "the cluster's dashboard URL (http://HEAD:8265); these look after those jobs.")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
@@ -223,7 +226,7 @@ def _run_action(args: argparse.Namespace) -> None:
             print(f"{r['job_id']:<32} {r['status']:<10} {_when(r['start_time'])}  {r['entrypoint']}")
         return
     if not args.job_id:
-        raise ValueError(f"curate jobs {args.action} needs a JOB_ID (see curate jobs list)")
+        raise JobError(f"curate jobs {args.action} needs a JOB_ID (see curate jobs list)")
     if args.action == "status":
         s = status(args.job_id, args.server)
         print(f"{s['job_id']}: {s['status']} (exit code {s['exit_code']})\n{s['message'] or ''}".rstrip())

@@ -1,54 +1,45 @@
-"""The ``curate`` command line: one subcommand per stage, each a thin shell over a pipeline."""
+"""The ``curate`` command line: the stage commands (one table, `pipelines.cli.stage_commands`) and the
+commands that are not stages (demo, sql, inspect, explore, jobs, train, export-backbone).
+
+Errors a user can fix (`catalog.errors.UserError` and its subclasses) print as one line and exit 2;
+anything else is a bug and prints its traceback (``--debug`` prints one for every error). Library code
+logs to the ``curate`` logger (``--verbose`` / ``--quiet``); a command's own result lines go to stdout.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
-from catalog.config import ConfigError
-from catalog.ledger import LedgerPlanError
-from catalog.schemas import CatalogVersionError
-from catalog.sql import ReadOnlyError, SQLError
-from pipelines.cli.jobs import JobError, add_jobs_command, maybe_submit
-from pipelines.cli.sql_output import FORMATS, render
-from training.models.checkpoints import CheckpointError
+from catalog.errors import UserError
+from pipelines.cli.jobs import add_jobs_command, maybe_submit
+from pipelines.cli.stage_commands import STAGE_COMMANDS, add_stage_command
 
-# Errors a user can fix: printed as one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    LedgerPlanError,
-    CatalogVersionError,
-    ReadOnlyError,
-    SQLError,
-    CheckpointError,
-    FileNotFoundError,
-    ValueError,
-    JobError,
-)
-
-COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
+Adder = Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]
+COMMANDS: dict[str, Adder] = {}
 
 
-def command(fn: Callable[[argparse._SubParsersAction], None]) -> Callable[[argparse._SubParsersAction], None]:
-    COMMANDS[fn.__name__] = fn
+def command(fn: Adder) -> Adder:
+    COMMANDS[fn.__name__.replace("_", "-")] = fn
     return fn
 
 
-def _add_catalog(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--catalog", required=required, default=None if required else os.environ.get("CURATE_CATALOG"),
-                   help="catalog root: a folder or an fsspec URL (s3://bucket/cat, memory://cat)")
-
-
-def _add_address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to run on (default: CURATE_RAY_ADDRESS, else Ray in-process)")
+def common_options() -> argparse.ArgumentParser:
+    """Options every command takes, wherever they are written on the line."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--verbose", "-v", action="store_true", help="log debug detail")
+    p.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
+    p.add_argument("--debug", action="store_true", help="print a traceback for every error, not just bugs")
+    return p
 
 
 @command
-def demo_pool(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo-pool", help="write the deterministic demo pool with its ground truth",
+def demo_pool(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("demo-pool", parents=[common], help="write the deterministic demo pool with its ground truth",
                        description="Write about N synthetic-but-realistic images (long-tailed concepts, "
                        "near-duplicates, broken and awkward files) under OUT/pool, a labelled seed set "
                        "under OUT/seed and the ground truth under OUT/truth (never read by curation).")
@@ -67,268 +58,38 @@ def demo_pool(sub: argparse._SubParsersAction) -> None:
 
 
 @command
-def ingest(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ingest", help="build the pool table from images",
-                       description="List SOURCE (a folder tree, a glob of WebDataset .tar shards, or a "
-                       "Parquet file with a 'uri' column or a bytes column), probe every image and "
-                       "write the 'pool' table (and 'errors' for unusable files). Resumes after a kill.")
-    p.add_argument("source")
-    _add_catalog(p)
-    _add_address(p)
-    p.add_argument("--config", help="YAML file with ingest settings")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    p.add_argument("--overwrite", action="store_true", help="forget earlier progress of this stage")
-
-    def run(args: argparse.Namespace) -> None:
-        from catalog.config import load_config
-        from pipelines.stages.ingest import IngestConfig
-        from pipelines.stages.ingest import ingest as run_ingest
-
-        config = load_config(IngestConfig, args.config, args.set)
-        rows = run_ingest(args.source, args.catalog, config, address=args.address, overwrite=args.overwrite)
-        print(f"pool: {rows['in']} files, {rows['out']} usable, {rows['errored']} in errors "
-              f"({rows['this_run']} processed in this run)")
-
-    p.set_defaults(run=run)
-
-
-@command
-def embed(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed the pool's usable images with an SSL backbone",
-                       description="Decode every usable pool image (Ray CPU tasks), embed it with the "
-                       "backbone (Ray actors: one per GPU, or on CPU) and write the 'embeddings' table "
-                       "(float16 fixed-size lists, model id and preprocessing in the file metadata). "
-                       "Resumes after a kill; a finished run is not repeated.")
-    _add_catalog(p)
-    _add_address(p)
-    p.add_argument("--model", help="dinov2_vitl14, dinov3_vitl16, … (see training/models/config.py) "
-                   "or curate:PATH for a backbone exported by `curate export-backbone`")
-    p.add_argument("--weights", help="local checkpoint file of the official release (.pth or .safetensors)")
-    p.add_argument("--config", help="YAML file with embed settings")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    p.add_argument("--overwrite", action="store_true", help="drop existing embeddings and start again")
-
-    def run(args: argparse.Namespace) -> None:
-        from catalog.config import load_config
-        from pipelines.stages.embed import EmbedConfig
-        from pipelines.stages.embed import embed as run_embed
-
-        overrides = list(args.set)
-        overrides += [f"model={args.model}"] if args.model else []
-        overrides += [f"weights={args.weights}"] if args.weights else []
-        config = load_config(EmbedConfig, args.config, overrides)
-        rows = run_embed(args.catalog, config, address=args.address, overwrite=args.overwrite)
-        print(f"embeddings: {rows['out']} images embedded in this run, {rows['errored']} failed to decode")
-
-    p.set_defaults(run=run)
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with this stage's settings (keys as in --set)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set k=32 threshold=0.9")
-
-
-@command
-def dedup(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dedup", help="remove exact duplicates, near copies and eval-set overlaps",
-                       description="Exact duplicates by sha256; copy detection by a k-NN graph over copy "
-                       "descriptors (connected components, the largest image of each kept); relative "
-                       "dedup against evaluation sets (--set eval_sets='{name: folder}'). Writes the "
-                       "'duplicates' table; clustering and retrieval leave those images out.")
-    _add_catalog(p)
-    _config_args(p)
-    p.add_argument("--overwrite", action="store_true", help="forget earlier dedup results")
-
-    def run(args: argparse.Namespace) -> None:
-        from catalog.config import load_config
-        from pipelines.stages.dedup import DedupConfig
-        from pipelines.stages.dedup import dedup as run_dedup
-
-        counts = run_dedup(args.catalog, load_config(DedupConfig, args.config, args.set), overwrite=args.overwrite)
-        print("removed: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-
-    p.set_defaults(run=run)
-
-
-@command
-def cluster(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cluster", help="hierarchical k-means with resampling over embeddings",
-                       description="Cluster the catalog's embeddings (or --embeddings X.npy --ids IDS.npy, "
-                       "or a Parquet file with image_id and embedding columns) into a hierarchy of levels "
-                       "(default: 5 levels scaled from the paper's ratios to the pool size) and write the "
-                       "'clusters' and 'centroids' tables. Checkpointed per level and resampling step.")
-    _add_catalog(p)
-    _config_args(p)
-    p.add_argument("--levels", type=int, help="number of levels (default 5)")
-    p.add_argument("--embeddings", help="bring your own: .npy (with --ids) or .parquet")
-    p.add_argument("--ids", help=".npy of int64 image ids matching --embeddings rows")
-    p.add_argument("--overwrite", action="store_true", help="discard checkpoints and start again")
-
-    def run(args: argparse.Namespace) -> None:
-        from catalog.config import load_config
-        from pipelines.stages.cluster import ClusterConfig
-        from pipelines.stages.cluster import cluster as run_cluster
-
-        overrides = list(args.set) + ([f"n_levels={args.levels}"] if args.levels else [])
-        result = run_cluster(args.catalog, load_config(ClusterConfig, args.config, overrides),
-                             embeddings=args.embeddings, ids=args.ids, overwrite=args.overwrite)
-        state = "already done" if result["skipped"] else "done"
-        print(f"clusters per level (l1 finest): {result['levels']} ({state})")
-
-    p.set_defaults(run=run)
-
-
-@command
-def sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="balanced hierarchical sampling into a curated part",
-                       description="Water-fill --target-size over the top-level clusters, then down the "
-                       "hierarchy; pick inside level-1 clusters at random (or closest/farthest). Writes "
-                       "curated/<part> (default lvd) with each image's uri and cluster lineage.")
-    _add_catalog(p)
-    _config_args(p)
-    p.add_argument("--target-size", type=int, required=True)
-
-    def run(args: argparse.Namespace) -> None:
-        from catalog.config import load_config
-        from pipelines.stages.sample import SampleConfig
-        from pipelines.stages.sample import sample as run_sample
-
-        config = load_config(SampleConfig, args.config, [*args.set, f"target_size={args.target_size}"])
-        rows = run_sample(args.catalog, config)
-        print(f"curated/{config.part}: {rows['out']} of {rows['in']} images")
-
-    p.set_defaults(run=run)
-
-
-@command
-def build_lvd(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build-lvd", help="the whole LVD pipeline: ingest → embed → dedup → cluster → sample",
-                       description="Run every stage that is not finished yet and write curated/lvd plus a "
-                       "report (cluster-size histograms, contact sheets) under <catalog>/reports/lvd. "
-                       "Settings are grouped per stage: --set embed.model=dinov3_vitl16 "
-                       "embed.weights=/w/dinov3.pth cluster.n_levels=4 sample.strategy=random")
-    _add_catalog(p)
-    _add_address(p)
-    _config_args(p)
-    p.add_argument("--source", help="pool to ingest first (folder, tar glob, Parquet); omit if already ingested")
-    p.add_argument("--target-size", type=int, required=True, help="images in the curated part")
-    p.add_argument("--levels", type=int, help="hierarchy levels (default 5)")
-
-    def run(args: argparse.Namespace) -> None:
-        from catalog.config import load_config
-        from pipelines.build_lvd import BuildLVDConfig
-        from pipelines.build_lvd import build_lvd as run_build
-
-        overrides = [*args.set, f"sample.target_size={args.target_size}"]
-        overrides += [f"cluster.n_levels={args.levels}"] if args.levels else []
-        out = run_build(args.catalog, load_config(BuildLVDConfig, args.config, overrides),
-                        source=args.source, address=args.address)
-        print(f"\ncurated/lvd: {out['sample']['out']} images; report: {', '.join(out.get('report', []))}")
-
-    p.set_defaults(run=run)
-
-
-@command
-def retrieve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retrieve", help="retrieve pool images that look like a seed dataset",
-                       description="Embed the seed exactly like the pool, then take the k nearest pool images "
-                       "of every seed image (--mode knn, large seeds) or images from pool clusters holding "
-                       "more than a few seed images (--mode cluster, small seeds; needs build-lvd's clusters). "
-                       "Duplicates are never retrieved. Writes the seed's rows of 'retrieved' and a contact "
-                       "sheet under <catalog>/reports/retrieve/.")
-    _add_catalog(p)
-    _add_address(p)
-    _config_args(p)
-    p.add_argument("--seed", required=True, help="a seed name from the seeds config (demo, imagenet, …) or a path")
-    p.add_argument("--mode", choices=["auto", "knn", "cluster"])
-    p.add_argument("--k", type=int, help="neighbours per seed image in knn mode (default 4)")
-    p.add_argument("--max-per-seed", type=int, help="cap on images retrieved for this seed")
-    p.add_argument("--min-similarity", type=float, help="cosine floor in knn mode")
-
-    def run(args: argparse.Namespace) -> None:
-        from catalog.config import load_config
-        from pipelines.stages.retrieve import RetrieveConfig
-        from pipelines.stages.retrieve import retrieve as run_retrieve
-
-        flags = {"mode": args.mode, "k": args.k, "max_per_seed": args.max_per_seed,
-                 "min_similarity": args.min_similarity}
-        overrides = [*args.set, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-        out = run_retrieve(args.catalog, args.seed, load_config(RetrieveConfig, args.config, overrides),
-                           address=args.address)
-        print(f"seed {out['seed']} ({out['seed_images']} images, {out['mode']} mode): "
-              f"{out['retrieved']} pool images retrieved; report: {out['report']}")
-
-    p.set_defaults(run=run)
-
-
-@command
-def mix(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mix", help="assemble the training mix: curated parts and their weights",
-                       description="Materialise each part (lvd, retrieved:<seed>, images:<folder>) as "
-                       "curated/<name> and write the weights and the homogeneous part to <catalog>/_mix.json.")
-    _add_catalog(p)
-    _config_args(p)
-
-    def run(args: argparse.Namespace) -> None:
-        from catalog.config import load_config
-        from pipelines.stages.mix import MixConfig
-        from pipelines.stages.mix import mix as run_mix
-
-        doc = run_mix(args.catalog, load_config(MixConfig, args.config, args.set))
-        for name, size in doc["parts"].items():
-            print(f"{name:>20}: {size:>9} images, weight {doc['weights'][name]:g}")
-        if doc["homogeneous_part"]:
-            print(f"homogeneous batches from {doc['homogeneous_part']} with p={doc['p_homogeneous']}")
-
-    p.set_defaults(run=run)
-
-
-@command
-def pack(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pack", help="write a curated part as tar shards for fast training reads",
-                       description="Copy the images of curated/<part> into WebDataset-style tar shards under "
-                       "<catalog>/packed/<part>/ with an index of byte ranges; training then reads the shards "
-                       "instead of one object per image. Resumable per shard.")
-    _add_catalog(p)
-    p.add_argument("--part", required=True)
-    p.add_argument("--images-per-shard", type=int, default=1000)
-
-    def run(args: argparse.Namespace) -> None:
-        from pipelines.stages.pack import pack as run_pack
-
-        out = run_pack(args.catalog, args.part, args.images_per_shard)
-        print(f"packed/{args.part}: {out['packed']} images, {out['unreadable']} unreadable")
-
-    p.set_defaults(run=run)
-
-
-@command
-def train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="DINOv3-style SSL pretraining on the curated parts (FSDP2)",
+def train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("train", parents=[common], help="DINOv3-style SSL pretraining on the curated parts (FSDP2)",
                        description="Train a ViT with DINO + iBOT + KoLeo on an EMA teacher. One worker trains in "
                        "this process; --num-workers N runs Ray Train's TorchTrainer (FSDP2 over N workers); "
-                       "--address http://HEAD:8265 submits the same command as a Ray job. Configs: "
-                       "training/configs/*.yaml; overrides as key.sub=value.")
+                       "--address http://HEAD:8265 submits the same command as a Ray job. Reads the curated "
+                       "parts of data.catalog_root; writes checkpoints, metrics and the exported teacher under "
+                       "output_dir.",
+                       epilog="Configs: training/configs/*.yaml; override keys with --set key.sub=value (as every "
+                       "command). Positional KEY=VALUE overrides still work but are deprecated.")
     p.add_argument("--config", required=True,
-                   help="training/configs/demo_cpu.yaml, vits16_pretrain.yaml, vit7b16_{pretrain,gram,highres,distill}.yaml, …")
+                   help="training/configs/demo_cpu.yaml, vits16_pretrain.yaml, "
+                   "vit7b16_{pretrain,gram,highres,distill}.yaml, …")
     p.add_argument("--stage", choices=["pretrain", "gram", "highres", "distill"],
                    help="recipe stage (overrides the config's): gram = Gram anchoring, highres = mixed-resolution "
                    "adaptation, distill = students from a frozen teacher; later stages start from init.checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="deprecated: use --set")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=float, default=0)
-    _add_address(p)
+    p.add_argument("--address", default=None, help="Ray cluster (default: CURATE_RAY_ADDRESS, else this process)")
 
     def run(args: argparse.Namespace) -> int:
-        overrides = [*args.overrides, *([f"stage={args.stage}"] if args.stage else [])]
+        if args.overrides:
+            logging.getLogger("curate.pipelines").warning(
+                "positional KEY=VALUE overrides are deprecated: write --set %s", " ".join(args.overrides))
+        overrides = [*args.set, *args.overrides, *([f"stage={args.stage}"] if args.stage else [])]
         if args.num_workers > 1 or args.gpus_per_worker > 0 or os.environ.get("CURATE_RAY_ADDRESS"):
-            from training.train.ray_launch import launch_on_ray
+            from training.train.config import load_train_config
+            from training.train.launch import run_training
 
-            result = launch_on_ray(os.path.abspath(args.config), overrides, args.num_workers, args.gpus_per_worker,
-                                   args.address or os.environ.get("CURATE_RAY_ADDRESS"))
-            if result.error is not None:
-                raise RuntimeError(f"training failed: {result.error}")
+            run_training(load_train_config(args.config, overrides), args.num_workers, args.gpus_per_worker,
+                         args.address or os.environ.get("CURATE_RAY_ADDRESS"))
             return 0
         from training.train.__main__ import main as train_main
 
@@ -338,10 +99,12 @@ def train(sub: argparse._SubParsersAction) -> None:
 
 
 @command
-def export_backbone(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-backbone", help="write a training checkpoint's teacher backbone for `curate embed`",
+def export_backbone(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("export-backbone", parents=[common],
+                       help="write a training checkpoint's teacher backbone for `curate embed`",
                        description="Export the EMA teacher of CKPT (a checkpoint dir, or a run's output dir for "
-                       "its latest checkpoint) to OUT (.safetensors), readable by `curate embed --model curate:OUT`.")
+                       "its latest checkpoint) to OUT (.safetensors, with its ViT config and input resolution, "
+                       "mean and std in the metadata), readable by `curate embed --model curate:OUT`.")
     p.add_argument("ckpt")
     p.add_argument("out")
     p.add_argument("--config", help="the run's config (default: <run>/config.yaml)")
@@ -359,8 +122,10 @@ def export_backbone(sub: argparse._SubParsersAction) -> None:
 
 
 @command
-def inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show a catalog's tables and last runs")
+def inspect(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("inspect", parents=[common], help="show a catalog's tables and last runs",
+                       description="List every table of ROOT (rows, shards, bytes, metadata) and the manifests "
+                       "of its last runs (config, rows, wall time, peak memory). Reads only.")
     p.add_argument("root")
 
     def run(args: argparse.Namespace) -> None:
@@ -372,33 +137,77 @@ def inspect(sub: argparse._SubParsersAction) -> None:
 
 
 @command
-def sql(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sql", help="query a catalog with DuckDB (read-only)",
+def sql(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from pipelines.cli.sql_output import FORMATS
+
+    p = sub.add_parser("sql", parents=[common], help="query a catalog with DuckDB (read-only)",
                        description="Every catalog table is a view under its own name (curated parts as "
-                       "curated_<part> and all together as curated). Only queries are allowed.")
+                       "curated_<part> and all together as curated). Only queries are allowed (not EXPLAIN "
+                       "ANALYZE), and they read only the catalog: no other files or URLs, no extensions.")
     p.add_argument("query")
-    _add_catalog(p, required=False)
+    p.add_argument("--catalog", default=os.environ.get("CURATE_CATALOG"),
+                   help="catalog root: a folder or an fsspec URL (default: CURATE_CATALOG)")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--out", help="write the result here instead of stdout")
-    p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table")
+    p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default 40)")
 
     def run(args: argparse.Namespace) -> None:
         from catalog.sql import query
+        from pipelines.cli.sql_output import render
 
         if not args.catalog:
-            raise ValueError("give --catalog ROOT (or set CURATE_CATALOG)")
+            raise UserError("give --catalog ROOT (or set CURATE_CATALOG)")
         render(query(args.catalog, args.query), args.format, args.out, args.max_rows)
 
     p.set_defaults(run=run)
 
 
 @command
-def demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the README's main job: demo pool → catalog, with a summary",
-                       description="Generate the demo pool (once), run the pipeline on it into "
-                       "OUT/catalog, and print where to look.")
+def explore(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("explore", parents=[common], help="write a static site to browse a catalog in a web browser",
+                       description="Write a static site (HTML, CSS, a little JavaScript, no server) that browses "
+                       "the catalog's cluster tree (every node's sizes in the pool and curated parts, closest-to-"
+                       "centroid and random thumbnails, members, removed duplicates, neighbours), the duplicate "
+                       "groups, retrievals, errors and stage runs, with a search by image id or URI substring. "
+                       "Open OUT/index.html from disk, serve OUT with any static server, or upload it to a "
+                       "bucket. Thumbnails are built once and resumed after a kill; caps per page: --set "
+                       "members=48 central=12 deepest_level=2 … (pipelines/explore/config.py).")
+    p.add_argument("catalog", help="catalog root: a folder or an fsspec URL")
+    p.add_argument("--out", help="site folder (default: CATALOG/reports/explore)")
+    p.add_argument("--open", action="store_true", help="open the site in the default web browser when done")
+    p.add_argument("--config", help="YAML file with explore settings (keys as in --set)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--overwrite", action="store_true", help="forget the thumbnails built before and rebuild them")
+
+    def run(args: argparse.Namespace) -> None:
+        import webbrowser
+
+        from catalog.config import load_config
+        from pipelines.explore.config import ExploreConfig
+        from pipelines.explore.site import build_site
+
+        out = build_site(args.catalog, args.out, load_config(ExploreConfig, args.config, args.set),
+                         overwrite_thumbnails=args.overwrite)
+        thumbs = out["thumbnails"]
+        print(f"site: {out['index']} ({out['node_pages']} cluster pages, {thumbs['planned']} images shown, "
+              f"{thumbs['built']} thumbnails built in this run, largest data file {out['largest_data_file']:,} bytes, "
+              f"{out['seconds']['total']:.1f}s)")
+        if thumbs["failed"]:
+            print(f"warning: {thumbs['failed']} of {thumbs['built']} images could not be decoded for thumbnails "
+                  "(shown as hatched boxes)", file=sys.stderr)
+        if args.open:
+            webbrowser.open("file://" + os.path.abspath(out["index"]) if "://" not in out["index"] else out["index"])
+
+    p.set_defaults(run=run)
+
+
+@command
+def demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("demo", parents=[common], help="the README's main job: demo pool → catalog, with a summary",
+                       description="Generate the demo pool (once) under OUT/demo_pool, run build-lvd on it into "
+                       "OUT/catalog with the shipped demo backbone, and print where to look.")
     p.add_argument("out", nargs="?", default="demo_out")
-    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--n", type=int, default=10_000, help="pool images (default 10000)")
 
     def run(args: argparse.Namespace) -> None:
         from pipelines.demo.job import run_demo
@@ -408,28 +217,72 @@ def demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-COMMANDS["jobs"] = add_jobs_command
+@command
+def jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    add_jobs_command(sub, common)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: Sequence[str]) -> str | None:
+    names = {c.command for c in STAGE_COMMANDS} | set(COMMANDS)
+    return next((a for a in argv if a in names), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the command named in ``argv`` (all, when None) gets its settings listed in its help."""
+    common = common_options()
     parser = argparse.ArgumentParser(
-        prog="curate",
+        prog="curate", parents=[common],
         description="Curate a raw image pool into a balanced, diverse training set (DINOv3-style) "
         "and pretrain a ViT on it. Every stage reads and writes a Parquet catalog.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = _chosen(argv) if argv is not None else None
+    for stage_command in STAGE_COMMANDS:
+        add_stage_command(sub, stage_command, common, detailed=argv is None or stage_command.command == chosen)
     for add in COMMANDS.values():
-        add(sub)
+        add(sub, common)
     return parser
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (tests redirect it per call)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the current stderr is used instead
+        pass
+
+
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    """One handler on the ``curate`` logger (every room logs below it): info lines plain, warnings marked."""
+    logger = logging.getLogger("curate")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _CurrentStderr)]
+    handler = _CurrentStderr()
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname}: {text}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
     try:
         if not maybe_submit(args, argv):  # an http:// --address runs the command as a Ray job
             return int(args.run(args) or 0)
-    except USER_ERRORS as e:
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"curate {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,25 +1,33 @@
-"""Writing a query result as a table, CSV, JSON lines or Parquet (``curate sql --format``)."""
+"""Writing a query result as a table, CSV, JSON lines or Parquet (``curate sql --format``).
+
+DuckDB and pyarrow are imported when a result is written, not when the CLI builds its parser.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import sys
+from typing import TYPE_CHECKING
 
-import duckdb
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
+from catalog.errors import UserError
 
-from catalog.paths import resolve
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 FORMATS = ("table", "csv", "json", "parquet")
 
 
 def render(table: pa.Table, fmt: str, out: str | None, max_rows: int = 40) -> None:
     """Write ``table`` in ``fmt`` to ``out`` (a path or URL) or stdout."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from catalog.paths import resolve
+
     if fmt == "parquet" and not out:
-        raise ValueError("--format parquet needs --out FILE")
+        raise UserError("--format parquet needs --out FILE")
     if fmt == "table":
         text = _as_text_table(table, max_rows)
         data = text.encode()
@@ -43,6 +51,8 @@ def render(table: pa.Table, fmt: str, out: str | None, max_rows: int = 40) -> No
 
 def _as_text_table(table: pa.Table, max_rows: int) -> str:
     """DuckDB's own box rendering, with a row-count footer."""
+    import duckdb
+
     rel = duckdb.from_arrow(table.slice(0, max_rows))
     text = str(rel)
     if table.num_rows > max_rows:

@@ -12,12 +12,11 @@ from pipelines.build_lvd import BuildLVDConfig, build_lvd
 from pipelines.cli.report_text import inspect_text
 from pipelines.cli.sql_output import render
 
-# The backbone our trainer made on a demo pool (training/configs/demo_cpu.yaml says how), at 64 px:
-# small enough to finish in minutes on 2 cores; docs/benchmarks.md has the measured times.
+# The backbone our trainer made on a demo pool (training/configs/demo_cpu.yaml says how); its file records
+# its 64 px input, small enough to finish in minutes on 2 cores (docs/benchmarks.md has the measured times).
 DEMO_BACKBONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_backbone.safetensors")
 DEMO_SETTINGS = [
     f"embed.model=curate:{DEMO_BACKBONE}",
-    "embed.image_size=64",
     "embed.batch_size=128",
     "embed.pooling=cls+mean",  # flatter curated sets than cls alone on the demo (docs/benchmarks.md)
 ]
@@ -61,7 +60,7 @@ def run_demo(out: str, n: int = 10_000, target_fraction: float = 0.3) -> str:
         _step(f'curate sql "{sql}" --catalog {catalog}')
         render(query(catalog, sql), "table", None)
     _step("report")
-    for url in result.get("report", []):
+    for url in result["sample"].summary.get("report", []):
         print(url)
     print(f"\ndone in {time.time() - start:.0f}s. Ground truth for checking lives in {pool_root}/truth "
           f"(no stage reads it). Explore: curate sql \"SELECT * FROM curated_lvd LIMIT 5\" --catalog {catalog}")

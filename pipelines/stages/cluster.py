@@ -12,64 +12,64 @@ count is not part of the plan and a run may resume with another one.
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from typing import ContextManager, Literal
+from dataclasses import dataclass, field
+from typing import Any, ContextManager, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from catalog import schemas
 from catalog.array_store import CatalogArrayStore
-from catalog.ledger import Ledger
-from catalog.manifest import RunManifest, fingerprint
+from catalog.config import ConfigError, above, at_least
+from catalog.lineage import file_fingerprint
+from catalog.manifest import fingerprint
 from catalog.progress import progress
-from catalog.shards import delete_table, write_shards
+from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, DUPLICATES_TABLE, EMBEDDINGS_TABLE
+from catalog.shards import read_schema, shard_urls
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
 from curation.kmeans import RowSource, default_chunk_size, resolve_device
 from pipelines.distributed_kmeans import RowIndex, ShardedEmbeddings
 from pipelines.embedding_source import load_vectors, removed_ids
-
-STAGE = "cluster"
-
-
-@dataclass(frozen=True)
-class LevelConfig:
-    k: int
-    resampling_steps: int = 0
-    sample_size: int | None = None
-    sample_strategy: Literal["closest", "random"] = "closest"
-    n_splits: int = 1
+from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     """``levels`` empty means: ``n_levels`` levels scaled from the paper's ratios to the pool size.
 
-    ``workers > 1`` runs level 1 on that many Ray actors of ``worker_cpus`` CPUs each (catalog
-    embeddings only, not ``--embeddings``); the result is the same as with one.
+    ``embeddings``/``ids``: cluster vectors brought from outside (``.npy`` with ids, or a Parquet file)
+    instead of the catalog's embeddings table. ``workers > 1`` runs level 1 on that many Ray actors of
+    ``worker_cpus`` CPUs each (catalog embeddings only); the result is the same as with one.
     """
 
     n_levels: int = 5
-    levels: list[LevelConfig] = field(default_factory=list)
+    levels: list[LevelSpec] = field(default_factory=list)
     resampling_steps: int = 10
     metric: Literal["l2", "cosine"] = "cosine"
     n_iter: int = 30
     seed: int = 0
     device: str = "auto"
     exclude_duplicates: bool = True
+    embeddings: str | None = None
+    ids: str | None = None
     workers: int = 1
     worker_cpus: float = 1.0
 
-    def plan_settings(self) -> dict[str, object]:
-        """The settings the clusters depend on (not where level 1 runs)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("workers", "worker_cpus")}
+    def __post_init__(self) -> None:
+        at_least(self, 1, "n_levels", "n_iter", "workers")
+        at_least(self, 0, "resampling_steps")
+        above(self, 0, "worker_cpus")
+        if self.workers > 1 and self.embeddings is not None:
+            raise ConfigError("workers > 1 reads the catalog's embeddings table; use workers=1 with --embeddings")
 
 
 def level_specs(config: ClusterConfig, n_rows: int, dim: int) -> list[LevelSpec]:
+    """The configured levels, else `default_levels` for this pool (level 1 two-step when its cost says so)."""
     if config.levels:
-        return [LevelSpec(**asdict(level)) for level in config.levels]
+        return list(config.levels)
     return default_levels(n_rows, config.n_levels, resampling_steps=config.resampling_steps, dim=dim,
                           n_iter=config.n_iter)
 
@@ -93,12 +93,13 @@ def clusters_table(ids: np.ndarray, hierarchy: Hierarchy) -> pa.Table:
     n_levels = labels.shape[1]
     columns = [pa.array(ids, pa.int64())] + [pa.array(labels[:, i]) for i in range(n_levels)]
     columns.append(pa.array(hierarchy.distances.astype(np.float32)))
-    return pa.Table.from_arrays(columns, schema=schemas.stamp(schemas.clusters(n_levels), "clusters"))
+    return pa.Table.from_arrays(columns, schema=schemas.stamp(schemas.clusters(n_levels), CLUSTERS_TABLE))
 
 
 def centroids_table(hierarchy: Hierarchy) -> pa.Table:
     """One row per cluster at every level; ``size`` counts images, ``parent_id`` the next level up."""
     labels = hierarchy.point_labels()
+    facts = {"k": json.dumps([len(c) for c in hierarchy.centroids]), "inertia": json.dumps(hierarchy.inertia)}
     parts = []
     for level, c in enumerate(hierarchy.centroids):
         k, d = c.shape
@@ -108,20 +109,17 @@ def centroids_table(hierarchy: Hierarchy) -> pa.Table:
             [pa.array(np.full(k, level + 1, np.int32)), pa.array(np.arange(k, dtype=np.int64)),
              pa.array(parent.astype(np.int64)), pa.array(size.astype(np.int64)),
              pa.FixedSizeListArray.from_arrays(pa.array(c.astype(np.float32).ravel()), d)],
-            schema=schemas.stamp(schemas.centroids(d), "centroids")))
+            schema=schemas.stamp(schemas.centroids(d), CENTROIDS_TABLE, facts)))
     return pa.concat_tables(parts)
 
 
-def _read_inputs(root: str, config: ClusterConfig, embeddings: str | None,
-                 ids: str | None) -> tuple[np.ndarray, np.ndarray | RowIndex]:
+def _read_inputs(root: str, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray | RowIndex]:
     """Sorted image ids and their vectors in that order, or (``workers > 1``) where to find them."""
     exclude = removed_ids(root) if config.exclude_duplicates else None
     if config.workers > 1:
-        if embeddings is not None:
-            raise ValueError("workers > 1 reads the catalog's embeddings table; use workers=1 with --embeddings")
         index = RowIndex.read(root, exclude_ids=exclude)
         return index.image_ids, index
-    image_ids, x = load_vectors(root, embeddings, ids)
+    image_ids, x = load_vectors(root, config.embeddings, config.ids)
     if exclude is not None:
         keep = ~np.isin(image_ids, exclude)
         image_ids, x = image_ids[keep], x[keep]
@@ -138,36 +136,48 @@ def _level1(vectors: np.ndarray | RowIndex, config: ClusterConfig, specs: list[L
                              chunk_size=default_chunk_size(specs[0].k, resolve_device(device)))
 
 
-def cluster(root: str, config: ClusterConfig | None = None, *, embeddings: str | None = None,
-            ids: str | None = None, overwrite: bool = False) -> dict[str, object]:
-    """Cluster the embeddings and write ``clusters`` and ``centroids``; skipped when already done."""
-    config = config or ClusterConfig()
-    ledger = Ledger(root, STAGE)
-    store = CatalogArrayStore(root, STAGE)
-    if overwrite:
-        ledger.reset()
-        store.clear()
-    image_ids, vectors = _read_inputs(root, config, embeddings, ids)
-    dim = vectors.dim if isinstance(vectors, RowIndex) else vectors.shape[1]
-    specs = level_specs(config, len(image_ids), dim)
-    plan = fingerprint(config.plan_settings(), [asdict(s) for s in specs], len(image_ids), int(image_ids.sum()))
-    if ledger.is_complete() and ledger.done().get("all", {}).get("plan") == plan:
-        return {"skipped": True, "levels": [s.k for s in specs]}
-    ledger.check_plan(plan)
-    device = _device(config.device)
-    with RunManifest(root, STAGE, asdict(config)) as manifest:
-        manifest.inputs = {"rows": len(image_ids), "dim": dim, "levels": [asdict(s) for s in specs]}
+class ClusterStage(Stage):
+    """One unit, the whole hierarchy; its own checkpoints (per level and resampling step) make it resumable."""
+
+    name = "cluster"
+    config_class = ClusterConfig
+    writes = (CLUSTERS_TABLE, CENTROIDS_TABLE)
+    runtime_keys = frozenset({"workers", "worker_cpus"})
+
+    def tables_read(self, config: ClusterConfig) -> tuple[str, ...]:
+        own = () if config.embeddings else (EMBEDDINGS_TABLE,)
+        return own + ((DUPLICATES_TABLE,) if config.exclude_duplicates else ())
+
+    def extra_inputs(self, ctx: StageContext) -> dict[str, str]:
+        files = {"embeddings": ctx.config.embeddings, "ids": ctx.config.ids}
+        return {f"file:{k}": file_fingerprint(v) for k, v in files.items() if v}
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        return [Unit("all", {}, 1, fingerprint("all"))]
+
+    def clear(self, ctx: StageContext) -> None:
+        CatalogArrayStore(ctx.root, self.name).clear()
+
+    def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
+        config: ClusterConfig = ctx.config
+        image_ids, vectors = _read_inputs(ctx.root, config)
+        dim = vectors.dim if isinstance(vectors, RowIndex) else vectors.shape[1]
+        specs = level_specs(config, len(image_ids), dim)
+        device = _device(config.device)
         steps = sum(1 + s.resampling_steps for s in specs)
+        store = CatalogArrayStore(ctx.root, self.name)
         with progress(steps, "cluster", unit="step") as bar, _level1(vectors, config, specs, device) as level1:
             hierarchy = hierarchical_kmeans(level1, specs, seed=config.seed, metric=config.metric,
                                             n_iter=config.n_iter, device=device, store=store,
                                             progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
-        delete_table(root, "clusters")
-        delete_table(root, "centroids")
-        write_shards(root, "clusters", "clusters", clusters_table(image_ids, hierarchy))
-        write_shards(root, "centroids", "centroids", centroids_table(hierarchy))
-        manifest.rows = {"in": len(image_ids), "out": len(image_ids), "errored": 0}
-        manifest.notes = {"inertia": hierarchy.inertia, "k": [len(c) for c in hierarchy.centroids]}
-    ledger.mark("all", {"plan": plan})
-    ledger.mark_complete(manifest.notes)
-    return {"skipped": False, "levels": manifest.notes["k"], "inertia": hierarchy.inertia}
+        return Output({CLUSTERS_TABLE: clusters_table(image_ids, hierarchy),
+                       CENTROIDS_TABLE: centroids_table(hierarchy)})
+
+    def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
+        n = totals.rows(CLUSTERS_TABLE)
+        meta = schemas.metadata_of(read_schema(shard_urls(ctx.root, CENTROIDS_TABLE)[0]))
+        return {"in": n, "out": n, "errored": 0, "levels": json.loads(meta["k"]),
+                "inertia": json.loads(meta["inertia"])}
+
+
+STAGE = ClusterStage()

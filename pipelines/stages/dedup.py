@@ -2,39 +2,40 @@
 
 Every removed image gets a ``duplicates`` row with the image kept in its place, the similarity and
 the reason (``exact``, ``copy``, ``eval:<name>``). Later stages leave these images out. Each step is a
-ledger unit, so a killed run redoes at most the step it was in.
+unit of the run, done in order (a step reads what the earlier ones removed), so a killed run redoes at
+most the step it was in.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from catalog import schemas
+from catalog.config import ConfigError, at_least
+from catalog.decode import DecodeError, decode_rgb
 from catalog.embeddings import load_embeddings
-from catalog.ledger import Ledger
-from catalog.manifest import RunManifest, fingerprint
-from catalog.shards import delete_table, table_exists, write_shards
+from catalog.errors import MissingInputError
+from catalog.lineage import listing_fingerprint
+from catalog.manifest import fingerprint
+from catalog.paths import read_bytes, resolve, retry, with_protocol
+from catalog.schemas import (
+    COPY_DESCRIPTORS_TABLE,
+    DUPLICATES_TABLE,
+    EMBEDDINGS_TABLE,
+    POOL_TABLE,
+)
+from catalog.shards import table_exists
 from catalog.sql import query
 from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
 from curation.copy_descriptor import RELATIVE_THRESHOLD as PIXEL_RELATIVE_THRESHOLD
 from curation.copy_descriptor import copy_descriptor, mirror
-from catalog.decode import DecodeError, decode_rgb
-from curation.dedup import (
-    COPY_K,
-    COPY_THRESHOLD,
-    RELATIVE_THRESHOLD,
-    copy_dedup,
-    relative_dedup,
-)
-from pipelines.stages.ingest import COPY_DESCRIPTORS, IMAGE_EXTENSIONS
+from curation.dedup import COPY_K, COPY_THRESHOLD, RELATIVE_THRESHOLD, copy_dedup, relative_dedup
 from pipelines.reports import write_dedup_report
-
-STAGE = "dedup"
+from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class DedupConfig:
     eval_sets: dict[str, str] = field(default_factory=dict)
     relative_threshold: float | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "k")
+        for name in ("threshold", "relative_threshold"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ConfigError(f"{name} is a cosine similarity in [-1, 1], got {value}")
+        if self.eval_sets and self.descriptor != "pixels":
+            raise ConfigError("relative dedup against image folders (eval_sets) needs descriptor=pixels")
 
     def copy_threshold(self) -> float:
         default = PIXEL_COPY_THRESHOLD if self.descriptor == "pixels" else COPY_THRESHOLD
@@ -64,7 +74,7 @@ def _rows(image_id, kept_id, similarity, reason: str) -> pa.Table:
                      "kept_id": pa.array(np.asarray(kept_id, np.int64)),
                      "similarity": pa.array(np.asarray(similarity, np.float32)),
                      "reason": pa.array([reason] * n, pa.string())},
-                    schema=schemas.stamp(schemas.DUPLICATES, "duplicates"))
+                    schema=schemas.stamp(schemas.DUPLICATES, DUPLICATES_TABLE))
 
 
 def exact_step(root: str) -> pa.Table:
@@ -76,12 +86,12 @@ def exact_step(root: str) -> pa.Table:
 
 
 def _descriptors(root: str, config: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    return load_embeddings(root, COPY_DESCRIPTORS if config.descriptor == "pixels" else "embeddings")
+    return load_embeddings(root, COPY_DESCRIPTORS_TABLE if config.descriptor == "pixels" else EMBEDDINGS_TABLE)
 
 
 def _removed_by(root: str, reasons: list[str]) -> np.ndarray:
     """Images removed by earlier steps only, so redoing a step after a kill sees the same input."""
-    if not table_exists(root, "duplicates") or not reasons:
+    if not table_exists(root, DUPLICATES_TABLE) or not reasons:
         return np.empty(0, np.int64)
     listed = ", ".join(f"'{r}'" for r in reasons)
     return query(root, f"SELECT image_id FROM duplicates WHERE reason IN ({listed})").column(0).to_numpy()
@@ -102,26 +112,29 @@ def copy_step(root: str, config: DedupConfig) -> pa.Table:
     return _rows(ids[result.removed_rows], ids[result.keeper_of_removed], result.removed_similarity, "copy")
 
 
+def folder_images(folder: str) -> dict[str, int]:
+    """``{url: bytes}`` of every file under a folder anywhere fsspec reaches (what does not decode is
+    skipped by the caller: extensions say nothing about content)."""
+    fs, path = resolve(folder)
+    found = retry(lambda: fs.find(path, detail=True))
+    return {with_protocol(fs, p): int(info["size"]) for p, info in sorted(found.items())}
+
+
 def eval_descriptors(folder: str) -> np.ndarray:
     """Pixel descriptors of every readable image in an evaluation-set folder."""
     out = []
-    for dirpath, _, files in os.walk(folder):
-        for name in sorted(files):
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                try:
-                    with open(os.path.join(dirpath, name), "rb") as f:
-                        out.append(copy_descriptor(decode_rgb(f.read())))
-                except (DecodeError, OSError):
-                    continue
+    for url in folder_images(folder):
+        try:
+            out.append(copy_descriptor(decode_rgb(read_bytes(url))))
+        except (DecodeError, OSError):
+            continue
     if not out:
-        raise FileNotFoundError(f"evaluation set {folder} holds no readable image")
+        raise MissingInputError(f"evaluation set {folder} holds no readable image")
     return np.stack(out)
 
 
 def eval_step(root: str, config: DedupConfig, name: str, folder: str) -> pa.Table:
     """Remove every pool image whose copy component touches an image of the evaluation set."""
-    if config.descriptor != "pixels":
-        raise ValueError("relative dedup against image folders needs descriptor=pixels")
     ids, x = _descriptors(root, config)
     earlier = ["exact", "copy"] + [f"eval:{n}" for n in sorted(config.eval_sets) if n < name]
     keep = ~np.isin(ids, _removed_by(root, earlier))
@@ -131,31 +144,40 @@ def eval_step(root: str, config: DedupConfig, name: str, folder: str) -> pa.Tabl
     return _rows(ids[rows], np.full(len(rows), -1), np.full(len(rows), np.nan), f"eval:{name}")
 
 
-def dedup(root: str, config: DedupConfig | None = None, *, overwrite: bool = False) -> dict[str, int]:
-    """Run the dedup steps not yet done; returns how many images each step removed."""
-    config = config or DedupConfig()
-    ledger = Ledger(root, STAGE)
-    if overwrite:
-        ledger.reset()
-        delete_table(root, "duplicates")
-    ledger.check_plan(fingerprint(asdict(config)))
-    steps = [("exact", lambda: exact_step(root)), ("copy", lambda: copy_step(root, config))]
-    steps += [(f"eval-{name}", lambda n=name, f=folder: eval_step(root, config, n, f))
-              for name, folder in sorted(config.eval_sets.items())]
-    done = ledger.done()
-    counts = {}
-    with RunManifest(root, STAGE, asdict(config)) as manifest:
-        for unit, run in steps:
-            if unit in done:
-                counts[unit] = done[unit]["removed"]
-                continue
-            table = run()
-            write_shards(root, "duplicates", unit, table)
-            ledger.mark(unit, {"removed": table.num_rows})
-            counts[unit] = table.num_rows
-        total = query(root, "SELECT count(*) FROM pool WHERE status = 'ok'").column(0)[0].as_py()
-        manifest.rows = {"in": total, "out": total - sum(counts.values()), "errored": 0, **counts}
-    ledger.mark_complete(counts)
-    if counts.get("copy"):
-        write_dedup_report(root)
-    return counts
+class DedupStage(Stage):
+    name = "dedup"
+    config_class = DedupConfig
+    writes = (DUPLICATES_TABLE,)
+    empty_schemas = {DUPLICATES_TABLE: schemas.stamp(schemas.DUPLICATES, DUPLICATES_TABLE)}
+
+    def tables_read(self, config: DedupConfig) -> tuple[str, ...]:
+        return (POOL_TABLE, COPY_DESCRIPTORS_TABLE if config.descriptor == "pixels" else EMBEDDINGS_TABLE)
+
+    def extra_inputs(self, ctx: StageContext) -> dict[str, str]:
+        return {f"eval_set:{name}": listing_fingerprint(folder_images(folder))
+                for name, folder in sorted(ctx.config.eval_sets.items())}
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        steps = ["exact", "copy"] + [f"eval-{name}" for name in sorted(ctx.config.eval_sets)]
+        return [Unit(step, {}, 1, fingerprint(step)) for step in steps]
+
+    def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
+        config: DedupConfig = ctx.config
+        if unit.name == "exact":
+            table = exact_step(ctx.root)
+        elif unit.name == "copy":
+            table = copy_step(ctx.root, config)
+        else:
+            name = unit.name[len("eval-"):]
+            table = eval_step(ctx.root, config, name, config.eval_sets[name])
+        return Output({DUPLICATES_TABLE: table})
+
+    def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
+        removed = {unit: rows.get(DUPLICATES_TABLE, 0) for unit, rows in totals.units.items()}
+        total = query(ctx.root, "SELECT count(*) FROM pool WHERE status = 'ok'").column(0)[0].as_py()
+        if removed.get("copy"):
+            write_dedup_report(ctx.root)
+        return {"in": total, "out": total - sum(removed.values()), "errored": 0, "removed": removed}
+
+
+STAGE = DedupStage()

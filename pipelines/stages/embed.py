@@ -1,45 +1,44 @@
 """``curate embed``: the pool's usable images → ``embeddings`` (one vector per image).
 
-A Ray Data pipeline: units of pool rows → decode + centre-crop (CPU tasks, uint8 pixels) → the
-backbone (an actor pool: one actor per GPU, or a CPU actor) → Parquet shards written by the actor,
-which then marks the unit in the ledger. Rerunning a finished stage does nothing; a killed run
-resumes at the first unfinished unit and produces bit-identical vectors.
+Units of pool rows are decoded and centre-cropped to uint8 pixels by ``load`` (Ray CPU tasks), then
+embedded by workers that each hold the backbone (``setup``: an actor pool, one actor per GPU or a CPU
+actor; in-process: one). The driver never builds the model: it checks the checkpoint by its header and
+key names, hashes the weights file once, and ships the resulting identity (architecture + weights hash
++ preprocessing) to the workers. Preprocessing comes with the backbone (a registry entry's default, or
+what a ``curate:`` export records) unless ``image_size`` is given.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import ray
 
-from catalog.embeddings import EMBEDDINGS, embedding_metadata, embeddings_table
-from catalog.images import read_image_bytes
-from catalog.ledger import Ledger
-from catalog.manifest import RunManifest, fingerprint
-from catalog.progress import progress
-from catalog.schemas import ERRORS, stamp
-from catalog.shards import write_shards
-from catalog.sql import query
+from catalog.config import ConfigError, above, at_least
 from catalog.decode import MISSING, DecodeError, Preprocess, decode_rgb
-from pipelines.ray_runtime import ensure_ray
+from catalog.embeddings import EmbeddingIdentity, embeddings_table
+from catalog.images import read_image_bytes
+from catalog.manifest import fingerprint
+from catalog.schemas import EMBEDDINGS_TABLE, ERRORS, ERRORS_TABLE, POOL_TABLE, stamp
+from catalog.sql import query
+from pipelines.stage import Output, Resources, Stage, StageContext, Totals, Unit
 
-STAGE = "embed"
-
-
-class ModelMismatchError(ValueError):
-    """The catalog already holds embeddings of another model or preprocessing."""
+log = logging.getLogger("curate.pipelines")
+REMEDY = "embeddings of two models are never mixed: use another catalog or --overwrite"
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
+    """``image_size`` None: the backbone's own resolution (registry entry or export metadata)."""
+
     model: str = "dinov3_vits16"
     weights: str | None = None
-    image_size: int = 224
+    image_size: int | None = None
     pooling: Literal["cls", "mean", "cls+mean"] = "cls"
     normalize: bool = True
     storage_dtype: Literal["float16", "float32"] = "float16"
@@ -49,178 +48,138 @@ class EmbedConfig:
     decode_cpus: float = 0.5
     actor_cpus: float = 1.0
     max_pixels: int = 64_000_000
-    torch_threads: int | None = None  # CPU actors: None = every core (Ray would give them one thread)
+    torch_threads: int | None = None  # CPU workers: None = every core (Ray would give them one thread)
     seed: int = 0
 
-
-def preprocess_for(config: EmbedConfig) -> Preprocess:
-    return Preprocess(size=config.image_size)
-
-
-def model_identity(config: EmbedConfig, weights_sha256: str | None) -> dict[str, str]:
-    """What makes two embedding tables comparable; stored in every shard's metadata."""
-    return {
-        "model": config.model,
-        "weights_sha256": weights_sha256 or f"random-init-seed{config.seed}",
-        "preprocess": preprocess_for(config).fingerprint(),
-        "pooling": config.pooling,
-        "normalized": str(config.normalize),
-    }
+    def __post_init__(self) -> None:
+        at_least(self, 2, "image_size")
+        at_least(self, 1, "images_per_unit", "batch_size", "actors", "max_pixels", "torch_threads")
+        above(self, 0, "decode_cpus", "actor_cpus")
 
 
-def config_of_table(root: str, table: str = EMBEDDINGS) -> EmbedConfig:
-    """The embed settings a table was made with, to embed a seed set exactly like the pool."""
-    from catalog.config import from_dict
+@dataclass(frozen=True)
+class EmbedFacts:
+    """What the driver established: the identity every shard records, and how to preprocess."""
 
-    meta = embedding_metadata(root, table)
-    if "embed_config" not in meta:
-        raise FileNotFoundError(f"{root}/{table} records no embed settings: embed the pool with `curate embed` first")
-    return from_dict(EmbedConfig, json.loads(meta["embed_config"]))
-
-
-def check_same_model(root: str, identity: dict[str, str], table: str = EMBEDDINGS) -> None:
-    """Refuse to add vectors of a different model to an existing table."""
-    existing = embedding_metadata(root, table)
-    differing = [k for k in identity if k in existing and existing[k] != identity[k]]
-    if differing:
-        detail = "; ".join(f"{k}: table has {existing[k]!r}, this run {identity[k]!r}" for k in differing)
-        raise ModelMismatchError(
-            f"{root}/{table} already holds embeddings of another model or preprocessing ({detail}); "
-            "embeddings of two models are never mixed: use another catalog or --overwrite"
-        )
+    identity: EmbeddingIdentity
+    preprocess: Preprocess
+    embed_config: str  # the resolved config (image size filled in), JSON, for seeds embedded alike
 
 
-def plan_units(root: str, images_per_unit: int) -> list[dict[str, Any]]:
-    """Usable pool rows in image_id order, cut into fixed-size units."""
-    pool = query(root, "SELECT image_id, uri FROM pool WHERE status = 'ok' ORDER BY image_id")
-    ids = pool.column("image_id").to_pylist()
-    uris = pool.column("uri").to_pylist()
-    return [
-        {"name": f"emb-{i // images_per_unit:06d}", "ids": ids[i : i + images_per_unit],
-         "uris": uris[i : i + images_per_unit]}
-        for i in range(0, len(ids), images_per_unit)
-    ]
+class EmbedStage(Stage):
+    name = "embed"
+    config_class = EmbedConfig
+    reads = (POOL_TABLE,)
+    writes = (EMBEDDINGS_TABLE, ERRORS_TABLE)
+    runtime_keys = frozenset({"batch_size", "actors", "decode_cpus", "actor_cpus", "torch_threads"})
+    distributable = True
+    in_process_below = 600
+    empty_schemas = {ERRORS_TABLE: stamp(ERRORS, ERRORS_TABLE)}
 
+    def prepare(self, ctx: StageContext) -> EmbedFacts:
+        """Check the checkpoint by its header, hash the weights once, and refuse a table of another model."""
+        from training.models.checkpoints import file_sha256, inspect_backbone
 
-def decode_unit(row: dict[str, Any], config: EmbedConfig) -> dict[str, Any]:
-    """Decode and centre-crop every image of a unit to uint8; failures become error reasons."""
-    pre = preprocess_for(config)
-    size = config.image_size
-    pixels = np.zeros((len(row["ids"]), size, size, 3), np.uint8)
-    reasons: list[list[str] | None] = []
-    for i, uri in enumerate(row["uris"]):
-        try:
-            img = decode_rgb(read_image_bytes(uri), max_pixels=config.max_pixels, min_side=pre.resize_size)
-            pixels[i] = pre.crop(img)
-            reasons.append(None)
-        except FileNotFoundError:
-            reasons.append([MISSING, "file vanished after ingest"])
-        except DecodeError as e:
-            reasons.append([e.reason, str(e)])
-    return {"name": row["name"], "ids": np.asarray(row["ids"], np.int64), "uris": json.dumps(row["uris"]),
-            "pixels": pixels, "reasons": json.dumps(reasons)}
+        config: EmbedConfig = ctx.config
+        spec = inspect_backbone(config.model, config.weights)
+        size = config.image_size or spec.input.size
+        if size < spec.config.patch_size:
+            raise ConfigError(f"image_size {size} is smaller than the backbone's patch size {spec.config.patch_size}")
+        pre = Preprocess(size=size, mean=spec.input.mean, std=spec.input.std)
+        sha = file_sha256(spec.weights) if spec.weights else f"random-init-seed{config.seed}"
+        identity = EmbeddingIdentity(spec.architecture, sha, pre.fingerprint(), config.pooling, str(config.normalize))
+        identity.check(EmbeddingIdentity.of_table(ctx.root), f"{ctx.root}/{EMBEDDINGS_TABLE}", REMEDY)
+        if spec.random_init:
+            log.warning("%s is randomly initialised (no --weights): embeddings reflect colour and layout "
+                        "statistics only, not learned semantics", config.model)
+        return EmbedFacts(identity, pre, json.dumps(asdict(replace(config, image_size=size))))
 
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        config: EmbedConfig = ctx.config
+        return {**ctx.facts.identity.metadata(), "storage_dtype": config.storage_dtype,
+                "max_pixels": config.max_pixels, "images_per_unit": config.images_per_unit}
 
-class Embedder:
-    """Ray actor: holds the backbone, embeds whole units and commits their shards."""
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        """Usable pool rows in image_id order, cut into fixed-size units; a unit's input is its images' hashes."""
+        pool = query(ctx.root, "SELECT image_id, uri, sha256 FROM pool WHERE status = 'ok' ORDER BY image_id")
+        ids, uris = pool.column("image_id").to_pylist(), pool.column("uri").to_pylist()
+        shas = pool.column("sha256").to_pylist()
+        n = ctx.config.images_per_unit
+        return [Unit(f"emb-{i // n:06d}", {"ids": ids[i : i + n], "uris": uris[i : i + n]}, len(ids[i : i + n]),
+                     fingerprint(ids[i : i + n], shas[i : i + n]))
+                for i in range(0, len(ids), n)]
 
-    def __init__(self, root: str, config: EmbedConfig):
+    def resources(self, ctx: StageContext) -> Resources:
+        import ray
+
+        config: EmbedConfig = ctx.config
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus >= 1:
+            return Resources(config.actor_cpus, 1, max(1, min(int(gpus), config.actors)), config.decode_cpus)
+        return Resources(config.actor_cpus, 0, config.actors, config.decode_cpus)
+
+    def load(self, ctx: StageContext, unit: Unit) -> dict[str, Any]:
+        """Decode and centre-crop every image of a unit to uint8; failures become error reasons."""
+        config: EmbedConfig = ctx.config
+        pre: Preprocess = ctx.facts.preprocess
+        pixels = np.zeros((unit.size, pre.size, pre.size, 3), np.uint8)
+        reasons, messages = [], []
+        for i, uri in enumerate(unit.payload["uris"]):
+            reason, message = "", ""
+            try:
+                pixels[i] = pre.crop(decode_rgb(read_image_bytes(uri), max_pixels=config.max_pixels,
+                                                min_side=pre.resize_size))
+            except FileNotFoundError:
+                reason, message = MISSING, "file vanished after ingest"
+            except DecodeError as e:
+                reason, message = e.reason, str(e)
+            reasons.append(reason)
+            messages.append(message)
+        return {"pixels": pixels, "reasons": reasons, "messages": messages}
+
+    def setup(self, ctx: StageContext) -> Any:
+        """The backbone, built and loaded once per worker (the weights hash comes from the driver)."""
         import torch
 
         from training.models.checkpoints import load_backbone
 
-        self.torch = torch
-        self.root, self.config = root, config
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cpu":  # decode tasks are light; the model should use the whole machine
+        config: EmbedConfig = ctx.config
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # decode tasks are light; the model should use the whole machine
             torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
-        self.model, info = load_backbone(config.model, config.weights, device=self.device)
-        self.metadata = {**model_identity(config, info.sha256), "embed_config": json.dumps(asdict(config))}
-        self.pre = preprocess_for(config)
+        model, _ = load_backbone(config.model, config.weights, device=device, hash_weights=False)
+        return model, device
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(pixels), self.config.batch_size):
-                x = torch.from_numpy(self.pre.normalize_batch(pixels[start : start + self.config.batch_size]))
-                x = x.to(self.device, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
-                    emb = self.model.embed(x, pooling=self.config.pooling, normalize=self.config.normalize)
-                out.append(emb.float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim_for(self.config.pooling)), np.float32)
+    def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
+        config: EmbedConfig = ctx.config
+        ids = np.asarray(unit.payload["ids"], np.int64)
+        reasons = [str(r) for r in loaded["reasons"]]
+        ok = np.asarray([r == "" for r in reasons], bool)
+        x = _embed(state, ctx.facts.preprocess, config, np.asarray(loaded["pixels"])[ok]).astype(config.storage_dtype)
+        metadata = {**ctx.facts.identity.metadata(), "embed_config": ctx.facts.embed_config,
+                    "model_source": config.weights or config.model}
+        failed = [{"image_id": int(i), "uri": u, "stage": self.name, "reason": r, "message": str(m)}
+                  for i, u, r, m in zip(ids, unit.payload["uris"], reasons, loaded["messages"]) if r]
+        return Output({EMBEDDINGS_TABLE: embeddings_table(ids[ok], x, metadata),
+                       ERRORS_TABLE: pa.Table.from_pylist(failed, schema=stamp(ERRORS, ERRORS_TABLE))})
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts = [self.commit_unit(str(batch["name"][i]), batch["ids"][i], json.loads(batch["uris"][i]),
-                                   batch["pixels"][i], json.loads(batch["reasons"][i]))
-                  for i in range(len(batch["name"]))]
-        return {"counts": np.asarray([json.dumps(c) for c in counts])}
-
-    def commit_unit(self, name: str, ids: np.ndarray, uris: list[str], pixels: np.ndarray,
-                    reasons: list[list[str] | None]) -> dict[str, int]:
-        ok = np.asarray([r is None for r in reasons], bool)
-        x = self.embed(pixels[ok]).astype(self.config.storage_dtype)
-        write_shards(self.root, EMBEDDINGS, name, embeddings_table(ids[ok], x, self.metadata))
-        failed = [{"image_id": int(i), "uri": u, "stage": STAGE, "reason": r[0], "message": r[1]}
-                  for i, u, r in zip(ids, uris, reasons) if r is not None]
-        if failed:
-            write_shards(self.root, "errors", f"{STAGE}-{name}", pa.Table.from_pylist(failed, schema=stamp(ERRORS, "errors")))
-        counts = {"items": len(ids), "ok": int(ok.sum()), "errors": len(failed)}
-        Ledger(self.root, STAGE).mark(name, counts)
-        return counts
+    def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
+        return {"in": totals.items, "out": totals.rows(EMBEDDINGS_TABLE), "errored": totals.rows(ERRORS_TABLE),
+                **ctx.facts.identity.metadata()}
 
 
-def _resources(config: EmbedConfig) -> dict[str, Any]:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus >= 1:
-        return {"num_gpus": 1, "num_cpus": config.actor_cpus, "concurrency": max(1, min(int(gpus), config.actors))}
-    return {"num_cpus": config.actor_cpus, "concurrency": config.actors}
+def _embed(state: Any, pre: Preprocess, config: EmbedConfig, pixels: np.ndarray) -> np.ndarray:
+    import torch
+
+    model, device = state
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), config.batch_size):
+            x = torch.from_numpy(pre.normalize_batch(pixels[start : start + config.batch_size])).to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                emb = model.embed(x, pooling=config.pooling, normalize=config.normalize)
+            out.append(emb.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.embed_dim_for(config.pooling)), np.float32)
 
 
-def embed(root: str, config: EmbedConfig | None = None, *, address: str | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
-    """Embed every usable pool image not yet embedded; returns row counts."""
-    from training.models.checkpoints import file_sha256, load_backbone
-
-    config = config or EmbedConfig()
-    ledger = Ledger(root, STAGE)
-    if overwrite:
-        from catalog.shards import delete_table
-
-        ledger.reset()
-        delete_table(root, EMBEDDINGS)
-    weights_sha = file_sha256(config.weights) if config.weights else None
-    if config.model.startswith("curate:"):
-        weights_sha = file_sha256(config.model.split(":", 1)[1])
-    load_backbone(config.model, config.weights)  # fail fast on a bad checkpoint, before Ray starts
-    identity = model_identity(config, weights_sha)
-    check_same_model(root, identity)
-    units = plan_units(root, config.images_per_unit)
-    ledger.check_plan(fingerprint(identity, [(u["name"], u["ids"][0], len(u["ids"])) for u in units]))
-    done = ledger.done()
-    todo = [u for u in units if u["name"] not in done]
-    if identity["weights_sha256"].startswith("random-init"):
-        print(f"NOTE: {config.model} is randomly initialised (no --weights): embeddings reflect colour and "
-              "layout statistics only, not learned semantics")
-    with RunManifest(root, STAGE, asdict(config)) as manifest:
-        manifest.inputs = {"pool_images": sum(len(u["ids"]) for u in units), **identity}
-        totals = {"items": 0, "ok": 0, "errors": 0}
-        bar = progress(sum(len(u["ids"]) for u in units), "embed", unit="img",
-                       initial=sum(len(u["ids"]) for u in units if u["name"] in done))
-        if todo:
-            ensure_ray(address)
-            ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-            ds = ds.map(decode_unit, fn_kwargs={"config": config}, num_cpus=config.decode_cpus)
-            ds = ds.map_batches(Embedder, fn_constructor_kwargs={"root": root, "config": config},
-                                batch_size=1, **_resources(config))
-            with bar:
-                for out in ds.iter_rows():
-                    counts = json.loads(out["counts"])
-                    for key in totals:
-                        totals[key] += counts[key]
-                    bar.update(counts["items"])
-        else:
-            bar.close()
-        manifest.rows = {"in": totals["items"], "out": totals["ok"], "errored": totals["errors"]}
-    ledger.mark_complete(identity)
-    return manifest.rows
+STAGE = EmbedStage()

@@ -3,76 +3,102 @@
 Training reads one image at a time from wherever the pool lives; at scale that is millions of small
 object reads. Packing writes the part's image bytes into large tar shards (members ``<image_id>.<ext>``)
 under ``packed/<part>/`` plus an index table mapping each image to its byte range, which the training
-dataset uses instead of the pool URIs when it is complete. One ledger unit per shard: resumable.
+dataset uses instead of the pool URIs when the run is complete. One unit per tar shard: the tar is
+committed before its index rows, so a resumed run never indexes a shard that is not there.
 """
 
 from __future__ import annotations
 
 import io
-import posixpath
 import tarfile
+from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
 from catalog import schemas
-from catalog.images import byte_range_uri, read_image_bytes
-from catalog.ledger import Ledger
-from catalog.manifest import RunManifest
-from catalog.paths import join, write_bytes_atomic
-from catalog.progress import progress
-from catalog.shards import read_table, write_shards
+from catalog.config import at_least
+from catalog.decode import MISSING
+from catalog.images import byte_range_uri, read_image_bytes, uri_extension
+from catalog.manifest import fingerprint
+from catalog.names import check_name
+from catalog.paths import join
+from catalog.schemas import ERRORS, ERRORS_TABLE, curated_table, packed_table
+from catalog.shards import read_table
+from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 
-def packed_table(part: str) -> str:
-    return f"packed/{part}"
+@dataclass(frozen=True)
+class PackConfig:
+    part: str = "lvd"
+    images_per_shard: int = 1000
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "images_per_shard")
+        check_name(self.part, "pack --part")
 
 
-def _tar_shard(ids: list[int], uris: list[str]) -> tuple[bytes, list[tuple[int, int, int]], int]:
-    """Tar bytes, (image_id, data offset, size) per packed member, and how many images were unreadable."""
+def _tar_shard(ids: list[int], uris: list[str]) -> tuple[bytes, list[tuple[int, int, int]], list[dict[str, Any]]]:
+    """Tar bytes, (image_id, data offset, size) per packed member, and an error row per unreadable image."""
     buf = io.BytesIO()
-    members, missing = [], 0
+    members, failed = [], []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for image_id, uri in zip(ids, uris):
             try:
                 data = read_image_bytes(uri)
-            except (FileNotFoundError, OSError):
-                missing += 1
+            except OSError as e:
+                failed.append({"image_id": image_id, "uri": uri, "stage": "pack",
+                               "reason": MISSING if isinstance(e, FileNotFoundError) else "unreadable",
+                               "message": f"could not read the image to pack it: {type(e).__name__}"})
                 continue
-            ext = posixpath.splitext(uri.split("#")[0].split("::")[0])[1].lower() or ".img"
+            ext = uri_extension(uri) or ".img"
             info = tarfile.TarInfo(f"{image_id & 0xFFFFFFFFFFFFFFFF:016x}{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
             members.append((image_id, len(data)))
     with tarfile.open(fileobj=io.BytesIO(buf.getvalue()), mode="r") as tar:  # data offsets, as readers see them
         offsets = [m.offset_data for m in tar.getmembers()]
-    return buf.getvalue(), [(i, off, n) for (i, n), off in zip(members, offsets)], missing
+    return buf.getvalue(), [(i, off, n) for (i, n), off in zip(members, offsets)], failed
 
 
-def pack(root: str, part: str, images_per_shard: int = 1000) -> dict[str, int]:
-    """Pack ``curated/<part>``; returns images packed and images that could not be read."""
-    table = read_table(root, f"curated/{part}", ["image_id", "uri"]).sort_by("image_id")
-    ids, uris = table.column("image_id").to_pylist(), table.column("uri").to_pylist()
-    ledger = Ledger(root, f"pack-{part}")
-    done = ledger.done()
-    totals = {"packed": 0, "unreadable": 0}
-    with RunManifest(root, f"pack-{part}", {"part": part, "images_per_shard": images_per_shard}) as manifest, \
-            progress(len(ids), f"pack {part}", unit="img") as bar:
-        for start in range(0, len(ids), images_per_shard):
-            unit = f"shard-{start // images_per_shard:06d}"
-            chunk = slice(start, start + images_per_shard)
-            if unit not in done:
-                url = join(root, packed_table(part), f"{unit}.tar")
-                data, members, missing = _tar_shard(ids[chunk], uris[chunk])
-                write_bytes_atomic(url, data)
-                index = pa.table({"image_id": pa.array([m[0] for m in members], pa.int64()),
-                                  "uri": [byte_range_uri(url, m[1], m[2]) for m in members]})
-                index = index.replace_schema_metadata(schemas.stamp(index.schema, packed_table(part)).metadata)
-                write_shards(root, packed_table(part), unit, index)
-                ledger.mark(unit, {"packed": len(members), "unreadable": missing})
-                done[unit] = {"packed": len(members), "unreadable": missing}
-            totals["packed"] += done[unit]["packed"]
-            totals["unreadable"] += done[unit]["unreadable"]
-            bar.update(len(ids[chunk]))
-        manifest.rows = {"in": len(ids), "out": totals["packed"], "errored": totals["unreadable"]}
-    ledger.mark_complete(totals)
-    return totals
+class PackStage(Stage):
+    name = "pack"
+    config_class = PackConfig
+    distributable = True
+    empty_schemas = {ERRORS_TABLE: schemas.stamp(ERRORS, ERRORS_TABLE)}
+
+    def run_name(self, config: PackConfig) -> str:
+        return f"pack-{config.part}"
+
+    def tables_read(self, config: PackConfig) -> tuple[str, ...]:
+        return (curated_table(config.part),)
+
+    def tables_written(self, config: PackConfig) -> tuple[str, ...]:
+        return (packed_table(config.part), ERRORS_TABLE)
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        config: PackConfig = ctx.config
+        table = read_table(ctx.root, curated_table(config.part), ["image_id", "uri"]).sort_by("image_id")
+        ids, uris = table.column("image_id").to_pylist(), table.column("uri").to_pylist()
+        n = config.images_per_shard
+        return [Unit(f"shard-{i // n:06d}", {"ids": ids[i : i + n], "uris": uris[i : i + n]}, len(ids[i : i + n]),
+                     fingerprint(ids[i : i + n], uris[i : i + n])) for i in range(0, len(ids), n)]
+
+    def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
+        part = ctx.config.part
+        path = f"{packed_table(part)}/{unit.name}.tar"
+        data, members, failed = _tar_shard(unit.payload["ids"], unit.payload["uris"])
+        url = join(ctx.root, path)
+        index = pa.table({"image_id": pa.array([m[0] for m in members], pa.int64()),
+                          "uri": [byte_range_uri(url, m[1], m[2]) for m in members]})
+        index = index.replace_schema_metadata(schemas.stamp(index.schema, packed_table(part)).metadata)
+        return Output({packed_table(part): index,
+                       ERRORS_TABLE: pa.Table.from_pylist(failed, schema=schemas.stamp(ERRORS, ERRORS_TABLE))},
+                      files={path: data})
+
+    def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
+        packed, unreadable = totals.rows(packed_table(ctx.config.part)), totals.rows(ERRORS_TABLE)
+        return {"in": totals.items, "out": packed, "errored": unreadable, "packed": packed, "unreadable": unreadable}
+
+
+STAGE = PackStage()

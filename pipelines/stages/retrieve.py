@@ -3,22 +3,33 @@
 ``knn`` takes the k nearest pool images of every seed image (large seeds); ``cluster`` takes images
 from the pool clusters that hold more than a few seed images (small seeds); ``auto`` picks by seed
 size. Duplicates found by ``curate dedup`` are never retrieved. The faiss index is saved under the
-catalog and reused while the embeddings it indexes are unchanged.
+catalog and reused while the embeddings it indexes are unchanged. One run per seed (``retrieve-<seed>``)
+writes that seed's rows of ``retrieved``; the seed's own ingest and embed run through the stage runner
+(``pipelines.seeds``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from catalog import schemas
-from catalog.ledger import Ledger
-from catalog.manifest import RunManifest
+from catalog.config import ConfigError, at_least
+from catalog.embeddings import load_embeddings
+from catalog.manifest import fingerprint as content_fingerprint
 from catalog.paths import exists, join, read_bytes, write_bytes_atomic
-from catalog.shards import table_exists, write_shards
+from catalog.schemas import (
+    CENTROIDS_TABLE,
+    CLUSTERS_TABLE,
+    DUPLICATES_TABLE,
+    EMBEDDINGS_TABLE,
+    POOL_TABLE,
+    RETRIEVED_TABLE,
+)
+from catalog.shards import table_exists
 from catalog.sql import query
 from curation.index import PoolIndex, build_index, fingerprint
 from curation.kmeans import assign
@@ -32,13 +43,15 @@ from curation.retrieval import (
 )
 from pipelines.embedding_source import load_vectors, removed_ids
 from pipelines.reports import write_retrieval_report
-from pipelines.stages.seeds import SeedsConfig, resolve_seed, seed_vectors
-
-STAGE = "retrieve"
+from pipelines.seeds import SeedsConfig, prepare_seed, resolve_seed, seed_fingerprint, seed_name
+from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 
 @dataclass(frozen=True)
 class RetrieveConfig:
+    """``seed_set``: a seed name from ``seeds`` or a path to images (``curate retrieve --seed``)."""
+
+    seed_set: str = ""
     mode: Literal["auto", "knn", "cluster"] = "auto"
     k: int = KNN_K
     min_similarity: float | None = None
@@ -50,6 +63,22 @@ class RetrieveConfig:
     recall_target: float = 0.95
     seed: int = 0
     seeds: SeedsConfig = field(default_factory=SeedsConfig)
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "k", "max_per_seed", "knn_min_seeds", "cluster_level", "min_seed_per_cluster",
+                 "per_cluster")
+        if not 0.0 < self.recall_target <= 1.0:
+            raise ConfigError(f"recall_target must be in (0, 1], got {self.recall_target}")
+        if self.min_similarity is not None and not -1.0 <= self.min_similarity <= 1.0:
+            raise ConfigError(f"min_similarity is a cosine similarity in [-1, 1], got {self.min_similarity}")
+
+
+@dataclass(frozen=True)
+class SeedFacts:
+    name: str
+    catalog: str  # the catalog root holding the seed's embeddings (and pool, unless brought precomputed)
+    mode: Literal["knn", "cluster"]
+    seed_images: int
 
 
 def pool_index(root: str, x: np.ndarray, config: RetrieveConfig) -> PoolIndex:
@@ -63,8 +92,8 @@ def pool_index(root: str, x: np.ndarray, config: RetrieveConfig) -> PoolIndex:
 
 
 def _cluster_mode(root: str, pool_ids: np.ndarray, seed_x: np.ndarray, config: RetrieveConfig) -> RetrievalResult:
-    if not table_exists(root, "clusters"):
-        raise FileNotFoundError("cluster-based retrieval needs the clusters of `curate build-lvd` (or `curate cluster`)")
+    if not table_exists(root, CLUSTERS_TABLE):
+        raise ConfigError("cluster-based retrieval needs the clusters of `curate build-lvd` (or `curate cluster`)")
     level = config.cluster_level
     clusters = query(root, f"SELECT image_id, l{level} AS label FROM clusters")
     label_of = dict(zip(clusters.column("image_id").to_pylist(), clusters.column("label").to_pylist()))
@@ -86,40 +115,76 @@ def retrieved_table(seed: str, pool_ids: np.ndarray, seed_ids: np.ndarray, resul
                      "seed_image_id": pa.array(seed_image, pa.int64()),
                      "rank": pa.array(result.rank, pa.int32()),
                      "similarity": pa.array(result.similarity, pa.float32())},
-                    schema=schemas.stamp(schemas.RETRIEVED, "retrieved"))
+                    schema=schemas.stamp(schemas.RETRIEVED, RETRIEVED_TABLE))
 
 
-def retrieve(root: str, seed: str, config: RetrieveConfig | None = None, *, address: str | None = None
-             ) -> dict[str, object]:
-    """Retrieve for one seed and (re)write its rows of the ``retrieved`` table."""
-    config = config or RetrieveConfig()
-    name, spec = resolve_seed(seed, root, config.seeds)
-    with RunManifest(root, STAGE, {"seed": name, **asdict(config)}) as manifest:
-        seed_ids, seed_x, seed_uris = seed_vectors(root, name, spec, address=address)
-        pool_ids, x = load_vectors(root)
-        keep = ~np.isin(pool_ids, removed_ids(root))
+def _cap(result: RetrievalResult, cap: int | None) -> RetrievalResult:
+    """At most ``cap`` rows, the best ranks first (cluster mode has no per-seed-image k)."""
+    if cap is None or len(result) <= cap:
+        return result
+    pick = np.sort(np.argsort(result.rank, kind="stable")[:cap])
+    return RetrievalResult(result.rows[pick], result.seed_rows[pick], result.rank[pick], result.similarity[pick])
+
+
+class RetrieveStage(Stage):
+    name = "retrieve"
+    config_class = RetrieveConfig
+    writes = (RETRIEVED_TABLE,)
+    runtime_keys = frozenset({"seeds"})  # where the seed lives is its catalog's business (an input)
+    empty_schemas = {RETRIEVED_TABLE: schemas.stamp(schemas.RETRIEVED, RETRIEVED_TABLE)}
+
+    def run_name(self, config: RetrieveConfig) -> str:
+        if not config.seed_set:
+            raise ConfigError("retrieve needs a seed: a name from the seeds config or a path (--seed)")
+        return f"retrieve-{seed_name(config.seed_set, config.seeds)}"
+
+    def tables_read(self, config: RetrieveConfig) -> tuple[str, ...]:
+        cluster = (CLUSTERS_TABLE, CENTROIDS_TABLE) if config.mode != "knn" else ()
+        return (EMBEDDINGS_TABLE, DUPLICATES_TABLE, POOL_TABLE, *cluster)
+
+    def prepare(self, ctx: StageContext) -> SeedFacts:
+        """The seed's catalog, made (ingest + embed like the pool) if needed, and the mode for its size."""
+        config: RetrieveConfig = ctx.config
+        name, spec = resolve_seed(config.seed_set, ctx.root, config.seeds)
+        catalog = prepare_seed(ctx.root, name, spec, address=ctx.address)
+        n = query(catalog, "SELECT count(*) FROM embeddings").column(0)[0].as_py()
+        mode = config.mode if config.mode != "auto" else choose_mode(n, config.knn_min_seeds)
+        return SeedFacts(name, catalog, mode, n)
+
+    def settings(self, ctx: StageContext) -> dict[str, Any]:
+        return {**super().settings(ctx), "mode": ctx.facts.mode}
+
+    def extra_inputs(self, ctx: StageContext) -> dict[str, str]:
+        return {f"seed:{ctx.facts.name}": seed_fingerprint(ctx.facts.catalog)}
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        return [Unit("all", {}, 1, content_fingerprint("all"))]
+
+    def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
+        config: RetrieveConfig = ctx.config
+        facts: SeedFacts = ctx.facts
+        seed_ids, seed_x = load_embeddings(facts.catalog)
+        pool_ids, x = load_vectors(ctx.root)
+        keep = ~np.isin(pool_ids, removed_ids(ctx.root))
         pool_ids, x = pool_ids[keep], np.ascontiguousarray(x[keep])
-        mode = config.mode if config.mode != "auto" else choose_mode(len(seed_ids), config.knn_min_seeds)
-        if mode == "knn":
-            index = pool_index(root, x, config)
-            result = knn_retrieve(index, seed_x, config.k, config.min_similarity, config.max_per_seed)
-            manifest.notes["index"] = index.params
+        if facts.mode == "knn":
+            result = knn_retrieve(pool_index(ctx.root, x, config), seed_x, config.k, config.min_similarity,
+                                  config.max_per_seed)
         else:
-            result = _cluster_mode(root, pool_ids, seed_x, config)
-            if config.max_per_seed is not None and len(result) > config.max_per_seed:
-                pick = np.sort(np.argsort(result.rank, kind="stable")[: config.max_per_seed])
-                result = RetrievalResult(result.rows[pick], result.seed_rows[pick], result.rank[pick],
-                                         result.similarity[pick])
-        write_shards(root, "retrieved", f"seed={name}", retrieved_table(name, pool_ids, seed_ids, result))
-        manifest.inputs = {"seed": name, "seed_images": len(seed_ids), "pool": len(pool_ids), "mode": mode}
-        manifest.rows = {"in": len(pool_ids), "out": len(result), "errored": 0}
-    Ledger(root, STAGE).mark(f"seed={name}", {"mode": mode, "retrieved": len(result)})
-    report = write_retrieval_report(root, name, dict(zip(seed_ids.tolist(), seed_uris)), config.cluster_level)
-    return {"seed": name, "mode": mode, "retrieved": len(result), "seed_images": len(seed_ids), "report": report}
+            result = _cap(_cluster_mode(ctx.root, pool_ids, seed_x, config), config.max_per_seed)
+        return Output({RETRIEVED_TABLE: retrieved_table(facts.name, pool_ids, seed_ids, result)})
+
+    def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
+        facts: SeedFacts = ctx.facts
+        pool = query(ctx.root, "SELECT count(*) FROM embeddings").column(0)[0].as_py()
+        seed_uris = {}
+        if table_exists(facts.catalog, POOL_TABLE):
+            rows = query(facts.catalog, "SELECT image_id, uri FROM pool")
+            seed_uris = dict(zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()))
+        report = write_retrieval_report(ctx.root, facts.name, seed_uris, ctx.config.cluster_level)
+        retrieved = totals.rows(RETRIEVED_TABLE)
+        return {"in": pool, "out": retrieved, "errored": 0, "seed": facts.name, "mode": facts.mode,
+                "retrieved": retrieved, "seed_images": facts.seed_images, "report": report}
 
 
-def retrieved_uris(root: str, seed: str) -> pa.Table:
-    """The retrieved rows of one seed joined with the pool's uris (for the mix and reports)."""
-    return query(root, "SELECT r.image_id, p.uri, r.seed_image_id, r.rank, r.similarity FROM retrieved r "
-                       f"JOIN pool p USING (image_id) WHERE r.seed = '{seed}' ORDER BY r.image_id")
-
+STAGE = RetrieveStage()

@@ -1,63 +1,95 @@
 """``curate sample``: balanced hierarchical sampling of the clustered pool into ``curated/<part>``.
 
 The target is water-filled over the top-level clusters, then down the hierarchy to level-1 clusters;
-the selected rows keep their cluster ids at every level as lineage.
+the selected rows keep their cluster ids at every level as lineage. The run ends with the part's
+report (cluster-size histograms, contact sheets) under ``reports/<part>``, so the report always shows
+the clusters the part was sampled from.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from catalog import schemas
-from catalog.ledger import Ledger
-from catalog.manifest import RunManifest
-from catalog.shards import delete_table, read_table, table_exists, write_shards
+from catalog.config import ConfigError, above, at_least
+from catalog.manifest import fingerprint
+from catalog.names import check_name
+from catalog.schemas import CLUSTERS_TABLE, POOL_TABLE, curated_rows, curated_table
+from catalog.shards import read_schema, read_table, shard_urls, table_exists
 from catalog.sql import query
 from curation.sampling import balanced_sample
+from pipelines.reports import write_lvd_report
+from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    target_size: int = 0
+    """``target_size`` is required (None until given); ``report`` writes the part's PNG report."""
+
+    target_size: int | None = None
     strategy: Literal["random", "closest", "farthest"] = "random"
     multiplier: float = 1.0
     seed: int = 0
     part: str = "lvd"
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "target_size")
+        above(self, 0, "multiplier")
+        check_name(self.part, "sample part")
 
 
-def curated_table(clusters: pa.Table, rows: np.ndarray, uris: dict[int, str], part: str) -> pa.Table:
-    """Selected rows with their uri and lineage (cluster id per level, distance to the l1 centroid)."""
-    picked = clusters.take(pa.array(rows))
-    ids = picked.column("image_id").to_pylist()
-    base = pa.table({"image_id": pa.array(ids, pa.int64()),
-                     "uri": pa.array([uris.get(i) for i in ids], pa.string()),
-                     "part": pa.array([part] * len(ids), pa.string())})
-    for name in picked.column_names[1:]:
-        base = base.append_column(name, picked.column(name))
-    return base.replace_schema_metadata(schemas.stamp(base.schema, f"curated/{part}").metadata)
+def level_columns(names: list[str]) -> list[str]:
+    """The ``l1`` … ``lN`` columns of a clusters table."""
+    return [c for c in names if c.startswith("l") and c[1:].isdigit()]
 
 
-def sample(root: str, config: SampleConfig) -> dict[str, int]:
-    """Write ``curated/<part>`` with exactly ``target_size`` rows (fewer only if the pool is smaller)."""
-    if config.target_size <= 0:
-        raise ValueError("give a positive --target-size")
-    clusters = read_table(root, "clusters")
-    level_cols = [c for c in clusters.column_names if c.startswith("l") and c[1:].isdigit()]
-    labels = np.stack([clusters.column(c).to_numpy() for c in level_cols], axis=1)
-    uris = {}
-    if table_exists(root, "pool"):
-        pool = query(root, "SELECT image_id, uri FROM pool WHERE status = 'ok'")
-        uris = dict(zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist()))
-    table_name = f"curated/{config.part}"
-    with RunManifest(root, f"sample-{config.part}", asdict(config)) as manifest:
+class SampleStage(Stage):
+    name = "sample"
+    config_class = SampleConfig
+    reads = (CLUSTERS_TABLE, POOL_TABLE)
+    runtime_keys = frozenset({"report"})
+
+    def run_name(self, config: SampleConfig) -> str:
+        return f"sample-{config.part}"
+
+    def tables_written(self, config: SampleConfig) -> tuple[str, ...]:
+        return (curated_table(config.part),)
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        if ctx.config.target_size is None:
+            raise ConfigError("sample needs a target size (--target-size N)")
+        return [Unit("selection", {}, 1, fingerprint("selection"))]
+
+    def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
+        """Exactly ``target_size`` rows (fewer only if the pool is smaller), with their uri and lineage."""
+        config: SampleConfig = ctx.config
+        clusters = read_table(ctx.root, CLUSTERS_TABLE)
+        labels = np.stack([clusters.column(c).to_numpy() for c in level_columns(clusters.column_names)], axis=1)
         rows = balanced_sample(labels, config.target_size, seed=config.seed, strategy=config.strategy,
                                distances=clusters.column("distance").to_numpy(), multiplier=config.multiplier)
-        delete_table(root, table_name)
-        write_shards(root, table_name, "selection", curated_table(clusters, rows, uris, config.part))
-        manifest.rows = {"in": clusters.num_rows, "out": len(rows), "errored": 0}
-    Ledger(root, f"sample-{config.part}").mark_complete(manifest.rows)
-    return manifest.rows
+        picked = clusters.take(pa.array(rows))
+        uris: dict[int, str] = {}
+        if table_exists(ctx.root, POOL_TABLE):
+            pool = query(ctx.root, "SELECT image_id, uri FROM pool WHERE status = 'ok'")
+            uris = dict(zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist()))
+        ids = picked.column("image_id")
+        table = curated_rows(config.part, ids, [uris.get(i) for i in ids.to_pylist()],
+                             picked.select(picked.column_names[1:]))
+        return Output({curated_table(config.part): table})
+
+    def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
+        config: SampleConfig = ctx.config
+        n_in = query(ctx.root, "SELECT count(*) FROM clusters").column(0)[0].as_py()
+        summary: dict[str, Any] = {"in": n_in, "out": totals.rows(curated_table(config.part)), "errored": 0}
+        if config.report:
+            n_levels = len(level_columns(read_schema(shard_urls(ctx.root, CLUSTERS_TABLE)[0]).names))
+            summary["report"] = write_lvd_report(ctx.root, config.part, n_levels, seed=config.seed,
+                                                 with_images=table_exists(ctx.root, POOL_TABLE))
+        return summary
+
+
+STAGE = SampleStage()

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog import schemas
-from catalog.ledger import Ledger, LedgerPlanError
+from catalog.ledger import Ledger, LedgerPlanError, Plan, PlanChange
 from catalog.manifest import RunManifest, list_manifests
 from catalog.shards import read_table, shard_urls, write_shards
 from catalog.tables import describe, list_tables
@@ -23,7 +23,7 @@ def _pool(n: int, offset: int = 0) -> pa.Table:
 @pytest.mark.parametrize("root_kind", ["local", "memory"])
 def test_shards_are_bounded_versioned_and_zstd(tmp_path, root_kind):
     root = str(tmp_path / "cat") if root_kind == "local" else f"memory://cat-{tmp_path.name}"
-    urls = write_shards(root, "pool", "unit-1", _pool(25), max_rows=10)
+    urls = [s.url for s in write_shards(root, "pool", "unit-1", _pool(25), max_rows=10)]
     assert len(urls) == 3 and shard_urls(root, "pool") == sorted(urls)
     table = read_table(root, "pool")
     assert table.num_rows == 25 and table.column("image_id").to_pylist() == list(range(25))
@@ -51,18 +51,30 @@ def test_newer_schema_version_is_refused(tmp_path):
         read_table(root, "pool")
 
 
-def test_ledger_records_units_and_guards_the_plan(tmp_path):
+def test_ledger_records_units_and_its_plan(tmp_path):
     ledger = Ledger(str(tmp_path), "ingest")
-    ledger.check_plan("plan-a")
+    plan = Plan({"k": 1}, {"pool": "a"}, {"files-000001": "f1"}, ["pool"])
+    ledger.write_plan(plan)
     ledger.mark("files-000001", {"items": 3})
     ledger.mark_complete({"rows": 3})
-    assert ledger.done() == {"files-000001": {"items": 3}}
-    assert ledger.is_complete()
-    ledger.check_plan("plan-a")
+    assert ledger.done() == {"files-000001": {"items": 3}} and ledger.plan() == plan
+    assert ledger.is_complete() and ledger.completion() == {"rows": 3}
     with pytest.raises(LedgerPlanError, match="--overwrite"):
-        ledger.check_plan("plan-b")
+        ledger.refuse("other settings")
     ledger.reset()
-    assert ledger.done() == {} and not ledger.is_complete()
+    assert ledger.done() == {} and not ledger.is_complete() and ledger.plan() is None
+
+
+def test_plan_change_tells_grown_from_different():
+    old = Plan({"k": 1}, {"pool": "a"}, {"u1": "f1", "u2": "f2"})
+    assert PlanChange.between(old, old).units_kind == "same"
+    grown = PlanChange.between(old, Plan({"k": 1}, {"pool": "a"}, {"u1": "f1", "u2": "f2", "u3": "f3"}))
+    assert grown.units_kind == "grown" and grown.added == ["u3"] and "grew by 1" in grown.describe_units()
+    changed = PlanChange.between(old, Plan({"k": 2}, {"pool": "b"}, {"u1": "f1", "u2": "other"}))
+    assert changed.units_kind == "different" and changed.changed == ["u2"]
+    assert changed.settings == ["k"] and changed.inputs == ["pool"]
+    vanished = PlanChange.between(old, Plan({"k": 1}, {"pool": "a"}, {"u1": "f1"}))
+    assert vanished.units_kind == "different" and vanished.removed == ["u2"]
 
 
 def test_manifest_records_run_facts(tmp_path):

@@ -53,6 +53,7 @@ def test_dockerfiles_pin_bases_torch_ray_and_faiss():
         (ray_version,) = _pins(text, "ray")
         assert pins["ray"].specifier.contains(ray_version)
         assert re.search(r"^USER \d+:\d+$", text, re.M), "a numeric non-root USER (runAsNonRoot needs it)"
+        assert re.search(r"^\s+RAY_AUTH_MODE=token\b", text, re.M), "Ray's token authentication on in the image"
         assert not re.search(r"^USER (0|root)\b", text, re.M) and "HEALTHCHECK" not in text
     gpu, cpu = (p.read_text() for p in DOCKERFILES)
     assert "nvidia/cuda:" in gpu and "faiss-gpu-cu12==" in gpu and "uninstall faiss-cpu" in gpu
@@ -67,13 +68,16 @@ def test_compose_has_head_and_gpu_worker_with_shared_data():
         h, w = services[head], services[worker]
         assert h["profiles"] == [profile] and w["profiles"] == [profile] and h["image"] == w["image"]
         assert re.search(r"ray start --head --block .*--dashboard-host=0\.0\.0\.0", h["command"])
-        assert {p.split(":")[0] for p in h["ports"]} == {"8265", "6379", "10001"}
+        assert {p.rsplit(":", 1)[1] for p in h["ports"]} == {"8265", "6379", "10001"}
+        assert all(p.startswith("127.0.0.1:") for p in h["ports"]), "Ray's ports on the host's loopback only"
         assert "--address=head:6379" in w["command"] and "--block" in w["command"]
         assert "data:/data" in h["volumes"] and "data:/data" in w["volumes"]
     (gpu,) = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert "head" in services["head-cpu"]["networks"]["default"]["aliases"]
     assert "data" in compose["volumes"]
+    env = compose["x-node"]["environment"]
+    assert env["RAY_AUTH_MODE"] == "token" and re.fullmatch(r"\$\{RAY_AUTH_TOKEN:\?.+\}", env["RAY_AUTH_TOKEN"])
     assert all(PINNED_TAG.match(i) for i in _images(compose))
 
 
@@ -96,6 +100,9 @@ def test_raycluster_has_head_and_gpu_workers_with_cache_and_secret():
     assert "nvme-cache" in volumes and group["rayStartParams"]["temp-dir"].startswith(mounts["nvme-cache"])
     for container in (head, worker):
         assert [e["secretRef"]["name"] for e in container["envFrom"]] == ["curate-s3"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "curate-ray-token", "key": "auth_token"}
     assert all(PINNED_TAG.match(i) for i in _images(cluster))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -23,7 +25,6 @@ from catalog import schemas
 from catalog.shards import write_shards
 from catalog.sql import query
 from pipelines.cli import build_parser
-from pipelines.demo.job import DEMO_SETTINGS
 from pipelines.cli.jobs import (
     JobError,
     add_jobs_command,
@@ -34,7 +35,8 @@ from pipelines.cli.jobs import (
     strip_address,
     submit,
 )
-from tests.helpers import free_ports, run_cli
+from pipelines.demo.job import DEMO_SETTINGS
+from tests.helpers import cli_env, free_ports, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's own SDK
 
@@ -65,13 +67,16 @@ def _kill_tree(marks: list[str]) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head with the dashboard and job server, every port our own, stopped by PID afterwards."""
+@contextlib.contextmanager
+def _ray_head(auth: dict[str, str]):
+    """A Ray head with the dashboard and job server, every port our own, stopped by PID afterwards.
+
+    ``auth``: the head's RAY_AUTH_* variables (with a token, readiness is checked with it).
+    """
     temp_dir = tempfile.mkdtemp(prefix="curate-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     gcs, dash, client, agent, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = free_ports(9)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **auth}
     env.pop("RAY_ADDRESS", None)
     env.pop("CURATE_RAY_ADDRESS", None)
     cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
@@ -83,13 +88,15 @@ def ray_head():
            "--disable-usage-stats", "--temp-dir", temp_dir]
     marks = [temp_dir, f"127.0.0.1:{gcs}"]
     url = f"http://127.0.0.1:{dash}"
+    headers = {"Authorization": f"Bearer {auth['RAY_AUTH_TOKEN']}"} if "RAY_AUTH_TOKEN" in auth else {}
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
+                with urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=headers),
+                                            timeout=5) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -100,6 +107,12 @@ def ray_head():
     finally:
         _kill_tree(marks)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    with _ray_head({"RAY_AUTH_MODE": "disabled"}) as url:
+        yield url
 
 
 @pytest.fixture()
@@ -261,3 +274,24 @@ def test_job_killed_mid_embed_then_resubmitted_has_no_duplicate_rows(ray_head, j
     submit(argv, ray_head, wait=True)
     assert query(root, "SELECT count(*) - count(DISTINCT image_id) FROM embeddings").column(0)[0].as_py() == 0
     _same_tables(root, in_process_lvd)
+
+
+@pytest.mark.slow
+def test_a_token_cluster_serves_only_clients_with_the_token():
+    """What docker/README.md tells a client to do (export RAY_AUTH_MODE and RAY_AUTH_TOKEN) is what works."""
+    token = os.urandom(16).hex()
+    with _ray_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}) as url:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
+        assert refused.value.code in (401, 403)
+        base = {k: v for k, v in cli_env().items() if not k.startswith("RAY_AUTH")}
+        command = [sys.executable, "-m", "pipelines.cli", "jobs", "list", "--address", url]
+        anonymous = subprocess.run(command, env={**base, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
+                                   text=True, timeout=120)
+        assert anonymous.returncode != 0, anonymous.stdout
+        wrong = subprocess.run(command, env={**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token[::-1]},
+                               capture_output=True, text=True, timeout=120)
+        assert wrong.returncode != 0, wrong.stdout
+        allowed = subprocess.run(command, env={**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                                 capture_output=True, text=True, timeout=120)
+        assert allowed.returncode == 0, allowed.stderr[-3000:]

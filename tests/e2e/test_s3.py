@@ -9,7 +9,6 @@ Ray that starts them, so this module runs on a Ray of its own, started after the
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 
@@ -22,9 +21,10 @@ from catalog.array_store import CatalogArrayStore
 from catalog.ledger import Ledger
 from catalog.paths import S3_RETRIES, resolve
 from catalog.shards import shard_urls, write_shards
-from catalog.sql import query
+from catalog.sql import SQLError, query
 from catalog.tables import list_tables
-from tests.helpers import free_ports, run_cli
+from tests.helpers import run_cli, s3_server
+from tests.sql_helpers import documented_queries, write_doc_catalog
 
 pytestmark = pytest.mark.slow
 
@@ -50,34 +50,16 @@ def _upload(fs, local: str, remote: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free loopback port, for this module only; yields the s3fs filesystem."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_ports()[0]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+def s3():
+    """A moto S3 server for this module only, and a Ray started after its variables are set; yields s3fs."""
     import ray
 
     ray.shutdown()  # the session's Ray (if any) has workers without these variables
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
+    with s3_server(BUCKET) as fs:
         try:
             yield fs
         finally:
             ray.shutdown()
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
 
 
 def test_s3_clients_retry_adaptively(s3):
@@ -116,6 +98,26 @@ def test_catalog_sees_what_other_processes_wrote(s3):
     assert list_tables(root) == ["t", "u"]
     assert query(root, "SELECT count(*) FROM t").column(0)[0].as_py() == 4
     np.testing.assert_array_equal(store.get("k")["a"], np.arange(3))
+
+
+
+def test_sql_is_confined_to_a_bucket_catalog(s3):
+    """The documented queries work on an S3 catalog; objects beside it, local files and installs do not."""
+    root = f"s3://{BUCKET}/doccat"
+    write_doc_catalog(root)
+    s3.pipe_file(f"{BUCKET}/beside/secret.txt", b"the-secret-content")
+    s3.pipe_file(f"{BUCKET}/doccat-twin/x.txt", b"the-secret-content")  # shares the catalog's name prefix
+    for sql in documented_queries():
+        assert query(root, sql).num_rows > 0, sql
+    assert query(root, f"SELECT count(*) FROM glob('{root}/pool/*.parquet')").column(0)[0].as_py() == 1
+    for probe in (f"SELECT * FROM read_text('s3://{BUCKET}/beside/secret.txt')",
+                  f"SELECT * FROM read_text('s3://{BUCKET}/doccat-twin/x.txt')",
+                  f"SELECT * FROM read_text('{root}/../beside/secret.txt')",
+                  f"SELECT * FROM glob('s3://{BUCKET}/**')",
+                  "SELECT * FROM read_text('/etc/passwd')"):
+        with pytest.raises(SQLError) as err:
+            query(root, probe)
+        assert "the-secret-content" not in str(err.value), probe
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +190,12 @@ def test_sql_cli_reads_the_catalog_from_the_bucket(pool, built):
 
 
 def test_rerun_of_build_lvd_redoes_no_stage(s3, built):
-    # sample and the report always run again (they are cheap); the stages before them must not
-    stable = ("embeddings", "clusters", "centroids", "duplicates", "pool", "errors", "_checkpoints",
-              "_ledger/ingest", "_ledger/embed", "_ledger/dedup", "_ledger/cluster")
+    stable = ("embeddings", "clusters", "centroids", "duplicates", "pool", "errors", "_checkpoints", "curated",
+              "reports", "_ledger/ingest", "_ledger/embed", "_ledger/dedup", "_ledger/cluster", "_ledger/sample-lvd")
     before = {p: _objects(s3, f"cat/{p}") for p in stable}
     curated_before = sorted(query(CAT, "SELECT image_id FROM curated_lvd").column(0).to_pylist())
-    out = _cli("build-lvd", "--catalog", CAT, "--target-size", str(TARGET), "--set", *SETTINGS).stdout
-    assert len(re.findall(r"\(already done\)", out)) == 3, out
+    log = _cli("build-lvd", "--catalog", CAT, "--target-size", str(TARGET), "--set", *SETTINGS).stderr
+    assert len(re.findall(r"\(already done\)", log)) == 4, log  # embed, dedup, cluster, sample
     assert {p: _objects(s3, f"cat/{p}") for p in stable} == before
     assert sorted(query(CAT, "SELECT image_id FROM curated_lvd").column(0).to_pylist()) == curated_before
 

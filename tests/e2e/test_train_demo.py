@@ -1,6 +1,7 @@
 """The trainer's acceptance on the demo pool: a few minutes of CPU training beat random initialisation."""
 
 import os
+import shutil
 
 import pytest
 
@@ -17,11 +18,14 @@ SHORT_RUN = ["optim.iterations=60", "optim.lr.warmup_iterations=10", "optim.teac
 
 @pytest.mark.slow
 def test_short_training_raises_knn_accuracy_above_random_init(demo_pool, lvd_catalog, tmp_path):
-    result = run_cli(["mix", "--catalog", lvd_catalog, "--set", "parts={pool: {source: pool}}", "homogeneous_part="])
+    catalog = str(tmp_path / "cat")  # a copy: the mix adds curated/pool, and the session's catalog is shared
+    shutil.copytree(lvd_catalog, catalog)
+    result = run_cli(["mix", "--catalog", catalog, "--overwrite", "--set", "parts={pool: {source: pool}}",
+                      "homogeneous_part="])
     assert result.returncode == 0, result.stderr
     run = str(tmp_path / "run")
     seeds, probe = os.path.join(demo_pool, "seed"), os.path.join(demo_pool, DENSE_PROBE_FILE)
-    result = run_cli(["train", "--config", "training/configs/demo_cpu.yaml", f"data.catalog_root={lvd_catalog}",
+    result = run_cli(["train", "--config", "training/configs/demo_cpu.yaml", "--set", f"data.catalog_root={catalog}",
                       f"output_dir={run}", f"eval.knn_folder={seeds}", f"eval.dense_probe={probe}", *SHORT_RUN])
     assert result.returncode == 0, result.stderr[-3000:]
     teacher = f"curate:{run}/{TEACHER_FILE}"

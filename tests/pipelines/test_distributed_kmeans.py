@@ -18,13 +18,14 @@ from curation.kmeans import (
     resolve_device,
 )
 from curation.synthetic import concept_embeddings
-from pipelines.stages.cluster import ClusterConfig, LevelConfig, cluster
 from pipelines.distributed_kmeans import (
     RowIndex,
     ShardedEmbeddings,
     distributed_kmeans,
     worker_bounds,
 )
+from pipelines.stage import run_stage
+from pipelines.stages.cluster import ClusterConfig
 
 CHUNK = 256  # small chunks so 4000 rows spread over several workers
 CPUS = 0.25  # per actor: the tests run on two cores
@@ -121,17 +122,17 @@ def test_cluster_stage_with_two_workers_matches_one(tmp_path):
     # Level 1 of k=256 has 65536-row chunks: 70k rows give the two workers one range each.
     _catalog(root, 70_000, 32, np.float16, 25_000, seed=2)
     assert len(worker_bounds(70_000, 2, default_chunk_size(256, resolve_device("cpu")))) == 3
-    levels = [LevelConfig(k=256), LevelConfig(k=40, resampling_steps=2), LevelConfig(k=8, resampling_steps=1)]
+    levels = [LevelSpec(k=256), LevelSpec(k=40, resampling_steps=2), LevelSpec(k=8, resampling_steps=1)]
     one = ClusterConfig(levels=levels, n_iter=8, device="cpu")
     two = ClusterConfig(levels=levels, n_iter=8, device="cpu", workers=2, worker_cpus=CPUS)
 
     def tables() -> tuple[list, list]:
         return read_table(root, "clusters").to_pylist(), read_table(root, "centroids").to_pylist()
 
-    assert not cluster(root, one)["skipped"]
+    assert not run_stage("cluster", root, one).skipped
     expected = tables()
-    assert cluster(root, two)["skipped"]  # same plan: the worker count does not change the result
-    assert not cluster(root, two, overwrite=True)["skipped"]
+    assert run_stage("cluster", root, two).skipped  # same plan: the worker count does not change the result
+    assert not run_stage("cluster", root, two, overwrite=True).skipped
     assert tables() == expected
     # resume on the distributed path from the level-1 checkpoint
     store_dir = CatalogArrayStore(root, "cluster").dir
@@ -139,5 +140,5 @@ def test_cluster_stage_with_two_workers_matches_one(tmp_path):
         if not name.startswith("level1__"):
             os.remove(os.path.join(store_dir, name))
     Ledger(root, "cluster").reset()
-    assert not cluster(root, two)["skipped"]
+    assert not run_stage("cluster", root, two).skipped
     assert tables() == expected

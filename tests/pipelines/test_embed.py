@@ -1,8 +1,12 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
+from catalog.decode import Preprocess, decode_rgb
 from catalog.embeddings import (
+    ModelMismatchError,
     embedding_metadata,
     export_npy,
     import_npy,
@@ -11,8 +15,8 @@ from catalog.embeddings import (
 from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.sql import query
-from catalog.decode import Preprocess, decode_rgb
-from pipelines.stages.embed import EmbedConfig, ModelMismatchError, embed
+from pipelines.stage import run_stage
+from pipelines.stages.embed import EmbedConfig
 from tests.helpers import kill_when, run_cli
 from training.models.checkpoints import load_backbone
 
@@ -31,7 +35,7 @@ def embedded(demo_catalog, tmp_path_factory) -> str:
     root = _copy_catalog(demo_catalog, str(tmp_path_factory.mktemp("emb") / "cat"))
     result = run_cli(["embed", "--catalog", root, "--set", *TINY])
     assert result.returncode == 0, result.stderr
-    assert "randomly initialised" in result.stdout
+    assert "randomly initialised" in result.stderr
     return root
 
 
@@ -63,7 +67,7 @@ def test_rerun_does_nothing_and_other_model_is_refused(embedded):
     result = run_cli(["embed", "--catalog", embedded, "--set", *TINY])
     assert result.returncode == 0 and "0 images embedded in this run" in result.stdout
     with pytest.raises(ModelMismatchError, match="never mixed"):
-        embed(embedded, EmbedConfig(model="vit_test14", image_size=28))
+        run_stage("embed", embedded, EmbedConfig(model="vit_test14", image_size=28))
     result = run_cli(["embed", "--catalog", embedded, "--model", "vit_test14", "--set", "image_size=28"])
     assert result.returncode == 2 and "never mixed" in result.stderr
 
@@ -91,3 +95,33 @@ def test_sigkill_midway_then_resume_is_bit_identical(embedded, demo_catalog, tmp
     order, ref_order = np.argsort(ids), np.argsort(ref_ids)
     assert np.array_equal(ids[order], ref_ids[ref_order])
     assert np.array_equal(x[order].view(np.uint16), ref_x[ref_order].view(np.uint16))
+
+
+@pytest.mark.slow
+def test_in_process_and_ray_give_identical_tables_with_one_backbone_per_worker(embedded, demo_catalog, tmp_path,
+                                                                               monkeypatch):
+    from training.models.vit import VisionTransformer
+
+    built = []
+    init = VisionTransformer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(os.getpid())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionTransformer, "__init__", counting_init)
+    config = EmbedConfig(model="vit_test", image_size=32, images_per_unit=40, batch_size=16)
+    tables = {}
+    for executor in ("local", "ray"):
+        root = _copy_catalog(demo_catalog, str(tmp_path / executor))
+        built.clear()
+        result = run_stage("embed", root, config, executor=executor)
+        workers = {m["worker"] for m in Ledger(root, "embed").done().values()}
+        if executor == "local":  # one backbone for the whole run, in this process
+            assert built == [os.getpid()] and result.units_run > 2
+        else:  # the driver built none; one actor (the default pool size) embedded every unit
+            assert built == [] and len(workers) == 1 and not any(w.endswith(f":{os.getpid()}") for w in workers)
+        tables[executor] = [query(root, sql).to_pylist() for sql in ("SELECT image_id, embedding FROM embeddings "
+                                                                     "ORDER BY 1", "SELECT * FROM errors ORDER BY 1")]
+    assert tables["local"] == tables["ray"]
+    assert tables["ray"][0] == query(embedded, "SELECT image_id, embedding FROM embeddings ORDER BY 1").to_pylist()

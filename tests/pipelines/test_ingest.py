@@ -3,10 +3,10 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+from catalog.decode import REASONS
 from catalog.ledger import Ledger
 from catalog.shards import read_table
 from catalog.sql import query
-from catalog.decode import REASONS
 from pipelines.stages.ingest import image_id
 from tests.helpers import kill_when, run_cli
 

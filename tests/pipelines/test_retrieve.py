@@ -4,9 +4,10 @@ import os
 import numpy as np
 import pytest
 
+from catalog.embeddings import EmbeddingIdentity, ModelMismatchError
+from catalog.ledger import Ledger
 from catalog.sql import query
-from pipelines.stages.embed import ModelMismatchError
-from pipelines.stages.seeds import SeedSpec, check_identity
+from pipelines.seeds import SeedSpec
 from tests.conftest import concept_of_uri
 from tests.helpers import run_cli
 
@@ -23,7 +24,8 @@ def _seed_concepts(demo_pool: str) -> set[int]:
 
 @pytest.mark.parametrize("mode", ["knn", "cluster"])
 def test_retrieved_images_are_mostly_seed_concepts(demo_pool, lvd_catalog, mode):
-    result = run_cli(["retrieve", "--catalog", lvd_catalog, "--seed", "demo", "--mode", mode,
+    # another mode is another setting: --overwrite replaces the seed's rows of the other mode
+    result = run_cli(["retrieve", "--catalog", lvd_catalog, "--seed", "demo", "--mode", mode, "--overwrite",
                       "--set", _seeds(demo_pool)])
     assert result.returncode == 0, result.stderr
     concept = concept_of_uri(demo_pool)
@@ -45,33 +47,35 @@ def test_retrieved_images_are_mostly_seed_concepts(demo_pool, lvd_catalog, mode)
 
 def test_knn_rerun_reuses_the_index_and_writes_no_duplicate_rows(demo_pool, lvd_catalog):
     args = ["retrieve", "--catalog", lvd_catalog, "--seed", "demo", "--mode", "knn", "--set", _seeds(demo_pool)]
-    first = run_cli(args)
+    first = run_cli([*args, "--overwrite"])
     assert first.returncode == 0, first.stderr
     index_files = os.listdir(os.path.join(lvd_catalog, "_index"))
     rows = query(lvd_catalog, "SELECT * FROM retrieved WHERE seed = 'demo' ORDER BY image_id").to_pylist()
     again = run_cli(args)
     assert again.returncode == 0, again.stderr
+    assert len(Ledger(lvd_catalog, "retrieve-demo").done()) == 1 and Ledger(lvd_catalog, "retrieve-demo").is_complete()
     assert os.listdir(os.path.join(lvd_catalog, "_index")) == index_files
     assert query(lvd_catalog, "SELECT * FROM retrieved WHERE seed = 'demo' ORDER BY image_id").to_pylist() == rows
 
 
 def test_seed_embedded_with_another_model_is_refused():
-    pool = {"model": "dinov3_vits16", "weights_sha256": "a", "preprocess": "p", "pooling": "mean", "normalized": "True"}
-    check_identity(pool, dict(pool), "same")
-    with pytest.raises(ModelMismatchError, match="model: pool 'dinov3_vits16' vs seed 'dinov2_vitl14'"):
-        check_identity(pool, {**pool, "model": "dinov2_vitl14"}, "other")
+    pool = EmbeddingIdentity("dinov3_vits16", "a", "p", "mean", "True")
+    pool.check(EmbeddingIdentity.from_metadata(pool.metadata()), "same", "")
+    other = EmbeddingIdentity.from_metadata({**pool.metadata(), "model": "dinov2_vitl14"})
+    with pytest.raises(ModelMismatchError, match="model: 'dinov2_vitl14' there vs 'dinov3_vits16' here"):
+        pool.check(other, "seed", "seeds must be embedded exactly like the pool")
     with pytest.raises(ModelMismatchError, match="preprocess"):
-        check_identity(pool, {**pool, "preprocess": "q"}, "other")
+        pool.check(EmbeddingIdentity.from_metadata({**pool.metadata(), "preprocess": "q"}), "seed", "")
     assert SeedSpec(images="x").embeddings is None
 
 
 def test_mix_declares_parts_and_weights(demo_pool, lvd_catalog, capsys):
-    assert run_cli(["retrieve", "--catalog", lvd_catalog, "--seed", "demo", "--mode", "knn",
+    assert run_cli(["retrieve", "--catalog", lvd_catalog, "--seed", "demo", "--mode", "knn", "--overwrite",
                     "--set", _seeds(demo_pool)]).returncode == 0
     seed_folder = os.path.join(demo_pool, "seed")
     parts = (f"parts={{lvd: {{source: lvd}}, retrieval_demo: {{source: 'retrieved:demo', weight: 2.0}}, "
              f"imagenet1k: {{source: 'images:{seed_folder}'}}}}")
-    result = run_cli(["mix", "--catalog", lvd_catalog, "--set", parts])
+    result = run_cli(["mix", "--catalog", lvd_catalog, "--overwrite", "--set", parts])  # replaces an earlier mix
     assert result.returncode == 0, result.stderr
     doc = json.load(open(os.path.join(lvd_catalog, "_mix.json")))
     assert doc["homogeneous_part"] == "imagenet1k" and doc["p_homogeneous"] == 0.1
@@ -86,15 +90,14 @@ def test_dedup_and_retrieval_resume_from_a_killed_state_without_duplicate_rows(d
     """The state a kill leaves behind: a step's shards committed, its ledger marker not yet written."""
     import shutil
 
-    from catalog.ledger import Ledger
-
     root = str(tmp_path / "cat")
     shutil.copytree(lvd_catalog, root)
     before_dup = query(root, "SELECT * FROM duplicates ORDER BY image_id").to_pylist()
-    assert run_cli(["retrieve", "--catalog", root, "--seed", "demo", "--mode", "knn",
+    assert run_cli(["retrieve", "--catalog", root, "--seed", "demo", "--mode", "knn", "--overwrite",
                     "--set", _seeds(demo_pool)]).returncode == 0
     before_ret = query(root, "SELECT * FROM retrieved WHERE seed = 'demo' ORDER BY image_id").to_pylist()
-    for stage, unit in (("dedup", "copy"), ("dedup", "_complete"), ("retrieve", "seed=demo")):
+    for stage, unit in (("dedup", "copy"), ("dedup", "_complete"), ("retrieve-demo", "all"),
+                        ("retrieve-demo", "_complete")):
         os.remove(os.path.join(Ledger(root, stage).dir, f"{unit}.json"))
     assert run_cli(["dedup", "--catalog", root]).returncode == 0
     assert run_cli(["retrieve", "--catalog", root, "--seed", "demo", "--mode", "knn",

@@ -251,55 +251,71 @@ def test_ibot_loss_matches_per_token_loop() -> None:
 # ----------------------------------------------------------------------------- KoLeo
 
 
-def _koleo_direct(x: torch.Tensor, group_size: int | None, eps: float = 1e-8) -> torch.Tensor:
-    """Per-sample −log(nn distance + eps) by explicit loops, differentiable in float64."""
+def _koleo_direct(x: torch.Tensor, group_size: int | None, topk: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """Per-sample mean over its `topk` neighbours of −log(‖x̂_i − x̂_j + eps‖ + eps), by explicit loops (float64)."""
     n = x.shape[0]
     group_size = group_size or n
     unit = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
     terms = []
     for i in range(n):
-        group = range((i // group_size) * group_size, min((i // group_size + 1) * group_size, n))
-        best = max((j for j in group if j != i), key=lambda j: float(unit[i].detach() @ unit[j].detach()))
-        diff = unit[i] - unit[best]
-        terms.append(-torch.log(torch.sqrt((diff * diff).sum()) + eps))
-    return torch.stack(terms)
+        group = range((i // group_size) * group_size, (i // group_size + 1) * group_size)
+        ranked = sorted((j for j in group if j != i), key=lambda j: -float(unit[i].detach() @ unit[j].detach()))
+        for j in ranked[:topk]:
+            diff = unit[i] - unit[j] + eps  # torch.nn.PairwiseDistance(eps=eps)
+            terms.append(-torch.log(torch.sqrt((diff * diff).sum()) + eps))
+    return torch.stack(terms).reshape(n, topk).mean(dim=1)
 
 
 @pytest.mark.parametrize("group_size", [None, 4, 6])
-def test_koleo_matches_nearest_neighbour_loop(group_size: int | None) -> None:
+@pytest.mark.parametrize("topk", [1, 3])
+def test_koleo_matches_nearest_neighbour_loop(group_size: int | None, topk: int) -> None:
     x = torch.randn(12, 5, generator=_gen(40), dtype=torch.float64) * 3
     x_direct = x.clone().requires_grad_(True)
-    expected = _koleo_direct(x_direct, group_size).mean()
+    expected = _koleo_direct(x_direct, group_size, topk).mean()
     expected.backward()
     x_ours = x.clone().requires_grad_(True)
-    got = koleo_loss(x_ours, group_size=group_size)
+    got = koleo_loss(x_ours, group_size=group_size, topk=topk)
     got.backward()
-    assert got.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
     assert torch.allclose(x_ours.grad, x_direct.grad, rtol=1e-8, atol=1e-12)
-    module = KoLeoDistributed(group_size=group_size or 12)  # no process group: the local batch only
-    assert module(x).item() == pytest.approx(expected.item(), rel=1e-10)
+    module = KoLeoDistributed(group_size=group_size or 12, topk=topk)  # no process group: the local batch only
+    assert module(x).item() == pytest.approx(expected.item(), rel=1e-12)
+    if topk > 1:
+        assert got.item() < koleo_loss(x, group_size=group_size).item()  # farther neighbours: a smaller −log
 
 
-def test_koleo_duplicates_stay_finite() -> None:
-    x = torch.randn(6, 4, generator=_gen(41))
-    x[3] = x[1] * 2.0  # same direction → zero distance after normalisation
+def test_koleo_exact_duplicates_sit_at_eps_sqrt_d() -> None:
+    eps, dim = 1e-8, 32
+    x = torch.randn(6, dim, generator=_gen(41), dtype=torch.float64)
+    x[3] = x[1]  # an exact duplicate row, as an uncurated pool has them
+    duplicate_term = -math.log(eps * math.sqrt(dim) + eps)  # ‖0 + eps·1‖ = eps·√D, then + eps
+    others = _koleo_direct(x, None)[[0, 2, 4, 5]]
+    expected = (2 * duplicate_term + others.sum().item()) / 6
     x.requires_grad_(True)
     loss = koleo_loss(x)
     loss.backward()
-    assert math.isfinite(loss.item()) and bool(torch.isfinite(x.grad).all())
-    assert loss.item() > -math.log(1.0)  # dominated by −log(eps) of the duplicate pair
-    with pytest.raises(ValueError):
-        koleo_loss(torch.randn(5, 3, generator=_gen(42)), group_size=4)  # a last group of one
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert duplicate_term == pytest.approx(-math.log(eps) - math.log(1 + math.sqrt(dim)))  # ln(1 + √D) below −log(eps)
+    assert bool(torch.isfinite(x.grad).all())
+
+
+def test_koleo_rejects_groups_that_do_not_split_the_batch() -> None:
+    with pytest.raises(ValueError, match="do not split a batch of 5"):
+        koleo_loss(torch.randn(5, 3, generator=_gen(42)), group_size=4)
+    with pytest.raises(ValueError, match="topk must be between 1 and group size - 1 = 3"):
+        koleo_loss(torch.randn(8, 3, generator=_gen(42)), group_size=4, topk=4)
 
 
 # ----------------------------------------------------------------------------- Gram
 
 
 def _gram_direct(
-    student: torch.Tensor, teacher: torch.Tensor, img_level: bool, reduction: str, remove_neg: bool
+    student: torch.Tensor, teacher: torch.Tensor, img_level: bool, reduction: str, remove_neg: bool,
+    normalized: bool = True, remove_only_teacher_neg: bool = False,
 ) -> float:
     def unit(v: torch.Tensor) -> torch.Tensor:
-        return v.double() / math.sqrt(float((v.double() ** 2).sum()))
+        v = v.double()
+        return v / math.sqrt(float((v**2).sum())) if normalized else v
 
     n, p, _ = student.shape
     all_tokens = [(i, a) for i in range(n) for a in range(p)]
@@ -313,6 +329,9 @@ def _gram_direct(
                 gt = float(unit(teacher[i, a]) @ unit(teacher[j, b]))
                 if remove_neg:
                     gs, gt = max(gs, 0.0), max(gt, 0.0)
+                if remove_only_teacher_neg:
+                    gs = 0.0 if (gs < 0 and gt < 0) else gs
+                    gt = max(gt, 0.0)
                 squared += (gs - gt) ** 2
         per_gram.append(squared / len(tokens) ** 2 if reduction == "mean" else squared)
     return sum(per_gram) / len(per_gram)
@@ -330,6 +349,24 @@ def test_gram_loss_matches_direct_gram(img_level: bool, reduction: str, remove_n
     got.backward()
     assert student.grad is not None and bool(student.grad.abs().sum() > 0)
     assert teacher.grad is None
+
+
+@pytest.mark.parametrize("img_level", [True, False])
+def test_gram_loss_without_normalisation_and_with_only_teacher_negatives_removed(img_level: bool) -> None:
+    student = torch.randn(2, 6, 4, generator=_gen(53), requires_grad=True)
+    teacher = torch.randn(2, 6, 4, generator=_gen(54))
+    raw = gram_loss(student, teacher, img_level, normalized=False)
+    assert raw.item() == pytest.approx(_gram_direct(student.detach(), teacher, img_level, "mean", False, False),
+                                       rel=1e-5)
+    only_teacher = gram_loss(student, teacher, img_level, remove_only_teacher_neg=True)
+    expected = _gram_direct(student.detach(), teacher, img_level, "mean", False, remove_only_teacher_neg=True)
+    assert only_teacher.item() == pytest.approx(expected, rel=1e-5)
+    both = _gram_direct(student.detach(), teacher, img_level, "mean", True)
+    assert abs(only_teacher.item() - both) > 1e-4  # student negatives facing a positive target still count
+    only_teacher.backward()
+    assert student.grad is not None and bool(student.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="exclude each other"):
+        gram_loss(student, teacher, remove_neg=True, remove_only_teacher_neg=True)
 
 
 def test_gram_loss_is_zero_for_scaled_copies_and_rejects_bad_input() -> None:

@@ -19,6 +19,7 @@ TEMPERATURE = 0.05
 MASKED_SPLITS = {"uneven": (7, 3), "empty_rank": (6, 0)}
 KOLEO_LOCAL_BATCH = 6
 KOLEO_GROUP_SIZES = (2, 4, 12)  # within a rank, straddling the rank boundary, the whole world
+KOLEO_TOPKS = (1, 2)
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -55,11 +56,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             local = data["masked"][start : start + counts[rank]]
             results[f"masked_{split_name}"] = sinkhorn_knopp(local, TEMPERATURE, distributed=True)
         for group_size in KOLEO_GROUP_SIZES:
-            x = data["koleo"].chunk(WORLD)[rank].clone().requires_grad_(True)
-            loss = KoLeoDistributed(group_size=group_size)(x)
-            loss.backward()
-            results[f"koleo_{group_size}_loss"] = loss.detach()
-            results[f"koleo_{group_size}_grad"] = x.grad
+            for topk in KOLEO_TOPKS if group_size > 2 else (1,):
+                x = data["koleo"].chunk(WORLD)[rank].clone().requires_grad_(True)
+                loss = KoLeoDistributed(group_size=group_size, topk=topk)(x)
+                loss.backward()
+                results[f"koleo_{group_size}_{topk}_loss"] = loss.detach()
+                results[f"koleo_{group_size}_{topk}_grad"] = x.grad
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -115,26 +117,26 @@ def test_masked_token_sinkhorn_uses_the_global_token_set(
     assert torch.allclose(torch.cat(got), expected, rtol=1e-10, atol=1e-14)
 
 
-def _koleo_rank_losses(x: torch.Tensor, group_size: int, eps: float = 1e-8) -> list[torch.Tensor]:
-    """Per-rank mean of −log(nn distance + eps), neighbours in consecutive groups of the whole batch."""
+def _koleo_rank_losses(x: torch.Tensor, group_size: int, topk: int, eps: float = 1e-8) -> list[torch.Tensor]:
+    """Per-rank mean of −log(‖x̂_i − x̂_j + eps‖ + eps) over the `topk` neighbours j in consecutive groups."""
     unit = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
     terms = []
     for i in range(x.shape[0]):
         group = range((i // group_size) * group_size, (i // group_size + 1) * group_size)
-        best = max((j for j in group if j != i), key=lambda j: float(unit[i].detach() @ unit[j].detach()))
-        terms.append(-torch.log((unit[i] - unit[best]).norm() + eps))
+        ranked = sorted((j for j in group if j != i), key=lambda j: -float(unit[i].detach() @ unit[j].detach()))
+        terms += [-torch.log((unit[i] - unit[j] + eps).norm() + eps) for j in ranked[:topk]]
     per_rank = torch.stack(terms).reshape(WORLD, -1)
     return [row.mean() for row in per_rank]
 
 
-@pytest.mark.parametrize("group_size", KOLEO_GROUP_SIZES)
+@pytest.mark.parametrize("group_size, topk", [(2, 1), (4, 1), (4, 2), (12, 1), (12, 2)])
 def test_distributed_koleo_equals_grouped_single_process(
-    rank_results: list[dict[str, torch.Tensor]], group_size: int
+    rank_results: list[dict[str, torch.Tensor]], group_size: int, topk: int
 ) -> None:
     x = _inputs()["koleo"].clone().requires_grad_(True)
-    rank_losses = _koleo_rank_losses(x, group_size)
+    rank_losses = _koleo_rank_losses(x, group_size, topk)
     torch.stack(rank_losses).sum().backward()  # what all ranks' backward passes add up to
     for rank, result in enumerate(rank_results):
-        assert result[f"koleo_{group_size}_loss"].item() == pytest.approx(rank_losses[rank].item(), rel=1e-12)
-    grads = torch.cat([r[f"koleo_{group_size}_grad"] for r in rank_results])
+        assert result[f"koleo_{group_size}_{topk}_loss"].item() == pytest.approx(rank_losses[rank].item(), rel=1e-12)
+    grads = torch.cat([r[f"koleo_{group_size}_{topk}_grad"] for r in rank_results])
     assert torch.allclose(grads, x.grad, rtol=1e-10, atol=1e-12)

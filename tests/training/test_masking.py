@@ -22,7 +22,7 @@ def test_block_mask_exact_count_and_blocks_inside_mask(grid):
         assert union.sum() <= n_masked
 
 
-def test_blocks_respect_aspect_bounds_and_do_most_of_the_masking():
+def test_blocks_are_shorter_and_narrower_than_the_grid_and_do_most_of_the_masking():
     rng = np.random.default_rng(1)
     aspects, block_share = [], []
     for _ in range(300):
@@ -30,18 +30,40 @@ def test_blocks_respect_aspect_bounds_and_do_most_of_the_masking():
         assert blocks, "a 60-patch mask on a 14x14 grid always fits blocks"
         union = np.zeros((14, 14), dtype=bool)
         for b in blocks:
+            assert b.height < 14 and b.width < 14
             aspects.append(b.height / b.width)
             union[b.top : b.top + b.height, b.left : b.left + b.width] = True
         block_share.append(union.sum() / 60)
     aspects = np.array(aspects)
-    assert aspects.min() >= 0.3 - 1e-9 and aspects.max() <= 1 / 0.3 + 1e-9
     assert (aspects < 0.8).any() and (aspects > 1.25).any()  # both orientations occur
     assert np.mean(block_share) > 0.8
+
+
+def test_a_block_as_tall_or_wide_as_the_grid_is_rejected():
+    # On a 2-row grid most drawn shapes are 2 rows tall; the reference rejects them (h < grid height).
+    rng = np.random.default_rng(2)
+    heights, widths = set(), set()
+    for n_masked in [n for n in range(4, 13) for _ in range(30)]:
+        mask, blocks = block_mask((2, 12), n_masked, rng, max_block_patches=12.0)
+        assert int(mask.sum()) == n_masked  # the random top-up still delivers the exact count
+        heights |= {b.height for b in blocks}
+        widths |= {b.width for b in blocks}
+    assert heights == {1} and max(widths) < 12
 
 
 def test_mask_counts_match_recipe_example():
     # DINOv3 collate, verified: B=4 images (8 global crops), N=16 -> {3,4,6,8} + four zeros
     assert sorted(mask_counts(8, 16, (0.1, 0.5), 0.5)) == [0, 0, 0, 0, 3, 4, 6, 8]
+
+
+def test_mask_counts_use_the_float32_ratios_of_the_reference():
+    # 196 patches (224 px / 16), 49 images per rank -> 98 global crops, 49 of them masked.
+    ratios = torch.linspace(0.1, 0.5, 50)  # float32, as torch.linspace in the reference collate
+    expected = [int(196 * ratios[i + 1]) for i in range(49)] + [0] * 49
+    assert mask_counts(98, 196, (0.1, 0.5), 0.5) == expected
+    float64 = [int(196 * r) for r in np.linspace(0.1, 0.5, 50)[1:]]
+    differs = [i for i in range(49) if float64[i] != expected[i]]
+    assert differs == [38] and (expected[38], float64[38]) == (81, 82)
 
 
 def _samples(batch: int, n_local: int = 3, size: int = 32, local: int = 16, gram: int | None = None):
@@ -79,7 +101,7 @@ def test_collate_masks_counts_indices_and_weights(batch, size, patch):
     masks = out["masks"]
     assert masks.shape == (2 * batch, n) and masks.dtype == torch.bool
     n_masked = int(2 * batch * 0.5)
-    ratios = np.linspace(0.1, 0.5, n_masked + 1)
+    ratios = torch.linspace(0.1, 0.5, n_masked + 1)
     expected = sorted([int(n * ratios[i + 1]) for i in range(n_masked)] + [0] * (2 * batch - n_masked))
     assert sorted(masks.sum(1).tolist()) == expected
     np.testing.assert_array_equal(out["mask_indices"].numpy(), np.flatnonzero(masks.numpy().ravel()))

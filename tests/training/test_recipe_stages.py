@@ -92,9 +92,10 @@ def test_high_res_gram_teacher_runs_at_2x_and_is_resampled_bicubically():
 
 
 def test_gram_schedule_and_refresh_rule():
-    gram = GramConfig(weight=ScheduleConfig("constant", 0.0, 2.0, 2.0, 4), start_iteration=10,
+    # The reference's continuation form: 0 through a 10-iteration warmup, then a 3-point half-cosine 0 -> 2.
+    gram = GramConfig(weight=ScheduleConfig("cosine", 0.0, 0.0, 2.0, 10, cosine_iterations=3),
                       update_period=5, first_update=15, max_updates=2)
-    assert [gram_weight(gram, i, 100) for i in (0, 9, 10, 12, 14, 50)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
+    assert [gram_weight(gram, i, 100) for i in (0, 9, 10, 11, 12, 50)] == pytest.approx([0.0, 0.0, 0.0, 1.0, 2.0, 2.0])
     due = [i for i in range(60) if gram_refresh_due(gram, i)]
     assert due == [14, 19]  # after iterations 15 and 20 completed, then max_updates reached
     assert [gram_updates_done(gram, n) for n in (14, 15, 19, 20, 100)] == [0, 1, 1, 2, 2]

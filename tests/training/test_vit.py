@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from training.models import MODEL_SIZES, VisionTransformer
+from training.models.layers import sample_drop_residual
 from training.models.rope import patch_coords, rope_periods
 
 
@@ -133,6 +134,94 @@ def test_stochastic_depth_only_in_train_mode() -> None:
     model.train()
     dropped = model.forward_features(x, generator=torch.Generator().manual_seed(0))["cls"]
     assert (dropped - ref).abs().max() > 1e-4
+
+
+def _ropes_seen_by_blocks(model: VisionTransformer, x: torch.Tensor, **kwargs: object) -> list[torch.Tensor]:
+    """The (sin) RoPE table each block received in one forward, captured by forward pre-hooks."""
+    seen: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[1][0].clone())) for b in model.blocks]
+    try:
+        model.forward_features(x, **kwargs)  # type: ignore[arg-type]
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_every_block_gets_its_own_rope_draw_in_training_and_the_same_table_in_eval() -> None:
+    model = _model("dinov3_vittest16")  # rope_rescale 2, as the released models
+    x = _images()
+    model.train()
+    train_tables = _ropes_seen_by_blocks(model, x, generator=torch.Generator().manual_seed(0))
+    assert len(train_tables) == 2 and not torch.allclose(train_tables[0], train_tables[1])
+    again = _ropes_seen_by_blocks(model, x, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(train_tables, again))  # reproducible from the generator
+    model.eval()
+    eval_tables = _ropes_seen_by_blocks(model, x)
+    assert torch.equal(eval_tables[0], eval_tables[1])
+    torch.testing.assert_close(eval_tables[0], model.rope_embed(4, 5)[0])
+
+
+@pytest.mark.parametrize("normalize", ["min", "max"])
+def test_rope_coordinates_normalised_by_the_shorter_or_longer_side(normalize: str) -> None:
+    h, w = 3, 5
+    side = min(h, w) if normalize == "min" else max(h, w)
+    coords = patch_coords(h, w, normalize)  # type: ignore[arg-type]
+    assert coords[:, 0].unique().tolist() == pytest.approx([2 * (r + 0.5) / side - 1 for r in range(h)])
+    assert coords[:, 1].unique().tolist() == pytest.approx([2 * (c + 0.5) / side - 1 for c in range(w)])
+    model = _model("vit_test", rope_normalize_coords=normalize)
+    sin, _ = model.rope_embed(h, w)
+    ang = 2 * torch.pi * torch.cat([coords[7, 0] / model.rope_embed.periods, coords[7, 1] / model.rope_embed.periods])
+    torch.testing.assert_close(sin[7], torch.cat([ang, ang]).sin())
+
+
+def test_rope_min_max_period_parametrisation() -> None:
+    model = _model("vit_test", rope_base=None, rope_min_period=0.5, rope_max_period=40.0)
+    t = torch.arange(8, dtype=torch.float64) / 7
+    expected = 40.0 * (40.0 / 0.5) ** (t - 1)  # geometric from min to max period
+    torch.testing.assert_close(model.rope_embed.periods, expected.float())
+    assert model.rope_embed.periods[0].item() == pytest.approx(0.5) and model.rope_embed.periods[-1].item() == 40.0
+    with pytest.raises(ValueError, match="either rope_base or both"):
+        dataclasses.replace(MODEL_SIZES["vit_test"], rope_min_period=0.5, rope_max_period=40.0)
+    from training.train.config import ModelConfig, vit_config
+
+    cfg = vit_config(ModelConfig(size="vit_test", rope_min_period=0.5, rope_max_period=40.0,
+                                 rope_normalize_coords="max"))
+    assert (cfg.rope_base, cfg.rope_min_period, cfg.rope_normalize_coords) == (None, 0.5, "max")
+    with pytest.raises(ValueError, match="set together"):
+        vit_config(ModelConfig(size="vit_test", rope_min_period=0.5))
+
+
+@pytest.mark.parametrize("batch, rate", [(10, 0.3), (8, 0.4), (3, 0.9), (16, 0.1)])
+def test_stochastic_depth_runs_a_fixed_subset_and_rescales_it(batch: int, rate: float) -> None:
+    x = torch.randn(batch, 5, 4, generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+
+    def branch(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.shape[0])
+        return torch.ones_like(t)
+
+    out = sample_drop_residual(x, branch, rate, torch.Generator().manual_seed(1))
+    kept = max(int(batch * (1 - rate)), 1)  # the reference's subset size
+    changed = (out != x).flatten(1).any(1)
+    assert calls == [kept] and int(changed.sum()) == kept
+    torch.testing.assert_close(out[changed], x[changed] + batch / kept)
+    assert torch.equal(out[~changed], x[~changed])
+
+
+def test_block_draws_a_subset_per_branch() -> None:
+    block = _model("vit_test", drop_path_rate=0.5).blocks[0].train()
+    x = torch.randn(8, 6, 64, generator=torch.Generator().manual_seed(0))
+    out = block(x, None, torch.Generator().manual_seed(2))
+    # Independent: the same two draws (attention subset, then FFN subset), 4 of 8 each, residuals x 8/4.
+    gen = torch.Generator().manual_seed(2)
+    first, second = torch.randperm(8, generator=gen)[:4], torch.randperm(8, generator=gen)[:4]
+    expected = x.clone()
+    expected[first] += 2.0 * block.ls1(block.attn(block.norm1(x[first])))
+    mid = expected.clone()
+    expected[second] += 2.0 * block.ls2(block.mlp(block.norm2(mid[second])))
+    torch.testing.assert_close(out, expected)
+    assert not torch.equal(first.sort().values, second.sort().values)  # two draws, not one
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean", "cls+mean"])

@@ -11,8 +11,8 @@ from collections import Counter
 import pyarrow as pa
 from PIL import Image
 
-from catalog.images import read_image_bytes
 from catalog.decode import MISSING, DecodeError, decode_rgb
+from catalog.images import read_image_bytes
 
 
 class PartDataset:

@@ -27,23 +27,23 @@ class Block:
 def _try_block(
     mask: np.ndarray,
     rng: np.random.Generator,
-    max_new: int,
+    max_new: float,
     min_patches: int,
     log_aspect: tuple[float, float],
     tries: int,
 ) -> Block | None:
     """Add one block adding between 1 and ``max_new`` new patches; ``None`` if ``tries`` attempts fail.
 
-    The rounded block shape must itself respect the aspect bounds, so every accepted block does.
+    As BEiT/DINOv3: area uniform between ``min_patches`` and ``max_new`` (either may be the larger),
+    log-uniform aspect, and a block must be strictly shorter and narrower than the grid.
     """
     grid_h, grid_w = mask.shape
-    lo_aspect, hi_aspect = math.exp(log_aspect[0]), math.exp(log_aspect[1])
     for _ in range(tries):
-        area = rng.uniform(min(min_patches, max_new), max_new)
+        area = min_patches + (max_new - min_patches) * rng.random()  # uniform even when max_new < min_patches
         aspect = math.exp(rng.uniform(*log_aspect))
         h = round(math.sqrt(area * aspect))
         w = round(math.sqrt(area / aspect))
-        if not (0 < h <= grid_h and 0 < w <= grid_w and lo_aspect <= h / w <= hi_aspect):
+        if not (h < grid_h and w < grid_w):
             continue
         top = int(rng.integers(0, grid_h - h + 1))
         left = int(rng.integers(0, grid_w - w + 1))
@@ -60,14 +60,14 @@ def block_mask(
     rng: np.random.Generator,
     *,
     min_patches: int = 4,
-    max_block_patches: int | None = None,
+    max_block_patches: float | None = None,
     aspect_range: tuple[float, float] = (0.3, 1 / 0.3),
     tries: int = 10,
 ) -> tuple[np.ndarray, list[Block]]:
     """Boolean ``grid`` mask with exactly ``n_masked`` True patches, and the blocks it was built from.
 
-    Block area is uniform in ``[min_patches, min(remaining, max_block_patches)]``; patches not covered
-    by blocks are filled in uniformly at random.
+    Each block adds at most ``min(remaining, max_block_patches)`` new patches (the recipe: half the
+    grid, not rounded); patches not covered by blocks are filled in uniformly at random.
     """
     grid_h, grid_w = grid
     if not 0 <= n_masked <= grid_h * grid_w:
@@ -93,11 +93,13 @@ def mask_counts(n_crops: int, n_patches: int, ratio_range: tuple[float, float], 
     """Masked-patch counts for ``n_crops`` global crops before shuffling.
 
     ``int(n_crops * sample_probability)`` crops are masked, crop ``i`` with
-    ``int(N * linspace(lo, hi, n+1)[i+1])`` patches, spreading the ratios evenly; the rest get 0.
+    ``int(N * linspace(lo, hi, n+1)[i+1])`` patches, spreading the ratios evenly; the rest get 0. The
+    ratios and the product are float32 (``torch.linspace``), as the reference computes them: float64
+    gives one patch more or less on some grids (196 patches, 98 crops: 82 instead of 81).
     """
     n_masked_crops = int(n_crops * sample_probability)
-    ratios = np.linspace(ratio_range[0], ratio_range[1], n_masked_crops + 1)
-    counts = [int(n_patches * ratios[i + 1]) for i in range(n_masked_crops)]
+    ratios = torch.linspace(ratio_range[0], ratio_range[1], n_masked_crops + 1, dtype=torch.float32)
+    counts = (n_patches * ratios[1:]).int().tolist()
     return counts + [0] * (n_crops - n_masked_crops)
 
 
@@ -124,7 +126,7 @@ def collate(
     n_patches = grid_h * grid_w
     n_crops = n_global * len(samples)
     counts = mask_counts(n_crops, n_patches, mask_ratio_range, mask_sample_probability)
-    max_block = max(1, int(n_patches * max_block_fraction))
+    max_block = n_patches * max_block_fraction
     masks = np.stack(
         [block_mask((grid_h, grid_w), c, rng, max_block_patches=max_block)[0].ravel() for c in counts]
     )

@@ -24,7 +24,6 @@ from scipy.ndimage import correlate1d
 
 from catalog.decode import IMAGENET_MEAN, IMAGENET_STD
 
-
 _BLUR_PROBABILITIES = {
     "effective": (0.0, 0.9, 0.5),
     "written": (1.0, 0.1, 0.5),

@@ -1,30 +1,44 @@
-"""Load backbones from local files (official DINOv2/DINOv3 releases, our own export) with clear errors.
+"""Load backbones from files (official DINOv2/DINOv3 releases, our own export) with clear errors.
 
 Files are read without executing code: `torch.load(weights_only=True)` for pickled checkpoints,
 safetensors otherwise. Every failure is a `CheckpointError` that names the file and what is wrong.
+`inspect_backbone` checks a file by its header and key names only (a safetensors header, or a
+memory-mapped data-only unpickling that reads no tensor bytes), so a driver can refuse a bad checkpoint
+without building the model; the workers then load it once each. Files may live anywhere fsspec reaches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import json
 import os
 import re
+import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from training.models.config import MODEL_SIZES, ViTConfig
+from catalog.errors import UserError
+from catalog.paths import is_local, read_bytes, resolve, retry
+from training.models.config import MODEL_INPUTS, MODEL_SIZES, InputSpec, ViTConfig
 from training.models.layers import k_bias_mask
 from training.models.rope import rope_periods
 from training.models.vit import VisionTransformer, n_params
 
 CURATE_PREFIX = "curate:"
-_FORMAT = "curate-vit/1"
+# Our exports' one metadata key: "/2" holds {"vit": ViTConfig, "input": InputSpec}; "/1" (older files)
+# only the ViTConfig, and such files are embedded at the default InputSpec (224 px, ImageNet mean/std).
+_FORMAT = "curate-vit/2"
+_FORMAT_V1 = "curate-vit/1"
+_MAX_HEADER = 100 * 1024**2
 # Prefixes of training checkpoints (DINOv2/v3 `teacher_checkpoint.pth`, `model_final.pth`, DDP),
 # tried in this order: the EMA teacher is the model people evaluate.
 _PREFIXES = ("", "teacher.backbone.", "backbone.", "module.backbone.", "model.", "module.", "student.backbone.")
@@ -32,7 +46,7 @@ _CONTAINER_KEYS = ("teacher", "model", "state_dict")
 _SHOW = 5
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint file cannot be read or does not fit the requested backbone."""
 
 
@@ -45,12 +59,55 @@ class BackboneInfo:
     random_init: bool
 
 
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone is, established without building it: ``architecture`` (the registry size, or
+    ``curate`` for our exports, whose file carries its config), its ViTConfig and input preprocessing."""
+
+    architecture: str
+    config: ViTConfig
+    input: InputSpec
+    weights: str | None  # the file as given (information only: identity is its sha256)
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights is None
+
+
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file anywhere fsspec reaches, streamed."""
+    fs, p = resolve(str(path))
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+
+    def read() -> None:
+        with fs.open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+
+    retry(read)
     return h.hexdigest()
+
+
+def _must_exist(path: str) -> None:
+    fs, p = resolve(path)
+    if not retry(lambda: fs.isfile(p)):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+
+
+def _safetensors_header(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Key names and shapes (as meta tensors) and the metadata of a safetensors file, from its header."""
+    fs, p = resolve(path)
+    try:
+        with fs.open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > _MAX_HEADER:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None) or {}
+        tensors = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: truncated, corrupt or not a safetensors checkpoint ({e})") from e
+    return tensors, meta
 
 
 def _first(names: list[str]) -> str:
@@ -86,28 +143,42 @@ def _unchunk_blocks(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {(f"blocks.{m.group(1)}.{m.group(2)}" if (m := chunked.match(k)) else k): v for k, v in sd.items()}
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Backbone tensors of a checkpoint file, as float32 where floating, without unpickling objects."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such checkpoint file")
-    if p.suffix == ".safetensors":
+def _read_tensors(path: str, header_only: bool) -> object:
+    """The file's objects, data-only; ``header_only`` reads no tensor bytes (meta tensors or a memory map)."""
+    if path.endswith(".safetensors"):
+        if header_only:
+            return _safetensors_header(path)[0]
         try:
-            obj: object = load_file(str(p))
+            return load_file(path) if is_local(path) else load_safetensors_bytes(read_bytes(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{p}: truncated, corrupt or not a safetensors checkpoint ({e})") from e
-    else:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-            if "Unsupported global" in str(e):
-                raise CheckpointError(
-                    f"{p}: holds Python objects other than tensors and plain containers; refusing to unpickle"
-                ) from e
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
-            raise CheckpointError(f"{p}: truncated, corrupt or not a checkpoint ({reason})") from e
-    sd = _unwrap(obj, p)
+            raise CheckpointError(f"{path}: truncated, corrupt or not a safetensors checkpoint ({e})") from e
+    try:
+        if is_local(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=header_only)
+        return torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise CheckpointError(f"{path}: {describe_load_error(e)}") from e
+
+
+def describe_load_error(e: BaseException) -> str:
+    """Why unpickling a file failed, in one line: a refused global (a file that would run code) or damage."""
+    text = str(e).strip()
+    refused = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+    if refused:
+        return (f"holds Python objects other than tensors and plain containers ({refused.group(1)}); "
+                "refusing to unpickle")
+    detail = text.splitlines()[0] if text else ""
+    return f"truncated, corrupt or not a checkpoint ({type(e).__name__}{': ' + detail if detail else ''})"
+
+
+def read_state_dict(path: str | Path, header_only: bool = False) -> dict[str, Tensor]:
+    """Backbone tensors of a checkpoint file, as float32 where floating, without unpickling objects;
+    ``header_only``: only their names and shapes (no tensor bytes read)."""
+    path = str(path)
+    _must_exist(path)
+    sd = _unwrap(_read_tensors(path, header_only), Path(path))
+    if header_only:
+        return sd
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
@@ -176,14 +247,16 @@ def _fill_constant_buffers(sd: dict[str, Tensor], cfg: ViTConfig) -> dict[str, T
     """Add buffers that are fixed functions of the config when a file leaves them out."""
     sd = dict(sd)
     if cfg.pos_encoding == "rope":
-        sd.setdefault("rope_embed.periods", rope_periods(cfg.head_dim, cfg.rope_base))
+        periods = rope_periods(cfg.head_dim, cfg.rope_base, cfg.rope_min_period, cfg.rope_max_period)
+        sd.setdefault("rope_embed.periods", periods)
     if cfg.qkv_bias and cfg.mask_k_bias:
         for i in range(cfg.depth):
             sd.setdefault(f"blocks.{i}.attn.qkv.bias_mask", k_bias_mask(cfg.embed_dim))
     return sd
 
 
-def _build_and_load(sd: dict[str, Tensor], cfg: ViTConfig, path: Path, device: str | torch.device) -> VisionTransformer:
+def _check_fits(sd: dict[str, Tensor], cfg: ViTConfig, path: Path) -> VisionTransformer:
+    """The model on the meta device (no memory) after checking every key and shape of ``sd`` against it."""
     with torch.device("meta"):
         model = VisionTransformer(cfg)
     expected = model.state_dict()
@@ -204,63 +277,105 @@ def _build_and_load(sd: dict[str, Tensor], cfg: ViTConfig, path: Path, device: s
             f"{path}: shape mismatch for '{k}': expected {tuple(expected[k].shape)}, "
             f"found {tuple(sd[k].shape)}{more}"
         )
+    return model
+
+
+def _build_and_load(sd: dict[str, Tensor], cfg: ViTConfig, path: Path, device: str | torch.device) -> VisionTransformer:
+    model = _check_fits(sd, cfg, path)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device).eval()
 
 
+def inspect_backbone(name: str, weights: str | Path | None) -> BackboneSpec:
+    """Check ``name``/``weights`` by the file's header and key names only, and say what the backbone is."""
+    if name.startswith(CURATE_PREFIX):
+        path = name[len(CURATE_PREFIX):]
+        cfg, spec, sd = _read_curate(path, header_only=True)
+        _check_fits(sd, cfg, Path(path))
+        return BackboneSpec("curate", cfg, spec, path)
+    cfg = _registered(name)
+    if weights is None:
+        return BackboneSpec(name, cfg, MODEL_INPUTS[name], None)
+    path = str(weights)
+    sd = read_state_dict(path, header_only=True)
+    _check_name(sd, name, cfg, Path(path))
+    cfg = _fit_config(sd, cfg)
+    _check_fits(_fill_constant_buffers(sd, cfg), cfg, Path(path))
+    return BackboneSpec(name, cfg, MODEL_INPUTS[name], path)
+
+
+def _registered(name: str) -> ViTConfig:
+    if name not in MODEL_SIZES:
+        raise CheckpointError(f"unknown backbone {name!r}; known: {', '.join(MODEL_SIZES)} or curate:PATH")
+    return MODEL_SIZES[name]
+
+
 def load_backbone(
-    name: str, weights: str | Path | None, device: str | torch.device = "cpu"
+    name: str, weights: str | Path | None, device: str | torch.device = "cpu", *, hash_weights: bool = True
 ) -> tuple[VisionTransformer, BackboneInfo]:
     """Build `name` and load `weights` into it; returns the model in eval mode and what was loaded.
 
     `name` is a key of MODEL_SIZES (official sizes and test sizes) or `curate:PATH` for a file
     written by `export_backbone` (then `weights` is ignored). `weights=None` with a registered name
-    gives a seeded random initialisation (`random_init=True`).
+    gives a seeded random initialisation (`random_init=True`). `hash_weights=False` leaves `sha256`
+    None for callers that hashed the file already (the embed stage hashes it once, on the driver).
     """
     if name.startswith(CURATE_PREFIX):
-        path = Path(name[len(CURATE_PREFIX):])
-        cfg, sd = _read_curate(path)
-        model = _build_and_load(sd, cfg, path, device)
-        return model, BackboneInfo(name, cfg, file_sha256(path), n_params(model), random_init=False)
-    if name not in MODEL_SIZES:
-        raise CheckpointError(f"unknown backbone {name!r}; known: {', '.join(MODEL_SIZES)} or curate:PATH")
-    cfg = MODEL_SIZES[name]
+        path = name[len(CURATE_PREFIX):]
+        cfg, _, sd = _read_curate(path, header_only=False)
+        model = _build_and_load(sd, cfg, Path(path), device)
+        sha = file_sha256(path) if hash_weights else None
+        return model, BackboneInfo(name, cfg, sha, n_params(model), random_init=False)
+    cfg = _registered(name)
     if weights is None:
         model = VisionTransformer(cfg).to(device).eval()
         return model, BackboneInfo(name, cfg, None, n_params(model), random_init=True)
-    path = Path(weights)
+    path = str(weights)
     sd = read_state_dict(path)
-    _check_name(sd, name, cfg, path)
+    _check_name(sd, name, cfg, Path(path))
     cfg = _fit_config(sd, cfg)
-    model = _build_and_load(_fill_constant_buffers(sd, cfg), cfg, path, device)
-    return model, BackboneInfo(name, cfg, file_sha256(path), n_params(model), random_init=False)
+    model = _build_and_load(_fill_constant_buffers(sd, cfg), cfg, Path(path), device)
+    sha = file_sha256(path) if hash_weights else None
+    return model, BackboneInfo(name, cfg, sha, n_params(model), random_init=False)
 
 
-def export_backbone(model: VisionTransformer, path: str | Path) -> str:
-    """Write the backbone as safetensors with its ViTConfig in the metadata; returns the file sha256."""
-    path = Path(path)
+def export_backbone(model: VisionTransformer, path: str | Path, input_spec: InputSpec | None = None) -> str:
+    """Write the backbone as safetensors with its ViTConfig and input preprocessing in the metadata;
+    returns the file sha256. ``path`` may be an fsspec URL: the file is then written locally first and
+    uploaded in one put."""
+    url = str(path)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
     # One metadata key: safetensors stores the metadata map in arbitrary key order, and a second key
     # would make the bytes (and so the sha256 that identifies a model) differ between runs.
-    save_file(sd, str(tmp), metadata={_FORMAT: model.config.to_json()})
-    os.replace(tmp, path)
-    return file_sha256(path)
+    doc = {"vit": json.loads(model.config.to_json()), "input": (input_spec or InputSpec()).to_json()}
+    metadata = {_FORMAT: json.dumps(doc, sort_keys=True)}
+    fs, target = resolve(url)
+    if is_local(url):
+        fs.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = target + ".tmp"
+        save_file(sd, tmp, metadata=metadata)
+        os.replace(tmp, target)
+        return file_sha256(target)
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = os.path.join(folder, "backbone.safetensors")
+        save_file(sd, tmp, metadata=metadata)
+        retry(lambda: fs.put_file(tmp, target))
+        return file_sha256(tmp)
 
 
-def _read_curate(path: Path) -> tuple[ViTConfig, dict[str, Tensor]]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated, corrupt or not a safetensors checkpoint ({e})") from e
-    if _FORMAT not in meta:
+def _read_curate(path: str, header_only: bool) -> tuple[ViTConfig, InputSpec, dict[str, Tensor]]:
+    _must_exist(path)
+    sd, meta = _safetensors_header(path)
+    if _FORMAT not in meta and _FORMAT_V1 not in meta:
         raise CheckpointError(f"{path}: not a curate backbone export (no '{_FORMAT}' metadata)")
     try:
-        cfg = ViTConfig.from_json(meta[_FORMAT])
-    except (ValueError, TypeError) as e:
+        if _FORMAT in meta:
+            doc = json.loads(meta[_FORMAT])
+            cfg, spec = ViTConfig.from_json(json.dumps(doc["vit"])), InputSpec.from_json(doc["input"])
+        else:
+            cfg, spec = ViTConfig.from_json(meta[_FORMAT_V1]), InputSpec()
+    except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable ViT config in metadata ({e})") from e
-    return cfg, sd
+    if not header_only:
+        sd = _read_tensors(path, header_only=False)  # type: ignore[assignment]
+    return cfg, spec, sd

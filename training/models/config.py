@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from catalog.decode import IMAGENET_MEAN, IMAGENET_STD
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -16,7 +18,8 @@ class ViTConfig:
     `register_tokens`, "dinov3" as `storage_tokens`. The FFN hidden width follows the releases:
     `int(D * ffn_ratio)` for "mlp"; for "swiglu" `int(D * ffn_ratio * 2 / 3)` rounded up to a
     multiple of `ffn_align`. `swiglu_layout` "w12" is DINOv2's fused `w12`/`w3`, "w1w2" DINOv3's
-    `w1`/`w2`/`w3`.
+    `w1`/`w2`/`w3`. RoPE periods come from `rope_base` or from `rope_min_period`/`rope_max_period`
+    (exactly one of the two); `rope_normalize_coords` is DINOv3's `normalize_coords`.
     """
 
     patch_size: int = 16
@@ -37,7 +40,10 @@ class ViTConfig:
     pos_embed_grid: int = 37
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
-    rope_base: float = 100.0
+    rope_base: float | None = 100.0
+    rope_min_period: float | None = None
+    rope_max_period: float | None = None
+    rope_normalize_coords: Literal["separate", "min", "max"] = "separate"
     rope_shift: float | None = None
     rope_jitter: float | None = None
     rope_rescale: float | None = 2.0
@@ -49,6 +55,9 @@ class ViTConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos_encoding == "rope" and self.head_dim % 4:
             raise ValueError(f"RoPE needs a head dim divisible by 4, got {self.head_dim}")
+        both_periods = self.rope_min_period is not None and self.rope_max_period is not None
+        if self.pos_encoding == "rope" and (self.rope_base is None) != both_periods:
+            raise ValueError("RoPE needs either rope_base or both rope_min_period and rope_max_period, not both")
 
     @property
     def head_dim(self) -> int:
@@ -135,3 +144,24 @@ MODEL_SIZES: dict[str, ViTConfig] = {
     "vit_demo": _dinov3(128, 4, 2, patch_size=8),
     "vit_test14": _dinov2(64, 2, 2, pos_embed_grid=16, layerscale_init=1e-5),
 }
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The pixels a backbone expects: square side, and the mean/std it was trained with."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_json(self) -> dict[str, object]:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> InputSpec:
+        return cls(int(data["size"]), tuple(data["mean"]), tuple(data["std"]))  # type: ignore[arg-type]
+
+
+# Each registry entry's default preprocessing (`curate embed` uses it unless image_size is given): the
+# official releases are evaluated at 224 px with ImageNet statistics; the demo backbone at 64 px.
+MODEL_INPUTS: dict[str, InputSpec] = {name: InputSpec() for name in MODEL_SIZES} | {"vit_demo": InputSpec(size=64)}

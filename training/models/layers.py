@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -117,11 +119,19 @@ def make_ffn(cfg: ViTConfig) -> nn.Module:
     return SwiGLU(cfg.embed_dim, cfg.ffn_hidden_dim)
 
 
-def drop_path(x: Tensor, rate: float, generator: torch.Generator | None) -> Tensor:
-    """Per-sample stochastic depth: drop the whole residual branch of a sample, rescale the rest."""
-    keep = 1.0 - rate
-    mask = (torch.rand(x.shape[0], generator=generator) < keep).to(x.device, x.dtype) / keep
-    return x * mask.view(-1, *([1] * (x.dim() - 1)))
+def sample_drop_residual(
+    x: Tensor, branch: Callable[[Tensor], Tensor], rate: float, generator: torch.Generator | None
+) -> Tensor:
+    """DINOv3's stochastic depth ("sample drop") of one residual branch: ``x + branch(x)`` for a subset.
+
+    A fixed ``max(int(B * (1 - rate)), 1)`` samples, drawn without replacement, run the branch; their
+    outputs are added back scaled by ``B / kept`` and the other samples pass through unchanged. The
+    branch only computes the kept samples, which is where the speed-up comes from.
+    """
+    b = x.shape[0]
+    kept = max(int(b * (1 - rate)), 1)
+    index = torch.randperm(b, generator=generator)[:kept].to(x.device)
+    return torch.index_add(x, 0, index, branch(x[index]).to(x.dtype), alpha=b / kept)
 
 
 class Block(nn.Module):
@@ -141,11 +151,14 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        a = self.ls1(self.attn(self.norm1(x), rope))
+        def attention(t: Tensor) -> Tensor:
+            return self.ls1(self.attn(self.norm1(t), rope))
+
+        def ffn(t: Tensor) -> Tensor:
+            return self.ls2(self.mlp(self.norm2(t)))
+
         if self.training and self.drop_path_rate > 0:
-            a = drop_path(a, self.drop_path_rate, generator)
-        x = x + a
-        m = self.ls2(self.mlp(self.norm2(x)))
-        if self.training and self.drop_path_rate > 0:
-            m = drop_path(m, self.drop_path_rate, generator)
-        return x + m
+            x = sample_drop_residual(x, attention, self.drop_path_rate, generator)
+            return sample_drop_residual(x, ffn, self.drop_path_rate, generator)
+        x = x + attention(x)
+        return x + ffn(x)

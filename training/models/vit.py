@@ -35,7 +35,9 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.empty(1, 1 + cfg.pos_embed_grid**2, d))
         else:
             self.rope_embed = RopePositionEmbedding(
-                cfg.head_dim, cfg.rope_base, cfg.rope_shift, cfg.rope_jitter, cfg.rope_rescale
+                cfg.head_dim, cfg.rope_base, cfg.rope_shift, cfg.rope_jitter, cfg.rope_rescale,
+                min_period=cfg.rope_min_period, max_period=cfg.rope_max_period,
+                normalize_coords=cfg.rope_normalize_coords,
             )
         self.mask_token = nn.Parameter(torch.empty(1, d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
@@ -134,13 +136,17 @@ class VisionTransformer(nn.Module):
 
         `masks` [B, N] (or [B, h, w]) bool marks patches replaced by the mask token (iBOT).
         `is_local` normalises cls/registers with `local_cls_norm` when the model has one.
-        `generator` drives the train-mode randomness (RoPE augmentation, stochastic depth).
+        `generator` drives the train-mode randomness (RoPE augmentation, drawn anew for every block,
+        and stochastic depth).
         Returns `cls` [B, D], `registers` [B, R, D], `patches` [B, N, D] (after the final norm)
         and `prenorm` [B, 1+R+N, D].
         """
         tokens, (h, w) = self.prepare_tokens(x, masks)
         rope = self.rope_embed(h, w, generator) if self.config.pos_encoding == "rope" else None
-        for block in self.blocks:
+        redraw = rope is not None and self.rope_embed.augments
+        for i, block in enumerate(self.blocks):
+            if redraw and i > 0:  # as DINOv3: every block gets its own RoPE augmentation draw
+                rope = self.rope_embed(h, w, generator)
             tokens = block(tokens, rope, generator)
         n = self.n_prefix_tokens
         prefix_norm = self.local_cls_norm if is_local and self.config.local_cls_norm else self.norm

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from catalog.config import load_config
+from catalog.names import check_name
 from training.models import MODEL_SIZES, ViTConfig
 
 
@@ -25,17 +26,37 @@ class HeadConfig:
 
 @dataclass
 class ModelConfig:
+    """The architecture: a named size, and the options the recipe sets on top of it.
+
+    ``drop_path_rate`` overrides the size's stochastic-depth rate (DINOv3: 0.3 default, 0.4 for 7B,
+    0 for distilled students). RoPE options (reference: ``student.pos_embed_rope_*``):
+    ``rope_normalize_coords`` divides patch coordinates by each side (``separate``, the default) or by
+    the shorter (``min``) or longer (``max``) side for both axes; ``rope_min_period`` and
+    ``rope_max_period`` (both or neither) replace the size's ``base`` parametrisation by periods
+    spaced geometrically from min to max.
+    """
+
     size: str = "dinov3_vitl16"  # a key of training.models.MODEL_SIZES
-    drop_path_rate: float = 0.0  # overrides the size's stochastic-depth rate (DINOv3: 0.3 default, 0.4 for 7B)
+    drop_path_rate: float = 0.0
+    rope_normalize_coords: Literal["separate", "min", "max"] = "separate"
+    rope_min_period: float | None = None
+    rope_max_period: float | None = None
     dino_head: HeadConfig = field(default_factory=HeadConfig)
     ibot_head: HeadConfig = field(default_factory=HeadConfig)
 
 
 def vit_config(model: ModelConfig) -> ViTConfig:
-    """The architecture of ``model``: its named size with the configured stochastic-depth rate."""
+    """The architecture of ``model``: its named size with the configured stochastic depth and RoPE options."""
     if model.size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {model.size!r}; known: {', '.join(MODEL_SIZES)}")
-    return dataclasses.replace(MODEL_SIZES[model.size], drop_path_rate=model.drop_path_rate)
+    size = MODEL_SIZES[model.size]
+    periods = (model.rope_min_period, model.rope_max_period)
+    if (periods[0] is None) != (periods[1] is None):
+        raise ValueError("model.rope_min_period and model.rope_max_period must be set together")
+    rope: dict = {"rope_normalize_coords": model.rope_normalize_coords}
+    if periods[0] is not None:
+        rope |= {"rope_base": None, "rope_min_period": periods[0], "rope_max_period": periods[1]}
+    return dataclasses.replace(size, drop_path_rate=model.drop_path_rate, **rope)
 
 
 @dataclass
@@ -53,18 +74,32 @@ class CropsConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Warmup ``start -> peak`` over ``warmup_iterations``, then constant ``peak`` or cosine ``peak -> end``.
+    """One per-iteration value: a warmup ``start -> peak``, then ``peak -> end``, then ``end``.
 
-    The warmup is linear (DINOv3's lr, teacher temperature) or a half-cosine ramp (``warmup_shape:
-    cosine``, the recipe's Gram-loss weight ramp).
+    ``kind`` (all three follow the reference schedulers value for value):
+
+    - ``cosine``: DINOv3's ``linear_warmup_cosine_decay`` (its "schedules v2"). Warmup
+      ``linspace(start, peak, warmup_iterations, endpoint=False)``, then ``cosine_iterations`` points of a
+      half-cosine ``peak -> end`` with both ends included (the value is ``end`` exactly at its last
+      point), then ``end``. A ramp up is the same shape with ``peak < end`` (the Gram weight, the
+      high-res lr).
+    - ``constant``: the same warmup, then ``peak`` (v2 with ``end == peak``).
+    - ``dinov2_cosine``: DINOv2's ``CosineScheduler`` (DINOv3's v1 schedules, for DINOv2 recipes).
+      Warmup ``linspace(start, peak, warmup_iterations)`` *with* its endpoint, then a cosine whose
+      progress is ``(i - W) / C``, so it stops one step short of ``end``; ``end`` from ``W + C`` on.
+      An lr schedule of this kind has only its peak scaled by the batch rule (v1 scales ``lr``, not
+      ``min_lr``).
+
+    ``cosine_iterations`` (the reference's ``cosine_epochs`` in iterations): length of the cosine part;
+    ``None``: every iteration after the warmup.
     """
 
-    kind: Literal["constant", "cosine"] = "constant"
+    kind: Literal["constant", "cosine", "dinov2_cosine"] = "constant"
     start: float = 0.0
     peak: float = 0.0
     end: float = 0.0
     warmup_iterations: int = 0
-    warmup_shape: Literal["linear", "cosine"] = "linear"
+    cosine_iterations: int | None = None
 
 
 @dataclass
@@ -85,36 +120,56 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
+    """Weights and options of the loss terms (the reference's keys in brackets).
+
+    ``dino_local_weight`` [``dino.local_loss_weight_schedule``]: extra factor on the local-crop DINO
+    term per iteration; the Gram stage takes it 1 -> 0.5 on a half-cosine over its first 1000
+    iterations, the high-res stage holds it at 0.5. ``koleo_group_size``
+    [``dino.koleo_distributed_loss_group_size``]: set, KoLeo is the distributed variant whose
+    neighbours come from consecutive groups of this many samples of the global batch.
+    ``koleo_topk`` [``dino.koleo_topk``]: neighbours per sample (the loss averages over all of them).
+    """
+
     dino_weight: float = 1.0
     koleo_weight: float = 0.1  # per global crop, so the KoLeo term is weight x n_global x mean over crops
     ibot_weight: float = 1.0
     student_temp: float = 0.1
     sinkhorn_iterations: int = 3
-    # Extra factor on the local DINO term, per iteration (recipe: cosine 1 -> 0.5 over the Gram stage, 0.5 in high-res).
     dino_local_weight: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("constant", 1.0, 1.0, 1.0, 0))
-    koleo_group_size: int | None = None  # set: distributed KoLeo over groups of this many global-batch samples
+    koleo_group_size: int | None = None
+    koleo_topk: int = 1
+
+
+def _gram_ramp() -> ScheduleConfig:
+    return ScheduleConfig("cosine", 0.0, 0.0, 2.0, 0, cosine_iterations=1000)
 
 
 @dataclass
 class GramConfig:
     """Gram anchoring (stages ``gram`` and ``highres``): a frozen Gram teacher anchors the student's patch Grams.
 
-    The weight is 0 before ``start_iteration`` and follows ``weight`` (evaluated at ``it - start_iteration``)
-    from there. The Gram teacher starts as the EMA teacher backbone of ``checkpoint`` (a checkpoint dir or a
-    run dir, its latest; empty: the EMA teacher this stage starts from) and is replaced by a copy of the EMA
-    teacher after iteration ``it`` when ``it+1 >= first_update`` and ``(it+1) % update_period == 0``, at most
-    ``max_updates`` times (0: never refreshed).
+    ``weight`` [``gram.loss_weight_schedule``] is the weight per iteration of the stage (default: the
+    7B recipe's half-cosine 0 -> 2 over 1000 iterations). The Gram teacher starts as the EMA teacher
+    backbone of ``checkpoint`` (a checkpoint dir or a run dir, its latest; empty: the EMA teacher this
+    stage starts from) and is replaced by a copy of the EMA teacher after iteration ``it`` when
+    ``it+1 >= first_update`` and ``(it+1) % update_period == 0``, at most ``max_updates`` times (0:
+    never refreshed). ``normalized``: L2-normalise patch tokens before the Grams (off: raw inner
+    products). ``remove_neg``: clamp the negative similarities of both Grams to 0.
+    ``remove_only_teacher_neg``: clamp the teacher's negatives to 0 and zero the student's entries where
+    both are negative, so a pair both Grams find dissimilar costs nothing (the option's intent; the
+    reference's code zeroes the teacher first, which leaves its student mask empty).
     """
 
-    weight: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("constant", 0.0, 2.0, 2.0, 1000))
-    start_iteration: int = 0
+    weight: ScheduleConfig = field(default_factory=_gram_ramp)
     checkpoint: str = ""
     update_period: int = 10_000
     first_update: int = 10_000
     max_updates: int = 3
     reduction: Literal["mean", "frobenius"] = "mean"  # mean: reference code; frobenius: paper (sum per Gram)
     img_level: bool = True  # one P x P Gram per image (7B recipe), else one Gram over the local batch
+    normalized: bool = True
     remove_neg: bool = False
+    remove_only_teacher_neg: bool = False
     teacher_size: int | None = None  # Gram-teacher crop side (recipe: 2x the global crop); None: the global crops
 
 
@@ -178,13 +233,26 @@ class CheckpointConfig:
 
 @dataclass
 class DataConfig:
+    """Where the images come from and how steps mix them.
+
+    ``catalog_root`` is enough when ``curate mix`` wrote ``<catalog>/_mix.json``: the run trains on the
+    mix's parts with its weights, homogeneous part and probability. Each of the four keys below, when
+    set, replaces the mix's value (unset: empty list / null); with ``parts`` set, the mix's weights and
+    homogeneous part are kept for the listed parts only. Without a mix: ``parts`` is required, weights
+    default to the part sizes and there is no homogeneous part. ``homogeneous_part: ""`` means none.
+    """
+
     catalog_root: str = ""
     parts: list[str] = field(default_factory=list)  # read from the catalog tables curated/<part>
-    weights: dict[str, float] | None = None  # heterogeneous mix weights; None: by part size
+    weights: dict[str, float] | None = None  # heterogeneous mix weights
     homogeneous_part: str | None = None
-    p_homogeneous: float = 0.1
+    p_homogeneous: float | None = None
     num_workers: int = 0
     max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in [*self.parts, *(self.weights or {}), *([self.homogeneous_part] if self.homogeneous_part else [])]:
+            check_name(name, "data part")
 
 
 @dataclass
@@ -235,8 +303,27 @@ def load_train_config(path: str | None = None, overrides: Sequence[str] = ()) ->
     return config
 
 
+def check_schedules(config: TrainConfig) -> None:
+    """A schedule whose cosine part outlasts the run would never reach its ``end``: refuse it at start-up."""
+    named = {"optim.lr": config.optim.lr, "optim.weight_decay": config.optim.weight_decay,
+             "optim.momentum": config.optim.momentum, "optim.teacher_temp": config.optim.teacher_temp,
+             "loss.dino_local_weight": config.loss.dino_local_weight}
+    if config.stage in ("gram", "highres"):
+        named["gram.weight"] = config.gram.weight
+    for name, schedule in named.items():
+        if schedule.cosine_iterations is None or schedule.kind == "constant":
+            continue
+        span = schedule.warmup_iterations + schedule.cosine_iterations
+        if schedule.cosine_iterations < 0 or span > config.optim.iterations:
+            raise ValueError(f"{name}: warmup {schedule.warmup_iterations} + cosine {schedule.cosine_iterations} "
+                             f"iterations must fit in optim.iterations={config.optim.iterations} (cosine >= 0)")
+    if config.loss.koleo_topk < 1:
+        raise ValueError(f"loss.koleo_topk must be >= 1, got {config.loss.koleo_topk}")
+
+
 def check_stage(config: TrainConfig) -> None:
     """Fail at start-up when a stage lacks what it needs."""
+    check_schedules(config)
     if config.stage == "highres":
         if not config.highres.resolutions:
             raise ValueError("stage 'highres' needs highres.resolutions")

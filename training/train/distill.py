@@ -13,47 +13,23 @@ unmasked global crops (iBOT still at the mask positions) and keep their own EMA,
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import Tensor
 
-from catalog.config import to_dict
-from catalog.progress import progress
+from catalog.paths import join
 from training.losses import sinkhorn_knopp
-from training.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_models,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from training.train.checkpoint import load_models, resolve_checkpoint
 from training.train.config import StudentConfig, TrainConfig, vit_config
-from training.train.data import build_loader
-from training.train.distributed import DistInfo, barrier, build_models, prepare_model
-from training.train.evals import CheckpointEvals, scores_missing
-from training.train.export import export_teacher
+from training.train.distributed import DistInfo, build_models, prepare_model
+from training.train.evals import CheckpointEvals
 from training.train.meta_arch import FIELDS, SSLModel, student_losses
-from training.train.optim import (
-    apply_hyper_params,
-    build_optimizer,
-    clip_gradients,
-    ema_update,
-)
-from training.train.run_state import (
-    TEACHER_FILE,
-    TrainResult,
-    append_record,
-    resume_logs,
-    rng_state,
-    set_rng_state,
-    step_generator,
-)
-from training.train.schedules import Schedules
+from training.train.optim import apply_hyper_params, build_optimizer, clip_gradients, ema_update
+from training.train.recipe import CheckpointModels, ExportTarget, StepOutcome
+from training.train.run_state import TEACHER_FILE, step_generator
+from training.train.schedules import StepHyperParams
 
 STUDENTS_DIR = "students"
 
@@ -177,114 +153,87 @@ def _group_mean(values: Tensor, slot: StudentSlot) -> Tensor:
     return values
 
 
-def log_student_scores(
-    evals: CheckpointEvals, backbone: torch.nn.Module, slot: StudentSlot, names: list[str], step: int, path: Path,
-    info: DistInfo,
-) -> None:
-    """Score every student's EMA backbone at checkpoint ``step`` and log one row (``<student>/<metric>``).
+class DistillRecipe:
+    """This rank's student (with its EMA and process group) and the frozen teacher shared by the world."""
 
-    Each group scores its own student (collective within the group); the group leaders' rows are
-    summed over the world so rank 0 holds them all.
-    """
-    table = torch.zeros(len(names), len(evals.names), dtype=torch.float64, device=info.device)
-    scores = evals(backbone)
-    if slot.group_rank == 0:
-        table[slot.index] = torch.tensor([scores[k] for k in evals.names], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(table)
-    if info.is_main:
-        append_record(path, {"step": step, **{f"{name}/{k}": float(table[i, j])
-                                              for i, name in enumerate(names) for j, k in enumerate(evals.names)}})
+    label = "distill"
 
+    def __init__(self, config: TrainConfig, info: DistInfo) -> None:
+        self.config, self.info = config, info
+        self.slot = student_slot(config, info)
+        self.names = [s.name for s in config.distill.students]
+        self.teacher = build_frozen_teacher(config, info)
+        self.counter = ForwardCounter(self.teacher.backbone)
+        self.vit = vit_config(self.slot.spec.model)
+        self.patch_size = vit_config(config.distill.teacher_model).patch_size
+        self.student, self.ema = build_models(
+            self.slot.spec.model, config.seed + self.slot.index, info, group=self.slot.group,
+            activation_checkpointing=config.activation_checkpointing, compile=config.compile,
+        )
+        self.optimizer = build_optimizer(self.student, self.vit.depth, config.optim, info.device)
 
-def train_distill(config: TrainConfig, info: DistInfo):
-    """Run (or resume) a distillation run; collective over the world. Returns a ``TrainResult``."""
+    def start_fresh(self) -> None:
+        """Nothing to fill: the teacher was loaded when built, the students start from their seeds."""
 
-    out = Path(config.output_dir)
-    ckpt_root = out / "ckpt"
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    barrier()
-    slot = student_slot(config, info)
-    names = [s.name for s in config.distill.students]
-    teacher = build_frozen_teacher(config, info)
-    counter = ForwardCounter(teacher.backbone)
-    vit = vit_config(slot.spec.model)
-    student, ema = build_models(slot.spec.model, config.seed + slot.index, info, group=slot.group,
-                                activation_checkpointing=config.activation_checkpointing, compile=config.compile)
-    optimizer = build_optimizer(student, vit.depth, config.optim, info.device)
-    global_batch = config.optim.batch_size_per_rank * info.world_size
-    schedules = Schedules(config.optim, global_batch, config.loss)
-    loader = build_loader(config, info.rank, info.world_size, vit_config(config.distill.teacher_model).patch_size)
+    def checkpoint_models(self) -> CheckpointModels:
+        return CheckpointModels(self.student, self.ema, self.optimizer, subdir=self.slot.spec.name,
+                                group=self.slot.group)
 
-    start = 0
-    latest = latest_checkpoint(ckpt_root) if config.checkpoint.resume else None
-    if latest is not None:
-        start, rank_state = load_checkpoint(latest, student, ema, optimizer, info, subdir=slot.spec.name, group=slot.group)
-        loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
-    metrics_path, evals_path = resume_logs(out, start, info.is_main)
-    evals = CheckpointEvals(config.eval, config.crops.global_size, vit.patch_size)
-    if evals.names and start > 0 and scores_missing(evals_path, start, info.is_main):
-        log_student_scores(evals, ema.backbone, slot, names, start, evals_path, info)
-    end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)
-    bar = progress(end, "distill", unit="step", initial=start) if info.is_main else None
-    step, batches = start, iter(loader)
-    device_keys = ("global_crops", "local_crops", "masks", "image_ids")
-    try:
-        while step < end:
-            t0 = time.perf_counter()
-            batch = next(batches)
-            batch = {k: (batch[k].to(info.device) if k in device_keys else batch[k]) for k in batch}
-            hp = schedules.at(step)
-            apply_hyper_params(optimizer, hp)
-            cls, patches = teacher_bottlenecks(teacher, batch)
-            share, cls, patches = student_share(batch, cls, patches, slot)
-            dino_t, ibot_t = distill_targets(teacher, share, cls, patches, hp.teacher_temp,
-                                             config.loss.sinkhorn_iterations, slot)
-            losses = student_losses(student, share, dino_t, ibot_t, config.loss, mask_student=False,
-                                    generator=step_generator(config.seed, step, info.rank), koleo_group=slot.group,
-                                    local_weight=hp.dino_local_weight)
-            losses.total.backward()
-            grad_norms = clip_gradients(student, config.optim.clip_grad)
-            values = _group_mean(losses.stacked(), slot)
-            finite = math.isfinite(float(values[0]))
-            if finite:
-                optimizer.step()
-                ema_update(ema, student, hp.momentum)
-            optimizer.zero_grad(set_to_none=True)
-            # One row per student (its group mean, counted once), plus the teacher's forward counters.
-            table = torch.zeros(len(names), len(FIELDS) + 1, device=info.device)  # NCCL reduces device tensors
-            if slot.group_rank == 0:
-                table[slot.index, :-1] = values
-                table[slot.index, -1] = grad_norms.get("backbone", 0.0)
-            teacher_counts = torch.tensor(counter.take(), dtype=torch.float64, device=info.device)
-            if dist.is_initialized():
-                dist.all_reduce(table)
-                dist.all_reduce(teacher_counts)
-            step += 1
-            if info.is_main:
-                record = {"step": step - 1, "lr": hp.lr, "teacher_temp": hp.teacher_temp,
-                          "teacher_forward_calls": int(teacher_counts[0]), "teacher_forward_crops": int(teacher_counts[1]),
-                          "global_batch": global_batch, "images_per_s": global_batch / (time.perf_counter() - t0)}
-                for i, name in enumerate(names):
-                    record.update({f"{name}/{f}": float(table[i, j]) for j, f in enumerate(FIELDS)})
-                    record[f"{name}/grad_norm_backbone"] = float(table[i, -1])
-                append_record(metrics_path, record)
-                bar.update(1)
-            if step % config.checkpoint.period == 0 or step == end:
-                rank_state = {"loader": loader.state_dict(), "rng": rng_state(), "nan_streak": 0}
-                save_checkpoint(ckpt_root, step, student, ema, optimizer, rank_state, info, config.checkpoint.keep_last,
-                                subdir=slot.spec.name, group=slot.group)
-                if evals.names:
-                    log_student_scores(evals, ema.backbone, slot, names, step, evals_path, info)
-    finally:
-        if bar is not None:
-            bar.close()
-    teacher_path = None
-    if config.export_teacher and step >= config.optim.iterations:
-        teacher_path = out / STUDENTS_DIR / slot.spec.name / TEACHER_FILE
-        export_teacher(ema.backbone, vit, teacher_path, slot.group_rank == 0, subgroup=True)
-    barrier()
-    return TrainResult(step, start, out, teacher_path)
+    def step(self, batch: dict, hp: StepHyperParams, step: int) -> StepOutcome:
+        """One teacher pass for the global batch, then each student's step on its share.
+
+        A student whose group-mean loss is NaN/inf skips its AdamW and EMA update; the outcome is not
+        finite when any student's loss is (the table is all-reduced, so every rank agrees).
+        """
+        config, slot = self.config, self.slot
+        apply_hyper_params(self.optimizer, hp)
+        cls, patches = teacher_bottlenecks(self.teacher, batch)
+        share, cls, patches = student_share(batch, cls, patches, slot)
+        dino_t, ibot_t = distill_targets(self.teacher, share, cls, patches, hp.teacher_temp,
+                                         config.loss.sinkhorn_iterations, slot)
+        losses = student_losses(self.student, share, dino_t, ibot_t, config.loss, mask_student=False,
+                                generator=step_generator(config.seed, step, self.info.rank), koleo_group=slot.group,
+                                local_weight=hp.dino_local_weight)
+        losses.total.backward()
+        grad_norms = clip_gradients(self.student, config.optim.clip_grad)
+        values = _group_mean(losses.stacked(), slot)
+        if math.isfinite(float(values[0])):
+            self.optimizer.step()
+            ema_update(self.ema, self.student, hp.momentum)
+        self.optimizer.zero_grad(set_to_none=True)
+        # One row per student (its group mean, counted once), plus the teacher's forward counters.
+        table = torch.zeros(len(self.names), len(FIELDS) + 1, device=self.info.device)  # NCCL reduces device tensors
+        if slot.group_rank == 0:
+            table[slot.index, :-1] = values
+            table[slot.index, -1] = grad_norms.get("backbone", 0.0)
+        teacher_counts = torch.tensor(self.counter.take(), dtype=torch.float64, device=self.info.device)
+        if dist.is_initialized():
+            dist.all_reduce(table)
+            dist.all_reduce(teacher_counts)
+        record: dict[str, object] = {
+            "teacher_forward_calls": int(teacher_counts[0]), "teacher_forward_crops": int(teacher_counts[1]),
+            "global_batch": config.optim.batch_size_per_rank * self.info.world_size,
+        }
+        for i, name in enumerate(self.names):
+            record.update({f"{name}/{f}": float(table[i, j]) for j, f in enumerate(FIELDS)})
+            record[f"{name}/grad_norm_backbone"] = float(table[i, -1])
+        totals = table[:, 0].tolist()
+        return StepOutcome(record, sum(totals) / len(totals), all(math.isfinite(t) for t in totals))
+
+    def evaluate(self, evals: CheckpointEvals) -> dict[str, float]:
+        """Every student's EMA backbone scored, one field per ``<student>/<metric>``.
+
+        Each group scores its own student (collective within the group); the group leaders' rows are
+        summed over the world so rank 0 holds them all.
+        """
+        table = torch.zeros(len(self.names), len(evals.names), dtype=torch.float64, device=self.info.device)
+        scores = evals(self.ema.backbone)
+        if self.slot.group_rank == 0:
+            table[self.slot.index] = torch.tensor([scores[k] for k in evals.names], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(table)
+        return {f"{name}/{k}": float(table[i, j]) for i, name in enumerate(self.names) for j, k in enumerate(evals.names)}
+
+    def export_target(self, output_dir: str) -> ExportTarget:
+        path = join(output_dir, STUDENTS_DIR, self.slot.spec.name, TEACHER_FILE)
+        return ExportTarget(self.ema.backbone, self.vit, path, self.slot.group_rank == 0, subgroup=True)

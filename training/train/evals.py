@@ -9,32 +9,43 @@ them. On the demo pool: ``eval.knn_folder=<pool>/seed`` (15 labelled concepts) a
 
 from __future__ import annotations
 
+import io
 import json
-import os
-from pathlib import Path
+import posixpath
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from catalog.images import read_image_bytes
 from catalog.decode import Preprocess, decode_rgb
+from catalog.images import read_image_bytes
+from catalog.paths import exists, read_bytes, resolve, retry, with_protocol
 from training.models.checkpoints import load_backbone
 from training.train.config import EvalConfig
 from training.train.dense_probe import linear_dense_probe
 from training.train.knn_eval import teacher_knn_accuracy
 
 
+def labelled_files(folder: str) -> dict[str, list[str]]:
+    """``<folder>/<label>/<file>`` on any fsspec store -> {label: sorted file URLs}, labels sorted."""
+    fs, root = resolve(folder, fresh=True)
+    root = root.rstrip("/")
+    by_label: dict[str, list[str]] = {}
+    for path in sorted(retry(lambda: fs.find(root))):
+        parts = posixpath.relpath(path, root).split("/")
+        if len(parts) == 2:
+            by_label.setdefault(parts[0], []).append(with_protocol(fs, path))
+    return dict(sorted(by_label.items()))
+
+
 def labelled_images(seed_folder: str, size: int) -> tuple[torch.Tensor, np.ndarray]:
     """Every image under ``seed_folder/<label>/`` preprocessed to ``size``, with integer labels."""
     pre = Preprocess(size=size)
-    names = sorted(d for d in os.listdir(seed_folder) if os.path.isdir(os.path.join(seed_folder, d)))
     images, labels = [], []
-    for label, name in enumerate(names):
-        folder = os.path.join(seed_folder, name)
-        for file in sorted(os.listdir(folder)):
-            images.append(pre(decode_rgb(read_image_bytes(os.path.join(folder, file)))))
+    for label, files in enumerate(labelled_files(seed_folder).values()):
+        for url in files:
+            images.append(pre(decode_rgb(read_image_bytes(url))))
             labels.append(label)
     if not images:
         raise ValueError(f"no labelled images under {seed_folder!r} (expected <label>/<image> folders)")
@@ -50,7 +61,7 @@ def knn_on_seed_set(model_name: str, seed_folder: str, size: int = 64) -> float:
 
 def load_dense_probe_set(path: str) -> tuple[np.ndarray, np.ndarray]:
     """``images`` [n, H, W, 3] uint8 and ``masks`` [n, H, W] class maps from an ``.npz`` file."""
-    with np.load(path) as data:
+    with np.load(io.BytesIO(read_bytes(path))) as data:
         missing = {"images", "masks"} - set(data.files)
         if missing:
             raise ValueError(f"dense probe set {path!r} lacks {sorted(missing)} (has {data.files})")
@@ -92,15 +103,15 @@ class CheckpointEvals:
         return out
 
 
-def scores_missing(path: Path, step: int, is_main: bool) -> bool:
-    """True on every rank when checkpoint ``step`` has no row in ``path`` (the run died while scoring it).
+def scores_missing(url: str, step: int, is_main: bool) -> bool:
+    """True on every rank when checkpoint ``step`` has no row in the log at ``url`` (the run died while scoring it).
 
     Rank 0 reads the file and broadcasts the answer, so all ranks enter the collective scoring together.
     """
     missing = [False]
     if is_main:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
-        missing[0] = not any(row["step"] == step for row in rows)
+        lines = read_bytes(url).decode().splitlines() if exists(url) else []
+        missing[0] = not any(json.loads(line)["step"] == step for line in lines if line)
     if dist.is_initialized():
         dist.broadcast_object_list(missing, src=0)
     return bool(missing[0])

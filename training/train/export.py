@@ -3,31 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
 )
 
+from catalog.paths import join
 from training.models import VisionTransformer, ViTConfig, export_backbone
+from training.models.config import InputSpec
 from training.train.config import TrainConfig, vit_config
+from training.train.dcp_reader import load_state
 from training.train.meta_arch import build_student_teacher
 
 
-def _write(state: dict, config: ViTConfig, path: Path) -> str:
+def input_spec_of(config: TrainConfig) -> InputSpec:
+    """The resolution the run scores its teacher at (``eval.image_size``, else the global crop), recorded in
+    the export so `curate embed --model curate:FILE` needs no image size."""
+    return InputSpec(size=config.eval.image_size or config.crops.global_size)
+
+
+def _write(state: dict, config: ViTConfig, path: str, input_spec: InputSpec | None) -> str:
     with torch.device("meta"):
         model = VisionTransformer(dataclasses.replace(config, drop_path_rate=0.0))
     model.load_state_dict(state, strict=True, assign=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return export_backbone(model, path)
+    return export_backbone(model, path, input_spec)
 
 
 def export_teacher(
-    backbone: nn.Module, config: ViTConfig, path: str | Path, is_main: bool, *, subgroup: bool = False
+    backbone: nn.Module, config: ViTConfig, path: str, is_main: bool, *, subgroup: bool = False,
+    input_spec: InputSpec | None = None,
 ) -> str | None:
     """Gather the (possibly FSDP-sharded) backbone; ``is_main`` writes it and returns its sha256.
 
@@ -39,17 +46,17 @@ def export_teacher(
     state = get_model_state_dict(backbone, options=options)
     if not is_main:
         return None
-    return _write({k: v.detach().float() for k, v in state.items()}, config, Path(path))
+    return _write({k: v.detach().float() for k, v in state.items()}, config, str(path), input_spec)
 
 
-def export_from_checkpoint(checkpoint: str | Path, config: TrainConfig, path: str | Path) -> str:
+def export_from_checkpoint(checkpoint: str, config: TrainConfig, path: str) -> str:
     """Export the teacher backbone of a saved training checkpoint (one process, any training world size)."""
     _, teacher = build_student_teacher(config.model, config.seed)
     state = {"teacher": get_model_state_dict(teacher)}
-    dcp.load(state, checkpoint_id=str(checkpoint))
+    load_state(state, checkpoint)
     prefix = "backbone."
     backbone = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
-    return _write(backbone, vit_config(config.model), Path(path))
+    return _write(backbone, vit_config(config.model), str(path), input_spec_of(config))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     config = load_train_config(args.config, args.overrides)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(config.output_dir) / "ckpt")
+    checkpoint = args.checkpoint or latest_checkpoint(join(config.output_dir, "ckpt"))
     if checkpoint is None:
         parser.error(f"no checkpoint under {config.output_dir}/ckpt")
     sha = export_from_checkpoint(checkpoint, config, args.out)

@@ -1,228 +1,248 @@
-"""The training loop: one step = teacher targets, student losses, backward, clip, AdamW, EMA.
+"""The one training loop: every recipe stage runs through ``Trainer``.
 
-Runs single-process, under ``torchrun`` (it creates the process group) or inside an already
-initialised group (Ray Train). Per-step metrics go to ``<output_dir>/metrics.jsonl`` (rank 0).
+The trainer owns what all stages share: the output folder (any fsspec URL) and its config dump,
+resume from the latest checkpoint, the schedules, the divergence guard, the per-step metrics row,
+checkpoint and eval cadence, the export of the trained backbone and the run manifest. A recipe
+(``training.train.recipe.Recipe``) brings its models and its step. It runs single-process, under
+``torchrun`` (it creates the process group) or inside an already initialised group (Ray Train).
+Per-step metrics go to ``<output_dir>/metrics.jsonl``, checkpoint scores to ``evals.jsonl`` (rank 0).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
-from torch import nn
 
 from catalog.config import to_dict
+from catalog.manifest import RunManifest
+from catalog.paths import join, write_bytes_atomic
 from catalog.progress import progress
-from training.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from training.train.config import TrainConfig, vit_config
-from training.train.data import build_loader, crop_sizes
-from training.train.distributed import DistInfo, barrier, build_models, init_distributed
+from training.data.loader import TrainLoader
+from training.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.train.config import TrainConfig
+from training.train.data import TrainingData, build_loader, training_data
+from training.train.distill import DistillRecipe
+from training.train.distributed import DistInfo, barrier, init_distributed
 from training.train.evals import CheckpointEvals, scores_missing
-from training.train.export import export_teacher
-from training.train.meta_arch import FIELDS, GramTerm, ssl_losses
-from training.train.optim import (
-    apply_hyper_params,
-    build_optimizer,
-    clip_gradients,
-    ema_update,
-)
+from training.train.export import export_teacher, input_spec_of
+from training.train.pretrain import SSLRecipe
+from training.train.recipe import Recipe, StepOutcome
 from training.train.run_state import (
-    TEACHER_FILE,
+    MANIFEST_STAGE,
+    RecordLog,
     TrainResult,
-    append_record,
     resume_logs,
     rng_state,
     set_rng_state,
-    step_generator,
 )
 from training.train.schedules import Schedules, StepHyperParams
-from training.train.stages import (
-    build_gram_teacher,
-    copy_backbone,
-    gram_refresh_due,
-    gram_weight,
-    init_from_checkpoint,
-    init_gram_teacher,
-)
 
-_DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "image_ids", "gram_teacher_crops")
+DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "image_ids",
+               "gram_teacher_crops")
+
+log = logging.getLogger("curate.training")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss was NaN/inf on too many consecutive steps."""
 
 
-@dataclass(frozen=True)
-class StepOutcome:
-    losses: list[float]  # FIELDS order, averaged over ranks
-    grad_norms: dict[str, float]  # pre-clip, per module
-    finite: bool  # False: the optimizer step and EMA update were skipped
-
-
-def train_step(
-    student: nn.Module,
-    teacher: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: dict,
-    hp: StepHyperParams,
-    config: TrainConfig,
-    generator: torch.Generator | None,
-    gram: GramTerm | None = None,
-) -> StepOutcome:
-    """One optimisation step on a device-resident batch; collective over all ranks.
-
-    A step whose rank-averaged loss is NaN/inf changes nothing (no AdamW step, no EMA update); the
-    reference still steps on such iterations, which lets one bad batch poison the weights.
-    """
-    distributed = dist.is_initialized()
-    apply_hyper_params(optimizer, hp)
-    losses = ssl_losses(student, teacher, batch, hp.teacher_temp, config.loss, distributed, generator=generator,
-                        gram=gram, local_weight=hp.dino_local_weight)
-    losses.total.backward()
-    norms = clip_gradients(student, config.optim.clip_grad)
-    values = losses.stacked()
-    if distributed:
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    # The step's one host sync: losses and gradient norms together.
-    read = torch.cat([values, *(n.float().reshape(1) for n in norms.values())]).tolist()
-    reduced, grad_norms = read[: len(FIELDS)], dict(zip(norms, read[len(FIELDS) :]))
-    finite = math.isfinite(reduced[0])
-    if finite:
-        optimizer.step()
-        ema_update(teacher, student, hp.momentum)
-    optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(reduced, grad_norms, finite)
-
-
-def log_scores(evals: CheckpointEvals, backbone: nn.Module, step: int, path: Path, is_main: bool) -> None:
-    """Score the EMA teacher of checkpoint ``step`` (collective) and log the row on rank 0."""
-    scores = evals(backbone)
-    if is_main:
-        append_record(path, {"step": step, **scores})
-        print(f"checkpoint {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+def build_recipe(config: TrainConfig, info: DistInfo) -> Recipe:
+    """The recipe of ``config.stage``: distillation from a frozen teacher, or EMA self-distillation."""
+    return DistillRecipe(config, info) if config.stage == "distill" else SSLRecipe(config, info)
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Train (or resume) the run described by ``config``; collective over all ranks of the group.
 
     ``config.stage`` picks the recipe stage: ``pretrain``, ``gram`` (Gram anchoring), ``highres``
-    (mixed-resolution adaptation with Gram anchoring) or ``distill`` (``training.train.distill``).
+    (mixed-resolution adaptation with Gram anchoring) or ``distill`` (students from a frozen teacher).
     """
     info = init_distributed(config.device, config.dist_timeout_s, config.precision)
     try:
-        if config.stage == "distill":
-            from training.train.distill import train_distill
-
-            return train_distill(config, info)
-        return _train(config, info)
+        return Trainer(config, info).run()
     finally:
         if info.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, info: DistInfo) -> TrainResult:
-    out = Path(config.output_dir)
-    ckpt_root = out / "ckpt"
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    barrier()
+class Trainer:
+    """One invocation of a run: build, resume, step until ``max_steps``/the end, checkpoint, export."""
 
-    vit = vit_config(config.model)
-    student, teacher = build_models(
-        config.model, config.seed, info,
-        activation_checkpointing=config.activation_checkpointing, compile=config.compile,
-    )
-    optimizer = build_optimizer(student, vit.depth, config.optim, info.device)
-    global_batch = config.optim.batch_size_per_rank * info.world_size
-    schedules = Schedules(config.optim, global_batch, config.loss)
-    loader = build_loader(config, info.rank, info.world_size, vit.patch_size)
-    gram_teacher = build_gram_teacher(config.model, info) if config.stage in ("gram", "highres") else None
-    extra = {"gram_teacher": gram_teacher} if gram_teacher is not None else {}
+    # Built by ``run`` (collectively, after the config dump):
+    recipe: Recipe
+    loader: TrainLoader
+    evals: CheckpointEvals
+    metrics: RecordLog
+    evals_log: RecordLog
 
-    start, nan_streak = 0, 0
-    latest = latest_checkpoint(ckpt_root) if config.checkpoint.resume else None
-    if latest is not None:
-        start, rank_state = load_checkpoint(latest, student, teacher, optimizer, info, extra=extra)
-        loader.load_state_dict(rank_state["loader"])
+    def __init__(self, config: TrainConfig, info: DistInfo) -> None:
+        self.config, self.info = config, info
+        self.out = config.output_dir
+        self.ckpt_root = join(self.out, "ckpt")
+        self.global_batch = config.optim.batch_size_per_rank * info.world_size
+        self.end = config.optim.iterations if config.max_steps is None else min(config.max_steps,
+                                                                                 config.optim.iterations)
+        self.counts = _Counts()
+
+    def run(self) -> TrainResult:
+        config, info = self.config, self.info
+        if info.is_main:
+            write_bytes_atomic(join(self.out, "config.yaml"), yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+        barrier()
+        self.recipe = build_recipe(config, info)
+        data = training_data(config.data)
+        self.loader = build_loader(config, info.rank, info.world_size, self.recipe.patch_size, data)
+        self.evals = CheckpointEvals(config.eval, config.crops.global_size, self.recipe.patch_size)
+        manifest = RunManifest(self.out, MANIFEST_STAGE, to_dict(config)) if info.is_main else None
+        with manifest or contextlib.nullcontext():
+            start, nan_streak = self._resume()
+            if manifest is not None:
+                manifest.inputs = _inputs(data)
+            self.metrics, self.evals_log = resume_logs(self.out, start, info.is_main)
+            if self.evals.names and start > 0 and scores_missing(self.evals_log.url, start, info.is_main):
+                self._score(start)
+            step = self._loop(start, nan_streak)
+            drawn = self._images_by_part()
+            teacher_path, sha = self._export(step)
+            if manifest is not None:
+                manifest.rows = {"images_seen": step * self.global_batch,
+                                 "images_this_run": (step - start) * self.global_batch,
+                                 "skipped_optimizer_steps": self.counts.skipped}
+                manifest.notes = {"stage": config.stage, "steps_done": step, "resumed_from": start,
+                                  "world_size": info.world_size,
+                                  "homogeneous_steps_this_run": self.counts.homogeneous,
+                                  **drawn, "teacher_path": teacher_path, "teacher_sha256": sha}
+        barrier()
+        return TrainResult(step, start, self.out, teacher_path)
+
+    def _resume(self) -> tuple[int, int]:
+        """Restore the latest checkpoint (returns its step and NaN streak), or start the recipe fresh."""
+        latest = latest_checkpoint(self.ckpt_root) if self.config.checkpoint.resume else None
+        if latest is None:
+            self.recipe.start_fresh()
+            return 0, 0
+        m = self.recipe.checkpoint_models()
+        start, rank_state = load_checkpoint(latest, m.student, m.teacher, m.optimizer, self.info, extra=m.extra,
+                                            subdir=m.subdir, group=m.group)
+        self.loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
-        nan_streak = int(rank_state["nan_streak"])
-    else:
-        if config.init.checkpoint:
-            init_from_checkpoint(config.init, student, teacher)
-        if gram_teacher is not None:
-            init_gram_teacher(config.gram, gram_teacher, teacher)
-    metrics_path, evals_path = resume_logs(out, start, info.is_main)
-    evals = CheckpointEvals(config.eval, config.crops.global_size, vit.patch_size)
-    if evals.names and start > 0 and scores_missing(evals_path, start, info.is_main):
-        log_scores(evals, teacher.backbone, start, evals_path, info.is_main)
-    end = config.optim.iterations if config.max_steps is None else min(config.max_steps, config.optim.iterations)
-    bar = progress(end, "train", unit="step", initial=start) if info.is_main else None
-    step = start
-    batches = iter(loader)
-    try:
-        while step < end:
-            t0 = time.perf_counter()
-            batch = next(batches)
-            if batch["step"] != step:
-                raise RuntimeError(f"loader is at step {batch['step']}, the trainer at {step}")
-            batch = {k: (batch[k].to(info.device, non_blocking=True) if k in _DEVICE_KEYS else batch[k]) for k in batch}
-            hp = schedules.at(step)
-            extra_record = {}
-            if config.stage == "highres":
-                extra_record["resolution"] = crop_sizes(batch)
-            gram = None
-            if gram_teacher is not None:
-                gram = GramTerm(gram_teacher, gram_weight(config.gram, step, config.optim.iterations), config.gram)
-                extra_record["gram_weight"] = gram.weight
-                extra_record["gram_teacher_input"] = list(batch.get("gram_teacher_crops", batch["global_crops"]).shape[-2:])
-            outcome = train_step(
-                student, teacher, optimizer, batch, hp, config, step_generator(config.seed, step, info.rank), gram
-            )
-            if gram_teacher is not None and gram_refresh_due(config.gram, step):
-                copy_backbone(gram_teacher, teacher.backbone)
-                extra_record["gram_teacher_refreshed"] = True
-            reduced, grad_norms, finite = outcome.losses, outcome.grad_norms, outcome.finite
-            nan_streak = 0 if finite else nan_streak + 1
-            step += 1
-            seconds = time.perf_counter() - t0
+        return start, int(rank_state["nan_streak"])
+
+    def _loop(self, start: int, nan_streak: int) -> int:
+        """Step from ``start`` to ``self.end``; returns the completed step count."""
+        config, info = self.config, self.info
+        schedules = Schedules(config.optim, self.global_batch, config.loss)
+        bar = progress(self.end, self.recipe.label, unit="step", initial=start) if info.is_main else None
+        step, batches = start, iter(self.loader)
+        try:
+            while step < self.end:
+                t0 = time.perf_counter()
+                batch = next(batches)
+                if batch["step"] != step:
+                    raise RuntimeError(f"loader is at step {batch['step']}, the trainer at {step}")
+                batch = {k: (v.to(info.device, non_blocking=True) if k in DEVICE_KEYS else v) for k, v in batch.items()}
+                hp = schedules.at(step)
+                outcome = self.recipe.step(batch, hp, step)
+                nan_streak = 0 if outcome.finite else nan_streak + 1
+                self.counts.add(batch["homogeneous"], outcome.finite)
+                step += 1
+                if info.is_main:
+                    self.metrics.append(self._record(step - 1, hp, outcome, batch["homogeneous"],
+                                                     time.perf_counter() - t0))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{hp.lr:.2e}")
+                if nan_streak >= config.nan_patience:
+                    raise TrainingDiverged(
+                        f"loss is NaN/inf on {nan_streak} consecutive steps (last: step {step - 1}); stopping. "
+                        f"Last checkpoint: {latest_checkpoint(self.ckpt_root) or 'none'}. Lower optim.lr or check "
+                        "the data."
+                    )
+                if step % config.checkpoint.period == 0 or step == self.end:
+                    self._checkpoint(step, nan_streak)
+        finally:
+            if bar is not None:
+                bar.close()
             if info.is_main:
-                record = {
-                    "step": step - 1, **dict(zip(FIELDS, reduced)), "lr": hp.lr, "last_layer_lr": hp.last_layer_lr,
-                    "weight_decay": hp.weight_decay, "momentum": hp.momentum, "teacher_temp": hp.teacher_temp,
-                    "dino_local_weight": hp.dino_local_weight, **{f"grad_norm_{k}": v for k, v in grad_norms.items()},
-                    "images_per_s": global_batch / seconds, "images_seen": step * global_batch,
-                    "homogeneous": bool(batch["homogeneous"]), "skipped_optimizer_step": not finite,
-                    **extra_record,
-                }
-                append_record(metrics_path, record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{reduced[0]:.4f}", lr=f"{hp.lr:.2e}")
-            if nan_streak >= config.nan_patience:
-                raise TrainingDiverged(
-                    f"loss is NaN/inf on {nan_streak} consecutive steps (last: step {step - 1}); stopping. "
-                    f"Last checkpoint: {latest_checkpoint(ckpt_root) or 'none'}. Lower optim.lr or check the data."
-                )
-            if step % config.checkpoint.period == 0 or step == end:
-                rank_state = {"loader": loader.state_dict(), "rng": rng_state(), "nan_streak": nan_streak}
-                save_checkpoint(ckpt_root, step, student, teacher, optimizer, rank_state, info,
-                                config.checkpoint.keep_last, extra=extra)
-                if evals.names:
-                    log_scores(evals, teacher.backbone, step, evals_path, info.is_main)
-    finally:
-        if bar is not None:
-            bar.close()
-    teacher_path = None
-    if config.export_teacher and step >= config.optim.iterations:
-        teacher_path = out / TEACHER_FILE
-        export_teacher(teacher.backbone, vit, teacher_path, info.is_main)
-    barrier()
-    return TrainResult(step, start, out, teacher_path)
+                self.metrics.flush()
+        return step
+
+    def _record(self, step: int, hp: StepHyperParams, outcome: StepOutcome, homogeneous: bool,
+                seconds: float) -> dict:
+        """The step's metrics row: schedules, the recipe's fields, throughput and the guard's verdict."""
+        return {
+            "step": step, "lr": hp.lr, "last_layer_lr": hp.last_layer_lr, "weight_decay": hp.weight_decay,
+            "momentum": hp.momentum, "teacher_temp": hp.teacher_temp, "dino_local_weight": hp.dino_local_weight,
+            **outcome.record,
+            "images_per_s": self.global_batch / seconds, "images_seen": (step + 1) * self.global_batch,
+            "homogeneous": bool(homogeneous), "skipped_optimizer_step": not outcome.finite,
+        }
+
+    def _checkpoint(self, step: int, nan_streak: int) -> None:
+        """Save after ``step`` steps (every metrics row before it is stored first), then score it."""
+        if self.info.is_main:
+            self.metrics.flush()
+        m = self.recipe.checkpoint_models()
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(), "nan_streak": nan_streak}
+        save_checkpoint(self.ckpt_root, step, m.student, m.teacher, m.optimizer, rank_state, self.info,
+                        self.config.checkpoint.keep_last, extra=m.extra, subdir=m.subdir, group=m.group)
+        if self.evals.names:
+            self._score(step)
+
+    def _score(self, step: int) -> None:
+        """Score checkpoint ``step`` (collective) and log the row on rank 0."""
+        scores = self.recipe.evaluate(self.evals)
+        if self.info.is_main:
+            self.evals_log.append({"step": step, **scores})
+            self.evals_log.flush()
+            log.info("checkpoint %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+    def _export(self, step: int) -> tuple[str | None, str | None]:
+        """Export the trained backbone once the schedule is done; returns its path and (writer) sha256."""
+        if not self.config.export_teacher or step < self.config.optim.iterations:
+            return None, None
+        target = self.recipe.export_target(self.out)
+        sha = export_teacher(target.backbone, target.vit, target.path, target.writer, subgroup=target.subgroup,
+                             input_spec=input_spec_of(self.config))
+        return target.path, sha
+
+    def _images_by_part(self) -> dict[str, dict[str, int]]:
+        """Images the loaders of all ranks drew per part over the whole run, and bad images they replaced.
+
+        Read from the samplers' counters (checkpointed with the run), summed over the world.
+        """
+        sampler, skipped = self.loader.sampler, self.loader.skipped
+        parts = sorted(sampler.positions)
+        local = [sampler.positions[p] for p in parts] + [skipped.get(p, 0) for p in parts]
+        totals = torch.tensor(local, dtype=torch.float64, device=self.info.device)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        values = [int(v) for v in totals.tolist()]
+        return {"images_by_part": dict(zip(parts, values[: len(parts)])),
+                "bad_images_replaced": dict(zip(parts, values[len(parts):]))}
+
+
+def _inputs(data: TrainingData) -> dict[str, object]:
+    """What the manifest records of the data: the catalog, its mix, the merged plan, the parts' shards."""
+    plan = data.plan
+    return {"catalog": data.root, "mix": plan.recorded.to_json() if plan.recorded else None,
+            "plan": {"parts": plan.parts, "weights": plan.weights, "homogeneous_part": plan.homogeneous_part,
+                     "p_homogeneous": plan.p_homogeneous},
+            "parts": data.fingerprints()}
+
+
+class _Counts:
+    """Steps of this invocation that were homogeneous or skipped, for the run manifest."""
+
+    def __init__(self) -> None:
+        self.homogeneous = 0
+        self.skipped = 0
+
+    def add(self, homogeneous: bool, finite: bool) -> None:
+        self.homogeneous += bool(homogeneous)
+        self.skipped += not finite

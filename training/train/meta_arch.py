@@ -176,9 +176,9 @@ def student_losses(
     dino = dino_loss(global_logits, local_logits, dino_targets, loss.student_temp, local_weight=local_weight)
 
     if loss.koleo_group_size is None:
-        koleo = sum(koleo_loss(c.float()) for c in g["cls"].chunk(n_global))
+        koleo = sum(koleo_loss(c.float(), topk=loss.koleo_topk) for c in g["cls"].chunk(n_global))
     else:
-        koleo_fn = KoLeoDistributed(loss.koleo_group_size, group=koleo_group)
+        koleo_fn = KoLeoDistributed(loss.koleo_group_size, group=koleo_group, topk=loss.koleo_topk)
         koleo = sum(koleo_fn(c.float()) for c in g["cls"].chunk(n_global))
     masked = g["patches"].flatten(0, 1).index_select(0, batch["mask_indices"])
     ibot = ibot_loss(
@@ -190,7 +190,9 @@ def student_losses(
         patch = student.backbone.config.patch_size
         grid = (global_crops.shape[-2] // patch, global_crops.shape[-1] // patch)
         target = gram_teacher_patches(gram.teacher, batch, grid, patch)
-        gram_value = gram_loss(g["patches"], target, gram.config.img_level, gram.config.reduction, gram.config.remove_neg)
+        c = gram.config
+        gram_value = gram_loss(g["patches"], target, c.img_level, c.reduction, c.remove_neg, normalized=c.normalized,
+                               remove_only_teacher_neg=c.remove_only_teacher_neg)
         total = total + gram.weight * gram_value
     return StepLosses(total, dino.local, dino.global_, koleo, ibot, gram_value)
 

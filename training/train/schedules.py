@@ -9,23 +9,27 @@ from training.train.config import LossConfig, OptimConfig, ScheduleConfig
 
 
 def schedule_value(schedule: ScheduleConfig, iteration: int, total_iterations: int) -> float:
-    """Value at ``iteration``: ``start -> peak`` during warmup, then constant or cosine ``peak -> end``.
+    """Value of ``schedule`` at ``iteration`` of a run of ``total_iterations`` (see ``ScheduleConfig``).
 
-    The linear warmup is ``linspace(start, peak, warmup, endpoint=False)`` as in DINOv3, the cosine one
-    the same points on a half-cosine; the cosine decay spans the iterations left after the warmup and
-    stays at ``end`` beyond ``total_iterations``.
+    Past the cosine part (and past ``total_iterations``) the value stays at ``end``.
     """
     warmup = schedule.warmup_iterations
+    dinov2 = schedule.kind == "dinov2_cosine"
     if iteration < warmup:
-        fraction = iteration / warmup
-        if schedule.warmup_shape == "cosine":
-            fraction = 0.5 * (1.0 - math.cos(math.pi * fraction))
+        # DINOv2 includes the warmup's endpoint (its last warmup step is at ``peak``), DINOv3 does not.
+        fraction = (iteration / (warmup - 1) if warmup > 1 else 1.0) if dinov2 else iteration / warmup
         return schedule.start + (schedule.peak - schedule.start) * fraction
     if schedule.kind == "constant":
         return schedule.peak
-    span = max(1, total_iterations - warmup)
-    progress = min(1.0, (iteration - warmup) / span)
-    return schedule.end + 0.5 * (schedule.peak - schedule.end) * (1.0 + math.cos(math.pi * progress))
+    cosine = schedule.cosine_iterations if schedule.cosine_iterations is not None else total_iterations - warmup
+    step = iteration - warmup
+    if step >= cosine:
+        return schedule.end
+    if dinov2:
+        progress = step / cosine
+    else:  # cos(linspace(0, pi, cosine)): both ends included
+        progress = step / (cosine - 1) if cosine > 1 else 0.0
+    return (schedule.peak - schedule.end) * (math.cos(math.pi * progress) + 1) / 2 + schedule.end
 
 
 def lr_scale(rule: str, global_batch_size: int) -> float:
@@ -40,9 +44,13 @@ def lr_scale(rule: str, global_batch_size: int) -> float:
 
 
 def scaled_lr_schedule(optim: OptimConfig, global_batch_size: int) -> ScheduleConfig:
-    """The lr schedule with its peak and end scaled for the global batch (the warmup start is kept)."""
+    """The lr schedule scaled for the global batch: peak and end (v2), only the peak (``dinov2_cosine``).
+
+    The warmup start is never scaled.
+    """
     s = lr_scale(optim.lr_scaling, global_batch_size)
-    return dataclasses.replace(optim.lr, peak=optim.lr.peak * s, end=optim.lr.end * s)
+    end = optim.lr.end if optim.lr.kind == "dinov2_cosine" else optim.lr.end * s
+    return dataclasses.replace(optim.lr, peak=optim.lr.peak * s, end=end)
 
 
 @dataclasses.dataclass(frozen=True)

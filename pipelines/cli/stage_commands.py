@@ -1,0 +1,250 @@
+"""The stage commands of ``curate`` as one table: each row names a stage, its own flags (each one a config
+key) and how its result is printed; one function builds every such subcommand and one runs it.
+
+Nothing here imports a stage module until its command runs (or shows its ``--help``, which lists the
+stage's settings and their defaults from the config dataclass), so ``curate sql`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.executors import EXECUTORS
+
+STAGE_NOTE = ("Every setting is a config key: --set KEY=VALUE (repeatable, dotted for nested keys), after "
+              "--config FILE.yaml; the flags above are shortcuts for the keys they name. A finished stage "
+              "is not repeated; a killed one resumes; changed inputs rerun it; changed settings need --overwrite.")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line shortcut for one config key."""
+
+    name: str  # "--target-size", or a positional name
+    key: str  # the config key it sets ("target_size", "sample.target_size")
+    help: str
+    type: Callable[[str], Any] = str
+    required: bool = False
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    command: str
+    config: str  # "module:ConfigClass", imported only to describe or run
+    help: str
+    description: str
+    reads: str
+    writes: str
+    flags: tuple[Flag, ...]
+    result: Callable[[Any, dict[str, Any]], str]  # (StageResult or build-lvd results, flag values) -> lines
+    overwrite: bool = True
+
+
+def _ingest(r: Any, _: dict[str, Any]) -> str:
+    s = r.summary
+    return f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors ({r.items_run} processed in this run)"
+
+
+def _embed(r: Any, _: dict[str, Any]) -> str:
+    return (f"embeddings: {r.rows_run.get('embeddings', 0)} images embedded in this run, "
+            f"{r.rows_run.get('errors', 0)} failed to decode")
+
+
+def _dedup(r: Any, _: dict[str, Any]) -> str:
+    return "removed: " + ", ".join(f"{k}={v}" for k, v in r.summary["removed"].items())
+
+
+def _cluster(r: Any, _: dict[str, Any]) -> str:
+    return f"clusters per level (l1 finest): {r.summary['levels']} ({'already done' if r.skipped else 'done'})"
+
+
+def _sample(r: Any, _: dict[str, Any]) -> str:
+    part = r.run.split("-", 1)[1]
+    return f"curated/{part}: {r.summary['out']} of {r.summary['in']} images"
+
+
+def _retrieve(r: Any, _: dict[str, Any]) -> str:
+    s = r.summary
+    return (f"seed {s['seed']} ({s['seed_images']} images, {s['mode']} mode): {s['retrieved']} pool images "
+            f"retrieved; report: {s['report']}")
+
+
+def _mix(r: Any, _: dict[str, Any]) -> str:
+    s = r.summary
+    lines = [f"{name:>20}: {size:>9} images, weight {s['weights'][name]:g}" for name, size in s["parts"].items()]
+    if s["homogeneous_part"]:
+        lines.append(f"homogeneous batches from {s['homogeneous_part']} with p={s['p_homogeneous']}")
+    return "\n".join(lines)
+
+
+def _pack(r: Any, _: dict[str, Any]) -> str:
+    part = r.run.split("-", 1)[1]
+    return f"packed/{part}: {r.summary['packed']} images, {r.summary['unreadable']} unreadable"
+
+
+def _build_lvd(results: dict[str, Any], _: dict[str, Any]) -> str:
+    sample = results["sample"].summary
+    return f"\ncurated/lvd: {sample['out']} images; report: {', '.join(sample.get('report', []))}"
+
+
+STAGE_COMMANDS: tuple[StageCommand, ...] = (
+    StageCommand(
+        "ingest", "pipelines.stages.ingest:IngestConfig", "build the pool table from images",
+        "List SOURCE (a folder tree, a glob of WebDataset .tar shards, or a Parquet file with a 'uri' column or "
+        "a bytes column), probe every image (full decode), hash it and make its 16x16 copy descriptor.",
+        "the files of SOURCE", "pool (every file: status ok|error), errors (reason per unusable file), "
+        "copy_descriptors",
+        (Flag("source", "source", "folder, .tar glob or .parquet file (local or an fsspec URL)"),), _ingest),
+    StageCommand(
+        "embed", "pipelines.stages.embed:EmbedConfig", "embed the pool's usable images with an SSL backbone",
+        "Decode every usable pool image (Ray CPU tasks, or in-process for small pools) and embed it with the "
+        "backbone, loaded once per worker (an actor per GPU, or on CPU). The image size, mean and std come "
+        "with the backbone (registry entry or export metadata) unless image_size is set.",
+        "pool", "embeddings (float16 vectors; model id, weights sha256 and preprocessing in the file metadata), "
+        "errors",
+        (Flag("--model", "model", "dinov2_vitl14, dinov3_vitl16, … (training/models/config.py) or curate:PATH "
+              "for a backbone exported by `curate export-backbone`"),
+         Flag("--weights", "weights", "checkpoint file of the official release (.pth or .safetensors)")),
+        _embed),
+    StageCommand(
+        "dedup", "pipelines.stages.dedup:DedupConfig", "remove exact duplicates, near copies and eval-set overlaps",
+        "Exact duplicates by sha256; copy detection by a k-NN graph over copy descriptors (connected components, "
+        "the largest image of each kept); relative dedup against evaluation sets (--set eval_sets='{name: folder}').",
+        "pool, copy_descriptors (or embeddings)", "duplicates (image_id, kept_id, similarity, reason); "
+        "clustering and retrieval leave those images out", (), _dedup),
+    StageCommand(
+        "cluster", "pipelines.stages.cluster:ClusterConfig", "hierarchical k-means with resampling over embeddings",
+        "Cluster the catalog's embeddings (or --embeddings X.npy --ids IDS.npy, or a Parquet file with image_id "
+        "and embedding columns) into a hierarchy of levels (default: 5 levels scaled from the paper's ratios to "
+        "the pool size). Checkpointed per level and resampling step.",
+        "embeddings, duplicates", "clusters (a cluster id per level, l1 finest), centroids",
+        (Flag("--levels", "n_levels", "number of levels (default 5)", int),
+         Flag("--embeddings", "embeddings", "bring your own: .npy (with --ids) or .parquet"),
+         Flag("--ids", "ids", ".npy of int64 image ids matching --embeddings rows")), _cluster),
+    StageCommand(
+        "sample", "pipelines.stages.sample:SampleConfig", "balanced hierarchical sampling into a curated part",
+        "Water-fill --target-size over the top-level clusters, then down the hierarchy; pick inside level-1 "
+        "clusters at random (or closest/farthest), and write the part's report.",
+        "clusters, pool", "curated/<part> (default lvd: image_id, uri, part, cluster lineage), "
+        "reports/<part>/*.png",
+        (Flag("--target-size", "target_size", "images in the part", int, required=True),
+         Flag("--part", "part", "name of the part (default lvd)")), _sample),
+    StageCommand(
+        "retrieve", "pipelines.stages.retrieve:RetrieveConfig", "retrieve pool images that look like a seed dataset",
+        "Ingest and embed the seed exactly like the pool (under _seeds/<seed>), then take the k nearest pool "
+        "images of every seed image (--mode knn) or images from pool clusters holding more than a few seed "
+        "images (--mode cluster; needs build-lvd's clusters). auto: cluster mode below knn_min_seeds seed "
+        "images. Duplicates are never retrieved.",
+        "embeddings, duplicates, clusters, centroids, the seed", "the seed's rows of retrieved, "
+        "reports/retrieve/<seed>.png",
+        (Flag("--seed", "seed_set", "a seed name from the seeds config (demo, …) or a path", required=True),
+         Flag("--mode", "mode", "auto (default), knn or cluster", choices=("auto", "knn", "cluster")),
+         Flag("--k", "k", "neighbours per seed image in knn mode (default 4)", int),
+         Flag("--max-per-seed", "max_per_seed", "cap on images retrieved for this seed", int),
+         Flag("--min-similarity", "min_similarity", "cosine floor in knn mode", float)), _retrieve),
+    StageCommand(
+        "mix", "pipelines.stages.mix:MixConfig", "assemble the training mix: curated parts and their weights",
+        "Materialise each part (--set parts='{name: {source: pool|lvd|retrieved:<seed>|images:<folder>, "
+        "weight: W}}') and record the weights and the homogeneous part for the trainer.",
+        "pool, duplicates, curated/lvd, retrieved", "curated/<part> per part, _mix.json", (), _mix),
+    StageCommand(
+        "pack", "pipelines.stages.pack:PackConfig", "write a curated part as tar shards for fast training reads",
+        "Copy the images of curated/<part> into WebDataset-style tar shards with an index of byte ranges; "
+        "training then reads the shards instead of one object per image.",
+        "curated/<part>", "packed/<part>/*.tar and their index table, errors (unreadable images)",
+        (Flag("--part", "part", "the curated part to pack", required=True),
+         Flag("--images-per-shard", "images_per_shard", "images per tar shard (default 1000)", int)), _pack),
+    StageCommand(
+        "build-lvd", "pipelines.build_lvd:BuildLVDConfig",
+        "the whole LVD pipeline: ingest → embed → dedup → cluster → sample",
+        "Run every stage that is not done yet. Settings are grouped per stage: --set embed.model=dinov3_vitl16 "
+        "embed.weights=/w/dinov3.pth cluster.n_levels=4 sample.strategy=random",
+        "the files of --source (or an ingested pool)", "everything the five stages write, and reports/lvd/*.png",
+        (Flag("--source", "ingest.source", "pool to ingest first (folder, tar glob, Parquet); omit if ingested"),
+         Flag("--target-size", "sample.target_size", "images in the curated part", int, required=True),
+         Flag("--levels", "cluster.n_levels", "hierarchy levels (default 5)", int)), _build_lvd, overwrite=False),
+)
+
+
+def config_class(command: StageCommand) -> type:
+    module, _, name = command.config.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def describe_settings(cls: type, prefix: str = "") -> list[str]:
+    """``key=default`` for every field of a config dataclass, nested sections flattened."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            lines += describe_settings(f.type, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(default):
+            lines += describe_settings(type(default), f"{prefix}{f.name}.")
+        else:
+            lines.append(f"  {prefix}{f.name}={default!r}")
+    return lines
+
+
+def add_stage_command(sub: argparse._SubParsersAction, command: StageCommand, common: argparse.ArgumentParser,
+                      detailed: bool) -> None:
+    """One subcommand from a table row; ``detailed`` adds the settings with their defaults to its help."""
+    epilog = f"reads: {command.reads}\nwrites: {command.writes}\n\n{STAGE_NOTE}"
+    if detailed:
+        epilog += "\n\nsettings (defaults):\n" + "\n".join(describe_settings(config_class(command)))
+    p = sub.add_parser(command.command, help=command.help, description=command.description, epilog=epilog,
+                       parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in command.flags:
+        kwargs: dict[str, Any] = {"help": flag.help, "type": flag.type}
+        if flag.choices:
+            kwargs["choices"] = flag.choices
+        if flag.name.startswith("--"):
+            p.add_argument(flag.name, dest=_dest(flag), required=flag.required, **kwargs)
+        else:
+            p.add_argument(_dest(flag), metavar=flag.name.upper(), **kwargs)
+    p.add_argument("--catalog", required=True, help="catalog root: a folder or an fsspec URL (s3://bucket/cat)")
+    p.add_argument("--config", help="YAML file with this stage's settings (keys as in --set)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set k=32 threshold=0.9")
+    if command.overwrite:
+        p.add_argument("--overwrite", action="store_true",
+                       help="start the stage again from scratch: forget its progress and delete what it wrote")
+    p.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="where units run: ray, local (this process), or auto (default: local for small work "
+                   "without a cluster)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run on: ray://… or auto joins it; http://HEAD:8265 submits the command "
+                   "as a Ray job (default: CURATE_RAY_ADDRESS, else Ray in-process when needed)")
+    p.set_defaults(run=lambda args: run_stage_command(command, args))
+
+
+def _dest(flag: Flag) -> str:
+    return "flag_" + flag.key.replace(".", "__")
+
+
+def run_stage_command(command: StageCommand, args: argparse.Namespace) -> None:
+    """Load the config (defaults, YAML, --set, then the flags), run the stage, print its result."""
+    from catalog.config import load_config
+
+    values = {f.key: getattr(args, _dest(f)) for f in command.flags}
+    # JSON is YAML: a flag's value keeps its type (a folder named 2024 stays a string)
+    overrides = [*args.set, *(f"{k}={json.dumps(v)}" for k, v in values.items() if v is not None)]
+    config = load_config(config_class(command), args.config, overrides)
+    if command.command == "build-lvd":
+        from pipelines.build_lvd import build_lvd
+
+        result: Any = build_lvd(args.catalog, config, address=args.address, executor=args.executor)
+    else:
+        from pipelines.stage import run_stage
+
+        result = run_stage(command.command, args.catalog, config, overwrite=args.overwrite,
+                           executor=args.executor, address=args.address)
+    print(command.result(result, values))

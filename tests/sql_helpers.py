@@ -1,0 +1,33 @@
+"""The SQL the docs show (``curate sql "…"`` lines of README.md and docs/*.md) and a small catalog it runs on."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+
+from catalog.shards import write_shards
+from tests.helpers import REPO
+
+_SQL_LINE = re.compile(r'curate sql "([^"]+)"')
+
+
+def documented_queries() -> list[str]:
+    """Every query a user is shown, from the README and the docs."""
+    files = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
+    texts = [Path(path).read_text(encoding="utf-8") for path in files]
+    found = [q for text in texts for q in _SQL_LINE.findall(text) if "…" not in q]  # "…": a placeholder
+    assert found, "no `curate sql \"…\"` example found in README.md or docs/"
+    return found
+
+
+def write_doc_catalog(root: str) -> None:
+    """The tables and columns the documented queries use (pool, errors, curated/lvd with its levels)."""
+    write_shards(root, "pool", "u", pa.table({"image_id": [1, 2, 3], "uri": ["a", "b", "c"],
+                                              "status": ["ok", "ok", "error"]}))
+    write_shards(root, "errors", "u", pa.table({"image_id": [3], "uri": ["c"], "reason": ["truncated"]}))
+    write_shards(root, "curated/lvd", "u", pa.table({"image_id": [1, 2], "uri": ["a", "b"], "part": ["lvd"] * 2,
+                                                     **{f"l{i}": [0, i] for i in range(1, 6)}}))
