@@ -13,8 +13,8 @@ import json
 import math
 import struct
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import faiss
