@@ -35,6 +35,16 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """``--plan``: print what the stage would do from sizes alone instead of running it (no catalog,
+    no data, no Ray). The config is loaded as for a run, so its flags and --set keys shape the plan."""
+
+    help: str
+    sizes: tuple[Flag, ...]  # every one required with --plan; ``key`` is the render's keyword
+    render: str  # "module:function" (config, **sizes) -> text, imported only with --plan
+
+
+@dataclass(frozen=True)
 class StageCommand:
     command: str
     config: str  # "module:ConfigClass", imported only to describe or run
@@ -45,6 +55,7 @@ class StageCommand:
     flags: tuple[Flag, ...]
     result: Callable[[Any, dict[str, Any]], str]  # (StageResult or build-lvd results, flag values) -> lines
     overwrite: bool = True
+    preview: Preview | None = None
 
 
 def _ingest(r: Any, _: dict[str, Any]) -> str:
@@ -123,11 +134,18 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "cluster", "pipelines.stages.cluster:ClusterConfig", "hierarchical k-means with resampling over embeddings",
         "Cluster the catalog's embeddings (or --embeddings X.npy --ids IDS.npy, or a Parquet file with image_id "
         "and embedding columns) into a hierarchy of levels (default: 5 levels scaled from the paper's ratios to "
-        "the pool size). Checkpointed per level and resampling step.",
+        "the pool size; level 1 is one k-means while that costs under 1 TFLOP, else pre-clusters each split "
+        "in sub-clusters). Checkpointed per level and resampling step. --plan --rows N --dim D prints the "
+        "levels a pool of that size gets, with each level's FLOPs, time on this machine and memory, and the "
+        "level-1 worker count that fits an 80 GB GPU; it needs no catalog and reads no data.",
         "embeddings, duplicates", "clusters (a cluster id per level, l1 finest), centroids",
         (Flag("--levels", "n_levels", "number of levels (default 5)", int),
          Flag("--embeddings", "embeddings", "bring your own: .npy (with --ids) or .parquet"),
-         Flag("--ids", "ids", ".npy of int64 image ids matching --embeddings rows")), _cluster),
+         Flag("--ids", "ids", ".npy of int64 image ids matching --embeddings rows")), _cluster,
+        preview=Preview("print the levels and cost for --rows x --dim instead of clustering (no data, no Ray)",
+                        (Flag("--rows", "rows", "pool size for --plan", int),
+                         Flag("--dim", "dim", "embedding dimension for --plan", int)),
+                        "pipelines.stages.cluster:plan_text")),
     StageCommand(
         "sample", "pipelines.stages.sample:SampleConfig", "balanced hierarchical sampling into a curated part",
         "Water-fill --target-size over the top-level clusters, then down the hierarchy; pick inside level-1 "
@@ -173,9 +191,13 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
 )
 
 
-def config_class(command: StageCommand) -> type:
-    module, _, name = command.config.partition(":")
+def _imported(ref: str) -> Any:
+    module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def config_class(command: StageCommand) -> type:
+    return _imported(command.config)
 
 
 def describe_settings(cls: type, prefix: str = "") -> list[str]:
@@ -210,7 +232,8 @@ def add_stage_command(sub: argparse._SubParsersAction, command: StageCommand, co
             p.add_argument(flag.name, dest=_dest(flag), required=flag.required, **kwargs)
         else:
             p.add_argument(_dest(flag), metavar=flag.name.upper(), **kwargs)
-    p.add_argument("--catalog", required=True, help="catalog root: a folder or an fsspec URL (s3://bucket/cat)")
+    p.add_argument("--catalog", required=command.preview is None,
+                   help="catalog root: a folder or an fsspec URL (s3://bucket/cat)")
     p.add_argument("--config", help="YAML file with this stage's settings (keys as in --set)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set k=32 threshold=0.9")
@@ -223,21 +246,39 @@ def add_stage_command(sub: argparse._SubParsersAction, command: StageCommand, co
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on: ray://… or auto joins it; http://HEAD:8265 submits the command "
                    "as a Ray job (default: CURATE_RAY_ADDRESS, else Ray in-process when needed)")
-    p.set_defaults(run=lambda args: run_stage_command(command, args))
+    if command.preview:
+        p.add_argument("--plan", action="store_true", help=command.preview.help)
+        for size in command.preview.sizes:
+            p.add_argument(size.name, dest=_dest(size), metavar=size.key.upper(), type=size.type, help=size.help)
+    p.set_defaults(run=lambda args: run_stage_command(command, args, p))
+
+
+def _preview(preview: Preview, config: Any, args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    sizes = {size.key: getattr(args, _dest(size)) for size in preview.sizes}
+    missing = [size.name for size in preview.sizes if sizes[size.key] is None]
+    if missing:
+        parser.error(f"--plan needs {' and '.join(missing)}")
+    return _imported(preview.render)(config, **sizes)
 
 
 def _dest(flag: Flag) -> str:
     return "flag_" + flag.key.replace(".", "__")
 
 
-def run_stage_command(command: StageCommand, args: argparse.Namespace) -> None:
-    """Load the config (defaults, YAML, --set, then the flags), run the stage, print its result."""
+def run_stage_command(command: StageCommand, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Load the config (defaults, YAML, --set, then the flags), run the stage (or, with --plan, print its
+    preview), print its result."""
     from catalog.config import load_config
 
     values = {f.key: getattr(args, _dest(f)) for f in command.flags}
     # JSON is YAML: a flag's value keeps its type (a folder named 2024 stays a string)
     overrides = [*args.set, *(f"{k}={json.dumps(v)}" for k, v in values.items() if v is not None)]
     config = load_config(config_class(command), args.config, overrides)
+    if command.preview and args.plan:
+        print(_preview(command.preview, config, args, parser))
+        return
+    if not args.catalog:
+        parser.error("--catalog is required (or --plan to preview the run)")
     if command.command == "build-lvd":
         from pipelines.build_lvd import build_lvd
 

@@ -29,6 +29,8 @@ from catalog.manifest import fingerprint
 from catalog.progress import progress
 from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, DUPLICATES_TABLE, EMBEDDINGS_TABLE
 from catalog.shards import read_schema, shard_urls
+from curation.cluster_cost import measure_rates
+from curation.cluster_plan import format_plan, plan_levels
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
 from curation.kmeans import RowSource, default_chunk_size, resolve_device
 from pipelines.distributed_kmeans import RowIndex, ShardedEmbeddings
@@ -72,6 +74,17 @@ def level_specs(config: ClusterConfig, n_rows: int, dim: int) -> list[LevelSpec]
         return list(config.levels)
     return default_levels(n_rows, config.n_levels, resampling_steps=config.resampling_steps, dim=dim,
                           n_iter=config.n_iter)
+
+
+def plan_text(config: ClusterConfig, rows: int, dim: int) -> str:
+    """``curate cluster --plan``: the levels this config gives a pool of ``rows`` × ``dim`` and their cost.
+
+    The same `level_specs` the stage runs, costed by `curation.cluster_plan` at rates measured on the
+    configured device (a calibration matmul, no data, no Ray).
+    """
+    specs = level_specs(config, rows, dim)
+    rates = measure_rates(_device(config.device))
+    return format_plan(plan_levels(rows, dim, levels=specs, n_iter=config.n_iter, rates=rates))
 
 
 def _device(name: str) -> str:
