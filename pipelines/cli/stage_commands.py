@@ -109,7 +109,8 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
     StageCommand(
         "ingest", "pipelines.stages.ingest:IngestConfig", "build the pool table from images",
         "List SOURCE (a folder tree, a glob of WebDataset .tar shards, or a Parquet file with a 'uri' column or "
-        "a bytes column), probe every image (full decode), hash it and make its 16x16 copy descriptor.",
+        "a bytes column), probe every image (full decode), hash it and make its copy descriptor (gradient "
+        "histograms and a colour layout, 480 float16).",
         "the files of SOURCE", "pool (every file: status ok|error), errors (reason per unusable file), "
         "copy_descriptors",
         (Flag("source", "source", "folder, .tar glob or .parquet file (local or an fsspec URL)"),), _ingest),
@@ -126,8 +127,10 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         _embed),
     StageCommand(
         "dedup", "pipelines.stages.dedup:DedupConfig", "remove exact duplicates, near copies and eval-set overlaps",
-        "Exact duplicates by sha256; copy detection by a k-NN graph over copy descriptors (connected components, "
-        "the largest image of each kept); relative dedup against evaluation sets (--set eval_sets='{name: folder}').",
+        "Exact duplicates by sha256; copy detection by a k-NN graph over copy descriptors, each image also searched "
+        "mirrored (connected components, the largest image of each kept); relative dedup against evaluation sets "
+        "(--set eval_sets='{name: folder}'). A run that would remove more than max_removed_share (default 0.2) "
+        "of the pool fails and shows example pairs instead.",
         "pool, copy_descriptors (or embeddings)", "duplicates (image_id, kept_id, similarity, reason); "
         "clustering and retrieval leave those images out", (), _dedup),
     StageCommand(

@@ -18,7 +18,7 @@ from catalog import schemas
 from catalog.config import ConfigError, at_least
 from catalog.decode import DecodeError, decode_rgb
 from catalog.embeddings import load_embeddings
-from catalog.errors import MissingInputError
+from catalog.errors import MissingInputError, UserError
 from catalog.lineage import listing_fingerprint
 from catalog.manifest import fingerprint
 from catalog.paths import read_bytes, resolve, retry, with_protocol
@@ -41,7 +41,10 @@ from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 @dataclass(frozen=True)
 class DedupConfig:
     """``descriptor``: ``pixels`` (built in, see curation.copy_descriptor) or ``embeddings`` (the
-    catalog's embeddings table, e.g. of a copy-detection model like SSCD, as DINOv2 used)."""
+    catalog's embeddings table, e.g. of a copy-detection model like SSCD, as DINOv2 used).
+
+    ``max_removed_share``: a run that would remove more of the pool than this fails instead (real pools
+    hold a few percent of copies; more means a threshold or descriptor that merges distinct images)."""
 
     descriptor: Literal["pixels", "embeddings"] = "pixels"
     k: int = COPY_K
@@ -49,9 +52,12 @@ class DedupConfig:
     eval_sets: dict[str, str] = field(default_factory=dict)
     relative_threshold: float | None = None
     seed: int = 0
+    max_removed_share: float = 0.20
 
     def __post_init__(self) -> None:
         at_least(self, 1, "k")
+        if not 0.0 < self.max_removed_share <= 1.0:
+            raise ConfigError(f"max_removed_share is a share of the pool in (0, 1], got {self.max_removed_share}")
         for name in ("threshold", "relative_threshold"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
@@ -97,10 +103,46 @@ def _removed_by(root: str, reasons: list[str]) -> np.ndarray:
     return query(root, f"SELECT image_id FROM duplicates WHERE reason IN ({listed})").column(0).to_numpy()
 
 
+def steps(config: DedupConfig) -> list[str]:
+    """The run's units, in the order they run: each one sees what the earlier ones removed."""
+    return ["exact", "copy"] + [f"eval-{name}" for name in sorted(config.eval_sets)]
+
+
+def _reasons_before(config: DedupConfig, step: str) -> list[str]:
+    """The ``duplicates.reason`` values written by the steps before ``step``."""
+    earlier = steps(config)[:steps(config).index(step)]
+    return [s.replace("eval-", "eval:", 1) for s in earlier]
+
+
+def check_removed_share(root: str, config: DedupConfig, step: str, table: pa.Table) -> None:
+    """Fail when the steps so far would remove more than ``max_removed_share`` of the usable pool."""
+    pool = query(root, "SELECT count(*) FROM pool WHERE status = 'ok'").column(0)[0].as_py()
+    removed = len(_removed_by(root, _reasons_before(config, step))) + table.num_rows
+    if not pool or removed / pool <= config.max_removed_share:
+        return
+    threshold = config.eval_threshold() if step.startswith("eval-") else config.copy_threshold()
+    examples = table.sort_by("similarity").slice(0, 3).to_pylist()
+    uris = _uris(root, [r["image_id"] for r in examples] + [r["kept_id"] for r in examples if r["kept_id"] != -1])
+    lines = [f"  {uris[r['image_id']]}  ~  {uris.get(r['kept_id'], 'an evaluation-set image')}"
+             f"  (similarity {r['similarity']:.3f})" for r in examples]
+    raise UserError(
+        f"dedup would remove {removed:,} of {pool:,} usable images ({removed / pool:.1%}; step {step}), more than "
+        f"max_removed_share={config.max_removed_share:g}. Real pools hold a few percent of copies: check the "
+        f"descriptor ({config.descriptor}) and threshold ({threshold:g}). Pairs it would merge:\n"
+        + "\n".join(lines) + "\nIf these are copies, raise the share: --set max_removed_share=0.5 "
+        "(dedup.max_removed_share=0.5 for build-lvd).")
+
+
+def _uris(root: str, image_ids: list[int]) -> dict[int, str]:
+    listed = ", ".join(str(int(i)) for i in image_ids) or "NULL"
+    t = query(root, f"SELECT image_id, uri FROM pool WHERE image_id IN ({listed})")
+    return dict(zip(t.column("image_id").to_pylist(), t.column("uri").to_pylist()))
+
+
 def copy_step(root: str, config: DedupConfig) -> pa.Table:
     """Near copies: k-NN graph above the threshold, connected components, keep the largest image."""
     ids, x = _descriptors(root, config)
-    keep = ~np.isin(ids, _removed_by(root, ["exact"]))
+    keep = ~np.isin(ids, _removed_by(root, _reasons_before(config, "copy")))
     ids, x = ids[keep], x[keep]
     order = np.argsort(ids)
     ids, x = ids[order], np.ascontiguousarray(x[order])
@@ -136,8 +178,7 @@ def eval_descriptors(folder: str) -> np.ndarray:
 def eval_step(root: str, config: DedupConfig, name: str, folder: str) -> pa.Table:
     """Remove every pool image whose copy component touches an image of the evaluation set."""
     ids, x = _descriptors(root, config)
-    earlier = ["exact", "copy"] + [f"eval:{n}" for n in sorted(config.eval_sets) if n < name]
-    keep = ~np.isin(ids, _removed_by(root, earlier))
+    keep = ~np.isin(ids, _removed_by(root, _reasons_before(config, f"eval-{name}")))
     ids, x = ids[keep], x[keep]
     rows = relative_dedup(x, eval_descriptors(folder), config.k, config.eval_threshold(), seed=config.seed,
                           mirror=mirror)
@@ -158,8 +199,7 @@ class DedupStage(Stage):
                 for name, folder in sorted(ctx.config.eval_sets.items())}
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        steps = ["exact", "copy"] + [f"eval-{name}" for name in sorted(ctx.config.eval_sets)]
-        return [Unit(step, {}, 1, fingerprint(step)) for step in steps]
+        return [Unit(step, {}, 1, fingerprint(step)) for step in steps(ctx.config)]
 
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         config: DedupConfig = ctx.config
@@ -170,6 +210,7 @@ class DedupStage(Stage):
         else:
             name = unit.name[len("eval-"):]
             table = eval_step(ctx.root, config, name, config.eval_sets[name])
+        check_removed_share(ctx.root, config, unit.name, table)
         return Output({DUPLICATES_TABLE: table})
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
