@@ -83,8 +83,9 @@ def _sample(r: Any, _: dict[str, Any]) -> str:
 
 def _retrieve(r: Any, _: dict[str, Any]) -> str:
     s = r.summary
-    return (f"seed {s['seed']} ({s['seed_images']} images, {s['mode']} mode): {s['retrieved']} pool images "
-            f"retrieved; report: {s['report']}")
+    fallback = f", {s['fallback_from']} mode found nothing" if s.get("fallback_from") else ""
+    return (f"seed {s['seed']} ({s['seed_images']} images, {s['mode']} mode{fallback}): {s['retrieved']} pool "
+            f"images retrieved; report: {s['report']}")
 
 
 def _mix(r: Any, _: dict[str, Any]) -> str:
@@ -161,8 +162,11 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "retrieve", "pipelines.stages.retrieve:RetrieveConfig", "retrieve pool images that look like a seed dataset",
         "Ingest and embed the seed exactly like the pool (under _seeds/<seed>), then take the k nearest pool "
         "images of every seed image (--mode knn) or images from pool clusters holding more than a few seed "
-        "images (--mode cluster; needs build-lvd's clusters). auto: cluster mode below knn_min_seeds seed "
-        "images. Duplicates are never retrieved.",
+        "images (--mode cluster; needs build-lvd's clusters). auto: k-NN for a large seed, over knn_min_seeds "
+        "(1,000,000) images; below that, cluster mode only where the seed images bunch up: level-1 clusters "
+        "holding more than min_seed_per_cluster (3) seed images must hold at least half of them, else k-NN. "
+        "When cluster mode finds nothing it falls back to k-NN with a warning giving the numbers; an empty "
+        "result is a warning. Duplicates are never retrieved.",
         "embeddings, duplicates, clusters, centroids, the seed", "the seed's rows of retrieved, "
         "reports/retrieve/<seed>.png",
         (Flag("--seed", "seed_set", "a seed name from the seeds config (demo, …) or a path", required=True),
