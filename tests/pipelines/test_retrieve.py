@@ -136,6 +136,7 @@ def _seed_images(root: str) -> int:
     return query(os.path.join(root, "_seeds", "demo"), "SELECT count(*) FROM embeddings").column(0)[0].as_py()
 
 
+@pytest.mark.slow  # builds a 200-image catalog (~80 s on 2 loaded cores)
 def test_cluster_mode_finding_nothing_falls_back_to_knn_with_the_numbers(small_catalog):
     result, rows = _demo_retrieve(small_catalog, "--mode", "cluster", "--set", "min_seed_per_cluster=100000")
     n_seed = _seed_images(small_catalog[1])
@@ -146,6 +147,7 @@ def test_cluster_mode_finding_nothing_falls_back_to_knn_with_the_numbers(small_c
     assert len(rows) >= 4 and all(r != -1 for r in rows)  # k-NN rows (4 per seed image), each naming its seed
 
 
+@pytest.mark.slow
 def test_auto_mode_takes_knn_where_the_seeds_do_not_bunch_up_in_clusters(small_catalog):
     result, rows = _demo_retrieve(small_catalog, "--set", "min_seed_per_cluster=100000")
     assert "images, knn mode)" in result.stdout and "found nothing" not in result.stdout
@@ -154,6 +156,7 @@ def test_auto_mode_takes_knn_where_the_seeds_do_not_bunch_up_in_clusters(small_c
     assert "over knn_min_seeds (1,000,000) images" in helped.stdout
 
 
+@pytest.mark.slow
 def test_an_empty_retrieval_is_a_warning_with_the_numbers(small_catalog):
     result, rows = _demo_retrieve(small_catalog, "--mode", "knn", "--min-similarity", "1.0")
     assert rows == []
