@@ -35,6 +35,7 @@ from curation.kmeans_assign import (
     assign,
     chunk_assign,
     chunks,
+    compute_dtype,
     default_chunk_size,
     fused_scoring,
     normalize_rows,
@@ -44,8 +45,9 @@ from curation.kmeans_assign import (
 
 # Re-exported: callers of k-means need these assignment names beside Lloyd's.
 __all__ = ["ArrayLike", "ArrayRows", "KMeansResult", "Metric", "PartialSums", "RowSource", "as_rows", "assign",
-           "default_chunk_size", "fused_scoring", "grid_exponent", "kmeans", "kmeans_plusplus", "kmeans_rows",
-           "normalize_rows", "partial_sums", "reduce_partials", "resolve_device", "update_centroids"]
+           "compute_dtype", "default_chunk_size", "device_rows", "fused_scoring", "grid_exponent", "kmeans",
+           "kmeans_plusplus", "kmeans_rows", "normalize_rows", "partial_sums", "reduce_partials", "resolve_device",
+           "update_centroids"]
 
 #: Mantissa bits kept for the largest |coordinate| when rounding to the summation grid.
 _GRID_BITS = 22
@@ -107,7 +109,9 @@ class ArrayRows:
         return int(self.x.shape[0])
 
     def take(self, rows: np.ndarray | slice) -> ArrayLike:
-        return self.x[rows]
+        """The rows, on the host (rows held on a GPU are copied back)."""
+        out = self.x[rows]
+        return out.cpu().numpy() if isinstance(out, torch.Tensor) and out.device.type != "cpu" else out
 
     def max_abs(self) -> float:
         return float(torch.as_tensor(self.x).abs().max())
@@ -123,6 +127,17 @@ class ArrayRows:
 
 def as_rows(x: ArrayLike | RowSource) -> RowSource:
     return x if isinstance(x, RowSource) else ArrayRows(x)
+
+
+def device_rows(x: ArrayLike, device: torch.device, dtype: torch.dtype = torch.float32) -> ArrayRows:
+    """``x`` as rows to cluster on ``device``: on CUDA moved there once when it takes at most half the free
+    memory (every Lloyd step would otherwise copy all of it from the host again), else left where it is.
+    The values, the chunk grid and so the results are the same either way."""
+    if device.type == "cuda":
+        t = torch.as_tensor(x)
+        if t.device == device or t.element_size() * t.nelement() <= torch.cuda.mem_get_info(device)[0] // 2:
+            x = t.to(device)
+    return ArrayRows(x, device=device, dtype=dtype)
 
 
 def grid_exponent(max_abs: float) -> int:

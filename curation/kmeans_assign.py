@@ -48,6 +48,17 @@ def fused_scoring(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _HAS_TRITON
 
 
+def compute_dtype(precision: Literal["auto", "bf16", "fp32"], device: torch.device) -> torch.dtype:
+    """The dtype of the nearest-centroid search. ``auto``: bf16 where it runs as the fused kernel (CUDA
+    with Triton), fp32 elsewhere. bf16 rounds the inputs of the scores only: centroid sums, counts and
+    distances' norms come from the fp32 rows, exactly as in fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if fused_scoring(device, torch.bfloat16) else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def default_chunk_size(k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
     """Rows per chunk: a fixed function of k, device type and dtype, so every worker uses the same grid.
 

@@ -241,23 +241,29 @@ def add_stage_command(sub: argparse._SubParsersAction, command: StageCommand, co
             p.add_argument(_dest(flag), metavar=flag.name.upper(), **kwargs)
     p.add_argument("--catalog", required=command.preview is None,
                    help="catalog root: a folder or an fsspec URL (s3://bucket/cat)")
-    p.add_argument("--config", help="YAML file with this stage's settings (keys as in --set)")
+    add_run_options(p, "start the stage again from scratch: forget its progress and delete what it wrote"
+                    if command.overwrite else None)
+    if command.preview:
+        p.add_argument("--plan", action="store_true", help=command.preview.help)
+        for size in command.preview.sizes:
+            p.add_argument(size.name, dest=_dest(size), metavar=size.key.upper(), type=size.type, help=size.help)
+    p.set_defaults(run=lambda args: run_stage_command(command, args, p))
+
+
+def add_run_options(p: argparse.ArgumentParser, overwrite_help: str | None) -> None:
+    """The options of every command that runs stages: --config, --set, --overwrite (when ``overwrite_help``
+    is given), --executor and --address."""
+    p.add_argument("--config", help="YAML file with this command's settings (keys as in --set)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set k=32 threshold=0.9")
-    if command.overwrite:
-        p.add_argument("--overwrite", action="store_true",
-                       help="start the stage again from scratch: forget its progress and delete what it wrote")
+    if overwrite_help:
+        p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.add_argument("--executor", choices=EXECUTORS, default="auto",
                    help="where units run: ray, local (this process), or auto (default: local for small work "
                    "without a cluster)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on: ray://… or auto joins it; http://HEAD:8265 submits the command "
                    "as a Ray job (default: CURATE_RAY_ADDRESS, else Ray in-process when needed)")
-    if command.preview:
-        p.add_argument("--plan", action="store_true", help=command.preview.help)
-        for size in command.preview.sizes:
-            p.add_argument(size.name, dest=_dest(size), metavar=size.key.upper(), type=size.type, help=size.help)
-    p.set_defaults(run=lambda args: run_stage_command(command, args, p))
 
 
 def _preview(preview: Preview, config: Any, args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
