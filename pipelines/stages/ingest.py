@@ -45,7 +45,7 @@ from catalog.schemas import (
     stamp,
 )
 from catalog.sql import query
-from curation.copy_descriptor import DIM, SIDE, copy_descriptor
+from curation.copy_descriptor import DIM, NAME, SIDE, copy_descriptor
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 BYTES_COLUMNS = ("bytes", "image", "jpg", "png")
@@ -249,7 +249,7 @@ class IngestStage(Stage):
         return Output({
             POOL_TABLE: pa.Table.from_pylist(pool_rows, schema=stamp(POOL, POOL_TABLE)),
             COPY_DESCRIPTORS_TABLE: embeddings_table(np.asarray(desc_ids, np.int64), x,
-                                                     {"descriptor": f"pixels{SIDE}"}, COPY_DESCRIPTORS_TABLE),
+                                                     {"descriptor": NAME}, COPY_DESCRIPTORS_TABLE),
             ERRORS_TABLE: pa.Table.from_pylist(error_rows, schema=stamp(ERRORS, ERRORS_TABLE)),
         })
 
