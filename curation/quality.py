@@ -2,7 +2,7 @@
 
 The signals the curation tools our users compare us with filter on (DataComp: size and aspect;
 cleanvision and fastdup: blurry, dark, over-exposed, low-information), measured on a small grey
-thumbnail, where they add about a quarter to ingest's per-image work on the demo pool
+thumbnail, where they add about 7 % to ingest's per-image work on the demo pool
 (``benchmarks/quality_filter.py``):
 
 - ``min_side`` and ``aspect`` (longer side / shorter side, >= 1) of the image as displayed;

@@ -15,7 +15,7 @@ Thresholds, and where the figures come from (``docs/benchmarks.md`` has the demo
 - ``min_side``: DataComp's basic filter keeps images whose shorter side is at least 200 px;
 - ``max_aspect``: DataComp's basic filter keeps aspect ratios up to 3;
 - ``min_sharpness``: no published figure carries over (ours is measured on a 64 px thumbnail); on the demo
-  pool the ordinary images score >= 11.2 and the planted blurred ones <= 2.8, so 6 separates them;
+  pool the ordinary images score >= 9.7 and the planted blurred ones <= 2.4, so 6 separates them;
 - ``drop_constant``: blank or single-colour images (grey std < 3 levels, `curation.quality.CONSTANT_STD`);
 - ``max_dark_fraction`` / ``max_bright_fraction``, ``min_colour_entropy``: cleanvision's dark, over-exposed
   and low-information checks; set them from the report's histograms of your own pool.
