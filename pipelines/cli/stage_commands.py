@@ -111,7 +111,8 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "errors",
         (Flag("--model", "model", "dinov2_vitl14, dinov3_vitl16, … (training/models/config.py) or curate:PATH "
               "for a backbone exported by `curate export-backbone`"),
-         Flag("--weights", "weights", "checkpoint file of the official release (.pth or .safetensors)")),
+         Flag("--weights", "weights", "checkpoint file of the official release (.pth or .safetensors); a registry "
+              "name without weights is refused unless --set random_init=true")),
         _embed),
     StageCommand(
         "dedup", "pipelines.stages.dedup:DedupConfig", "remove exact duplicates, near copies and eval-set overlaps",

@@ -20,7 +20,7 @@ from pipelines.stages.embed import EmbedConfig
 from tests.helpers import kill_when, run_cli
 from training.models.checkpoints import load_backbone
 
-TINY = ["model=vit_test", "image_size=32", "images_per_unit=40", "batch_size=16"]
+TINY = ["model=vit_test", "random_init=true", "image_size=32", "images_per_unit=40", "batch_size=16"]
 
 
 def _copy_catalog(src: str, dst: str) -> str:
@@ -67,8 +67,8 @@ def test_rerun_does_nothing_and_other_model_is_refused(embedded):
     result = run_cli(["embed", "--catalog", embedded, "--set", *TINY])
     assert result.returncode == 0 and "0 images embedded in this run" in result.stdout
     with pytest.raises(ModelMismatchError, match="never mixed"):
-        run_stage("embed", embedded, EmbedConfig(model="vit_test14", image_size=28))
-    result = run_cli(["embed", "--catalog", embedded, "--model", "vit_test14", "--set", "image_size=28"])
+        run_stage("embed", embedded, EmbedConfig(model="vit_test14", image_size=28, random_init=True))
+    result = run_cli(["embed", "--catalog", embedded, "--model", "vit_test14", "--set", "image_size=28", "random_init=true"])
     assert result.returncode == 2 and "never mixed" in result.stderr
 
 
@@ -110,7 +110,7 @@ def test_in_process_and_ray_give_identical_tables_with_one_backbone_per_worker(e
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(VisionTransformer, "__init__", counting_init)
-    config = EmbedConfig(model="vit_test", image_size=32, images_per_unit=40, batch_size=16)
+    config = EmbedConfig(model="vit_test", image_size=32, images_per_unit=40, batch_size=16, random_init=True)
     tables = {}
     for executor in ("local", "ray"):
         root = _copy_catalog(demo_catalog, str(tmp_path / executor))
