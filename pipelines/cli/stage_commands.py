@@ -43,13 +43,16 @@ class StageCommand:
     reads: str
     writes: str
     flags: tuple[Flag, ...]
-    result: Callable[[Any, dict[str, Any]], str]  # (StageResult or build-lvd results, flag values) -> lines
+    result: Callable[[Any, dict[str, Any]], str]  # (StageResult or build-lvd results, flag values + catalog) -> lines
     overwrite: bool = True
 
 
 def _ingest(r: Any, _: dict[str, Any]) -> str:
+    from pipelines.cli.report_text import skipped_text
+
     s = r.summary
-    return f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors ({r.items_run} processed in this run)"
+    return (f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors ({r.items_run} processed in this "
+            f"run); {skipped_text(s.get('skipped_by_extension', {}))}")
 
 
 def _embed(r: Any, _: dict[str, Any]) -> str:
@@ -89,9 +92,15 @@ def _pack(r: Any, _: dict[str, Any]) -> str:
     return f"packed/{part}: {r.summary['packed']} images, {r.summary['unreadable']} unreadable"
 
 
-def _build_lvd(results: dict[str, Any], _: dict[str, Any]) -> str:
+def _build_lvd(results: dict[str, Any], flags: dict[str, Any]) -> str:
+    from pipelines.cli.report_text import dedup_text
+
+    lines = [_ingest(results["ingest"], flags)] if "ingest" in results else []
+    if "dedup" in results:
+        lines.append(dedup_text(flags["catalog"]))
     sample = results["sample"].summary
-    return f"\ncurated/lvd: {sample['out']} images; report: {', '.join(sample.get('report', []))}"
+    lines.append(f"curated/lvd: {sample['out']} images; report: {', '.join(sample.get('report', []))}")
+    return "\n" + "\n".join(lines)
 
 
 STAGE_COMMANDS: tuple[StageCommand, ...] = (
@@ -248,4 +257,4 @@ def run_stage_command(command: StageCommand, args: argparse.Namespace) -> None:
 
         result = run_stage(command.command, args.catalog, config, overwrite=args.overwrite,
                            executor=args.executor, address=args.address)
-    print(command.result(result, values))
+    print(command.result(result, {**values, "catalog": args.catalog}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,14 @@ from catalog.config import ConfigError, at_least
 from catalog.decode import MISSING, DecodeError, decode_rgb, probe_image
 from catalog.embeddings import embeddings_table
 from catalog.errors import MissingInputError
-from catalog.images import byte_range_uri, file_uri, parquet_row_uri, read_image_bytes, repeated_uri
+from catalog.images import (
+    byte_range_uri,
+    file_uri,
+    parquet_row_uri,
+    read_image_bytes,
+    repeated_uri,
+    uri_extension,
+)
 from catalog.manifest import fingerprint
 from catalog.paths import resolve, retry, with_protocol
 from catalog.schemas import (
@@ -218,7 +226,14 @@ class IngestStage(Stage):
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         errored = totals.rows(ERRORS_TABLE)
         n = totals.rows(POOL_TABLE)
-        return {"in": n, "out": n - errored, "errored": errored, "id_collisions": find_id_collisions(ctx.root)}
+        return {"in": n, "out": n - errored, "errored": errored, "id_collisions": find_id_collisions(ctx.root),
+                "skipped_by_extension": skipped_by_extension(ctx.root)}
+
+
+def skipped_by_extension(root: str) -> dict[str, int]:
+    """Unusable files of the pool per file extension, most first: what a user checks first (SVGs, text)."""
+    uris = query(root, "SELECT uri FROM pool WHERE status = 'error'").column("uri").to_pylist()
+    return dict(Counter(uri_extension(u) or "(no extension)" for u in uris).most_common())
 
 
 def find_id_collisions(root: str) -> int:

@@ -5,26 +5,45 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from catalog.config import ConfigError
 from catalog.shards import table_exists
+from catalog.sql import query
 from catalog.threads import OVERRIDE_ENV, allotted_threads, cgroup_cpu_limit, machine_cpus
-from pipelines.demo.backbone import DEMO_EMBED_SETTINGS
-from tests.helpers import cli_env, run_cli
+from pipelines.demo.backbone import DEMO_EMBED_SETTINGS, DEMO_SETTINGS
+from pipelines.reports import pick_clusters
+from tests.helpers import REPO, cli_env, run_cli
 
 
 def _folder_of_demo_images(demo_pool: str, out: str, n: int) -> str:
-    """``n`` usable images of the demo pool copied into a flat folder (a user's own small pool)."""
-    pool = os.path.join(demo_pool, "pool")
+    """``n`` plain images of the demo pool (no broken, awkward or duplicated file) in a flat folder."""
+    truth = pq.read_table(os.path.join(demo_pool, "truth", "pool.parquet")).to_pylist()
+    plain = sorted(r["relpath"] for r in truth if r["kind"] == "normal" and r["dup_group"] == -1)[:n]
     os.makedirs(out)
-    for path in sorted(os.path.join(d, f) for d, _, fs in os.walk(pool) for f in fs if f.endswith(".jpg"))[:n]:
-        shutil.copy(path, os.path.join(out, os.path.basename(path)))
+    for rel in plain:
+        shutil.copy(os.path.join(demo_pool, "pool", rel), os.path.join(out, os.path.basename(rel)))
     return out
+
+
+@pytest.fixture(scope="module")
+def clean_lvd(demo_pool, tmp_path_factory) -> tuple[str, str, subprocess.CompletedProcess]:
+    """build-lvd with the demo backbone on 30 plain demo images plus one exact copy: (folder, catalog, result)."""
+    work = tmp_path_factory.mktemp("clean")
+    folder = _folder_of_demo_images(demo_pool, str(work / "photos"), 30)
+    first = sorted(os.listdir(folder))[0]
+    shutil.copy(os.path.join(folder, first), os.path.join(folder, "zz_copy_of_" + first))
+    root = str(work / "cat")
+    result = run_cli(["build-lvd", "--catalog", root, "--source", folder, "--target-size", "10",
+                      "--set", *DEMO_SETTINGS])
+    assert result.returncode == 0, result.stderr
+    return folder, root, result
 
 
 def test_build_lvd_without_weights_refuses_before_any_work_and_names_both_ways_out(demo_pool, tmp_path):
@@ -39,9 +58,10 @@ def test_build_lvd_without_weights_refuses_before_any_work_and_names_both_ways_o
     assert not table_exists(root, "pool")  # refused before ingest
 
 
-def test_embed_without_weights_refuses_unless_random_init_is_asked_for(demo_catalog, tmp_path):
+def test_embed_without_weights_refuses_unless_random_init_is_asked_for(demo_pool, tmp_path):
     root = str(tmp_path / "cat")
-    shutil.copytree(demo_catalog, root)
+    assert run_cli(["ingest", _folder_of_demo_images(demo_pool, str(tmp_path / "mine"), 3), "--catalog", root]
+                   ).returncode == 0
     result = run_cli(["embed", "--catalog", root, "--model", "vit_test", "--set", "image_size=32"])
     assert result.returncode == 2 and "weights is not set" in result.stderr, result.stderr
     assert f"--set {DEMO_EMBED_SETTINGS[0]}" in result.stderr  # `curate embed` keys carry no prefix
@@ -99,3 +119,75 @@ def test_a_container_quota_caps_the_cpus(tmp_path):
     (v1 / "cpu.cfs_quota_us").write_text("50000\n")
     (v1 / "cpu.cfs_period_us").write_text("100000\n")
     assert cgroup_cpu_limit(tmp_path / "v1") == 0.5 and machine_cpus(tmp_path / "v1") == 1
+
+
+def test_non_image_files_are_errors_rows_and_ingest_says_what_it_skipped(demo_pool, tmp_path):
+    folder = _folder_of_demo_images(demo_pool, str(tmp_path / "mixed"), 2)
+    for i in range(3):
+        (tmp_path / "mixed" / f"stamp{i}.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" '
+                                                         'height="8"><rect width="8" height="8"/></svg>')
+    (tmp_path / "mixed" / "notes.txt").write_text("not a picture\n")
+    (tmp_path / "mixed" / "sound.wav").write_bytes(b"RIFF" + (36).to_bytes(4, "little") + b"WAVEfmt " + bytes(28))
+    root = str(tmp_path / "cat")
+    result = run_cli(["ingest", folder, "--catalog", root])
+    assert result.returncode == 0, result.stderr
+    assert "skipped 5 (.svg ×3, .txt ×1, .wav ×1)" in result.stdout, result.stdout
+    rows = query(root, "SELECT uri, reason, message FROM errors ORDER BY uri").to_pylist()
+    reasons = {os.path.basename(r["uri"]): r["reason"] for r in rows}
+    assert reasons == {"notes.txt": "text_file", "sound.wav": "not_an_image",
+                       **{f"stamp{i}.svg": "not_an_image" for i in range(3)}}
+    assert all("SVG" in r["message"] for r in rows if r["uri"].endswith(".svg"))
+
+
+def test_build_lvd_prints_what_dedup_removed_with_file_names(clean_lvd):
+    folder, root, result = clean_lvd
+    first = sorted(os.listdir(folder))[0]
+    line = next(x for x in result.stdout.splitlines() if x.strip().startswith("exact:"))
+    assert line.strip().startswith("exact: 1, e.g.") and first.removeprefix("zz_copy_of_") in line, result.stdout
+    assert re.search(r"^dedup: removed \d+ images?$", result.stdout, re.M), result.stdout
+    assert "skipped 0" in result.stdout
+
+
+def test_duplicate_pairs_name_both_images(clean_lvd):
+    folder, root, _ = clean_lvd
+    pairs = query(root, "SELECT uri, kept_uri, reason FROM duplicate_pairs WHERE reason = 'exact'").to_pylist()
+    assert len(pairs) == 1
+    removed, kept = (open(u.removeprefix("file://"), "rb").read() for u in (pairs[0]["uri"], pairs[0]["kept_uri"]))
+    assert removed == kept and pairs[0]["uri"] != pairs[0]["kept_uri"]
+
+
+def _readme_queries() -> list[str]:
+    """Every ``curate sql "…"`` in README.md's code blocks, as written."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = re.findall(r"^```[a-z]*\n(.*?)^```", f.read(), re.M | re.S)
+    return [q for block in blocks for q in re.findall(r'curate sql "([^"]+)"', block)]
+
+
+def test_every_readme_query_runs_on_a_catalog_with_no_broken_files(clean_lvd):
+    _, root, _ = clean_lvd
+    assert query(root, "SELECT count(*) FROM errors").column(0)[0].as_py() == 0
+    queries = _readme_queries()
+    assert len(queries) >= 4
+    for sql in queries:
+        result = run_cli(["sql", sql, "--catalog", root])
+        assert result.returncode == 0, (sql, result.stderr)
+
+
+def test_the_readme_trial_run_uses_the_demo_backbone_settings():
+    with open(os.path.join(REPO, "README.md")) as f:
+        line = next(x for x in f if "embed.model=curate:" in x)
+    relative = [s.replace(REPO + os.sep, "") for s in DEMO_SETTINGS]
+    assert line.split() == relative, (line, relative)
+
+
+def test_contact_sheets_pick_the_largest_random_and_smallest_clusters(clean_lvd):
+    sizes = {c: n for c, n in enumerate([50, 3, 9, 1, 20, 7, 5, 12])}
+    picked = pick_clusters(sizes, 2, seed=0)
+    roles = [r for _, r in picked]
+    assert roles == ["largest", "largest", "random", "random", "smallest", "smallest"]
+    assert [c for c, _ in picked][:2] == [0, 4] and [c for c, _ in picked][-2:] == [1, 3]
+    assert len({c for c, _ in picked}) == 6
+    assert sorted(c for c, _ in pick_clusters({1: 4, 2: 2, 3: 1}, 2, seed=0)) == [1, 2, 3]  # each once
+    _, root, _ = clean_lvd
+    for name in ("contact_sheet_pool", "contact_sheet_curated"):
+        assert os.path.getsize(os.path.join(root, "reports", "lvd", f"{name}.png")) > 1000
