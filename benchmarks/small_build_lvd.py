@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd = [sys.executable, "-m", "pipelines.cli", "build-lvd", "--catalog", catalog, "--source", folder,
            "--target-size", str(max(1, args.n // 3)), "--set", *_settings(args.repo)]
     env = {**os.environ, "PYTHONPATH": args.repo, "CURATE_PROGRESS": "0"}
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=args.repo, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - start
@@ -58,10 +59,12 @@ def main(argv: list[str] | None = None) -> None:
         with open(os.path.join(catalog, "_manifests", name)) as f:
             m = json.load(f)
         rows.append({"stage": m["stage"], "wall_s": m["wall_seconds"], "executor": m["notes"].get("executor", "-")})
+    in_stages = sum(r["wall_s"] for r in rows)
+    rows.append({"stage": "outside stages (imports, start-up, printing)", "wall_s": wall - in_stages, "executor": ""})
     rows.append({"stage": "whole command", "wall_s": wall, "executor": ""})
     load = os.getloadavg()[0]
     report(f"curate build-lvd on {args.n} images, repo {args.repo} (load average {load:.1f})", rows, args.out,
-           {"n_images": args.n, "wall_seconds": wall, "load_average": load})
+           {"n_images": args.n, "wall_seconds": wall, "load_average": load, "load_average_before": load_before})
 
 
 if __name__ == "__main__":
