@@ -16,7 +16,7 @@ import pytest
 from catalog.config import ConfigError
 from catalog.shards import table_exists
 from catalog.sql import query
-from catalog.threads import OVERRIDE_ENV, allotted_threads, cgroup_cpu_limit, machine_cpus
+from catalog.threads import OVERRIDE_ENV, allotted_threads, cgroup_cpu_limit, ensure_threads, machine_cpus
 from pipelines.demo.backbone import DEMO_EMBED_SETTINGS, DEMO_SETTINGS
 from pipelines.reports import pick_clusters
 from tests.helpers import REPO, cli_env, run_cli
@@ -96,6 +96,18 @@ def test_thread_counts_follow_the_cpus_the_process_may_use(tmp_path):
     # (its OpenMP reads the environment at load)
     pinned = _threads_in_child(one, str(tmp_path / "a"), before="import torch, numpy")
     assert pinned == {"torch": 1, "faiss": 1, "pools": [1], "env": "1"}, pinned
+
+
+@pytest.mark.slow  # starts Ray unless the session already has it
+def test_a_ray_task_sizes_its_threads_to_its_cpu_allotment():
+    import ray
+
+    from catalog.ray_runtime import ensure_ray
+
+    ensure_ray()
+    cpus = int(min(machine_cpus(), ray.cluster_resources()["CPU"]))
+    for asked in sorted({1, cpus}):
+        assert ray.get(ray.remote(num_cpus=asked)(ensure_threads).remote()) == asked
 
 
 def test_curate_threads_overrides_the_count_and_a_bad_value_is_a_user_error(monkeypatch):
