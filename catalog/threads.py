@@ -5,7 +5,8 @@ container's CPU quota or a Ray worker's allotment, torch, OpenMP/BLAS and faiss 
 machine core each, and on a busy host they fight (a training step took ~5 CPU-s instead of ~1 CPU-s,
 issue 15). ``configure_threads`` runs once at start-up of the CLI and of each Ray worker's task or actor:
 it sets the count of the libraries already loaded (through their own calls) and the environment
-variables that libraries loaded later read at load. ``CURATE_THREADS=N`` (``curate --threads N``)
+variables that libraries loaded later read at load (with ``OMP_WAIT_POLICY=PASSIVE`` unless set: idle
+OpenMP threads then sleep rather than spin on a busy host). ``CURATE_THREADS=N`` (``curate --threads N``)
 overrides the count, and is inherited by Ray workers started from this process.
 
 This module loads none of those libraries itself (``catalog`` never imports torch): it sets the ones
@@ -28,6 +29,11 @@ from catalog.config import ConfigError
 OVERRIDE_ENV = "CURATE_THREADS"
 # Read by OpenMP (libgomp, libiomp), MKL, OpenBLAS and numexpr when they load; torch reads OMP_NUM_THREADS.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+# Idle OpenMP threads sleep instead of spinning (read when libgomp loads; a user's own setting wins). On a
+# busy 2-core host, hierarchical k-means of 23 rows took 35-43 s with spinning threads and 0.1-0.9 s
+# with sleeping ones (2 threads each; docs/benchmarks.md): a spinning thread holds a core that the thread
+# it waits for needs.
+WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _DEFAULT_PERIOD_US = 100_000
 
@@ -78,6 +84,7 @@ def configure_threads(threads: int | None = None) -> ThreadCounts:
     n = threads or allotted_threads()
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(n)
+    os.environ.setdefault(*WAIT_POLICY)
     done = []
     if (torch := sys.modules.get("torch")) is not None:
         torch.set_num_threads(n)
