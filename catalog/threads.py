@@ -64,7 +64,7 @@ def allotted_threads() -> int:
     override = os.environ.get(OVERRIDE_ENV)
     if override:
         if not override.isdigit() or int(override) < 1:
-            raise ConfigError(f"{OVERRIDE_ENV}={override!r}: give a whole number of threads, at least 1")
+            raise ConfigError(f"{OVERRIDE_ENV}={override!r} (or --threads): give a whole number of threads, at least 1")
         return int(override)
     cpus = machine_cpus()
     ray_cpus = ray_runtime.worker_cpus()

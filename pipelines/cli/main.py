@@ -283,12 +283,17 @@ class _Formatter(logging.Formatter):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # before the parser imports a stage (and with it torch, faiss): OpenMP reads its settings at load
+        configure_threads()
+    except UserError as e:
+        print(f"curate: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser(argv).parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     try:
         if args.threads is not None:  # through the environment, so the Ray workers started later inherit it
             os.environ[OVERRIDE_ENV] = str(args.threads)
-        configure_threads()
+            configure_threads()
         if not maybe_submit(args, argv):  # an http:// --address runs the command as a Ray job
             return int(args.run(args) or 0)
     except UserError as e:
