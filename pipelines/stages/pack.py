@@ -18,8 +18,7 @@ import pyarrow as pa
 
 from catalog import schemas
 from catalog.config import at_least
-from catalog.decode import MISSING
-from catalog.images import byte_range_uri, read_image_bytes, uri_extension
+from catalog.images import UnreadableItem, byte_range_uri, read_item, uri_extension
 from catalog.manifest import fingerprint
 from catalog.names import check_name
 from catalog.paths import join
@@ -45,11 +44,10 @@ def _tar_shard(ids: list[int], uris: list[str]) -> tuple[bytes, list[tuple[int, 
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for image_id, uri in zip(ids, uris):
             try:
-                data = read_image_bytes(uri)
-            except OSError as e:
-                failed.append({"image_id": image_id, "uri": uri, "stage": "pack",
-                               "reason": MISSING if isinstance(e, FileNotFoundError) else "unreadable",
-                               "message": f"could not read the image to pack it: {type(e).__name__}"})
+                data = read_item(uri)
+            except UnreadableItem as e:
+                failed.append({"image_id": image_id, "uri": uri or "", "stage": "pack",
+                               "reason": e.reason, "message": f"could not read the image to pack it: {e}"})
                 continue
             ext = uri_extension(uri) or ".img"
             info = tarfile.TarInfo(f"{image_id & 0xFFFFFFFFFFFFFFFF:016x}{ext}")
