@@ -15,8 +15,9 @@ from catalog.schemas import POOL, QUALITY_COLUMNS, stamp
 from catalog.shards import write_shards
 from catalog.sql import query
 from curation.quality import RULES, first_failed_rule, laplacian_variance, quality_signals
+from pipelines.demo.job import DEMO_SETTINGS
 from pipelines.demo.pool import LOW_QUALITY_KINDS, generate_demo_pool
-from pipelines.reports import THUMB
+from pipelines.reports import LABEL_WIDTH, THUMB
 from pipelines.stage import run_stage
 from pipelines.stages.filter import FilterConfig
 from pipelines.stages.ingest import IngestConfig
@@ -131,7 +132,7 @@ def test_cluster_leaves_out_filtered_images_and_follows_a_new_filter(planted, tm
         assert img.width > 600 and img.height > 400  # six panels
     with Image.open(os.path.join(root, "reports", "lvd", "filtered.png")) as img:
         assert img.height == 20 + 1 * (THUMB + 2)  # one row: the one rule set
-        cell = np.asarray(img.convert("L"))[20:20 + THUMB, 80:80 + THUMB]
+        cell = np.asarray(img.convert("L"))[20:20 + THUMB, LABEL_WIDTH:LABEL_WIDTH + THUMB]
     assert cell.std() > 0  # a removed image's thumbnail, not the blank sheet
 
 
@@ -167,6 +168,6 @@ def test_build_lvd_refuses_to_drop_a_filter_silently(planted, tmp_path):
     root = str(tmp_path / "cat")
     shutil.copytree(planted[0], root)
     # the filter ran with rules; a build-lvd without them is a change of its settings, refused before embedding
-    result = run_cli(["build-lvd", "--catalog", root, "--target-size", "10"])
+    result = run_cli(["build-lvd", "--catalog", root, "--target-size", "10", "--set", *DEMO_SETTINGS])
     assert result.returncode == 2 and "filter" in result.stderr and "--overwrite" in result.stderr, result.stderr
     assert not os.path.exists(os.path.join(root, "embeddings"))
