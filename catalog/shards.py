@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog.errors import MissingInputError
+from catalog.images import resolve_uris
 from catalog.paths import join, ls, resolve, retry, write_bytes_atomic
 from catalog.schemas import check_version
 
@@ -110,18 +111,26 @@ def read_shard(url: str, columns: list[str] | None = None) -> pa.Table:
     return retry(read)
 
 
+def _with_resolved_uris(root: str, data: pa.Table) -> pa.Table:
+    """``data`` with its catalog-relative ``uri`` values (a packed image's) joined onto ``root``."""
+    if "uri" not in data.column_names:
+        return data
+    i = data.column_names.index("uri")
+    return data.set_column(i, data.schema.field(i), resolve_uris(root, data.column(i)))
+
+
 def read_table(root: str, table: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a whole table, checking every shard's schema version first."""
+    """Read a whole table, checking every shard's schema version first; URIs come back absolute."""
     urls = shard_urls(root, table)
     if not urls:
         raise MissingInputError(f"catalog {root} has no table {table!r}")
-    return pa.concat_tables([read_shard(url, columns) for url in urls])
+    return _with_resolved_uris(root, pa.concat_tables([read_shard(url, columns) for url in urls]))
 
 
 def iter_shards(root: str, table: str, columns: list[str] | None = None):
     """Yield ``(url, pa.Table)`` shard by shard, for stages that stream a large table."""
     for url in shard_urls(root, table):
-        yield url, read_shard(url, columns)
+        yield url, _with_resolved_uris(root, read_shard(url, columns))
 
 
 def delete_shards(root: str, table: str, prefix: str) -> None:

@@ -24,8 +24,9 @@ import duckdb
 import pyarrow as pa
 
 from catalog.errors import UserError
+from catalog.images import ABSOLUTE_URI, catalog_root_prefix
 from catalog.paths import is_local, resolve
-from catalog.shards import shard_urls
+from catalog.shards import read_schema, shard_urls
 from catalog.tables import list_tables
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
@@ -75,7 +76,12 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: str) -> None:
         files = [os.path.abspath(f) if is_local(f) else f for f in shard_urls(root, table)]
         listed = ", ".join(quote_literal(f) for f in files)
         view = quote_identifier(view_name(table))
-        con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet([{listed}], union_by_name=true)")
+        columns = "*"
+        if files and "uri" in read_schema(files[0]).names:  # catalog-relative URIs shown resolved
+            prefix = quote_literal(catalog_root_prefix(root))
+            columns = (f"* REPLACE (CASE WHEN regexp_matches(uri, {quote_literal(ABSOLUTE_URI)}) THEN uri "
+                       f"ELSE {prefix} || uri END AS uri)")
+        con.execute(f"CREATE VIEW {view} AS SELECT {columns} FROM read_parquet([{listed}], union_by_name=true)")
         if table.startswith("curated/"):
             curated.append(view)
     if curated:

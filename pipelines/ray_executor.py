@@ -84,7 +84,11 @@ def run_on_ray(stage: Stage, ctx: StageContext, sink: CatalogSink,
     if stage.has_load:
         ds = ds.map(_Load(stage, ctx), num_cpus=resources.load_cpus)
     if stage.has_setup:
-        ds = ds.map(_Actor, fn_constructor_args=(stage, ctx, sink), concurrency=resources.actors,
+        # max_restarts=0: Ray Data hands an actor its constructor arguments as object-store references,
+        # which Ray warns a restarted actor may not get back; a lost actor fails the run instead, and the
+        # ledger resumes it on the rerun (every finished unit is kept).
+        ds = ds.map(_Actor, fn_constructor_args=(stage, ctx, sink),
+                    compute=ray.data.ActorPoolStrategy(size=resources.actors), max_restarts=0,
                     num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)
     else:
         ds = ds.map(_Task(stage, ctx, sink), num_cpus=resources.num_cpus)
