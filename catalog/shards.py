@@ -61,7 +61,9 @@ def write_shards(
     for i in range(n_shards):
         piece = data.slice(i * max_rows, max_rows)
         sink = pa.BufferOutputStream()
-        pq.write_table(piece, sink, compression="zstd")
+        with pq.ParquetWriter(sink, piece.schema, compression="zstd") as writer:
+            if piece.num_rows:  # an empty shard has no row group: some readers (HF datasets) fail on empty ones
+                writer.write_table(piece)
         url = join(table_dir(root, table), f"{unit}-{i:05d}.parquet")
         data_bytes = sink.getvalue().to_pybytes()
         write_bytes_atomic(url, data_bytes)
