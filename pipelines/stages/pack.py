@@ -82,7 +82,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     """Append one member; returns the offset of its data in the tar."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
-    offset = tar.fileobj.tell() + tarfile.BLOCKSIZE  # USTAR: one header block, then the data
+    offset = tar.offset + tarfile.BLOCKSIZE  # USTAR: one header block (names are short), then the data
     tar.addfile(info, io.BytesIO(data))
     return offset
 

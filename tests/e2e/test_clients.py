@@ -25,6 +25,8 @@ from tests.helpers import run_cli, s3_server
 from training.data.dataset import PartDataset
 from training.train.data import part_table
 
+pytestmark = pytest.mark.slow  # the fixture retrieves and packs a copy of the demo catalog
+
 LEVELS = [f"l{i}" for i in range(1, 6)]  # the demo job's five levels
 
 
@@ -122,7 +124,7 @@ def test_ray_data_streams_embeddings_as_torch_batches(packed):
     ensure_ray(None)
     embeddings = read_table(packed, "embeddings")
     dim = embeddings.schema.field("embedding").type.list_size
-    ds = ray.data.read_parquet(os.path.join(packed, "embeddings"))
+    ds = ray.data.read_parquet(os.path.join(packed, "embeddings"), override_num_blocks=1)  # 1,500 rows: one read
     rows = 0
     for batch in ds.iter_torch_batches(batch_size=256):
         tensor = batch["embedding"]
