@@ -30,14 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import report
 from catalog import schemas
 from catalog.embeddings import embeddings_table
-from catalog.manifest import RunManifest
+from catalog.manifest import RunManifest, list_manifests
 from catalog.shards import write_shards
 from catalog.sql import query
 from curation.hierarchy import Hierarchy, default_levels
+from pipelines.executors import EXECUTORS
 from pipelines.explore.config import ExploreConfig
 from pipelines.explore.site import build_site
+from pipelines.stage import run_stage
 from pipelines.stages.cluster import centroids_table, clusters_table
-from pipelines.stages.sample import SampleConfig, sample
+from pipelines.stages.sample import SampleConfig
 
 SHARD_ROWS = 250_000
 
@@ -117,7 +119,7 @@ def write_catalog(root: str, rows: int, n_images: int, dim: int, seed: int = 0) 
          "message": ["synthetic"] * n_errors}, schema=schemas.stamp(schemas.ERRORS, "errors")))
     with RunManifest(root, "synthetic", {"rows": rows}) as manifest:
         manifest.rows = {"in": total, "out": rows, "errored": n_errors}
-    sample(root, SampleConfig(target_size=int(rows * 0.3)))
+    run_stage("sample", root, SampleConfig(target_size=int(rows * 0.3)), executor="local")
     return {"levels": [len(c) for c in tree.centroids], "duplicates": n_dups, "errors": n_errors}
 
 
@@ -145,17 +147,23 @@ def page_loads(site: str) -> dict:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the thumbnail workers)."""
+    """CPU time of this process and of its finished children."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def timed_build(root: str, site: str, config: ExploreConfig, label: str, rows: int) -> dict:
+def timed_build(root: str, site: str, config: ExploreConfig, label: str, rows: int, executor: str) -> dict:
+    """One build; CPU is this process's plus, when the thumbnails ran on Ray, its workers' unit CPU time
+    (from the thumbnails stage's manifest; Ray's own daemons are not counted)."""
     cpu = cpu_seconds()
-    out = build_site(root, site, config)
-    return {"build": label, "rows": rows, "node_pages": out["node_pages"], "images_shown": out["thumbnails"]["planned"],
-            "thumbnails_built": out["thumbnails"]["built"], **{f"{k}_s": v for k, v in out["seconds"].items()},
-            "cpu_s": cpu_seconds() - cpu}
+    out = build_site(root, site, config, executor=executor)
+    thumbs = out["thumbnails"]
+    run = list_manifests(site)[-1] if thumbs.units_run else {"notes": {"executor": "-"}, "worker_cpu_seconds": 0.0}
+    ran_on = run["notes"]["executor"]
+    workers_cpu = run["worker_cpu_seconds"] if ran_on == "ray" else 0.0
+    return {"build": label, "rows": rows, "node_pages": out["node_pages"], "images_shown": out["images_shown"],
+            "thumbnails_built": thumbs.items_run, "executor": ran_on,
+            **{f"{k}_s": v for k, v in out["seconds"].items()}, "cpu_s": cpu_seconds() - cpu + workers_cpu}
 
 
 def main() -> None:
@@ -163,7 +171,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100_000, help="clustered images in the synthetic catalog")
     p.add_argument("--images", type=int, default=3000, help="distinct rendered images the rows point at")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension")
-    p.add_argument("--workers", type=int, default=0, help="thumbnail processes (0: one per CPU)")
+    p.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="where the thumbnails stage runs (auto: in-process below its in_process_below images)")
     p.add_argument("--work", help="folder for the catalog and site (default: a temporary one); a catalog "
                    "already written there by an earlier run is reused, the site is always built afresh")
     p.add_argument("--out")
@@ -179,9 +188,9 @@ def main() -> None:
             write_catalog(root, args.rows, args.images, args.dim)
         write_s = time.time() - t0
         levels = query(root, "SELECT count(*) FROM centroids GROUP BY level ORDER BY level").column(0).to_pylist()
-        config = ExploreConfig(workers=args.workers)
-        rows = [timed_build(root, site, config, "first (thumbnails made)", args.rows),
-                timed_build(root, site, config, "again (thumbnails reused)", args.rows)]
+        config = ExploreConfig()
+        rows = [timed_build(root, site, config, "first (thumbnails made)", args.rows, args.executor),
+                timed_build(root, site, config, "again (thumbnails reused)", args.rows, args.executor)]
         loads = page_loads(site)
     report(f"curate explore on a synthetic {args.rows:,}-row catalog (levels {levels})", rows, args.out,
            {"catalog": {"levels": levels, "write_seconds": write_s, "rendered_images": args.images, "dim": args.dim},

@@ -157,6 +157,6 @@ def query(root: str, sql: str, params: Params = None) -> pa.Table:
     check_read_only(sql)
     with connection(root) as con:
         try:
-            return con.sql(sql, params=params).to_arrow_table()  # execute() would copy the rows once more
+            return con.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as e:
             raise SQLError(str(e)) from None

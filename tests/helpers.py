@@ -94,6 +94,16 @@ def kill_command_when(cmd: list[str], env: dict[str, str], ready: Callable[[], b
     return descendants
 
 
+def still_alive(procs: list[psutil.Process], grace_s: float) -> list[psutil.Process]:
+    """Those of ``procs`` still running (zombies count as gone) after waiting up to ``grace_s`` for them."""
+    deadline = time.time() + grace_s
+    alive = procs
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return alive
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process, its process group and all its descendants (Ray workers included)."""
     try:

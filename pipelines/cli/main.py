@@ -1,5 +1,6 @@
-"""The ``curate`` command line: the stage commands (one table, `pipelines.cli.stage_commands`) and the
-commands that are not stages (demo, sql, inspect, explore, jobs, train, export-backbone).
+"""The ``curate`` command line: the stage commands (one table, `pipelines.cli.stage_commands`), ``explore``
+(a site whose thumbnails are a stage, `pipelines.cli.explore_command`) and the commands that are not stages
+(demo, sql, inspect, jobs, train, export-backbone).
 
 Errors a user can fix (`catalog.errors.UserError` and its subclasses) print as one line and exit 2;
 anything else is a bug and prints its traceback (``--debug`` prints one for every error). Library code
@@ -16,6 +17,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from catalog.errors import UserError
+from pipelines.cli.explore_command import add_explore_command
 from pipelines.cli.jobs import add_jobs_command, maybe_submit
 from pipelines.cli.stage_commands import STAGE_COMMANDS, add_stage_command
 
@@ -163,45 +165,6 @@ def sql(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> Non
 
 
 @command
-def explore(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("explore", parents=[common], help="write a static site to browse a catalog in a web browser",
-                       description="Write a static site (HTML, CSS, a little JavaScript, no server) that browses "
-                       "the catalog's cluster tree (every node's sizes in the pool and curated parts, closest-to-"
-                       "centroid and random thumbnails, members, removed duplicates, neighbours), the duplicate "
-                       "groups, retrievals, errors and stage runs, with a search by image id or URI substring. "
-                       "Open OUT/index.html from disk, serve OUT with any static server, or upload it to a "
-                       "bucket. Thumbnails are built once and resumed after a kill; caps per page: --set "
-                       "members=48 central=12 deepest_level=2 … (pipelines/explore/config.py).")
-    p.add_argument("catalog", help="catalog root: a folder or an fsspec URL")
-    p.add_argument("--out", help="site folder (default: CATALOG/reports/explore)")
-    p.add_argument("--open", action="store_true", help="open the site in the default web browser when done")
-    p.add_argument("--config", help="YAML file with explore settings (keys as in --set)")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config keys")
-    p.add_argument("--overwrite", action="store_true", help="forget the thumbnails built before and rebuild them")
-
-    def run(args: argparse.Namespace) -> None:
-        import webbrowser
-
-        from catalog.config import load_config
-        from pipelines.explore.config import ExploreConfig
-        from pipelines.explore.site import build_site
-
-        out = build_site(args.catalog, args.out, load_config(ExploreConfig, args.config, args.set),
-                         overwrite_thumbnails=args.overwrite)
-        thumbs = out["thumbnails"]
-        print(f"site: {out['index']} ({out['node_pages']} cluster pages, {thumbs['planned']} images shown, "
-              f"{thumbs['built']} thumbnails built in this run, largest data file {out['largest_data_file']:,} bytes, "
-              f"{out['seconds']['total']:.1f}s)")
-        if thumbs["failed"]:
-            print(f"warning: {thumbs['failed']} of {thumbs['built']} images could not be decoded for thumbnails "
-                  "(shown as hatched boxes)", file=sys.stderr)
-        if args.open:
-            webbrowser.open("file://" + os.path.abspath(out["index"]) if "://" not in out["index"] else out["index"])
-
-    p.set_defaults(run=run)
-
-
-@command
 def demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", parents=[common], help="the README's main job: demo pool → catalog, with a summary",
                        description="Generate the demo pool (once) under OUT/demo_pool, run build-lvd on it into "
@@ -223,7 +186,7 @@ def jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> No
 
 
 def _chosen(argv: Sequence[str]) -> str | None:
-    names = {c.command for c in STAGE_COMMANDS} | set(COMMANDS)
+    names = {c.command for c in STAGE_COMMANDS} | set(COMMANDS) | {"explore"}
     return next((a for a in argv if a in names), None)
 
 
@@ -239,6 +202,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     chosen = _chosen(argv) if argv is not None else None
     for stage_command in STAGE_COMMANDS:
         add_stage_command(sub, stage_command, common, detailed=argv is None or stage_command.command == chosen)
+    add_explore_command(sub, common, detailed=argv is None or chosen == "explore")
     for add in COMMANDS.values():
         add(sub, common)
     return parser

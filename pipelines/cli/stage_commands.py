@@ -214,19 +214,25 @@ def add_stage_command(sub: argparse._SubParsersAction, command: StageCommand, co
         else:
             p.add_argument(_dest(flag), metavar=flag.name.upper(), **kwargs)
     p.add_argument("--catalog", required=True, help="catalog root: a folder or an fsspec URL (s3://bucket/cat)")
-    p.add_argument("--config", help="YAML file with this stage's settings (keys as in --set)")
+    add_run_options(p, "start the stage again from scratch: forget its progress and delete what it wrote"
+                    if command.overwrite else None)
+    p.set_defaults(run=lambda args: run_stage_command(command, args))
+
+
+def add_run_options(p: argparse.ArgumentParser, overwrite_help: str | None) -> None:
+    """The options of every command that runs stages: --config, --set, --overwrite (when ``overwrite_help``
+    is given), --executor and --address."""
+    p.add_argument("--config", help="YAML file with this command's settings (keys as in --set)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set k=32 threshold=0.9")
-    if command.overwrite:
-        p.add_argument("--overwrite", action="store_true",
-                       help="start the stage again from scratch: forget its progress and delete what it wrote")
+    if overwrite_help:
+        p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.add_argument("--executor", choices=EXECUTORS, default="auto",
                    help="where units run: ray, local (this process), or auto (default: local for small work "
                    "without a cluster)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on: ray://… or auto joins it; http://HEAD:8265 submits the command "
                    "as a Ray job (default: CURATE_RAY_ADDRESS, else Ray in-process when needed)")
-    p.set_defaults(run=lambda args: run_stage_command(command, args))
 
 
 def _dest(flag: Flag) -> str:

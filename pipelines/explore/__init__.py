@@ -7,7 +7,7 @@ it opens from ``file://``, from ``python -m http.server`` and from a bucket's st
 - ``config``: what the site shows and the caps that bound every page;
 - ``tree``: the cluster tree's per-node data, from DuckDB group-bys and window queries;
 - ``pages``: the other pages (duplicates, retrieval, errors, runs, search index, summary);
-- ``thumbnails``: the sprite sheets, planned in units and resumable through a ledger;
 - ``writer``: data files and static assets written into the site folder;
-- ``site``: the build, in order.
+- ``site``: the build, in order; the sprite sheets are the ``thumbnails`` stage
+  (`pipelines.stages.thumbnails`), run by the one runner on the site folder.
 """

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from catalog.config import ConfigError, at_least
+from catalog.config import at_least
+from pipelines.stages.thumbnails import ThumbnailsConfig
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,12 @@ class ExploreConfig:
     max_runs: int = 1000  # most recent manifests on the runs page
     search_rows_per_shard: int = 4000
     deepest_level: int = 1
-    workers: int = 0  # thumbnail processes; 0 = one per CPU
     seed: int = 0  # picks the "random" members
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "thumb_size", "sheet_cols", "dup_groups_per_page", "search_rows_per_shard", "deepest_level")
-        if not 1 <= self.jpeg_quality <= 95:
-            raise ConfigError(f"explore: jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+        at_least(self, 1, "dup_groups_per_page", "search_rows_per_shard", "deepest_level")
+        self.thumbnails()  # checks the thumbnail keys now, not after the pages are planned
 
-    @property
-    def per_sheet(self) -> int:
-        return self.sheet_cols * self.sheet_cols
+    def thumbnails(self) -> ThumbnailsConfig:
+        """The settings of the ``thumbnails`` stage that draws this site's sprite sheets."""
+        return ThumbnailsConfig(self.thumb_size, self.sheet_cols, self.jpeg_quality)

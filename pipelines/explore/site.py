@@ -15,16 +15,20 @@ from dataclasses import asdict
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from catalog.config import ConfigError
 from catalog.errors import MissingInputError
 from catalog.paths import join
+from catalog.shards import read_table
 from catalog.sql import connection, view_name
 from catalog.tables import describe, list_tables
+from pipelines.executors import Executor
 from pipelines.explore import pages, tree
 from pipelines.explore.config import ExploreConfig
-from pipelines.explore.thumbnails import SheetSpec, build_thumbnails
 from pipelines.explore.writer import copy_static, write_data, write_many
+from pipelines.stage import StageResult, run_stage
+from pipelines.stages.thumbnails import INDEX_TABLE, write_shown
 
 REQUIRED = ("pool", "clusters", "centroids")
 
@@ -106,9 +110,19 @@ def _part_totals(con: duckdb.DuckDBPyConnection, parts: list[str]) -> list[dict]
     return out
 
 
-def build_site(root: str, out: str | None = None, config: ExploreConfig | None = None, *,
-               overwrite_thumbnails: bool = False) -> dict:
-    """Write the site for ``root`` into ``out`` (default ``<root>/reports/explore``); returns what was built."""
+def build_thumbnails(site: str, ids: np.ndarray, uris: list[str], config: ExploreConfig, *, overwrite: bool = False,
+                     executor: Executor = "auto", address: str | None = None) -> tuple[pa.Table, StageResult]:
+    """The ``thumbnails`` stage on the site folder for these images (in page order): its index and result."""
+    write_shown(site, ids, uris)
+    result = run_stage("thumbnails", site, config.thumbnails(), overwrite=overwrite, executor=executor,
+                       address=address)
+    return read_table(site, INDEX_TABLE), result
+
+
+def build_site(root: str, out: str | None = None, config: ExploreConfig | None = None, *, overwrite: bool = False,
+               executor: Executor = "auto", address: str | None = None) -> dict:
+    """Write the site for ``root`` into ``out`` (default ``<root>/reports/explore``); returns what was built.
+    ``overwrite``, ``executor`` and ``address`` go to the thumbnails stage (the pages are always rewritten)."""
     config = config or ExploreConfig()
     site = out or default_out(root)
     start = time.time()
@@ -136,9 +150,8 @@ def build_site(root: str, out: str | None = None, config: ExploreConfig | None =
         ids, uris = shown_images(con)
         planned = time.time()
 
-        spec = SheetSpec(config.thumb_size, config.sheet_cols, config.jpeg_quality)
-        index, thumbs = build_thumbnails(site, ids, uris, spec, workers=config.workers,
-                                         overwrite=overwrite_thumbnails)
+        index, thumbs = build_thumbnails(site, ids, uris, config, overwrite=overwrite, executor=executor,
+                                         address=address)
         con.register("thumbs", index)
         create_imgs(con)
         thumbed = time.time()
@@ -181,7 +194,7 @@ def build_site(root: str, out: str | None = None, config: ExploreConfig | None =
         }
         sizes.append(write_data(site, "summary", json.dumps(summary)))
         copy_static(site)
-    return {"site": site, "index": join(site, "index.html"), "node_pages": n_nodes,
+    return {"site": site, "index": join(site, "index.html"), "node_pages": n_nodes, "images_shown": len(ids),
             "thumbnails": thumbs, "largest_data_file": max(sizes),
             "seconds": {"plan": planned - start, "thumbnails": thumbed - planned, "pages": time.time() - thumbed,
                         "total": time.time() - start}}

@@ -15,6 +15,7 @@ STAGE_MODULES: dict[str, str] = {
     "retrieve": "pipelines.stages.retrieve",
     "mix": "pipelines.stages.mix",
     "pack": "pipelines.stages.pack",
+    "thumbnails": "pipelines.stages.thumbnails",  # run by `curate explore`, on the site folder
 }
 
 

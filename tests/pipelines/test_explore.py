@@ -1,5 +1,6 @@
 """`curate explore`'s data: every node file against DuckDB over the catalog, thumbnails against the
-images they show, caps, resume after a kill. The browser side is tests/e2e/test_explore.py."""
+images they show, caps, the thumbnails stage's reruns and its resume after a kill. The browser side is
+tests/e2e/test_explore.py."""
 
 from __future__ import annotations
 
@@ -8,22 +9,19 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
 from catalog.decode import decode_rgb
-from catalog.ledger import Ledger
+from catalog.ledger import Ledger, LedgerPlanError
+from catalog.shards import read_table
 from catalog.sql import query
 from pipelines.explore.config import ExploreConfig
-from pipelines.explore.thumbnails import STAGE, SheetSpec, build_thumbnails
-from tests.helpers import cli_env, kill_tree, run_cli
+from pipelines.explore.site import build_thumbnails
+from pipelines.stages.thumbnails import INDEX_TABLE
+from tests.helpers import kill_when, run_cli, still_alive
 
 WRAPPER = re.compile(r'^curateData\("([^"]+)", (.*)\);\n$', re.DOTALL)
 
@@ -213,16 +211,44 @@ def test_caps_bound_every_page(explore_catalog, tmp_path):
     assert len(read_data(out, "dups/1")) == 1
 
 
-def test_unusable_images_get_a_reason_not_a_crash(demo_pool, tmp_path):
+def _four_images(demo_pool: str, tmp_path) -> list[str]:
     good = sorted(glob.glob(os.path.join(demo_pool, "seed", "**", "*.jpg"), recursive=True))[:2]
     text = tmp_path / "notes.jpg"
     text.write_text("not an image at all\n")
-    uris = [good[0], str(tmp_path / "gone.jpg"), str(text), good[1]]
-    index, counts = build_thumbnails(str(tmp_path / "explore_site"), np.arange(4, dtype=np.int64), uris,
-                                     SheetSpec(32, 2, 80), workers=1)
-    assert counts == {"planned": 4, "built": 4, "failed": 2}
-    status = dict(zip(index.column("image_id").to_pylist(), index.column("status").to_pylist()))
-    assert status == {0: "ok", 1: "missing", 2: "text_file", 3: "ok"}
+    return [good[0], str(tmp_path / "gone.jpg"), str(text), good[1]]
+
+
+def _statuses(index) -> dict[int, str]:
+    return dict(zip(index.column("image_id").to_pylist(), index.column("status").to_pylist()))
+
+
+SMALL = ExploreConfig(thumb_size=32, sheet_cols=1)  # a sheet per image
+
+
+def test_unusable_images_get_a_reason_not_a_crash(demo_pool, tmp_path):
+    uris = _four_images(demo_pool, tmp_path)
+    index, result = build_thumbnails(str(tmp_path / "explore_site"), np.arange(4, dtype=np.int64), uris, SMALL)
+    assert result.summary == {"in": 4, "out": 2, "errored": 2} and result.items_run == 4
+    assert _statuses(index) == {0: "ok", 1: "missing", 2: "text_file", 3: "ok"}
+
+
+def test_other_images_redraw_the_sheets_and_other_settings_need_overwrite(demo_pool, tmp_path):
+    site = str(tmp_path / "explore_site")
+    uris = _four_images(demo_pool, tmp_path)
+    ids = np.arange(4, dtype=np.int64)
+    _, first = build_thumbnails(site, ids, uris, SMALL)
+    before = set(os.listdir(os.path.join(site, "thumbs")))
+    assert len(before) == 4 and not build_thumbnails(site, ids, uris, SMALL)[1].items_run  # done: nothing redrawn
+    index, again = build_thumbnails(site, ids[[3, 0]], [uris[3], uris[0]], SMALL)  # other caps: other images
+    after = set(os.listdir(os.path.join(site, "thumbs")))
+    assert again.items_run == 2 and _statuses(index) == {3: "ok", 0: "ok"}
+    assert len(after) == 2 and not after & before  # the old sheets are gone, the new name is new
+    with pytest.raises(LedgerPlanError, match="thumb_size"):
+        build_thumbnails(site, ids, uris, ExploreConfig(thumb_size=48, sheet_cols=1))
+    index, bigger = build_thumbnails(site, ids, uris, ExploreConfig(thumb_size=48, sheet_cols=1), overwrite=True)
+    assert bigger.items_run == 4 and len(index) == 4
+    with Image.open(os.path.join(site, "thumbs", index.column("sheet")[0].as_py() + ".jpg")) as sheet:
+        assert sheet.size == (48, 48)
 
 
 def test_explore_refuses_a_catalog_without_clusters(demo_catalog, explore_catalog, tmp_path):
@@ -235,34 +261,25 @@ def test_explore_refuses_a_catalog_without_clusters(demo_catalog, explore_catalo
 
 
 @pytest.mark.slow
-def test_a_killed_build_resumes_without_redoing_finished_sheets(explore_catalog, tmp_path):
+def test_a_killed_build_on_ray_resumes_without_redoing_finished_sheets(explore_catalog, tmp_path):
     out = str(tmp_path / "site")
-    args = ["explore", explore_catalog, "--out", out, "--set", "workers=2", "sheet_cols=3"]
-    ledger = Ledger(out, STAGE)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while len(ledger.done()) < 3:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "no thumbnail unit finished in time"
-            time.sleep(0.02)
-        workers = psutil.Process(proc.pid).children(recursive=True)
-        os.kill(proc.pid, signal.SIGKILL)  # the build alone, as the OOM killer would
-        proc.wait(timeout=30)
-        _, alive = psutil.wait_procs(workers, timeout=20)
-        assert workers and not alive, f"decoding processes outlived the killed build: {alive}"
-    finally:
-        kill_tree(proc.pid)
+    args = ["explore", explore_catalog, "--out", out, "--set", "sheet_cols=2"]  # units of 32 images
+    ledger = Ledger(out, "thumbnails")
+    started = kill_when([*args, "--executor", "ray"], lambda: len(ledger.done()) >= 3, only_driver=True)
+    assert not still_alive(started, 20), "Ray processes outlived the killed build"
+    drawn_by = {int(m["worker"].rsplit(":", 1)[1]) for m in ledger.done().values()}
+    assert drawn_by <= {p.pid for p in started}  # Ray workers of the build drew the sheets, not the driver
     finished = set(ledger.done())
     assert not os.path.exists(os.path.join(out, "index.html"))  # killed before the pages
-    done_images = sum(info["images"] for info in ledger.done().values())
-    result = run_cli(args)
+    done_images = sum(m["rows"][INDEX_TABLE] for m in ledger.done().values())
+    result = run_cli([*args, "--executor", "local"])  # the executor is no setting: the same run resumes
     assert result.returncode == 0, result.stderr
     assert finished < set(ledger.done())  # earlier units kept, the rest added
     shown = int(re.search(r"(\d+) images shown", result.stdout).group(1))
     built = int(re.search(r"(\d+) thumbnails built in this run", result.stdout).group(1))
     assert built == shown - done_images > 0  # nothing finished before the kill is redone
+    ids = read_table(out, INDEX_TABLE).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == shown  # one row per shown image, none twice
     sheets = {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(out, "thumbs", "*.jpg"))}
     refs = {img["s"] for node in node_files(out).values() for img in node["strip"] + node["members"]}
     assert refs <= sheets

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import time
 
 import psutil
 import pytest
 
 from catalog.ledger import Ledger
-from tests.helpers import kill_when
+from tests.helpers import kill_when, still_alive
 
 GRACE_S = 10.0
 
@@ -54,11 +53,7 @@ def killed_ingest(demo_pool, tmp_path_factory):
 
     started = kill_when(["ingest", os.path.join(demo_pool, "pool"), "--catalog", root, "--set", "files_per_unit=20"],
                         ready, only_driver=True)
-    deadline = time.time() + GRACE_S
-    alive = started
-    while alive and time.time() < deadline:
-        time.sleep(0.5)
-        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    alive = still_alive(started, GRACE_S)
     try:
         yield sockets, started, [(p.pid, p.name()) for p in alive]
     finally:
