@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from catalog import schemas
 from catalog.config import at_least
-from catalog.decode import MISSING, DecodeError, decode_rgb
+from catalog.decode import CORRUPT, MISSING, DecodeError, decode_rgb
 from catalog.images import byte_range_uri, read_image_bytes, uri_extension
 from catalog.manifest import fingerprint
 from catalog.names import check_name
@@ -72,7 +72,7 @@ def _encoded(data: bytes, field: str) -> bytes:
     if data.startswith(_JPEG_MAGIC if field == "jpg" else _PNG_MAGIC):
         return data
     if field == "jpg":
-        raise DecodeError("corrupt", "named as a JPEG, but the bytes are another format")
+        raise DecodeError(CORRUPT, "named as a JPEG, but the bytes are another format")
     out = io.BytesIO()
     decode_rgb(data).save(out, format="PNG", compress_level=1)
     return out.getvalue()

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.shards import read_table
+from pipelines.stages.pack import image_id_of_key, sample_key
 from tests.helpers import run_cli
 from tests.train_helpers import PARTS, make_catalog
 from training.data.dataset import PartDataset
@@ -44,3 +45,11 @@ def test_packed_part_serves_the_same_images_from_tar_shards(tmp_path):
     again = run_cli(["pack", "--catalog", catalog, "--part", part, "--images-per-shard", "3"])
     assert again.returncode == 0 and len(Ledger(catalog, f"pack-{part}").done()) == 3
     assert part_table(catalog, part).num_rows == 6  # rerun adds no rows
+
+
+def test_sample_keys_are_unsigned_hex_of_the_signed_image_id():
+    for image_id in (-(2**63), -1, 0, 1, 2**63 - 1, -1234567890123456789):
+        key = sample_key(image_id)
+        assert len(key) == 16 and "." not in key and int(key, 16) == image_id % 2**64
+        assert image_id_of_key(key) == image_id
+    assert sample_key(-1) == "f" * 16 and sample_key(1) == "0" * 15 + "1"
