@@ -40,7 +40,7 @@ def packed(lvd_catalog, demo_pool, tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("clients") / "cat")
     shutil.copytree(lvd_catalog, root, ignore=shutil.ignore_patterns("reports", "_checkpoints"))
     for args in (["retrieve", "--seed", "demo", "--mode", "knn", "--overwrite", "--set", _seeds(demo_pool)],
-                 ["pack", "--part", "lvd", "--images-per-shard", "200"]):
+                 ["pack", "--part", "lvd", "--images-per-shard", "200", "--executor", "local"]):
         result = run_cli([*args, "--catalog", root])
         assert result.returncode == 0, result.stderr
     return root
