@@ -101,6 +101,57 @@ def train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> N
 
 
 @command
+def ablate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("ablate", parents=[common],
+                       help="the data ablation: one recipe trained on raw, clustering, retrieval and the mix, "
+                       "scored alike, one table",
+                       description="Train the same backbone config for the same steps and images seen on each arm "
+                       "(default: raw = the deduplicated pool, clustering = curated/lvd, retrieval = the images "
+                       "retrieved for the demo seed, mix = both plus the labelled seed images as homogeneous "
+                       "batches on 10% of steps), over 3 seeds; score every exported teacher with the same "
+                       "evaluations (k-NN overall / head / tail concepts, linear probe, instance retrieval, dense "
+                       "probe) and write results.json, results.md and results.png under "
+                       "<catalog>/ablations/<name>/. Each run is an ordinary training run in "
+                       "<catalog>/ablations/<name>/<arm>/seed<k>/; rerunning resumes the unfinished ones only.")
+    p.add_argument("--catalog", required=True, help="catalog root: a folder or an fsspec URL")
+    p.add_argument("--config", required=True, help="the training config every arm shares "
+                   "(training/configs/demo_cpu.yaml on the demo)")
+    p.add_argument("--ablation-config", help="YAML with ablation settings (keys as in --set)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="ablation settings, e.g. seeds=[0,1,2] steps=100 train=[optim.lr.peak=5e-4] "
+                   "'arms={raw: {parts: {pool: {source: pool}}}, lvd: {parts: {lvd: {source: lvd}}}}' "
+                   "demo_pool='' evals.labelled=/data/labelled evals.frequency=/data/freq.json")
+    p.add_argument("--name", help="the ablation's folder under <catalog>/ablations "
+                   "(default: default, or quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="the whole ablation in miniature: one seed, 6 steps")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per run")
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    # dest differs from the stages' "address": ablate submits its own jobs (one per arm) instead of one job
+    p.add_argument("--address", dest="cluster", default=None,
+                   help="Ray dashboard URL http://HEAD:8265: prepare, each arm and the report run as Ray jobs, the "
+                   "arms at the same time where the cluster's resources allow (default: CURATE_RAY_ADDRESS)")
+    p.add_argument("--only", metavar="PHASE", help="prepare, arm:<name> or report: one phase (what each job runs)")
+
+    def run(args: argparse.Namespace) -> None:
+        from catalog.config import load_config
+        from pipelines.ablate.ablation import ablate as run_ablate
+        from pipelines.ablate.config import QUICK, AblationConfig
+
+        quick = [*QUICK, "name=quick"] if args.quick else []
+        name = [f"name={args.name}"] if args.name else []
+        config = load_config(AblationConfig, args.ablation_config, [*quick, *name, *args.set])
+        job_argv = ["ablate", "--catalog", args.catalog, "--config", args.config, "--name", config.name,
+                    "--num-workers", str(args.num_workers), "--gpus-per-worker", str(args.gpus_per_worker),
+                    *(["--ablation-config", args.ablation_config] if args.ablation_config else []),
+                    *(["--quick"] if args.quick else []), *(["--set", *args.set] if args.set else [])]
+        run_ablate(args.catalog, args.config, config, only=args.only,
+                   address=args.cluster or os.environ.get("CURATE_RAY_ADDRESS"), num_workers=args.num_workers,
+                   gpus_per_worker=args.gpus_per_worker, job_argv=job_argv)
+
+    p.set_defaults(run=run)
+
+
+@command
 def export_backbone(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export-backbone", parents=[common],
                        help="write a training checkpoint's teacher backbone for `curate embed`",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from catalog.manifest import list_manifests
+from catalog.paths import join
 from catalog.tables import describe, list_tables
 
 
@@ -30,4 +31,18 @@ def inspect_text(root: str, last_runs: int = 8) -> str:
         rows = ", ".join(f"{k}={v}" for k, v in m.get("rows", {}).items())
         lines.append(f"  {m['started'][:19]}  {m['stage']:<10} {m['status']:<8} {m['wall_seconds']:>8.1f}s  "
                      f"{m['peak_memory_mb']:>7.0f} MiB  {rows}")
+    lines += ablations_text(root)
     return "\n".join(lines)
+
+
+def ablations_text(root: str) -> list[str]:
+    """One line per finished ``curate ablate`` of the catalog."""
+    from pipelines.ablate.table import finished_ablations
+
+    lines = []
+    for summary in finished_ablations(root):
+        seeds = len(summary["seeds"])
+        lines.append(f"  ablation {summary['name']}: {len(summary['arms'])} arms x {seeds} "
+                     f"seed{'s' if seeds > 1 else ''}, {summary['steps']} steps ({', '.join(summary['arms'])}): "
+                     f"{join(root, 'ablations', summary['name'], 'results.md')}")
+    return ["", "ablations:", *lines] if lines else []

@@ -29,6 +29,8 @@ from catalog.manifest import fingerprint
 from catalog.progress import progress
 from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, DUPLICATES_TABLE, EMBEDDINGS_TABLE
 from catalog.shards import read_schema, shard_urls
+from curation.cluster_cost import measure_rates
+from curation.cluster_plan import format_plan, plan_levels
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
 from curation.kmeans import RowSource, compute_dtype, default_chunk_size, resolve_device
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
@@ -72,10 +74,25 @@ class ClusterConfig:
             raise ConfigError("workers > 1 reads the catalog's embeddings table; use workers=1 with --embeddings")
 
 
-def level_specs(config: ClusterConfig, n_rows: int) -> list[LevelSpec]:
+def level_specs(config: ClusterConfig, n_rows: int, dim: int) -> list[LevelSpec]:
+    """The configured levels, else `default_levels` for this pool (level 1 two-step when its cost says so)."""
     if config.levels:
         return list(config.levels)
-    return default_levels(n_rows, config.n_levels, resampling_steps=config.resampling_steps)
+    return default_levels(n_rows, config.n_levels, resampling_steps=config.resampling_steps, dim=dim,
+                          n_iter=config.n_iter)
+
+
+def plan_text(config: ClusterConfig, rows: int, dim: int) -> str:
+    """``curate cluster --plan``: the levels this config gives a pool of ``rows`` × ``dim`` and their cost.
+
+    The same `level_specs` the stage runs, costed by `curation.cluster_plan` at rates measured on the
+    configured device (a calibration matmul, no data, no Ray).
+    """
+    specs = level_specs(config, rows, dim)
+    rates = measure_rates(_device(config.device))
+    return format_plan(plan_levels(rows, dim, levels=specs, n_iter=config.n_iter, rates=rates))
+
+
 def _device(name: str) -> str:
     """The device to cluster on; on CPU also every core as torch threads.
 
@@ -169,7 +186,8 @@ class ClusterStage(Stage):
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         config: ClusterConfig = ctx.config
         image_ids, vectors = _read_inputs(ctx.root, config)
-        specs = level_specs(config, len(image_ids))
+        dim = vectors.shape[1] if isinstance(vectors, np.ndarray) else vectors.dim
+        specs = level_specs(config, len(image_ids), dim)
         device = _device(config.device)
         dtype = compute_dtype(config.precision, resolve_device(device))
         steps = sum(1 + s.resampling_steps for s in specs)

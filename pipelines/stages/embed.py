@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.config import ConfigError, above, at_least
-from catalog.decode import MISSING, DecodeError, Preprocess, decode_crop, plain_jpeg
+from catalog.decode import DecodeError, Preprocess, decode_crop, plain_jpeg
 from catalog.embeddings import EmbeddingIdentity, embeddings_table
-from catalog.images import read_image_bytes
+from catalog.images import UnreadableItem, read_item
 from catalog.manifest import fingerprint
 from catalog.schemas import EMBEDDINGS_TABLE, ERRORS, ERRORS_TABLE, POOL_TABLE, stamp
 from pipelines.stage import Output, Resources, Stage, StageContext, Totals, Unit
@@ -161,13 +161,13 @@ class EmbedStage(Stage):
         for i, uri in enumerate(unit.payload["uris"]):
             reason, message = "", ""
             try:
-                data = read_image_bytes(uri)
+                data = read_item(uri)
                 if keep_jpegs and plain_jpeg(data, config.max_pixels):
                     encoded[i] = data
                 else:
                     pixels[i] = decode_crop(data, pre, config.max_pixels)
-            except FileNotFoundError:
-                reason, message = MISSING, "file vanished after ingest"
+            except UnreadableItem as e:
+                reason, message = e.reason, f"unreadable after ingest: {e}"
             except DecodeError as e:
                 reason, message = e.reason, str(e)
             reasons.append(reason)

@@ -28,8 +28,8 @@ import pyarrow as pa
 
 from catalog import schemas
 from catalog.config import at_least
-from catalog.decode import CORRUPT, MISSING, DecodeError, decode_rgb
-from catalog.images import byte_range_uri, read_image_bytes, uri_extension
+from catalog.decode import CORRUPT, DecodeError, decode_rgb
+from catalog.images import UnreadableItem, byte_range_uri, read_item, uri_extension
 from catalog.manifest import fingerprint
 from catalog.names import check_name
 from catalog.schemas import ERRORS, ERRORS_TABLE, curated_table, packed_shards_dir, packed_table
@@ -61,9 +61,9 @@ def image_id_of_key(key: str) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def image_field(uris: list[str]) -> str:
+def image_field(uris: list[str | None]) -> str:
     """The one image field of a pack: ``jpg`` when every image is named as a JPEG, else ``png``."""
-    return "jpg" if uris and all(uri_extension(u) in (".jpg", ".jpeg") for u in uris) else "png"
+    return "jpg" if uris and all(u and uri_extension(u) in (".jpg", ".jpeg") for u in uris) else "png"
 
 
 def _encoded(data: bytes, field: str) -> bytes:
@@ -95,11 +95,10 @@ def _tar_shard(samples: list[dict[str, Any]], field: str) -> tuple[bytes, list[t
         for sample in samples:
             image_id, uri = sample["image_id"], sample["uri"]
             try:
-                data = _encoded(read_image_bytes(uri), field)
-            except (OSError, DecodeError) as e:
-                reason = MISSING if isinstance(e, FileNotFoundError) else getattr(e, "reason", "unreadable")
-                failed.append({"image_id": image_id, "uri": uri, "stage": "pack", "reason": reason,
-                               "message": f"could not pack the image: {type(e).__name__}: {e}"})
+                data = _encoded(read_item(uri), field)
+            except (UnreadableItem, DecodeError) as e:
+                failed.append({"image_id": image_id, "uri": uri or "", "stage": "pack", "reason": e.reason,
+                               "message": f"could not pack the image: {e}"})
                 continue
             key = sample_key(image_id)
             offset = _add(tar, f"{key}.{field}", data)
