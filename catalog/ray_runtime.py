@@ -88,6 +88,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx.print_on_execution_start = False
 
 
+def worker_cpus() -> float | None:
+    """CPUs Ray gave the task or actor running in this process; None outside a Ray worker (or before Ray).
+
+    Read from the already-imported Ray only: a process that never imported Ray is no Ray worker.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None
+    return ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)  # none asked: Ray's default of 1
+
+
 @functools.cache
 def _start_reaper() -> subprocess.Popen:
     """One reaper per driver (it rescans every second, so a later in-process Ray is covered too). It

@@ -1,7 +1,8 @@
 """DuckDB over a catalog: every table is a view under its own name; only reads, only of the catalog.
 
 Curated parts live in ``curated/<part>/`` and appear as ``curated_<part>`` plus one ``curated`` view
-over all parts. Object-store catalogs are read through the same fsspec filesystem as everything else.
+over all parts; ``duplicate_pairs`` is ``duplicates`` with the URIs of both images (``uri``, ``kept_uri``).
+Object-store catalogs are read through the same fsspec filesystem as everything else.
 
 Two fences, because ``curate sql`` runs whatever a user (or a script fed by others) types:
 
@@ -29,7 +30,8 @@ import pyarrow as pa
 from catalog.errors import UserError
 from catalog.images import ABSOLUTE_URI, catalog_root_prefix
 from catalog.paths import is_local, resolve
-from catalog.shards import CorruptShardError, check_shards, read_schema
+from catalog.schemas import DUPLICATES_TABLE, POOL_TABLE
+from catalog.shards import CorruptShardError, check_shards
 from catalog.tables import list_tables
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
@@ -41,6 +43,8 @@ _CONNECTION_CONFIG = {
     "python_enable_replacements": False,
 }
 Params = Sequence[object] | Mapping[str, object] | None
+# Each duplicates row with the URIs of the removed image and the one kept (eval-set overlaps: kept_uri NULL).
+PAIRS_VIEW = "duplicate_pairs"
 
 
 class ReadOnlyError(UserError, PermissionError):
@@ -76,7 +80,8 @@ def _allowed_prefixes(root: str) -> list[str]:
 def _create_views(con: duckdb.DuckDBPyConnection, root: str) -> dict[str, CorruptShardError]:
     """One view per table with good shards; returns the refusal of each table (view name) left out."""
     curated, broken = [], {}
-    for table in list_tables(root):
+    tables = list_tables(root)
+    for table in tables:
         try:
             shards = check_shards(root, table)
         except CorruptShardError as e:
@@ -86,7 +91,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: str) -> dict[str, Corrup
         listed = ", ".join(quote_literal(f) for f in files)
         view = quote_identifier(view_name(table))
         columns = "*"
-        if files and "uri" in read_schema(files[0]).names:  # catalog-relative URIs shown resolved
+        if any("uri" in schema.names for schema in shards.values()):  # catalog-relative URIs shown resolved
             prefix = quote_literal(catalog_root_prefix(root))
             columns = (f"* REPLACE (CASE WHEN regexp_matches(uri, {quote_literal(ABSOLUTE_URI)}) THEN uri "
                        f"ELSE {prefix} || uri END AS uri)")
@@ -98,6 +103,10 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: str) -> dict[str, Corrup
     elif curated:
         union = " UNION ALL BY NAME ".join(f"SELECT * FROM {v}" for v in curated)
         con.execute(f"CREATE VIEW curated AS {union}")
+    if {DUPLICATES_TABLE, POOL_TABLE} <= set(tables) - set(broken) and PAIRS_VIEW not in tables:
+        con.execute(f"CREATE VIEW {PAIRS_VIEW} AS SELECT d.*, p.uri AS uri, k.uri AS kept_uri "
+                    f"FROM {DUPLICATES_TABLE} d LEFT JOIN {POOL_TABLE} p ON p.image_id = d.image_id "
+                    f"LEFT JOIN {POOL_TABLE} k ON k.image_id = d.kept_id")
     return broken
 
 

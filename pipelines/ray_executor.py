@@ -18,6 +18,7 @@ from typing import Any
 from catalog.config import ConfigError
 from catalog.errors import UserError
 from catalog.ray_runtime import ensure_ray
+from catalog.threads import ensure_threads
 from pipelines.stage import UNIT_FIELDS, CatalogSink, Resources, Stage, StageContext, Unit, process_and_commit
 
 # No actor restarts: Ray Data hands every actor its constructor arguments as object-store references,
@@ -67,6 +68,7 @@ class _Load:
         self.stage, self.ctx = stage, ctx
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        ensure_threads()
         return {**row, **(self.stage.load(self.ctx, Unit.from_row(row)) or {})}
 
 
@@ -77,6 +79,7 @@ class _Task:
         self.stage, self.ctx, self.sink = stage, ctx, sink
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        ensure_threads()
         return _committed(self.stage, self.ctx, self.sink, Unit.from_row(row), None, _loaded(row))
 
 
@@ -85,6 +88,7 @@ class _Actor:
 
     def __init__(self, stage: Stage, ctx: StageContext, sink: CatalogSink):
         self.stage, self.ctx, self.sink = stage, ctx, sink
+        ensure_threads()  # before setup, which may choose its own count (embed on CPU: the whole machine)
         self.state = stage.setup(ctx)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from catalog.errors import UserError
+from catalog.threads import OVERRIDE_ENV, configure_threads
 from pipelines.cli.explore_command import add_explore_command
 from pipelines.cli.jobs import add_jobs_command, maybe_submit
 from pipelines.cli.stage_commands import STAGE_COMMANDS, add_stage_command
@@ -36,6 +37,10 @@ def common_options() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="log debug detail")
     p.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
     p.add_argument("--debug", action="store_true", help="print a traceback for every error, not just bugs")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for each thread pool (torch, OpenMP/BLAS, faiss) of this process and of the Ray "
+                   "workers it starts; default: the CPUs the process may use (affinity mask, container quota; "
+                   "inside a Ray worker the CPUs Ray gave it). The same as CURATE_THREADS=N")
     return p
 
 
@@ -248,6 +253,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="curate", parents=[common],
         description="Curate a raw image pool into a balanced, diverse training set (DINOv3-style) "
         "and pretrain a ViT on it. Every stage reads and writes a Parquet catalog.",
+        epilog="Threads: curate sets torch's, OpenMP/BLAS's and faiss's thread counts (and OMP_NUM_THREADS, "
+        "MKL_NUM_THREADS, OPENBLAS_NUM_THREADS) to the CPUs the process may use; --threads N or "
+        "CURATE_THREADS=N overrides that count.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = _chosen(argv) if argv is not None else None
@@ -290,9 +298,17 @@ class _Formatter(logging.Formatter):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # before the parser imports a stage (and with it torch, faiss): OpenMP reads its settings at load
+        configure_threads()
+    except UserError as e:
+        print(f"curate: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser(argv).parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     try:
+        if args.threads is not None:  # through the environment, so the Ray workers started later inherit it
+            os.environ[OVERRIDE_ENV] = str(args.threads)
+            configure_threads()
         if not maybe_submit(args, argv):  # an http:// --address runs the command as a Ray job
             return int(args.run(args) or 0)
     except UserError as e:

@@ -53,14 +53,17 @@ class StageCommand:
     reads: str
     writes: str
     flags: tuple[Flag, ...]
-    result: Callable[[Any, dict[str, Any]], str]  # (StageResult or build-lvd results, flag values) -> lines
+    result: Callable[[Any, dict[str, Any]], str]  # (StageResult or build-lvd results, flag values + catalog) -> lines
     overwrite: bool = True
     preview: Preview | None = None
 
 
 def _ingest(r: Any, _: dict[str, Any]) -> str:
+    from pipelines.cli.report_text import skipped_text
+
     s = r.summary
-    return f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors ({r.items_run} processed in this run)"
+    return (f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors ({r.items_run} processed in this "
+            f"run); {skipped_text(s.get('skipped_by_extension', {}))}")
 
 
 def _embed(r: Any, _: dict[str, Any]) -> str:
@@ -68,8 +71,10 @@ def _embed(r: Any, _: dict[str, Any]) -> str:
             f"{r.rows_run.get('errors', 0)} failed to decode")
 
 
-def _dedup(r: Any, _: dict[str, Any]) -> str:
-    return "removed: " + ", ".join(f"{k}={v}" for k, v in r.summary["removed"].items())
+def _dedup(r: Any, flags: dict[str, Any]) -> str:
+    from pipelines.cli.report_text import dedup_text
+
+    return dedup_text(flags["catalog"])
 
 
 def _cluster(r: Any, _: dict[str, Any]) -> str:
@@ -101,9 +106,15 @@ def _pack(r: Any, _: dict[str, Any]) -> str:
     return f"packed/{part}/shards: {r.summary['packed']} images, {r.summary['unreadable']} unreadable"
 
 
-def _build_lvd(results: dict[str, Any], _: dict[str, Any]) -> str:
+def _build_lvd(results: dict[str, Any], flags: dict[str, Any]) -> str:
+    from pipelines.cli.report_text import dedup_text
+
+    lines = [_ingest(results["ingest"], flags)] if "ingest" in results else []
+    if "dedup" in results:
+        lines.append(dedup_text(flags["catalog"]))
     sample = results["sample"].summary
-    return f"\ncurated/lvd: {sample['out']} images; report: {', '.join(sample.get('report', []))}"
+    lines.append(f"curated/lvd: {sample['out']} images; report: {', '.join(sample.get('report', []))}")
+    return "\n" + "\n".join(lines)
 
 
 STAGE_COMMANDS: tuple[StageCommand, ...] = (
@@ -124,7 +135,8 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "errors",
         (Flag("--model", "model", "dinov2_vitl14, dinov3_vitl16, … (training/models/config.py) or curate:PATH "
               "for a backbone exported by `curate export-backbone`"),
-         Flag("--weights", "weights", "checkpoint file of the official release (.pth or .safetensors)")),
+         Flag("--weights", "weights", "checkpoint file of the official release (.pth or .safetensors); a registry "
+              "name without weights is refused unless --set random_init=true")),
         _embed),
     StageCommand(
         "dedup", "pipelines.stages.dedup:DedupConfig", "remove exact duplicates, near copies and eval-set overlaps",
@@ -304,4 +316,4 @@ def run_stage_command(command: StageCommand, args: argparse.Namespace, parser: a
 
         result = run_stage(command.command, args.catalog, config, overwrite=args.overwrite,
                            executor=args.executor, address=args.address)
-    print(command.result(result, values))
+    print(command.result(result, {**values, "catalog": args.catalog}))

@@ -13,7 +13,6 @@ count is not part of the plan and a run may resume with another one.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ContextManager, Literal
@@ -29,6 +28,7 @@ from catalog.manifest import fingerprint
 from catalog.progress import progress
 from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, DUPLICATES_TABLE, EMBEDDINGS_TABLE
 from catalog.shards import read_schema, shard_urls
+from catalog.threads import machine_cpus
 from curation.cluster_cost import measure_rates
 from curation.cluster_plan import format_plan, plan_levels
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
@@ -94,7 +94,7 @@ def plan_text(config: ClusterConfig, rows: int, dim: int) -> str:
 
 
 def _device(name: str) -> str:
-    """The device to cluster on; on CPU also every core as torch threads.
+    """The device to cluster on; on CPU also every CPU of the machine (cgroup-capped) as torch threads.
 
     A Ray job's driver starts with one OpenMP thread, and matmuls blocked for another thread count
     round differently: fixing the count keeps a job's clusters bit-identical to an in-process run's.
@@ -103,7 +103,7 @@ def _device(name: str) -> str:
 
     device = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(machine_cpus())
     return device
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from catalog.images import (
     parquet_row_uri,
     read_item,
     repeated_uri,
+    uri_extension,
 )
 from catalog.manifest import fingerprint
 from catalog.paths import resolve, retry, with_protocol
@@ -256,7 +258,14 @@ class IngestStage(Stage):
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         errored = totals.rows(ERRORS_TABLE)
         n = totals.rows(POOL_TABLE)
-        return {"in": n, "out": n - errored, "errored": errored, "id_collisions": find_id_collisions(ctx.root)}
+        return {"in": n, "out": n - errored, "errored": errored, "id_collisions": find_id_collisions(ctx.root),
+                "skipped_by_extension": skipped_by_extension(ctx.root)}
+
+
+def skipped_by_extension(root: str) -> dict[str, int]:
+    """Unusable files of the pool per file extension, most first: what a user checks first (SVGs, text)."""
+    uris = query(root, "SELECT uri FROM pool WHERE status = 'error'").column("uri").to_pylist()
+    return dict(Counter(uri_extension(u) or "(no extension)" for u in uris).most_common())
 
 
 def find_id_collisions(root: str) -> int:

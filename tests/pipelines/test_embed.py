@@ -22,8 +22,8 @@ from pipelines.stages.embed import EmbedConfig
 from tests.helpers import run_cli
 from training.models.checkpoints import inspect_backbone, load_backbone
 
-TINY = ["model=vit_test", "image_size=32", "images_per_unit=40", "batch_size=16"]
-TINY_CONFIG = EmbedConfig(model="vit_test", image_size=32, images_per_unit=40, batch_size=16)
+TINY = ["model=vit_test", "random_init=true", "image_size=32", "images_per_unit=40", "batch_size=16"]
+TINY_CONFIG = EmbedConfig(model="vit_test", image_size=32, images_per_unit=40, batch_size=16, random_init=True)
 DEMO_ON_DEVICE = EmbedConfig(model=f"curate:{DEMO_BACKBONE}", images_per_unit=100, batch_size=64, decode="device")
 
 
@@ -71,8 +71,8 @@ def test_rerun_does_nothing_and_other_model_is_refused(embedded):
     result = run_cli(["embed", "--catalog", embedded, "--set", *TINY])
     assert result.returncode == 0 and "0 images embedded in this run" in result.stdout
     with pytest.raises(ModelMismatchError, match="never mixed"):
-        run_stage("embed", embedded, EmbedConfig(model="vit_test14", image_size=28))
-    result = run_cli(["embed", "--catalog", embedded, "--model", "vit_test14", "--set", "image_size=28"])
+        run_stage("embed", embedded, EmbedConfig(model="vit_test14", image_size=28, random_init=True))
+    result = run_cli(["embed", "--catalog", embedded, "--model", "vit_test14", "--set", "image_size=28", "random_init=true"])
     assert result.returncode == 2 and "never mixed" in result.stderr
 
 
