@@ -14,8 +14,11 @@ fragment after the *last* ``#`` holds ``&``-joined ``key=value`` pairs of known 
 
 A fragment that is empty or of known keys is ours; anything else after a ``#`` belongs to the base
 (a web URL's anchor). So a listed file whose name holds ``#`` gets an empty fragment (``a#b.jpg#``).
-URIs of the older chained form ``tar://member::<tar url>`` are still read (the tar is the part after
-the last ``::``, the one that was hashed at ingest).
+A URI without a scheme or leading ``/`` (``packed/lvd/shards/shard-000000.tar#offset=…``) points
+inside the catalog and is stored relative to its root, so a catalog copied to another folder or
+bucket still reads; ``catalog.shards.read_table`` and the SQL views resolve it against the root the
+catalog is read from (``resolve_uris``). URIs of the older chained form ``tar://member::<tar url>``
+are still read (the tar is the part after the last ``::``, the one that was hashed at ingest).
 
 Stages read items through ``read_item``: every way one item can fail (a null or non-string URI, a
 malformed fragment, a gone file, a store without credentials or without its fsspec package, a base
@@ -26,6 +29,7 @@ not the item's fault: that error stops the unit, and a rerun resumes it.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import sys
@@ -34,13 +38,18 @@ from urllib.parse import quote, unquote
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalog.decode import MISSING
-from catalog.paths import StoreUnavailableError, is_transient, resolve_object, retry
+from catalog.paths import StoreUnavailableError, is_local, is_transient, resolve, resolve_object, retry
 
 _KEYS = ("offset", "size", "member", "row", "column", "dup")
 _LEGACY_TAR = "tar://"
+# What starts an absolute URI (a scheme such as s3: or file:, or a local absolute path); RE2 syntax,
+# shared by pyarrow and DuckDB so the SQL views resolve exactly as read_table does.
+ABSOLUTE_URI = r"^([A-Za-z][A-Za-z0-9+.\-]*:|/)"
+_ABSOLUTE = re.compile(ABSOLUTE_URI)
 
 # Why an item could not be read (``errors.reason``; the decoder's reasons say why bytes are no image).
 # MISSING (from the decoder's list): listed, but gone when read (or a dangling link, or a null bytes cell)
@@ -80,6 +89,23 @@ def repeated_uri(uri: str, occurrence: int) -> str:
     if params is None:
         return uri + _fragment({"dup": occurrence})
     return base + _fragment({**params, "dup": occurrence})
+
+
+def catalog_relative(uri: str) -> bool:
+    """Whether ``uri`` is relative to the catalog root (no ``scheme:`` and no leading ``/``)."""
+    return not _ABSOLUTE.match(uri)
+
+
+def catalog_root_prefix(root: str) -> str:
+    """What a catalog-relative URI is appended to: the root, made absolute if local, and a ``/``."""
+    return (os.path.abspath(resolve(root)[1]) if is_local(root) else root.rstrip("/")) + "/"
+
+
+def resolve_uris(root: str, uris: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """``uris`` with every catalog-relative one joined onto ``root`` (the others as they are)."""
+    relative = pc.invert(pc.match_substring_regex(uris, ABSOLUTE_URI))
+    prefix = catalog_root_prefix(root)
+    return pc.if_else(relative, pc.binary_join_element_wise(prefix, uris, ""), uris)
 
 
 def split_uri(uri: str) -> tuple[str, dict[str, str] | None]:

@@ -32,6 +32,8 @@ LOOPBACK = "127.0.0.1"
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 START_ATTEMPTS = 3
 log = logging.getLogger("curate.catalog")
+# The logger of Ray Data's progress bars: it says (WARNING) that they are off, which we choose.
+_RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
 def _set_defaults(defaults: dict[str, str]) -> None:
@@ -80,7 +82,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         _start_local(ray, num_cpus)
         _start_reaper()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # each stage draws its own bar (catalog/progress.py)
+    # Ray Data logs a WARNING the first time a dataset runs with its bars off; that notice alone is dropped.
+    logging.getLogger(_RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog.errors import MissingInputError, UserError
+from catalog.images import resolve_uris
 from catalog.paths import is_local, is_transient, join, ls, resolve, retry, write_bytes_atomic
 from catalog.schemas import TABLE_KEY, CatalogVersionError, check_version
 
@@ -71,7 +72,9 @@ def write_shards(
     for i in range(n_shards):
         piece = data.slice(i * max_rows, max_rows)
         sink = pa.BufferOutputStream()
-        pq.write_table(piece, sink, compression="zstd", write_page_checksum=True)
+        with pq.ParquetWriter(sink, piece.schema, compression="zstd", write_page_checksum=True) as writer:
+            if piece.num_rows:  # an empty shard has no row group: some readers (HF datasets) fail on empty ones
+                writer.write_table(piece)
         url = join(table_dir(root, table), f"{unit}-{i:05d}.parquet")
         data_bytes = sink.getvalue().to_pybytes()
         write_bytes_atomic(url, data_bytes)
@@ -181,18 +184,26 @@ def check_shards(root: str, table: str) -> dict[str, pa.Schema]:
     return found
 
 
+def _with_resolved_uris(root: str, data: pa.Table) -> pa.Table:
+    """``data`` with its catalog-relative ``uri`` values (a packed image's) joined onto ``root``."""
+    if "uri" not in data.column_names:
+        return data
+    i = data.column_names.index("uri")
+    return data.set_column(i, data.schema.field(i), resolve_uris(root, data.column(i)))
+
+
 def read_table(root: str, table: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a whole table, checking every shard's schema version first."""
+    """Read a whole table, checking every shard's schema version first; URIs come back absolute."""
     urls = shard_urls(root, table)
     if not urls:
         raise MissingInputError(f"catalog {root} has no table {table!r}")
-    return pa.concat_tables([read_shard(url, columns, table) for url in urls])
+    return _with_resolved_uris(root, pa.concat_tables([read_shard(url, columns, table) for url in urls]))
 
 
 def iter_shards(root: str, table: str, columns: list[str] | None = None):
     """Yield ``(url, pa.Table)`` shard by shard, for stages that stream a large table."""
     for url in shard_urls(root, table):
-        yield url, read_shard(url, columns, table)
+        yield url, _with_resolved_uris(root, read_shard(url, columns, table))
 
 
 def delete_shards(root: str, table: str, prefix: str) -> None:

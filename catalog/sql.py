@@ -28,6 +28,7 @@ import duckdb
 import pyarrow as pa
 
 from catalog.errors import UserError
+from catalog.images import ABSOLUTE_URI, catalog_root_prefix
 from catalog.paths import is_local, resolve
 from catalog.schemas import DUPLICATES_TABLE, POOL_TABLE
 from catalog.shards import CorruptShardError, check_shards
@@ -89,7 +90,12 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: str) -> dict[str, Corrup
         files = [os.path.abspath(f) if is_local(f) else f for f in shards]
         listed = ", ".join(quote_literal(f) for f in files)
         view = quote_identifier(view_name(table))
-        con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet([{listed}], union_by_name=true)")
+        columns = "*"
+        if any("uri" in schema.names for schema in shards.values()):  # catalog-relative URIs shown resolved
+            prefix = quote_literal(catalog_root_prefix(root))
+            columns = (f"* REPLACE (CASE WHEN regexp_matches(uri, {quote_literal(ABSOLUTE_URI)}) THEN uri "
+                       f"ELSE {prefix} || uri END AS uri)")
+        con.execute(f"CREATE VIEW {view} AS SELECT {columns} FROM read_parquet([{listed}], union_by_name=true)")
         if table.startswith("curated/"):
             curated.append(view)
     if any(name.startswith("curated_") for name in broken):

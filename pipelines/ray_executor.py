@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,12 @@ from catalog.errors import UserError
 from catalog.ray_runtime import ensure_ray
 from catalog.threads import ensure_threads
 from pipelines.stage import UNIT_FIELDS, CatalogSink, Resources, Stage, StageContext, Unit, process_and_commit
+
+# No actor restarts: Ray Data hands every actor its constructor arguments as object-store references,
+# which Ray says a restarted actor may not get back (ray-project/ray#53727, #57733: an "E" line per
+# actor). A lost actor fails the run instead, and the ledger resumes it on the rerun with every
+# finished unit kept. Passed as a remote-args keyword, the one way Ray 2.60 takes it.
+_ACTOR_OPTIONS = {"max_restarts": 0}
 
 
 def _loaded(row: dict[str, Any]) -> dict[str, Any]:
@@ -124,8 +131,10 @@ def run_on_ray(stage: Stage, ctx: StageContext, sink: CatalogSink,
     if stage.has_load:
         ds = ds.map(_Load(stage, ctx), num_cpus=resources.load_cpus)
     if stage.has_setup:
-        ds = ds.map(_Actor, fn_constructor_args=(stage, ctx, sink), compute=_actor_pool(resources),
-                    num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)
+        with warnings.catch_warnings():  # see _ACTOR_OPTIONS: Ray 2.60 has no named parameter for it yet
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map(_Actor, fn_constructor_args=(stage, ctx, sink), compute=_actor_pool(resources),
+                        **_ACTOR_OPTIONS, num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)
     else:
         ds = ds.map(_Task(stage, ctx, sink), num_cpus=resources.num_cpus)
     for row in ds.iter_rows():

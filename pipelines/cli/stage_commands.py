@@ -109,7 +109,7 @@ def _mix(r: Any, _: dict[str, Any]) -> str:
 
 def _pack(r: Any, _: dict[str, Any]) -> str:
     part = r.run.split("-", 1)[1]
-    return f"packed/{part}: {r.summary['packed']} images, {r.summary['unreadable']} unreadable"
+    return f"packed/{part}/shards: {r.summary['packed']} images, {r.summary['unreadable']} unreadable"
 
 
 def _build_lvd(results: dict[str, Any], flags: dict[str, Any]) -> str:
@@ -204,10 +204,13 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "weight: W}}') and record the weights and the homogeneous part for the trainer.",
         "pool, duplicates, curated/lvd, retrieved", "curated/<part> per part, _mix.json", (), _mix),
     StageCommand(
-        "pack", "pipelines.stages.pack:PackConfig", "write a curated part as tar shards for fast training reads",
-        "Copy the images of curated/<part> into WebDataset-style tar shards with an index of byte ranges; "
-        "training then reads the shards instead of one object per image.",
-        "curated/<part>", "packed/<part>/*.tar and their index table, errors (unreadable images)",
+        "pack", "pipelines.stages.pack:PackConfig", "write a curated part as WebDataset shards for fast training reads",
+        "Copy the images of curated/<part> into WebDataset tar shards (<key>.jpg when every image is a JPEG, "
+        "else <key>.png, lossless; <key>.json with image_id, uri, part and cluster ids; key = image_id as 16 "
+        "hex digits, unsigned) with an index of byte ranges; training then reads the shards instead of one "
+        "object per image.",
+        "curated/<part>", "packed/<part>/shards/*.tar, their index table packed/<part>/index, errors "
+        "(unreadable images)",
         (Flag("--part", "part", "the curated part to pack", required=True),
          Flag("--images-per-shard", "images_per_shard", "images per tar shard (default 1000)", int)), _pack),
     StageCommand(
