@@ -124,6 +124,20 @@ def iter_shards(root: str, table: str, columns: list[str] | None = None):
         yield url, read_shard(url, columns)
 
 
+def iter_batches(root: str, table: str, columns: list[str] | None = None, batch_rows: int = 65_536):
+    """Yield the rows of a table as record batches of at most ``batch_rows`` rows, in `read_table`'s
+    order, reading one batch at a time (memory bounded by the batch, whatever the table's size)."""
+    urls = shard_urls(root, table)
+    if not urls:
+        raise MissingInputError(f"catalog {root} has no table {table!r}")
+    for url in urls:
+        fs, path = resolve(url)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            check_version(pf.schema_arrow, url)
+            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+
+
 def delete_shards(root: str, table: str, prefix: str) -> None:
     """Delete the shards of ``table`` whose file names start with ``prefix`` (one run's rows)."""
     fs, _ = resolve(root)
