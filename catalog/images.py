@@ -26,8 +26,8 @@ from urllib.parse import quote, unquote
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from catalog.parquet_rows import footer, read_rows
 from catalog.paths import resolve_object, retry
 
 _KEYS = ("offset", "size", "member", "row", "column", "dup")
@@ -97,18 +97,19 @@ def _read_range(base: str, params: dict[str, str], uri: str) -> bytes:
 
 
 def _read_parquet_cell(base: str, params: dict[str, str], uri: str) -> bytes:
+    """One cell, reading only its row group up to its row (`catalog.parquet_rows`), not the whole column."""
     row, column = _count(params, "row", uri), unquote(params.get("column", ""))
     fs, path = resolve_object(base)
 
     def read_row() -> bytes:
-        with fs.open(path, "rb") as f:
-            try:
-                pf = pq.ParquetFile(f)
-            except pa.ArrowInvalid as e:
-                raise URIError(f"{uri}: the base is not a Parquet file ({e})") from e
-            if column not in pf.schema_arrow.names or row >= pf.metadata.num_rows:
-                raise URIError(f"{uri}: no column {column!r} or row {row} in that Parquet file")
-            return pf.read(columns=[column]).column(column)[row].as_py()
+        try:
+            metadata = footer(fs, path)
+        except pa.ArrowInvalid as e:
+            raise URIError(f"{uri}: the base is not a Parquet file ({e})") from e
+        if column not in metadata.schema.to_arrow_schema().names or row >= metadata.num_rows:
+            raise URIError(f"{uri}: no column {column!r} or row {row} in that Parquet file")
+        batch = next(read_rows(fs, path, [column], row, row + 1))
+        return batch.column(0)[0].as_py()
 
     return retry(read_row)
 

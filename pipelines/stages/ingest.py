@@ -9,6 +9,7 @@ that changed under the same name is told apart from the one that was ingested.
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 import tarfile
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from catalog.embeddings import embeddings_table
 from catalog.errors import MissingInputError
 from catalog.images import byte_range_uri, file_uri, parquet_row_uri, read_image_bytes, repeated_uri
 from catalog.manifest import fingerprint
+from catalog.parquet_rows import footer, read_rows, row_slices
 from catalog.paths import resolve, retry, with_protocol
 from catalog.schemas import (
     COPY_DESCRIPTORS_TABLE,
@@ -37,6 +39,8 @@ from catalog.schemas import (
 from catalog.sql import query
 from curation.copy_descriptor import DIM, SIDE, copy_descriptor
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
+
+log = logging.getLogger("curate.pipelines")
 
 BYTES_COLUMNS = ("bytes", "image", "jpg", "png")
 # WebDataset shards keep per-sample metadata beside each image; such members are not pool items.
@@ -90,22 +94,30 @@ def _files_unit(index: int, files: list[tuple[str, int]]) -> Unit:
 
 def _parquet_units(source: str, rows_per_unit: int) -> list[Unit]:
     fs, path = resolve(source)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        n = pf.metadata.num_rows
+    metadata = footer(fs, path)
+    names = metadata.schema.to_arrow_schema().names
     size = fs.size(path)
     inline = next((c for c in BYTES_COLUMNS if c in names), None)
     if inline is None and "uri" not in names:
         raise ConfigError(f"{source}: a Parquet source needs a 'uri' column or a bytes column {BYTES_COLUMNS}")
+    _warn_big_row_groups(source, metadata, rows_per_unit)
     repeats = {} if inline else _repeated_rows(source)
     units = []
-    for i in range(0, n, rows_per_unit):
-        stop = min(n, i + rows_per_unit)
+    for k, (i, stop) in enumerate(row_slices(metadata, rows_per_unit)):
         payload = {"parquet": source, "start": i, "stop": stop, "inline": inline,
-                   "repeats": [[r, k] for r, k in repeats.items() if i <= r < stop]}
-        units.append(Unit(f"rows-{i // rows_per_unit:06d}", payload, stop - i, fingerprint(source, size, i, stop)))
+                   "repeats": [[r, n] for r, n in repeats.items() if i <= r < stop]}
+        units.append(Unit(f"rows-{k:06d}", payload, stop - i, fingerprint(source, size, i, stop)))
     return units
+
+
+def _warn_big_row_groups(source: str, metadata: pq.FileMetaData, rows_per_unit: int) -> None:
+    """Units are whole row groups, or slices of one too big for a unit; a slice decodes its row group
+    from the start, so a file of few huge row groups costs more per row: say so, with the numbers."""
+    biggest = max((metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)), default=0)
+    if biggest > 4 * rows_per_unit:
+        log.warning("%s: row groups of up to %d rows, %d units each; every unit decodes its row group up to "
+                    "its last row (rewrite it with row_group_size <= %d for reads linear in rows)",
+                    source, biggest, -(-biggest // rows_per_unit), rows_per_unit)
 
 
 def _repeated_rows(source: str) -> dict[int, int]:
@@ -148,16 +160,15 @@ def _items(payload: dict[str, Any]):
     else:
         fs, path = resolve(payload["parquet"])
         inline = payload["inline"]
-        columns = [inline] if inline else ["uri"]
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=columns).slice(payload["start"], payload["stop"] - payload["start"])
         repeats = dict(payload.get("repeats", []))
-        for offset, value in enumerate(table.column(0).to_pylist()):
-            row = payload["start"] + offset
-            if inline:
-                yield parquet_row_uri(payload["parquet"], row, inline), value, None, None
-            else:
-                yield (repeated_uri(value, repeats[row]) if row in repeats else value, *_read(value))
+        row = payload["start"]
+        for batch in read_rows(fs, path, [inline or "uri"], payload["start"], payload["stop"]):
+            for value in batch.column(0).to_pylist():
+                if inline:
+                    yield parquet_row_uri(payload["parquet"], row, inline), value, None, None
+                else:
+                    yield (repeated_uri(value, repeats[row]) if row in repeats else value, *_read(value))
+                row += 1
 
 
 def _read(uri: str) -> tuple[bytes | None, str | None, str | None]:
