@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/build_lvd.py --n 200000 --d 384 --concepts 1000 --levels 4 --out r.json
     .venv/bin/python benchmarks/build_lvd.py --lloyd-bench --n 8000000 --d 768 --k 65536 \
-        --dtype bf16 --device cuda --out lloyd.json
+        --device cuda --out lloyd.json
 
 The first mode reports how flat the sample is over the generator's concepts (normalised entropy
 H/ln C, max/min concept share, coverage) against the pool and a random subset, per-level cluster
 statistics, and wall/CPU time and peak memory per stage. ``--lloyd-bench`` times one Lloyd
-iteration and compares it with a plain [N, d] × [d, k] matmul measured in the same run.
+iteration of `curate cluster` at the stage's defaults (cosine; bf16 search on CUDA) and compares it
+with a plain [N, d] × [d, k] matmul measured in the same run.
 """
 
 from __future__ import annotations
@@ -26,18 +27,17 @@ import torch
 
 from curation.hierarchy import LevelSpec, default_levels, hierarchical_kmeans
 from curation.kmeans import (
-    assign,
+    compute_dtype,
     default_chunk_size,
+    device_rows,
     fused_scoring,
     grid_exponent,
-    partial_sums,
+    normalize_rows,
     resolve_device,
     update_centroids,
 )
 from curation.sampling import balanced_sample
 from curation.synthetic import concept_embeddings, normalised_entropy
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def machine(device: torch.device) -> dict:
@@ -138,40 +138,47 @@ def _sync(dev: torch.device) -> None:
 
 
 def run_lloyd(args: argparse.Namespace) -> dict:
+    """One Lloyd iteration as `curate cluster` runs it at level 1 with the stage's defaults (metric,
+    precision, chunk grid, rows moved to the device once: `curation.kmeans.device_rows`), against the
+    plain [N, d] x [d, k] matmul in the search's dtype, measured in the same run."""
+    from pipelines.stages.cluster import ClusterConfig
+
+    config = ClusterConfig()
     dev = resolve_device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = compute_dtype(args.precision or config.precision, dev)
     g = torch.Generator(device=dev).manual_seed(args.seed)
-    x = torch.randn(args.n, args.d, device=dev, generator=g, dtype=torch.float32).to(dtype)
-    c = x[torch.randperm(args.n, device=dev, generator=g)[: args.k]].float()
-    chunk = args.chunk or None
+    x = torch.randn(args.n, args.d, device=dev, generator=g)  # float32 rows, as the stage holds them
+    rows = device_rows(x, dev, dtype)
+    c = normalize_rows(x[torch.randperm(args.n, device=dev, generator=g)[: args.k]]).cpu().numpy()
+    grid = grid_exponent(1.0 if config.metric == "cosine" else rows.max_abs())
     flops = 2.0 * args.n * args.d * args.k
-    rows = max(256, (1 << 30 if dev.type == "cuda" else 1 << 24) // args.k)  # the baseline's own row blocks
-    ct = c.to(dtype)
+    block = max(256, (1 << 30 if dev.type == "cuda" else 1 << 24) // args.k)  # the baseline's own row blocks
+    xb, cb = x.to(dtype), torch.from_numpy(c).to(dev, dtype)
 
     def matmul() -> None:
-        for s in range(0, args.n, rows):
-            torch.mm(x[s : s + rows], ct.T)
+        for s in range(0, args.n, block):
+            torch.mm(xb[s : s + block], cb.T)
 
-    def lloyd() -> None:
-        part = partial_sums(x, c, grid_exp=grid_exponent(4.0 * float(x[:4096].float().abs().max())),
-                            chunk_size=chunk, device=dev, dtype=dtype)
-        update_centroids(part, c)
+    def lloyd() -> None:  # kmeans_rows' loop body
+        update_centroids(rows.partial_sums(c, grid_exp=grid, metric=config.metric), c, metric=config.metric)
 
-    def nearest() -> None:  # the score pass alone; lloyd − nearest = the accumulation of sums and counts
-        assign(x, c, chunk_size=chunk, device=dev, dtype=dtype)
+    def nearest() -> None:  # the search alone; lloyd − nearest = normalising, summing and counting
+        rows.assign(c, metric=config.metric)
 
     def fused_with(tiles: str) -> Callable[[], None]:  # the fused kernel alone, with other tile shapes
         from curation.fused_nearest import Tiles, nearest_scores  # Triton: CUDA machines only
 
-        shape, bias = Tiles(*map(int, tiles.split(","))), -0.5 * (c * c).sum(1)
+        shape, bias = Tiles(*map(int, tiles.split(","))), -0.5 * (cb.float() ** 2).sum(1)
         step = default_chunk_size(args.k, dev, dtype)
-        return lambda: [nearest_scores(x[s : s + step], ct, bias, shape) for s in range(0, args.n, step)]
+        return lambda: [nearest_scores(xb[s : s + step], cb, bias, shape) for s in range(0, args.n, step)]
 
     ops: list[tuple[str, Callable[[], None]]] = [
         ("matmul", matmul), ("assign_only", nearest), ("lloyd_iteration", lloyd)]
     if fused_scoring(dev, dtype):
         ops += [(f"fused_tiles_{t}", fused_with(t)) for t in args.tiles]
-    out: dict = {"machine": machine(dev), "args": vars(args), "fused_scoring": fused_scoring(dev, dtype)}
+    out: dict = {"machine": machine(dev), "args": vars(args), "metric": config.metric, "dtype": str(dtype),
+                 "rows_on_device": torch.as_tensor(rows.x).device.type == dev.type,
+                 "fused_scoring": fused_scoring(dev, dtype)}
     for name, fn in ops:
         fn()  # warm-up
         _sync(dev)
@@ -209,7 +216,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lloyd-bench", action="store_true")
     p.add_argument("--k", type=int, default=4096)
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
+                   help="of the nearest-centroid search (default: the cluster stage's)")
     p.add_argument("--chunk", type=int, default=0, help="rows per chunk (0 = default)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--tiles", nargs="*", default=[], metavar="M,N,K,WARPS,STAGES",

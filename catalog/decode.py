@@ -31,8 +31,9 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # Formats with real magic numbers. Magic-less formats (TGA, ...) would let random bytes
 # "identify" as an image and then fail as corrupt instead of not_an_image.
 WEB_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO", "PPM")
+_JPEG_MAGIC, _JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
 # Prefixes of formats we accept: bytes starting like this but unreadable are damaged, not foreign.
-_IMAGE_MAGICS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
+_IMAGE_MAGICS = (_JPEG_MAGIC, b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
                  b"II*\x00", b"MM\x00*")
 _NEUTRAL_BACKGROUND = (128, 128, 128)
 _PROBE_DRAFT_SIDE = 64
@@ -183,6 +184,24 @@ def decode_rgb(
         raise DecodeError(CORRUPT, f"cannot convert mode {img.mode} to RGB: {e}") from e
 
 
+def plain_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Whether a plain JPEG decoder (nvJPEG on a GPU) turns ``data`` into the image `decode_rgb` gives.
+
+    True for a complete (ending in the EOI marker) single-image JPEG of 8-bit YCbCr or grey samples,
+    upright (no EXIF rotation) and within ``max_pixels``: such files may be decoded elsewhere (the
+    embed stage's GPU path). Everything else (other formats, CMYK or Adobe-RGB JPEGs, rotated or cut
+    files, bad headers) is left to `decode_rgb`, whose error reasons say what is wrong. Reads the header only.
+    """
+    if not data.startswith(_JPEG_MAGIC) or not data.endswith(_JPEG_EOI):
+        return False
+    try:
+        img = _open_checked(data, max_pixels)
+    except DecodeError:
+        return False
+    stored_rgb = img.info.get("adobe_transform") == 0 and "adobe" in img.info  # no YCbCr transform
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and not stored_rgb and _orientation(img) == 1
+
+
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -228,14 +247,21 @@ class Preprocess:
         """
         if img.mode != "RGB":
             img = img.convert("RGB")
-        w, h = img.size
-        scale = self.resize_size / min(w, h)
-        new_w = self.resize_size if w <= h else max(self.resize_size, round(w * scale))
-        new_h = self.resize_size if h <= w else max(self.resize_size, round(h * scale))
+        new_w, new_h = self.resized(*img.size)
         img = img.resize((new_w, new_h), _INTERPOLATIONS[self.interpolation])
-        left = int(round((new_w - self.size) / 2.0))
-        top = int(round((new_h - self.size) / 2.0))
+        left, top = self.crop_origin(new_w, new_h)
         return np.asarray(img.crop((left, top, left + self.size, top + self.size)), dtype=np.uint8)
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) once the shorter side is scaled to ``resize_size`` (the other side rounded)."""
+        scale = self.resize_size / min(width, height)
+        new_w = self.resize_size if width <= height else max(self.resize_size, round(width * scale))
+        new_h = self.resize_size if height <= width else max(self.resize_size, round(height * scale))
+        return new_w, new_h
+
+    def crop_origin(self, width: int, height: int) -> tuple[int, int]:
+        """(left, top) of the centre crop in an image of the resized size."""
+        return int(round((width - self.size) / 2.0)), int(round((height - self.size) / 2.0))
 
     def normalize_batch(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [n, size, size, 3] -> float32 [n, 3, size, size] with the mean/std applied."""
@@ -246,3 +272,9 @@ class Preprocess:
     def __call__(self, img: Image.Image) -> np.ndarray:
         """RGB PIL image -> float32 array [3, size, size]."""
         return self.normalize_batch(self.crop(img)[None])[0]
+
+
+def decode_crop(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image -> uint8 [size, size, 3]: decoded at the cheapest JPEG scale that keeps
+    ``resize_size``, resized and centre-cropped (the embed stage's CPU path). Raises `DecodeError`."""
+    return pre.crop(decode_rgb(data, max_pixels=max_pixels, min_side=pre.resize_size))

@@ -107,7 +107,9 @@ class ArrayRows:
         return int(self.x.shape[0])
 
     def take(self, rows: np.ndarray | slice) -> ArrayLike:
-        return self.x[rows]
+        """The rows, on the host (rows held on a GPU are copied back)."""
+        out = self.x[rows]
+        return out.cpu().numpy() if isinstance(out, torch.Tensor) and out.device.type != "cpu" else out
 
     def max_abs(self) -> float:
         return float(torch.as_tensor(self.x).abs().max())
@@ -125,6 +127,17 @@ def as_rows(x: ArrayLike | RowSource) -> RowSource:
     return x if isinstance(x, RowSource) else ArrayRows(x)
 
 
+def device_rows(x: ArrayLike, device: torch.device, dtype: torch.dtype = torch.float32) -> ArrayRows:
+    """``x`` as rows to cluster on ``device``: on CUDA moved there once when it takes at most half the free
+    memory (every Lloyd step would otherwise copy all of it from the host again), else left where it is.
+    The values, the chunk grid and so the results are the same either way."""
+    if device.type == "cuda":
+        t = torch.as_tensor(x)
+        if t.device == device or t.element_size() * t.nelement() <= torch.cuda.mem_get_info(device)[0] // 2:
+            x = t.to(device)
+    return ArrayRows(x, device=device, dtype=dtype)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,6 +147,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def fused_scoring(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether assignment runs as one fused Triton kernel (`curation.fused_nearest`): CUDA, 16-bit inputs."""
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _HAS_TRITON
+
+
+def compute_dtype(precision: Literal["auto", "bf16", "fp32"], device: torch.device) -> torch.dtype:
+    """The dtype of the nearest-centroid search. ``auto``: bf16 where it runs as the fused kernel (CUDA
+    with Triton), fp32 elsewhere. bf16 rounds the inputs of the scores only: centroid sums, counts and
+    distances' norms come from the fp32 rows, exactly as in fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if fused_scoring(device, torch.bfloat16) else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def default_chunk_size(k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:

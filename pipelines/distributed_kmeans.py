@@ -105,11 +105,12 @@ class ShardWorker:
     """Rows ``[start, start + len(shard))`` of the global order, in memory, answering one Lloyd step at a time."""
 
     def __init__(self, urls: list[str], shard_rows: np.ndarray, dim: int, shard: np.ndarray, row: np.ndarray,
-                 start: int, chunk_size: int, device: str):
+                 start: int, chunk_size: int, device: str, dtype: torch.dtype = torch.float32):
         self.device = resolve_device(device)
         self.x = torch.from_numpy(_load_rows(urls, shard_rows, dim, shard, row)).to(self.device)
         self.start = start
         self.chunk_size = chunk_size
+        self.dtype = dtype
 
     def max_abs(self) -> float:
         return float(self.x.abs().max()) if len(self.x) else 0.0
@@ -120,13 +121,13 @@ class ShardWorker:
 
     def partial_sums(self, centroids: np.ndarray, grid_exp: int, metric: Metric) -> PartialSums:
         p = partial_sums(self.x, torch.tensor(centroids), grid_exp=grid_exp, metric=metric, row_offset=self.start,
-                         chunk_size=self.chunk_size, device=self.device)
+                         chunk_size=self.chunk_size, device=self.device, dtype=self.dtype)
         return PartialSums(p.sums.cpu(), p.counts.cpu(), p.inertia, p.far_dist.cpu(), p.far_rows.cpu(),
                            p.far_points.cpu())
 
     def assign(self, centroids: np.ndarray, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         return assign(self.x, torch.tensor(centroids), metric=metric, chunk_size=self.chunk_size, row_offset=self.start,
-                      device=self.device)
+                      device=self.device, dtype=self.dtype)
 
 
 class ShardedEmbeddings:
@@ -138,11 +139,12 @@ class ShardedEmbeddings:
     """
 
     def __init__(self, index: RowIndex, *, workers: int, chunk_size: int, device: str = "cpu",
-                 num_cpus: float = 1.0):
+                 num_cpus: float = 1.0, dtype: torch.dtype = torch.float32):
         self.index = index
         self.chunk_size = chunk_size
         self.bounds = worker_bounds(len(index.image_ids), workers, chunk_size)
         self.device = device
+        self.dtype = dtype
         self.num_cpus = num_cpus
         self._actors: list | None = None
 
@@ -158,7 +160,8 @@ class ShardedEmbeddings:
             ix = self.index
             self._actors = [
                 ShardWorker.options(num_cpus=self.num_cpus, num_gpus=min(1.0, gpus / n)).remote(
-                    ix.urls, ix.shard_rows, ix.dim, ix.shard[s:e], ix.row[s:e], s, self.chunk_size, self.device)
+                    ix.urls, ix.shard_rows, ix.dim, ix.shard[s:e], ix.row[s:e], s, self.chunk_size, self.device,
+                    self.dtype)
                 for s, e in zip(self.bounds[:-1], self.bounds[1:])
             ]
         return self._actors

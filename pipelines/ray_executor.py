@@ -72,6 +72,16 @@ def check_fits(resources: Resources) -> None:
                               "lower the stage's cpu/gpu settings (e.g. --set actor_cpus=1)")
 
 
+def _actor_pool(resources: Resources) -> Any:
+    """A fixed pool of ``resources.actors``; with ``units_per_actor > 1`` each actor runs that many calls
+    at once in threads (Ray Data otherwise runs one call at a time per actor)."""
+    import ray
+
+    threads = resources.units_per_actor
+    return ray.data.ActorPoolStrategy(size=resources.actors, max_concurrent_calls_per_actor=threads,
+                                      enable_true_multi_threading=threads > 1)
+
+
 def run_on_ray(stage: Stage, ctx: StageContext, sink: CatalogSink,
                todo: list[Unit]) -> Iterator[tuple[Unit, dict[str, Any]]]:
     import ray
@@ -84,7 +94,7 @@ def run_on_ray(stage: Stage, ctx: StageContext, sink: CatalogSink,
     if stage.has_load:
         ds = ds.map(_Load(stage, ctx), num_cpus=resources.load_cpus)
     if stage.has_setup:
-        ds = ds.map(_Actor, fn_constructor_args=(stage, ctx, sink), concurrency=resources.actors,
+        ds = ds.map(_Actor, fn_constructor_args=(stage, ctx, sink), compute=_actor_pool(resources),
                     num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)
     else:
         ds = ds.map(_Task(stage, ctx, sink), num_cpus=resources.num_cpus)

@@ -88,6 +88,7 @@ class Resources:
     num_gpus: float = 0.0
     actors: int = 1  # size of the actor pool, for stages with setup()
     load_cpus: float = 0.5  # each load() task
+    units_per_actor: int = 1  # units an actor processes at once, in threads (one computing while one loads)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import json
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Literal
+from typing import TYPE_CHECKING, Any, ContextManager, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -30,10 +30,13 @@ from catalog.progress import progress
 from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, DUPLICATES_TABLE, EMBEDDINGS_TABLE
 from catalog.shards import read_schema, shard_urls
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
-from curation.kmeans import RowSource, default_chunk_size, resolve_device
-from pipelines.distributed_kmeans import RowIndex, ShardedEmbeddings
-from pipelines.embedding_source import load_vectors, removed_ids
+from curation.kmeans import RowSource, compute_dtype, default_chunk_size, resolve_device
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipelines.distributed_kmeans import RowIndex
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class ClusterConfig:
     ``embeddings``/``ids``: cluster vectors brought from outside (``.npy`` with ids, or a Parquet file)
     instead of the catalog's embeddings table. ``workers > 1`` runs level 1 on that many Ray actors of
     ``worker_cpus`` CPUs each (catalog embeddings only); the result is the same as with one.
+    ``precision``: of the nearest-centroid search; ``auto`` is bf16 on CUDA (the fused Triton kernel)
+    and fp32 on CPU (`curation.kmeans.compute_dtype`).
     """
 
     n_levels: int = 5
@@ -57,6 +62,7 @@ class ClusterConfig:
     ids: str | None = None
     workers: int = 1
     worker_cpus: float = 1.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def __post_init__(self) -> None:
         at_least(self, 1, "n_levels", "n_iter", "workers")
@@ -111,8 +117,12 @@ def centroids_table(hierarchy: Hierarchy) -> pa.Table:
 
 def _read_inputs(root: str, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray | RowIndex]:
     """Sorted image ids and their vectors in that order, or (``workers > 1``) where to find them."""
+    from pipelines.embedding_source import load_vectors, removed_ids  # DuckDB, imported where it is used
+
     exclude = removed_ids(root) if config.exclude_duplicates else None
     if config.workers > 1:
+        from pipelines.distributed_kmeans import RowIndex  # Ray, imported only for workers > 1
+
         index = RowIndex.read(root, exclude_ids=exclude)
         return index.image_ids, index
     image_ids, x = load_vectors(root, config.embeddings, config.ids)
@@ -123,13 +133,15 @@ def _read_inputs(root: str, config: ClusterConfig) -> tuple[np.ndarray, np.ndarr
     return image_ids[order], np.ascontiguousarray(x[order])
 
 
-def _level1(vectors: np.ndarray | RowIndex, config: ClusterConfig, specs: list[LevelSpec],
-            device: str) -> ContextManager[np.ndarray | RowSource]:
+def _level1(vectors: np.ndarray | RowIndex, config: ClusterConfig, specs: list[LevelSpec], device: str,
+            dtype: torch.dtype) -> ContextManager[np.ndarray | RowSource]:
     """Level 1's rows: the array, or actors holding the indexed rows on the chunk grid ``kmeans`` uses."""
     if isinstance(vectors, np.ndarray):
         return nullcontext(vectors)
+    from pipelines.distributed_kmeans import ShardedEmbeddings
+
     return ShardedEmbeddings(vectors, workers=config.workers, num_cpus=config.worker_cpus, device=device,
-                             chunk_size=default_chunk_size(specs[0].k, resolve_device(device)))
+                             dtype=dtype, chunk_size=default_chunk_size(specs[0].k, resolve_device(device), dtype))
 
 
 class ClusterStage(Stage):
@@ -159,11 +171,13 @@ class ClusterStage(Stage):
         image_ids, vectors = _read_inputs(ctx.root, config)
         specs = level_specs(config, len(image_ids))
         device = _device(config.device)
+        dtype = compute_dtype(config.precision, resolve_device(device))
         steps = sum(1 + s.resampling_steps for s in specs)
         store = CatalogArrayStore(ctx.root, self.name)
-        with progress(steps, "cluster", unit="step") as bar, _level1(vectors, config, specs, device) as level1:
+        with (progress(steps, "cluster", unit="step") as bar,
+              _level1(vectors, config, specs, device, dtype) as level1):
             hierarchy = hierarchical_kmeans(level1, specs, seed=config.seed, metric=config.metric,
-                                            n_iter=config.n_iter, device=device, store=store,
+                                            n_iter=config.n_iter, device=device, dtype=dtype, store=store,
                                             progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
         return Output({CLUSTERS_TABLE: clusters_table(image_ids, hierarchy),
                        CENTROIDS_TABLE: centroids_table(hierarchy)})

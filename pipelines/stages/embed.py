@@ -6,26 +6,35 @@ actor; in-process: one). The driver never builds the model: it checks the checkp
 key names, hashes the weights file once, and ships the resulting identity (architecture + weights hash
 + preprocessing) to the workers. Preprocessing comes with the backbone (a registry entry's default, or
 what a ``curate:`` export records) unless ``image_size`` is given.
+
+Where the driver sees CUDA (and torchvision), ``decode`` ``auto`` means ``device``: ``load`` only reads
+plain JPEGs (decoding the rest on the CPU, with the same error reasons), and the GPU workers decode
+them in batches with nvJPEG, resize and crop them there, and prepare the next batch while the model
+runs (`curation.device_decode`), holding ``units_in_flight`` units at once so that one decodes while
+another runs the model. On CUDA host-decoded pixels also go to the GPU as uint8 and are normalised
+there. On CPU the default is the host path, unchanged; ``decode=device`` on a CPU worker runs the same
+device path with PIL standing in for nvJPEG (what the tests check).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, replace
+import threading
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from catalog.config import ConfigError, above, at_least
-from catalog.decode import MISSING, DecodeError, Preprocess, decode_rgb
+from catalog.decode import MISSING, DecodeError, Preprocess, decode_crop, plain_jpeg
 from catalog.embeddings import EmbeddingIdentity, embeddings_table
 from catalog.images import read_image_bytes
 from catalog.manifest import fingerprint
 from catalog.schemas import EMBEDDINGS_TABLE, ERRORS, ERRORS_TABLE, POOL_TABLE, stamp
-from catalog.sql import query
 from pipelines.stage import Output, Resources, Stage, StageContext, Totals, Unit
 
 log = logging.getLogger("curate.pipelines")
@@ -34,7 +43,15 @@ REMEDY = "embeddings of two models are never mixed: use another catalog or --ove
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """``image_size`` None: the backbone's own resolution (registry entry or export metadata)."""
+    """``image_size`` None: the backbone's own resolution (registry entry or export metadata).
+
+    ``decode``: ``host`` decodes every image in the CPU decode tasks; ``device`` leaves plain JPEGs to
+    the model workers (nvJPEG on CUDA, PIL's decoder on a CPU worker); ``auto`` is ``device`` when the
+    driver sees CUDA and torchvision, else ``host`` (set ``device`` for GPU workers of a CPU driver).
+    Like the device's precision, the decoder is how the work runs: on the demo pool's JPEGs both give
+    pixels within a few levels of each other (``tests/curation/test_device_decode.py``).
+    ``units_in_flight``: units a worker holds at once on the device path.
+    """
 
     model: str = "dinov3_vits16"
     weights: str | None = None
@@ -49,11 +66,14 @@ class EmbedConfig:
     actor_cpus: float = 1.0
     max_pixels: int = 64_000_000
     torch_threads: int | None = None  # CPU workers: None = every core (Ray would give them one thread)
+    decode: Literal["auto", "host", "device"] = "auto"
+    units_in_flight: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
         at_least(self, 2, "image_size")
-        at_least(self, 1, "images_per_unit", "batch_size", "actors", "max_pixels", "torch_threads")
+        at_least(self, 1, "images_per_unit", "batch_size", "actors", "max_pixels", "torch_threads",
+                 "units_in_flight")
         above(self, 0, "decode_cpus", "actor_cpus")
 
 
@@ -64,6 +84,17 @@ class EmbedFacts:
     identity: EmbeddingIdentity
     preprocess: Preprocess
     embed_config: str  # the resolved config (image size filled in), JSON, for seeds embedded alike
+    decode: Literal["host", "device"] = "host"  # ``auto`` resolved where the driver runs
+
+
+@dataclass
+class EmbedWorker:
+    """What ``setup`` makes once per worker: the backbone, where it runs, and (device path) the JPEG decoder."""
+
+    model: Any
+    device: Any  # torch.device
+    decoder: Any = None  # curation.device_decode.JpegDecoder on the device path
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one model batch at a time
 
 
 class EmbedStage(Stage):
@@ -71,7 +102,8 @@ class EmbedStage(Stage):
     config_class = EmbedConfig
     reads = (POOL_TABLE,)
     writes = (EMBEDDINGS_TABLE, ERRORS_TABLE)
-    runtime_keys = frozenset({"batch_size", "actors", "decode_cpus", "actor_cpus", "torch_threads"})
+    runtime_keys = frozenset({"batch_size", "actors", "decode_cpus", "actor_cpus", "torch_threads", "decode",
+                              "units_in_flight"})
     distributable = True
     in_process_below = 600
     empty_schemas = {ERRORS_TABLE: stamp(ERRORS, ERRORS_TABLE)}
@@ -92,7 +124,7 @@ class EmbedStage(Stage):
         if spec.random_init:
             log.warning("%s is randomly initialised (no --weights): embeddings reflect colour and layout "
                         "statistics only, not learned semantics", config.model)
-        return EmbedFacts(identity, pre, json.dumps(asdict(replace(config, image_size=size))))
+        return EmbedFacts(identity, pre, json.dumps(asdict(replace(config, image_size=size))), _decode_mode(config))
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
         config: EmbedConfig = ctx.config
@@ -101,85 +133,159 @@ class EmbedStage(Stage):
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         """Usable pool rows in image_id order, cut into fixed-size units; a unit's input is its images' hashes."""
+        from catalog.sql import query  # DuckDB: not needed by the workers
+
         pool = query(ctx.root, "SELECT image_id, uri, sha256 FROM pool WHERE status = 'ok' ORDER BY image_id")
-        ids, uris = pool.column("image_id").to_pylist(), pool.column("uri").to_pylist()
-        shas = pool.column("sha256").to_pylist()
-        n = ctx.config.images_per_unit
-        return [Unit(f"emb-{i // n:06d}", {"ids": ids[i : i + n], "uris": uris[i : i + n]}, len(ids[i : i + n]),
-                     fingerprint(ids[i : i + n], shas[i : i + n]))
-                for i in range(0, len(ids), n)]
+        return embed_units(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(),
+                           pool.column("sha256").to_pylist(), ctx.config.images_per_unit)
 
     def resources(self, ctx: StageContext) -> Resources:
         import ray
 
         config: EmbedConfig = ctx.config
         gpus = ray.cluster_resources().get("GPU", 0)
+        units = config.units_in_flight if ctx.facts.decode == "device" else 1
         if gpus >= 1:
-            return Resources(config.actor_cpus, 1, max(1, min(int(gpus), config.actors)), config.decode_cpus)
-        return Resources(config.actor_cpus, 0, config.actors, config.decode_cpus)
+            return Resources(config.actor_cpus, 1, max(1, min(int(gpus), config.actors)), config.decode_cpus, units)
+        return Resources(config.actor_cpus, 0, config.actors, config.decode_cpus, units)
 
     def load(self, ctx: StageContext, unit: Unit) -> dict[str, Any]:
-        """Decode and centre-crop every image of a unit to uint8; failures become error reasons."""
+        """Decode and centre-crop every image of a unit to uint8; failures become error reasons. On the
+        device path plain JPEGs are only read (``encoded``) and the other images' pixels are packed."""
         config: EmbedConfig = ctx.config
         pre: Preprocess = ctx.facts.preprocess
+        keep_jpegs = ctx.facts.decode == "device"
         pixels = np.zeros((unit.size, pre.size, pre.size, 3), np.uint8)
+        encoded = [b""] * unit.size
         reasons, messages = [], []
         for i, uri in enumerate(unit.payload["uris"]):
             reason, message = "", ""
             try:
-                pixels[i] = pre.crop(decode_rgb(read_image_bytes(uri), max_pixels=config.max_pixels,
-                                                min_side=pre.resize_size))
+                data = read_image_bytes(uri)
+                if keep_jpegs and plain_jpeg(data, config.max_pixels):
+                    encoded[i] = data
+                else:
+                    pixels[i] = decode_crop(data, pre, config.max_pixels)
             except FileNotFoundError:
                 reason, message = MISSING, "file vanished after ingest"
             except DecodeError as e:
                 reason, message = e.reason, str(e)
             reasons.append(reason)
             messages.append(message)
-        return {"pixels": pixels, "reasons": reasons, "messages": messages}
+        if not keep_jpegs:
+            return {"pixels": pixels, "reasons": reasons, "messages": messages}
+        host = [i for i in range(unit.size) if not encoded[i] and not reasons[i]]
+        return {"encoded": encoded, "host_pixels": pixels[host].tobytes(), "reasons": reasons, "messages": messages}
 
-    def setup(self, ctx: StageContext) -> Any:
-        """The backbone, built and loaded once per worker (the weights hash comes from the driver)."""
+    def setup(self, ctx: StageContext) -> EmbedWorker:
+        """The backbone, built and loaded once per worker (the weights hash comes from the driver), and on
+        the device path its JPEG decoder."""
         import torch
 
         from training.models.checkpoints import load_backbone
 
         config: EmbedConfig = ctx.config
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":  # decode tasks are light; the model should use the whole machine
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":  # decode tasks are light; the model should use the whole machine
             torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         model, _ = load_backbone(config.model, config.weights, device=device, hash_weights=False)
-        return model, device
+        return EmbedWorker(model, device, _decoder(device) if ctx.facts.decode == "device" else None)
 
-    def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
+    def process(self, ctx: StageContext, unit: Unit, state: EmbedWorker, loaded: dict[str, Any] | None) -> Output:
         config: EmbedConfig = ctx.config
+        pre: Preprocess = ctx.facts.preprocess
         ids = np.asarray(unit.payload["ids"], np.int64)
         reasons = [str(r) for r in loaded["reasons"]]
+        messages = [str(m) for m in loaded["messages"]]
+        if "encoded" in loaded:
+            encoded = [bytes(e) for e in loaded["encoded"]]
+            host = np.frombuffer(bytes(loaded["host_pixels"]), np.uint8).reshape(-1, pre.size, pre.size, 3)
+        else:
+            encoded = [b""] * len(ids)
+            host = np.asarray(loaded["pixels"])[np.asarray([r == "" for r in reasons], bool)]
+        if state.device.type == "cuda" or "encoded" in loaded:
+            x, failed = _embed_on_device(state, pre, config, encoded, host, reasons)
+            for i, e in failed.items():
+                reasons[i], messages[i] = e.reason, str(e)
+        else:  # the CPU path: normalised on the host, bit-identical to what it always gave
+            x = _embed(state, pre, config, host)
         ok = np.asarray([r == "" for r in reasons], bool)
-        x = _embed(state, ctx.facts.preprocess, config, np.asarray(loaded["pixels"])[ok]).astype(config.storage_dtype)
         metadata = {**ctx.facts.identity.metadata(), "embed_config": ctx.facts.embed_config,
                     "model_source": config.weights or config.model}
-        failed = [{"image_id": int(i), "uri": u, "stage": self.name, "reason": r, "message": str(m)}
-                  for i, u, r, m in zip(ids, unit.payload["uris"], reasons, loaded["messages"]) if r]
-        return Output({EMBEDDINGS_TABLE: embeddings_table(ids[ok], x, metadata),
-                       ERRORS_TABLE: pa.Table.from_pylist(failed, schema=stamp(ERRORS, ERRORS_TABLE))})
+        errors = [{"image_id": int(i), "uri": u, "stage": self.name, "reason": r, "message": m}
+                  for i, u, r, m in zip(ids, unit.payload["uris"], reasons, messages) if r]
+        return Output({EMBEDDINGS_TABLE: embeddings_table(ids[ok], x.astype(config.storage_dtype), metadata),
+                       ERRORS_TABLE: pa.Table.from_pylist(errors, schema=stamp(ERRORS, ERRORS_TABLE))})
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         return {"in": totals.items, "out": totals.rows(EMBEDDINGS_TABLE), "errored": totals.rows(ERRORS_TABLE),
                 **ctx.facts.identity.metadata()}
 
 
-def _embed(state: Any, pre: Preprocess, config: EmbedConfig, pixels: np.ndarray) -> np.ndarray:
+def embed_units(ids: list[int], uris: list[str], shas: list[str], images_per_unit: int) -> list[Unit]:
+    """Rows in image_id order cut into fixed-size units; a unit's fingerprint is its images' ids and hashes."""
+    n = images_per_unit
+    return [Unit(f"emb-{i // n:06d}", {"ids": ids[i : i + n], "uris": uris[i : i + n]}, len(ids[i : i + n]),
+                 fingerprint(ids[i : i + n], shas[i : i + n]))
+            for i in range(0, len(ids), n)]
+
+
+def _decode_mode(config: EmbedConfig) -> Literal["host", "device"]:
+    """``auto``: the device path where this process sees CUDA and torchvision is installed."""
+    if config.decode != "auto":
+        return config.decode
     import torch
 
-    model, device = state
+    return "device" if torch.cuda.is_available() and importlib.util.find_spec("torchvision") else "host"
+
+
+def _decoder(device: Any) -> Any:
+    from curation.device_decode import jpeg_decoder
+
+    try:
+        return jpeg_decoder(device)
+    except ImportError as e:
+        raise ConfigError(f"decode=device on {device} needs torchvision ({e}); install the torchvision that "
+                          "matches torch, or --set decode=host") from e
+
+
+def _embed(state: EmbedWorker, pre: Preprocess, config: EmbedConfig, pixels: np.ndarray) -> np.ndarray:
+    import torch
+
     out = []
     with torch.inference_mode():
         for start in range(0, len(pixels), config.batch_size):
-            x = torch.from_numpy(pre.normalize_batch(pixels[start : start + config.batch_size])).to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                emb = model.embed(x, pooling=config.pooling, normalize=config.normalize)
-            out.append(emb.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.embed_dim_for(config.pooling)), np.float32)
+            x = torch.from_numpy(pre.normalize_batch(pixels[start : start + config.batch_size])).to(state.device)
+            out.append(state.model.embed(x, pooling=config.pooling, normalize=config.normalize).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, state.model.embed_dim_for(config.pooling)), np.float32)
+
+
+def _embed_on_device(state: EmbedWorker, pre: Preprocess, config: EmbedConfig, encoded: list[bytes],
+                     host: np.ndarray, reasons: list[str]) -> tuple[np.ndarray, dict[int, DecodeError]]:
+    """Vectors of the usable images in unit order, from JPEG bytes and host pixels, batches prepared
+    one ahead; also the images no decoder could read (their reasons are the CPU path's)."""
+    import torch
+
+    from curation.device_decode import device_batches, jpeg_decoder, prefetched
+
+    decoder = state.decoder or jpeg_decoder(state.device)  # host-decoded units carry no JPEG bytes
+    batches = device_batches(encoded, host, [r == "" for r in reasons], pre, decoder,
+                             lambda data: decode_crop(data, pre, config.max_pixels), state.device, config.batch_size)
+    cuda = state.device.type == "cuda"
+    out, failed, redecoded = [], {}, 0
+    with torch.inference_mode():
+        for batch in prefetched(batches, state.device):
+            failed.update(batch.failed)
+            redecoded += batch.redecoded
+            if batch.positions:
+                with state.lock, torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                    out.append(state.model.embed(batch.x, pooling=config.pooling, normalize=config.normalize).float())
+    if redecoded or failed:
+        log.warning("embed: the device decoder rejected %d JPEG(s) of a unit; the CPU decoder read %d of them",
+                    redecoded + len(failed), redecoded)
+    if not out:
+        return np.zeros((0, state.model.embed_dim_for(config.pooling)), np.float32), failed
+    return torch.cat(out).cpu().numpy(), failed
 
 
 STAGE = EmbedStage()

@@ -4,9 +4,13 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from curation.kmeans import (
+    ArrayRows,
     assign,
+    compute_dtype,
+    device_rows,
     grid_exponent,
     kmeans,
+    kmeans_rows,
     partial_sums,
     reduce_partials,
     update_centroids,
@@ -144,3 +148,21 @@ def test_bf16_scores_carry_centroid_norms_inside_the_gemm(device):
     # distance = |x|² + 2·score: the bias's high and low bf16 parts together keep |c|²/2 to fp32 accuracy
     expected = (xb**2).sum(1) + 2 * score.gather(1, torch.from_numpy(labels)[:, None])[:, 0]
     np.testing.assert_allclose(dists, expected.clamp_min(0).numpy(), rtol=0, atol=0.01)
+
+
+def test_rows_moved_to_the_device_once_give_the_host_rows_result(device):
+    x, _ = blobs(n=3000, k=16, spread=1.5, seed=2)
+    moved = device_rows(x, device)
+    assert torch.as_tensor(moved.x).device.type == device.type  # on CUDA the rows now live there
+    assert isinstance(moved.take(np.arange(5)), np.ndarray) and np.array_equal(moved.take(np.arange(5)), x[:5])
+    got = kmeans_rows(moved, 16, seed=1, n_iter=5, metric="cosine", device=device)
+    ref = kmeans_rows(ArrayRows(x, device=device), 16, seed=1, n_iter=5, metric="cosine", device=device)
+    assert np.array_equal(got.centroids, ref.centroids) and np.array_equal(got.labels, ref.labels)
+
+
+def test_compute_dtype_is_bf16_only_where_the_fused_search_runs_unless_asked(device):
+    fused = device.type == "cuda"  # CUDA builds ship Triton
+    assert compute_dtype("auto", device) == (torch.bfloat16 if fused else torch.float32)
+    assert compute_dtype("bf16", device) == torch.bfloat16 and compute_dtype("fp32", device) == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        compute_dtype("fp16", device)

@@ -1,10 +1,11 @@
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from catalog.decode import Preprocess, decode_rgb
+from catalog.decode import Preprocess, decode_crop, decode_rgb, plain_jpeg
 from catalog.embeddings import (
     ModelMismatchError,
     embedding_metadata,
@@ -15,12 +16,15 @@ from catalog.embeddings import (
 from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.sql import query
+from pipelines.demo.job import DEMO_BACKBONE
 from pipelines.stage import run_stage
 from pipelines.stages.embed import EmbedConfig
 from tests.helpers import kill_when, run_cli
-from training.models.checkpoints import load_backbone
+from training.models.checkpoints import inspect_backbone, load_backbone
 
 TINY = ["model=vit_test", "image_size=32", "images_per_unit=40", "batch_size=16"]
+TINY_CONFIG = EmbedConfig(model="vit_test", image_size=32, images_per_unit=40, batch_size=16)
+DEMO_ON_DEVICE = EmbedConfig(model=f"curate:{DEMO_BACKBONE}", images_per_unit=100, batch_size=64, decode="device")
 
 
 def _copy_catalog(src: str, dst: str) -> str:
@@ -110,7 +114,7 @@ def test_in_process_and_ray_give_identical_tables_with_one_backbone_per_worker(e
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(VisionTransformer, "__init__", counting_init)
-    config = EmbedConfig(model="vit_test", image_size=32, images_per_unit=40, batch_size=16)
+    config = TINY_CONFIG
     tables = {}
     for executor in ("local", "ray"):
         root = _copy_catalog(demo_catalog, str(tmp_path / executor))
@@ -125,3 +129,47 @@ def test_in_process_and_ray_give_identical_tables_with_one_backbone_per_worker(e
                                                                      "ORDER BY 1", "SELECT * FROM errors ORDER BY 1")]
     assert tables["local"] == tables["ray"]
     assert tables["ray"][0] == query(embedded, "SELECT image_id, embedding FROM embeddings ORDER BY 1").to_pylist()
+
+
+def _tables(root: str) -> list[list[dict]]:
+    return [query(root, sql).to_pylist() for sql in ("SELECT image_id, embedding FROM embeddings ORDER BY 1",
+                                                     "SELECT * FROM errors ORDER BY 1")]
+
+
+@pytest.fixture(scope="module")
+def embedded_on_device(demo_catalog, tmp_path_factory) -> str:
+    """The demo catalog embedded with the shipped demo backbone on the device path of a CPU worker (PIL
+    standing in for nvJPEG); random backbones give nearly one vector for every image, this one does not."""
+    root = _copy_catalog(demo_catalog, str(tmp_path_factory.mktemp("emb_dev") / "cat"))
+    run_stage("embed", root, DEMO_ON_DEVICE, executor="local")
+    return root
+
+
+@pytest.mark.slow
+def test_device_path_gives_the_host_path_rows_errors_and_close_vectors(embedded, embedded_on_device):
+    (rows, errors), (ref_rows, ref_errors) = _tables(embedded_on_device), _tables(embedded)
+    assert errors == ref_errors and [r["image_id"] for r in rows] == [r["image_id"] for r in ref_rows]
+    pool = query(embedded_on_device, "SELECT image_id, uri FROM pool WHERE status = 'ok' ORDER BY image_id").to_pylist()
+    data = [read_image_bytes(r["uri"]) for r in pool[::6]]
+    assert sum(map(plain_jpeg, data)) > 0.7 * len(data)  # most images took the device decoder
+    model, _ = load_backbone(DEMO_ON_DEVICE.model, None)
+    spec = inspect_backbone(DEMO_ON_DEVICE.model, None).input
+    pre = Preprocess(size=spec.size, mean=spec.mean, std=spec.std)
+    assert embedding_metadata(embedded_on_device)["preprocess"] == pre.fingerprint()
+    with torch.inference_mode():
+        host = model.embed(torch.from_numpy(pre.normalize_batch(np.stack([decode_crop(d, pre) for d in data])))).numpy()
+    ids, x = load_embeddings(embedded_on_device)
+    by_id = dict(zip(ids.tolist(), x.astype(np.float32)))
+    cos = np.einsum("nd,nd->n", np.stack([by_id[r["image_id"]] for r in pool[::6]]), host)
+    # 64 px: the host path decodes most demo JPEGs at half scale, the device path at full size
+    assert np.median(cos) > 0.9995 and cos.min() > 0.97, (np.median(cos), cos.min())
+    shuffled = np.einsum("nd,nd->n", np.roll(host, 1, axis=0), host)
+    assert np.median(shuffled) < 0.9  # what a misordered row would score
+
+
+@pytest.mark.slow
+def test_device_path_on_ray_with_two_units_per_actor_equals_in_process(embedded_on_device, demo_catalog, tmp_path):
+    root = _copy_catalog(demo_catalog, str(tmp_path / "cat"))
+    result = run_stage("embed", root, replace(DEMO_ON_DEVICE, units_in_flight=2), executor="ray")
+    assert result.units_run > 2 and len({m["worker"] for m in Ledger(root, "embed").done().values()}) == 1
+    assert _tables(root) == _tables(embedded_on_device)

@@ -336,3 +336,26 @@ def test_a_one_rank_group_is_not_sharded_and_trains(tmp_path, monkeypatch):
     result = train(config)  # creates and destroys its own 1-rank group
     assert [m["step"] for m in read_metrics(result.output_dir)] == [0, 1]
     assert (Path(result.output_dir) / "ckpt" / "00000002").is_dir() and Path(result.teacher_path).is_file()
+
+
+def _losses(output_dir) -> list[dict]:
+    keys = ("step", "total", "dino_local", "dino_global", "koleo", "ibot", "grad_norm_backbone")
+    return [{k: m[k] for k in keys} for m in read_metrics(output_dir)]
+
+
+@pytest.mark.slow
+def test_prefetching_the_next_batch_changes_no_step_and_resumes_exactly(tmp_path):
+    """``data.device_prefetch`` (on by default on CUDA) takes each next batch during the step, except
+    before a checkpoint: a run killed after one resumes on the batches an uninterrupted run gets."""
+    catalog = make_catalog(tmp_path, per_part=4)
+    common = ("optim.iterations=5", "checkpoint.period=2", "checkpoint.keep_last=5")
+    plain = train(tiny_config(catalog, tmp_path / "plain", *common, "data.device_prefetch=false"))
+    ahead = train(tiny_config(catalog, tmp_path / "ahead", *common, "data.device_prefetch=true"))
+    assert _losses(ahead.output_dir) == _losses(plain.output_dir) and len(_losses(plain.output_dir)) == 5
+    first = train(tiny_config(catalog, tmp_path / "resumed", *common, "data.device_prefetch=true", "max_steps=3"))
+    assert first.steps_done == 3
+    resumed = train(tiny_config(catalog, tmp_path / "resumed", *common, "data.device_prefetch=true"))
+    assert resumed.resumed_from == 3 and _losses(resumed.output_dir) == _losses(plain.output_dir)
+    for a, b in zip(_checkpoint_models(tiny_config(catalog, tmp_path), Path(plain.output_dir) / "ckpt" / "00000005"),
+                    _checkpoint_models(tiny_config(catalog, tmp_path), Path(resumed.output_dir) / "ckpt" / "00000005")):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

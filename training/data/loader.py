@@ -155,6 +155,7 @@ class TrainLoader:
         mask_ratio_range: tuple[float, float] = (0.1, 0.5),
         mask_sample_probability: float = 0.5,
         max_substitutions: int = 64,
+        pin_memory: bool = False,
     ) -> None:
         sizes = {name: len(ds) for name, ds in parts.items()}
         if sizes != dict(mix.parts):
@@ -183,6 +184,7 @@ class TrainLoader:
             num_workers=num_workers,
             collate_fn=_identity,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            pin_memory=pin_memory,
         )
         self.skipped: Counter[str] = Counter()
         self.next_step = 0

@@ -249,6 +249,8 @@ class DataConfig:
     p_homogeneous: float | None = None
     num_workers: int = 0
     max_pixels: int | None = None
+    pin_memory: bool | None = None  # None: on CUDA (`training.train.data.pins_memory`)
+    device_prefetch: bool | None = None  # copy the next batch during the step; None: on CUDA (`prefetches`)
 
     def __post_init__(self) -> None:
         for name in [*self.parts, *(self.weights or {}), *([self.homogeneous_part] if self.homogeneous_part else [])]:

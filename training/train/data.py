@@ -150,7 +150,21 @@ def build_loader(
         num_workers=config.data.num_workers, patch_size=patch_size,
         mask_ratio_range=config.crops.mask_ratio_range,
         mask_sample_probability=config.crops.mask_sample_probability,
+        pin_memory=pins_memory(config),
     )
+
+
+def prefetches(config: TrainConfig) -> bool:
+    """``data.device_prefetch`` None: on CUDA, where the next batch's copy then overlaps the current step."""
+    ahead = config.data.device_prefetch
+    return config.device == "cuda" if ahead is None else ahead
+
+
+def pins_memory(config: TrainConfig) -> bool:
+    """``data.pin_memory`` None: pin on CUDA, where a copy from pinned memory runs without blocking the host
+    (a full batch of float crops is about 0.5 GB at 256 images of 2x224 + 8x96)."""
+    pin = config.data.pin_memory
+    return config.device == "cuda" if pin is None else pin
 
 
 def crop_sizes(batch: dict) -> list[int | None]:

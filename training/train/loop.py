@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from catalog.progress import progress
 from training.data.loader import TrainLoader
 from training.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.train.config import TrainConfig
-from training.train.data import TrainingData, build_loader, training_data
+from training.train.data import TrainingData, build_loader, prefetches, training_data
 from training.train.distill import DistillRecipe
 from training.train.distributed import DistInfo, barrier, init_distributed
 from training.train.evals import CheckpointEvals, scores_missing
@@ -46,6 +47,38 @@ DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_we
                "gram_teacher_crops")
 
 log = logging.getLogger("curate.training")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A loader batch with its tensors on ``device``; from pinned memory the copies do not block the host."""
+    return {k: (v.to(device, non_blocking=True) if k in DEVICE_KEYS else v) for k, v in batch.items()}
+
+
+class DeviceFeed:
+    """The loader's batches on the device; ``prefetch`` starts the next one's copy (on a side stream on
+    CUDA) so that it runs while the current step computes. The trainer prefetches only when no
+    checkpoint comes first: a checkpoint stores the loader's state as of the last batch taken."""
+
+    def __init__(self, batches: Iterator[dict], device: torch.device) -> None:
+        self.batches, self.device = batches, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pending: dict | None = None
+
+    def prefetch(self) -> None:
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            self.pending = to_device(next(self.batches), self.device)
+
+    def take(self) -> dict:
+        if self.pending is None:
+            return to_device(next(self.batches), self.device)
+        batch, self.pending = self.pending, None
+        if self.stream is not None:  # the step's stream waits for the copies, then owns their memory
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for value in batch.values():
+                if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                    value.record_stream(current)
+        return batch
 
 
 class TrainingDiverged(RuntimeError):
@@ -139,14 +172,15 @@ class Trainer:
         config, info = self.config, self.info
         schedules = Schedules(config.optim, self.global_batch, config.loss)
         bar = progress(self.end, self.recipe.label, unit="step", initial=start) if info.is_main else None
-        step, batches = start, iter(self.loader)
+        step, feed = start, DeviceFeed(iter(self.loader), info.device)
         try:
             while step < self.end:
                 t0 = time.perf_counter()
-                batch = next(batches)
+                batch = feed.take()
                 if batch["step"] != step:
                     raise RuntimeError(f"loader is at step {batch['step']}, the trainer at {step}")
-                batch = {k: (v.to(info.device, non_blocking=True) if k in DEVICE_KEYS else v) for k, v in batch.items()}
+                if prefetches(config) and step + 1 < self.end and not self._checkpoint_due(step + 1):
+                    feed.prefetch()
                 hp = schedules.at(step)
                 outcome = self.recipe.step(batch, hp, step)
                 nan_streak = 0 if outcome.finite else nan_streak + 1
@@ -163,7 +197,7 @@ class Trainer:
                         f"Last checkpoint: {latest_checkpoint(self.ckpt_root) or 'none'}. Lower optim.lr or check "
                         "the data."
                     )
-                if step % config.checkpoint.period == 0 or step == self.end:
+                if self._checkpoint_due(step):
                     self._checkpoint(step, nan_streak)
         finally:
             if bar is not None:
@@ -171,6 +205,9 @@ class Trainer:
             if info.is_main:
                 self.metrics.flush()
         return step
+
+    def _checkpoint_due(self, steps_done: int) -> bool:
+        return steps_done % self.config.checkpoint.period == 0 or steps_done == self.end
 
     def _record(self, step: int, hp: StepHyperParams, outcome: StepOutcome, homogeneous: bool,
                 seconds: float) -> dict:
