@@ -206,16 +206,29 @@ def run_rung(kind: str, n: int, work: Path, log: Path) -> list[dict]:
         rows.append(row)
         print(f"[{kind}:{n:.0e}] {stage}: {m['wall_s']:.1f} s wall, {m['cpu_s']:.1f} CPU-s, "
               f"{m['peak_rss_mb']:.0f} MB peak", flush=True)
+    rows.append({"rung": f"{kind}:{n:.0e}", "rows": n, "stage": "(tables)", "note": table_bytes(root)})
     if not os.environ.get("CURATE_SCALE_KEEP"):
         shutil.rmtree(rung, ignore_errors=True)
     return rows
 
 
+def table_bytes(root: str) -> str:
+    """``table: bytes per row`` of every table the rung's stages left, as stored (zstd Parquet)."""
+    from catalog.tables import describe, list_tables
+
+    infos = [describe(root, t) for t in list_tables(root)]
+    return ", ".join(f"{i.name} {i.bytes / max(i.rows, 1):.0f} B/row" for i in infos)
+
+
 def exponents(rows: list[dict]) -> list[dict]:
-    """Growth exponent of wall time and of RSS above start-up, per stage, between consecutive rungs."""
+    """Growth exponent of wall time, CPU time and RSS above start-up, per rung kind and stage, between
+    consecutive rungs of that kind."""
     out = []
-    for stage in sorted({r["stage"] for r in rows}):
-        mine = sorted((r for r in rows if r["stage"] == stage and "wall_s" in r), key=lambda r: r["rows"])
+    for kind, stage in sorted({(r["rung"].split(":")[0], r["stage"]) for r in rows}):
+        mine = sorted((r for r in rows if r["stage"] == stage and r["rung"].startswith(kind + ":") and "wall_s" in r),
+                      key=lambda r: r["rows"])
+        if not mine:
+            continue
         for a, b in zip(mine, mine[1:]):
             ratio = math.log(b["rows"] / a["rows"])
             mem_a = max(a["peak_rss_mb"] - a["start_rss_mb"], 1.0)
