@@ -1,14 +1,17 @@
 """Benchmark of `curate build-lvd`'s core: synthetic pool → hierarchical k-means → balanced sample.
 
     .venv/bin/python benchmarks/build_lvd.py --n 200000 --d 384 --concepts 1000 --levels 4 --out r.json
+    .venv/bin/python benchmarks/build_lvd.py --ks 5180,1000,300,100 --split 20 --n-iter 20 --out r.json
     .venv/bin/python benchmarks/build_lvd.py --lloyd-bench --n 8000000 --d 768 --k 65536 \
         --device cuda --out lloyd.json
 
-The first mode reports how flat the sample is over the generator's concepts (normalised entropy
-H/ln C, max/min concept share, coverage) against the pool and a random subset, per-level cluster
-statistics, and wall/CPU time and peak memory per stage. ``--lloyd-bench`` times one Lloyd
-iteration of `curate cluster` at the stage's defaults (cosine; bf16 search on CUDA) and compares it
-with a plain [N, d] × [d, k] matmul measured in the same run.
+The first mode runs the levels `curate cluster` would (its ``default_levels``, n_iter and metric)
+unless ``--ks``/``--split``/``--n-iter``/... change them; the output names every changed knob. It
+reports how flat the sample is over the generator's concepts (normalised entropy H/ln C, max/min
+concept share, coverage) against the pool and a random subset, per-level cluster statistics, and
+wall/CPU time and peak memory per stage. ``--lloyd-bench`` times one Lloyd iteration of `curate
+cluster` at the stage's defaults (cosine; bf16 search on CUDA) and compares it with a plain
+[N, d] × [d, k] matmul measured in the same run.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from curation.kmeans import (
 )
 from curation.sampling import balanced_sample
 from curation.synthetic import concept_embeddings, normalised_entropy
+
+#: The arguments at which this benchmark runs what `curate cluster` runs (ClusterConfig's defaults).
+CLI_DEFAULTS = {"ks": "", "split": 0, "steps": 10, "n_iter": 30, "warm_start": False, "metric": "cosine"}
 
 
 def machine(device: torch.device) -> dict:
@@ -73,14 +79,24 @@ def concept_stats(concept: np.ndarray, n_concepts: int) -> dict:
 
 
 def build_levels(args: argparse.Namespace) -> list[LevelSpec]:
-    ks = [int(k) for k in args.ks.split(",")] if args.ks else [s.k for s in default_levels(args.n, args.levels)]
+    """The CLI's default levels (`default_levels`, level 1 shaped by its cost) unless --ks/--split say otherwise."""
+    if not args.ks and args.split == 0:
+        return default_levels(args.n, args.levels, resampling_steps=args.steps, dim=args.d, n_iter=args.n_iter)
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else [s.clusters for s in default_levels(args.n, args.levels)]
     first = LevelSpec(k=max(1, ks[0] // args.split), n_splits=args.split) if args.split > 1 else LevelSpec(k=ks[0])
     return [first] + [LevelSpec(k=k, resampling_steps=args.steps) for k in ks[1:]]
 
 
+def knobs(args: argparse.Namespace) -> str:
+    """What this run changed from `curate cluster`'s defaults ('defaults' when nothing)."""
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, default in CLI_DEFAULTS.items()
+               if getattr(args, name) != default]
+    return " ".join(changed) or "defaults"
+
+
 def run_curation(args: argparse.Namespace) -> dict:
     dev = resolve_device(args.device)
-    out: dict = {"machine": machine(dev), "args": vars(args), "stages": {}}
+    out: dict = {"machine": machine(dev), "args": vars(args), "knobs": knobs(args), "stages": {}}
     with stage(out["stages"], "generate", dev):
         x, concept, _ = concept_embeddings(args.n, args.d, args.concepts, args.super, args.zipf, seed=args.seed)
     levels = build_levels(args)
@@ -119,6 +135,7 @@ def run_curation(args: argparse.Namespace) -> dict:
 
 
 def print_curation(r: dict) -> None:
+    print(f"knobs changed from `curate cluster`'s defaults: {r['knobs']}")
     print(f"\n{'set':8s} {'entropy':>8s} {'max_share':>10s} {'min_share':>10s} {'coverage':>9s}")
     for name in ("pool", "random", "ours"):
         s = r[name]
@@ -203,11 +220,11 @@ def main() -> None:
     p.add_argument("--super", type=int, default=50)
     p.add_argument("--zipf", type=float, default=1.0)
     p.add_argument("--levels", type=int, default=4)
-    p.add_argument("--ks", default="5180,1000,300,100",
-                   help="comma-separated k per level ('' = default_levels(n, levels))")
-    p.add_argument("--split", type=int, default=20, help="level-1 n_splits (1 = plain k-means)")
+    p.add_argument("--ks", default="", help="comma-separated k per level (default: the CLI's default_levels)")
+    p.add_argument("--split", type=int, default=0,
+                   help="level-1 n_splits (0 = as the CLI's default_levels decides; 1 = plain k-means)")
     p.add_argument("--steps", type=int, default=10, help="resampling steps at levels > 1")
-    p.add_argument("--n-iter", type=int, default=20)
+    p.add_argument("--n-iter", type=int, default=30)
     p.add_argument("--warm-start", action="store_true")
     p.add_argument("--metric", default="cosine", choices=["cosine", "l2"])
     p.add_argument("--strategy", default="random", choices=["random", "closest", "farthest"])

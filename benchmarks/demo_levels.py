@@ -49,7 +49,7 @@ def main() -> None:
     keep = ~np.isin(ids, removed_ids(str(args.demo / "catalog")))
     ids, x = ids[keep], x[keep]
     concept = concepts_of(args.demo, ids)
-    rules = {"default_levels": [s.k for s in default_levels(len(ids))], "old floor-10 rule": OLD_RULE_10K}
+    rules = {"default_levels": [s.clusters for s in default_levels(len(ids))], "old floor-10 rule": OLD_RULE_10K}
     rows = []
     for name, ks in rules.items():
         levels = [LevelSpec(k=ks[0])] + [LevelSpec(k=k, resampling_steps=10) for k in ks[1:]]

@@ -151,7 +151,8 @@ def main() -> None:
         for decode in decodes:
             config = EmbedConfig(model=name, image_size=args.size, batch_size=batch, decode=decode,
                                  images_per_unit=args.images_per_unit or 4 * batch,
-                                 units_in_flight=args.units_in_flight)
+                                 units_in_flight=args.units_in_flight,
+                                 random_init=True)  # throughput does not depend on the weights
             root = os.path.join(work, f"catalog-{decode}")
             if driver == "ray":
                 run = stage_on_ray(os.path.join(work, "jpegs"), root, config)

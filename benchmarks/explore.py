@@ -64,7 +64,7 @@ def render_images(folder: str, n: int, seed: int = 0) -> list[str]:
 
 def hierarchy(n: int, dim: int, rng: np.random.Generator) -> tuple[Hierarchy, np.ndarray]:
     """Labels and centroids of a 5-level tree sized like ``default_levels(n)``, and embeddings near them."""
-    ks = [s.k for s in default_levels(n)]
+    ks = [s.clusters for s in default_levels(n)]
     centroids = [None] * len(ks)
     parents = [rng.integers(0, ks[t + 1], ks[t]) for t in range(len(ks) - 1)]
     for t in range(len(ks) - 1):  # every upper cluster has at least one child

@@ -71,6 +71,8 @@ def _not_an_image(data: bytes) -> DecodeError:
     Never quote the content: the message lands in the catalog, and the file may be a secret.
     """
     head = data[:512].lstrip().lower()
+    if b"<svg" in data[:4096].lower():  # vector drawings are skipped, not rasterised: say so
+        return DecodeError(NOT_AN_IMAGE, f"an SVG drawing: curate reads raster images only ({len(data)} bytes)")
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")) or b"<html" in head:
         return DecodeError(HTML_PAGE, f"an HTML/XML page, not an image ({len(data)} bytes)")
     try:

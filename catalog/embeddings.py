@@ -17,7 +17,7 @@ from catalog import schemas
 from catalog.errors import MissingInputError, UserError, short_repr
 from catalog.paths import is_local, resolve
 from catalog.schemas import EMBEDDINGS_TABLE
-from catalog.shards import iter_shards, read_schema, shard_urls, write_shards
+from catalog.shards import check_shards, iter_shards, read_schema, shard_urls, write_shards
 
 
 class ModelMismatchError(UserError, ValueError):
@@ -49,16 +49,35 @@ class EmbeddingIdentity:
 
     @classmethod
     def of_table(cls, root: str, table: str = EMBEDDINGS_TABLE) -> EmbeddingIdentity | None:
-        return cls.from_metadata(embedding_metadata(root, table))
+        """The identity every shard of the table records (None for an empty or unstamped table); a table
+        whose shards disagree is refused, naming one shard of each kind."""
+        kinds: dict[EmbeddingIdentity | None, str] = {}
+        for url, schema in check_shards(root, table).items():
+            kinds.setdefault(cls.from_metadata(schemas.metadata_of(schema)), url)
+        if len(kinds) > 1:
+            raise _mixed(f"{root}/{table}", list(kinds.items()))
+        return next(iter(kinds), None)
 
     def check(self, other: EmbeddingIdentity | None, where: str, remedy: str) -> None:
         """Refuse ``other`` (the embeddings found at ``where``) unless it is this identity."""
         if other is None or other == self:
             return
-        detail = "; ".join(f"{f.name}: {short_repr(getattr(other, f.name))} there vs "
-                           f"{short_repr(getattr(self, f.name))} here"
-                           for f in fields(self) if getattr(other, f.name) != getattr(self, f.name))
+        detail = _differences(other, self, "there", "here")
         raise ModelMismatchError(f"{where} holds embeddings of another model or preprocessing ({detail}); {remedy}")
+
+
+def _differences(a: EmbeddingIdentity | None, b: EmbeddingIdentity | None, where_a: str, where_b: str) -> str:
+    """``field: value where_a vs value where_b`` for every field in which two identities differ."""
+    pairs = [(f.name, getattr(a, f.name, None), getattr(b, f.name, None)) for f in fields(EmbeddingIdentity)]
+    return "; ".join(f"{name}: {short_repr(x)} {where_a} vs {short_repr(y)} {where_b}"
+                     for name, x, y in pairs if x != y)
+
+
+def _mixed(where: str, kinds: list[tuple[EmbeddingIdentity | None, str]]) -> ModelMismatchError:
+    (first, a), (second, b) = kinds[:2]
+    detail = _differences(first, second, f"in {a}", f"in {b}")
+    return ModelMismatchError(f"{where} mixes embeddings of {len(kinds)} models or preprocessings ({detail}): "
+                              "rerun `curate embed --overwrite` to embed it again with one")
 
 
 def table_dim_and_dtype(schema: pa.Schema) -> tuple[int, np.dtype]:
@@ -90,9 +109,14 @@ def to_numpy(column: pa.ChunkedArray | pa.FixedSizeListArray, dim: int) -> np.nd
 
 
 def load_embeddings(root: str, table: str = EMBEDDINGS_TABLE, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-    """All embeddings in memory as ``(image_ids [N], x [N, dim])``, in shard order."""
+    """All embeddings in memory as ``(image_ids [N], x [N, dim])``, in shard order; shards of two models
+    or preprocessings are never mixed."""
     ids, xs = [], []
-    for _, shard in iter_shards(root, table):
+    kinds: dict[EmbeddingIdentity | None, str] = {}
+    for url, shard in iter_shards(root, table):
+        kinds.setdefault(EmbeddingIdentity.from_metadata(schemas.metadata_of(shard.schema)), url)
+        if len(kinds) > 1:
+            raise _mixed(f"{root}/{table}", list(kinds.items()))
         dim, _ = table_dim_and_dtype(shard.schema)
         ids.append(shard.column("image_id").to_numpy())
         xs.append(to_numpy(shard.column("embedding"), dim).astype(dtype, copy=False))

@@ -14,24 +14,49 @@ fragment after the *last* ``#`` holds ``&``-joined ``key=value`` pairs of known 
 
 A fragment that is empty or of known keys is ours; anything else after a ``#`` belongs to the base
 (a web URL's anchor). So a listed file whose name holds ``#`` gets an empty fragment (``a#b.jpg#``).
-URIs of the older chained form ``tar://member::<tar url>`` are still read (the tar is the part after
-the last ``::``, the one that was hashed at ingest).
+A URI without a scheme or leading ``/`` (``packed/lvd/shards/shard-000000.tar#offset=…``) points
+inside the catalog and is stored relative to its root, so a catalog copied to another folder or
+bucket still reads; ``catalog.shards.read_table`` and the SQL views resolve it against the root the
+catalog is read from (``resolve_uris``). URIs of the older chained form ``tar://member::<tar url>``
+are still read (the tar is the part after the last ``::``, the one that was hashed at ingest).
+
+Stages read items through ``read_item``: every way one item can fail (a null or non-string URI, a
+malformed fragment, a gone file, a store without credentials or without its fsspec package, a base
+that is not the Parquet file or tar its URI says) becomes an `UnreadableItem` with a reason code, so
+the stage writes an ``errors`` row and goes on. A store that stays unreachable after every retry is
+not the item's fault: that error stops the unit, and a rerun resumes it.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
+import sys
+import tarfile
 from urllib.parse import quote, unquote
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from catalog.decode import MISSING
 from catalog.parquet_rows import footer, read_rows
-from catalog.paths import resolve_object, retry
+from catalog.paths import StoreUnavailableError, is_local, is_transient, resolve, resolve_object, retry
 
 _KEYS = ("offset", "size", "member", "row", "column", "dup")
 _LEGACY_TAR = "tar://"
+# What starts an absolute URI (a scheme such as s3: or file:, or a local absolute path); RE2 syntax,
+# shared by pyarrow and DuckDB so the SQL views resolve exactly as read_table does.
+ABSOLUTE_URI = r"^([A-Za-z][A-Za-z0-9+.\-]*:|/)"
+_ABSOLUTE = re.compile(ABSOLUTE_URI)
+
+# Why an item could not be read (``errors.reason``; the decoder's reasons say why bytes are no image).
+# MISSING (from the decoder's list): listed, but gone when read (or a dangling link, or a null bytes cell)
+BAD_URI = "bad_uri"  # the URI names nothing: null, not a string, an unknown protocol, a bad fragment
+ACCESS_DENIED = "access_denied"  # the store refused: no credentials, or not allowed
+UNREADABLE = "unreadable"  # the store or file cannot deliver it: no fsspec package for it, I/O error, not a tar
+READ_REASONS = (MISSING, BAD_URI, ACCESS_DENIED, UNREADABLE)
 
 
 class URIError(OSError):
@@ -64,6 +89,23 @@ def repeated_uri(uri: str, occurrence: int) -> str:
     if params is None:
         return uri + _fragment({"dup": occurrence})
     return base + _fragment({**params, "dup": occurrence})
+
+
+def catalog_relative(uri: str) -> bool:
+    """Whether ``uri`` is relative to the catalog root (no ``scheme:`` and no leading ``/``)."""
+    return not _ABSOLUTE.match(uri)
+
+
+def catalog_root_prefix(root: str) -> str:
+    """What a catalog-relative URI is appended to: the root, made absolute if local, and a ``/``."""
+    return (os.path.abspath(resolve(root)[1]) if is_local(root) else root.rstrip("/")) + "/"
+
+
+def resolve_uris(root: str, uris: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """``uris`` with every catalog-relative one joined onto ``root`` (the others as they are)."""
+    relative = pc.invert(pc.match_substring_regex(uris, ABSOLUTE_URI))
+    prefix = catalog_root_prefix(root)
+    return pc.if_else(relative, pc.binary_join_element_wise(prefix, uris, ""), uris)
 
 
 def split_uri(uri: str) -> tuple[str, dict[str, str] | None]:
@@ -108,8 +150,10 @@ def _read_parquet_cell(base: str, params: dict[str, str], uri: str) -> bytes:
             raise URIError(f"{uri}: the base is not a Parquet file ({e})") from e
         if column not in metadata.schema.to_arrow_schema().names or row >= metadata.num_rows:
             raise URIError(f"{uri}: no column {column!r} or row {row} in that Parquet file")
-        batch = next(read_rows(fs, path, [column], row, row + 1))
-        return batch.column(0)[0].as_py()
+        value = next(read_rows(fs, path, [column], row, row + 1)).column(0)[0].as_py()
+        if value is None:
+            raise FileNotFoundError(f"{uri}: the cell is null: the list holds no bytes for this row")
+        return value
 
     return retry(read_row)
 
@@ -134,6 +178,56 @@ def read_image_bytes(uri: str) -> bytes:
         return _read_legacy_tar_member(base)
     fs, path = resolve_object(base)
     return retry(lambda: fs.cat_file(path))
+
+
+class UnreadableItem(Exception):
+    """One item that cannot be read; ``.reason`` is one of ``READ_REASONS``. The message says why, never
+    quoting the item's content."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_item(uri: object) -> bytes:
+    """``read_image_bytes`` for one item of a stage: a failure that belongs to this item raises
+    `UnreadableItem`; a store that stays unavailable raises `StoreUnavailableError` (the unit stops)."""
+    if not isinstance(uri, str) or not uri:
+        kind = "null" if uri is None else "empty" if uri == "" else f"a {type(uri).__name__}, not a string"
+        raise UnreadableItem(BAD_URI, f"the uri is {kind}")
+    try:
+        return read_image_bytes(uri)
+    except Exception as e:
+        failure = item_failure(e)
+        if failure is None:
+            raise
+        raise UnreadableItem(*failure) from e
+
+
+def item_failure(e: Exception) -> tuple[str, str] | None:
+    """(reason, message) for an error that one item's read can cause; None for anything else (a bug)."""
+    if isinstance(e, StoreUnavailableError) or isinstance(e, UnreadableItem):
+        return None
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None and isinstance(e, (botocore.NoCredentialsError, botocore.PartialCredentialsError)):
+        return ACCESS_DENIED, f"the store needs credentials and none were found ({type(e).__name__})"
+    if is_transient(e):
+        return None
+    if isinstance(e, FileNotFoundError):
+        return MISSING, str(e) if "null" in str(e) else "gone when read (or a dangling link)"
+    if isinstance(e, PermissionError):
+        return ACCESS_DENIED, f"access denied ({e})"
+    if isinstance(e, URIError):
+        return BAD_URI, str(e)
+    if isinstance(e, ImportError):
+        return UNREADABLE, f"no filesystem installed for this protocol ({e})"
+    if isinstance(e, ValueError) and "protocol not known" in str(e).lower():
+        return BAD_URI, f"unknown protocol ({e})"
+    if isinstance(e, tarfile.TarError):
+        return UNREADABLE, f"not a readable tar archive ({type(e).__name__}: {e})"
+    if isinstance(e, OSError):
+        return UNREADABLE, f"could not read ({type(e).__name__}: {e})"
+    return None
 
 
 def uri_extension(uri: str) -> str:

@@ -23,17 +23,20 @@ and other processes (Ray workers, other hosts) add shards and ledger markers all
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import fsspec
 import fsspec.config
 from fsspec.core import split_protocol, url_to_fs
+
+from catalog.errors import UserError
 
 T = TypeVar("T")
 
@@ -111,17 +114,26 @@ def is_transient(exc: BaseException) -> bool:
     return botocore is not None and isinstance(exc, (botocore.HTTPClientError, botocore.ConnectionError))
 
 
+class StoreUnavailableError(UserError, OSError):
+    """The store kept failing (throttled, timing out, unreachable) through every retry: nothing is lost,
+    and the same command resumes once it answers again."""
+
+
 def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.5, max_delay: float = 8.0) -> T:
     """Call ``fn``, retrying transient errors with exponential backoff (capped at ``max_delay``).
 
-    ``fn`` must be safe to repeat: every catalog write is a whole-object put of the same bytes.
+    ``fn`` must be safe to repeat: every catalog write is a whole-object put of the same bytes. A
+    transient error that outlasts the retries becomes `StoreUnavailableError`.
     """
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as e:
-            if attempt == attempts - 1 or not is_transient(e):
+            if not is_transient(e):
                 raise
+            if attempt == attempts - 1:
+                raise StoreUnavailableError(f"the store still failed after {attempts} attempts "
+                                            f"({type(e).__name__}: {e}); rerun the same command to resume") from e
             time.sleep(min(max_delay, base_delay * 2**attempt))
     raise AssertionError("unreachable")
 
@@ -132,6 +144,37 @@ def read_bytes(url: str) -> bytes:
     return retry(lambda: fs.cat_file(path))
 
 
+class StorageFullError(UserError, OSError):
+    """The disk (or quota) is full: what was committed before stays, and the same command resumes once
+    there is space."""
+
+
+@contextlib.contextmanager
+def _local_write(url: str) -> Iterator[None]:
+    """Turn a full disk or quota into `StorageFullError` (one line for the user, whatever wrote)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFullError(f"no space left to write {url} ({os.strerror(e.errno)}): free some space and "
+                                   "rerun the same command to resume") from None
+        raise
+
+
+def _write_beside(path: str, data: bytes) -> str:
+    """Write ``data`` to a new temporary file beside ``path`` (same folder: renames and links stay atomic)."""
+    os.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write an object so no reader ever sees it half-written.
 
@@ -140,17 +183,50 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """
     fs, path = resolve(url)
     if is_local(url):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{time.time_ns()}"
-        try:
-            with fs.open(tmp, "wb") as f:
-                f.write(data)
-            fs.mv(tmp, path)
-        finally:
-            if fs.exists(tmp):
-                fs.rm(tmp)
+        with _local_write(url):
+            tmp = _write_beside(path, data)
+            try:
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
     else:
         retry(lambda: fs.pipe_file(path, data))
+
+
+# Stores whose create-if-absent is atomic: a link on local disks, ``xb`` in memory, and S3's
+# conditional put (``If-None-Match: *``, which s3fs sends for ``pipe_file(mode="create")``).
+ATOMIC_CREATE = frozenset({"file", "local", "memory", "s3", "s3a"})
+
+
+def create_is_atomic(url: str) -> bool:
+    fs, _ = resolve(url)
+    return bool(set(_protocols(fs)) & ATOMIC_CREATE)
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create the object with ``data`` only if there is none: True if this call created it.
+
+    Atomic on the stores of ``ATOMIC_CREATE``; elsewhere fsspec checks and then writes, so two callers
+    can both succeed and must read back to see who won. A conditional put retried after a lost reply
+    reports False for an object it did create: callers read it back either way.
+    """
+    fs, path = resolve(url)
+    if is_local(url):
+        with _local_write(url):
+            tmp = _write_beside(path, data)
+            try:
+                os.link(tmp, path)  # fails if the name exists; the file appears complete or not at all
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        return True
+    try:
+        retry(lambda: fs.pipe_file(path, data, mode="create"))
+    except FileExistsError:
+        return False
+    return True
 
 
 def exists(url: str) -> bool:

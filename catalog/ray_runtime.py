@@ -32,6 +32,8 @@ LOOPBACK = "127.0.0.1"
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 START_ATTEMPTS = 3
 log = logging.getLogger("curate.catalog")
+# The logger of Ray Data's progress bars: it says (WARNING) that they are off, which we choose.
+_RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
 def _set_defaults(defaults: dict[str, str]) -> None:
@@ -80,8 +82,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         _start_local(ray, num_cpus)
         _start_reaper()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # each stage draws its own bar (catalog/progress.py)
+    # Ray Data logs a WARNING the first time a dataset runs with its bars off; that notice alone is dropped.
+    logging.getLogger(_RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
+
+
+def worker_cpus() -> float | None:
+    """CPUs Ray gave the task or actor running in this process; None outside a Ray worker (or before Ray).
+
+    Read from the already-imported Ray only: a process that never imported Ray is no Ray worker.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None
+    return ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)  # none asked: Ray's default of 1
 
 
 @functools.cache

@@ -38,8 +38,13 @@ def curated_table(part: str) -> str:
 
 
 def packed_table(part: str) -> str:
-    """The byte-range index of a part's tar shards (``curate pack``)."""
-    return f"packed/{part}"
+    """The byte-range index of a part's tar shards (``curate pack``), beside the shards' folder."""
+    return f"packed/{part}/index"
+
+
+def packed_shards_dir(part: str) -> str:
+    """The folder of a part's WebDataset tar shards (``curate pack``), catalog-relative."""
+    return f"packed/{part}/shards"
 
 
 class CatalogVersionError(UserError):

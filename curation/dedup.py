@@ -1,6 +1,11 @@
 """Copy detection: kNN similarity graph, connected components, one keeper each (exact-hash dedup is SQL
 in `pipelines/stages/dedup.py`).
 
+The graph is searched block by block (`block_edges`: one query block against the index, the edges
+above the threshold out) and its components come from the edges alone (`curation.components`), so
+a Ray stage can hand blocks to workers, give each worker a `ComponentForest`, and merge the forests:
+the result is the same for any split of the blocks.
+
 Defaults follow the DINOv2 LVD-142M recipe (Oquab et al. 2023, §3 and App. A.3): self-dedup on
 SSCD copy-detection embeddings with k=64 nearest neighbours, edges with cosine > 0.6, connected
 components, one image kept per component; relative dedup against evaluation sets with the same
@@ -9,13 +14,33 @@ procedure at cosine > 0.45, dropping every component that touches an evaluation 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components as _scipy_components
 
+from curation.components import ComponentForest, connected_components
 from curation.index import PoolIndex, build_index, fingerprint
+
+__all__ = [
+    "COPY_K",
+    "COPY_THRESHOLD",
+    "RELATIVE_THRESHOLD",
+    "DedupResult",
+    "Edges",
+    "Mirror",
+    "block_edges",
+    "checked_index",
+    "connected_components",
+    "copy_dedup",
+    "graph_components",
+    "graph_nprobe",
+    "knn_graph",
+    "query_blocks",
+    "relative_dedup",
+    "select_keepers",
+    "unique_edges",
+]
 
 COPY_K = 64  # DINOv2: k=64 nearest neighbours per image
 COPY_THRESHOLD = 0.6  # DINOv2: self-dedup edge when cosine > 0.6
@@ -24,6 +49,92 @@ GRAPH_BATCH = 8_192
 # nprobe tuned for recall@10 of ordinary neighbours can be 1 on clustered pools, which misses near
 # copies that straddle a cell boundary (1.6% of injected pairs at 1M); copies are what dedup is for.
 GRAPH_MIN_NPROBE = 16
+
+
+@dataclass(frozen=True)
+class Edges:
+    """Undirected edges (src < dst, int64) with their cosine similarity (float32)."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    sim: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+def checked_index(index_or_x: PoolIndex | np.ndarray, x: np.ndarray | None, seed: int) -> tuple[PoolIndex, np.ndarray]:
+    """(index, the rows it indexes): an index is built for bare rows; a given one must match ``x``."""
+    if not isinstance(index_or_x, PoolIndex):
+        return build_index(index_or_x, seed=seed), index_or_x
+    if x is None:
+        raise ValueError("a PoolIndex needs the embeddings it indexes as x= (the queries)")
+    if fingerprint(x) != index_or_x.fingerprint:
+        raise ValueError("x is not the embedding matrix this index was built from")
+    return index_or_x, x
+
+
+def graph_nprobe(index: PoolIndex, min_nprobe: int = GRAPH_MIN_NPROBE) -> int | None:
+    """nprobe for the copy graph: the tuned one, but at least ``min_nprobe`` (None for exact indexes)."""
+    tuned = index.params.get("nprobe")
+    return None if tuned is None else max(tuned, min_nprobe)
+
+
+Mirror = Callable[[np.ndarray], np.ndarray]
+
+
+def block_edges(
+    index: PoolIndex,
+    queries: np.ndarray,
+    first_row: int,
+    k: int = COPY_K,
+    threshold: float = COPY_THRESHOLD,
+    *,
+    nprobe: int | None = None,
+    mirror: Mirror | None = None,
+) -> Edges:
+    """Edges of one query block (rows ``first_row ..``, themselves indexed): cosine > threshold among
+    each row's k neighbours besides itself. A pair may come out of both of its rows' blocks.
+
+    ``mirror`` maps descriptors to those of the mirrored images (`curation.copy_descriptor.mirror`):
+    each row is then also searched mirrored, so a left/right flipped copy meets its original.
+    """
+    edges = _search_edges(index, queries, first_row, k, threshold, nprobe)
+    if mirror is None:
+        return edges
+    flipped = _search_edges(index, mirror(queries), first_row, k, threshold, nprobe)
+    return Edges(*(np.concatenate([getattr(edges, f), getattr(flipped, f)]) for f in ("src", "dst", "sim")))
+
+
+def _search_edges(index: PoolIndex, queries: np.ndarray, first_row: int, k: int, threshold: float,
+                  nprobe: int | None) -> Edges:
+    kk = min(k + 1, index.ntotal)  # +1: a row usually finds itself first
+    q_rows = np.arange(first_row, first_row + len(queries), dtype=np.int64)
+    s, i = index.search(queries, kk, nprobe=nprobe)
+    valid = (i >= 0) & (i != q_rows[:, None])
+    valid &= np.cumsum(valid, axis=1) <= k  # at most k neighbours besides self
+    valid &= s > threshold
+    src = np.broadcast_to(q_rows[:, None], i.shape)[valid]
+    dst = i[valid]
+    return Edges(np.minimum(src, dst), np.maximum(src, dst), s[valid])
+
+
+def unique_edges(parts: Iterable[Edges]) -> Edges:
+    """One edge per pair, with the larger of its measured similarities (approximate search can see a
+    pair from one side only, or score it slightly apart), sorted by (src, dst)."""
+    parts = list(parts)
+    src, dst, sim = (np.concatenate([getattr(p, f) for p in parts]) for f in ("src", "dst", "sim"))
+    order = np.lexsort((-sim, dst, src))
+    src, dst, sim = src[order], dst[order], sim[order]
+    first = np.ones(len(src), dtype=bool)
+    first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
+    return Edges(src[first], dst[first], sim[first])
+
+
+def query_blocks(x: np.ndarray, batch_size: int = GRAPH_BATCH) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of consecutive blocks: the unit a worker searches."""
+    for start in range(0, x.shape[0], batch_size):
+        yield start, x[start : start + batch_size]
 
 
 def knn_graph(
@@ -35,57 +146,43 @@ def knn_graph(
     batch_size: int = GRAPH_BATCH,
     min_nprobe: int = GRAPH_MIN_NPROBE,
     seed: int = 0,
+    mirror: Mirror | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Undirected edges (src < dst, int64) with cosine > threshold among each row's k neighbours.
 
     Pass embeddings (an index is built for them) or a PoolIndex plus the embeddings it indexes
     as `x` (checked by fingerprint); IVF indexes are probed at least `min_nprobe` lists. Each pair
-    appears once, with the larger of its two measured similarities (approximate search can see a
-    pair from one side only, or score it slightly apart).
+    appears once (`unique_edges`).
     """
-    if isinstance(index_or_x, PoolIndex):
-        if x is None:
-            raise ValueError("a PoolIndex needs the embeddings it indexes as x= (the queries)")
-        if fingerprint(x) != index_or_x.fingerprint:
-            raise ValueError("x is not the embedding matrix this index was built from")
-        index = index_or_x
-    else:
-        x = index_or_x
-        index = build_index(x, seed=seed)
-    n = x.shape[0]
-    kk = min(k + 1, n)  # +1: a row usually finds itself first
-    tuned = index.params.get("nprobe")
-    nprobe = None if tuned is None else max(tuned, min_nprobe)
-    srcs, dsts, sims = [], [], []
-    for start in range(0, n, batch_size):
-        q_rows = np.arange(start, min(start + batch_size, n), dtype=np.int64)
-        s, i = index.search(x[start : start + len(q_rows)], kk, nprobe=nprobe)
-        valid = (i >= 0) & (i != q_rows[:, None])
-        valid &= np.cumsum(valid, axis=1) <= k  # at most k neighbours besides self
-        valid &= s > threshold
-        src = np.broadcast_to(q_rows[:, None], i.shape)[valid]
-        dst = i[valid]
-        srcs.append(np.minimum(src, dst))
-        dsts.append(np.maximum(src, dst))
-        sims.append(s[valid])
-    src, dst, sim = (np.concatenate(a) for a in (srcs, dsts, sims))
-    order = np.lexsort((-sim, dst, src))
-    src, dst, sim = src[order], dst[order], sim[order]
-    first = np.ones(len(src), dtype=bool)
-    first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
-    return src[first], dst[first], sim[first]
+    index, x = checked_index(index_or_x, x, seed)
+    nprobe = graph_nprobe(index, min_nprobe)
+    blocks = (block_edges(index, q, start, k, threshold, nprobe=nprobe, mirror=mirror)
+              for start, q in query_blocks(x, batch_size))
+    e = unique_edges(blocks)
+    return e.src, e.dst, e.sim
 
 
-def connected_components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Component label per node, 0..C-1 numbered in order of each component's smallest node."""
-    graph = sp.coo_matrix(
-        (np.ones(len(src), dtype=np.int8), (np.asarray(src), np.asarray(dst))), shape=(n, n)
-    ).tocsr()
-    _, labels = _scipy_components(graph, directed=False)
-    _, first_node, dense = np.unique(labels, return_index=True, return_inverse=True)
-    relabel = np.empty(len(first_node), dtype=np.int64)
-    relabel[np.argsort(first_node, kind="stable")] = np.arange(len(first_node))
-    return relabel[dense]
+def graph_components(
+    index: PoolIndex,
+    x: np.ndarray,
+    k: int = COPY_K,
+    threshold: float = COPY_THRESHOLD,
+    *,
+    batch_size: int = GRAPH_BATCH,
+    min_nprobe: int = GRAPH_MIN_NPROBE,
+    mirror: Mirror | None = None,
+) -> tuple[np.ndarray, int]:
+    """(component per row, edges found) of the copy graph, streamed: each query block's edges go
+    straight into a `ComponentForest`, so no whole edge list is ever held. ``edges found`` counts a
+    pair once per row whose search found it."""
+    forest = ComponentForest(x.shape[0])
+    nprobe = graph_nprobe(index, min_nprobe)
+    found = 0
+    for start, q in query_blocks(x, batch_size):
+        e = block_edges(index, q, start, k, threshold, nprobe=nprobe, mirror=mirror)
+        forest.add_edges(e.src, e.dst)
+        found += len(e)
+    return forest.labels(), found
 
 
 def select_keepers(
@@ -117,15 +214,19 @@ class DedupResult:
     keeper_of_removed: np.ndarray  # int64, the kept row that stands in for each removed row
     removed_similarity: np.ndarray  # float32, cosine of each removed row to its keeper
     labels: np.ndarray  # int64 [n], component of every row
-    n_edges: int
+    n_edges: int  # edges above the threshold as found (a pair found from both of its rows counts twice)
 
 
-def _rowwise_cosine(x: np.ndarray, a: np.ndarray, b: np.ndarray, batch: int = 65_536) -> np.ndarray:
+def _rowwise_cosine(x: np.ndarray, a: np.ndarray, b: np.ndarray, mirror: Mirror | None = None,
+                    batch: int = 65_536) -> np.ndarray:
     out = np.empty(len(a), dtype=np.float32)
     for s in range(0, len(a), batch):
         xa = np.asarray(x[a[s : s + batch]], dtype=np.float32)
         xb = np.asarray(x[b[s : s + batch]], dtype=np.float32)
-        out[s : s + len(xa)] = np.einsum("ij,ij->i", xa, xb)
+        sim = np.einsum("ij,ij->i", xa, xb)
+        if mirror is not None:
+            sim = np.maximum(sim, np.einsum("ij,ij->i", mirror(xa), xb))
+        out[s : s + len(xa)] = sim
     return out
 
 
@@ -138,23 +239,25 @@ def copy_dedup(
     *,
     index: PoolIndex | None = None,
     seed: int = 0,
+    mirror: Mirror | None = None,
 ) -> DedupResult:
     """Self-dedup: kNN graph -> components -> keep the largest image (then smallest id) of each.
 
-    The reported similarity is to the keeper itself, which can be below `threshold` when the row
-    joined the component through a chain of near copies.
+    The reported similarity is to the keeper itself (the better of straight and mirrored with
+    ``mirror``), which can be below `threshold` when the row joined the component through a chain
+    of near copies.
     """
-    src, dst, _ = knn_graph(x if index is None else index, k, threshold, x=x, seed=seed)
-    labels = connected_components(x.shape[0], src, dst)
+    index, x = checked_index(x if index is None else index, x, seed)
+    labels, n_edges = graph_components(index, x, k, threshold, mirror=mirror)
     keep_mask, keeper = select_keepers(labels, priority, ids)
     removed = np.flatnonzero(~keep_mask)
     return DedupResult(
         removed_rows=removed,
         kept_rows=np.flatnonzero(keep_mask),
         keeper_of_removed=keeper[removed],
-        removed_similarity=_rowwise_cosine(x, removed, keeper[removed]),
+        removed_similarity=_rowwise_cosine(x, removed, keeper[removed], mirror),
         labels=labels,
-        n_edges=len(src),
+        n_edges=n_edges,
     )
 
 
@@ -165,10 +268,10 @@ def relative_dedup(
     threshold: float = RELATIVE_THRESHOLD,
     *,
     seed: int = 0,
+    mirror: Mirror | None = None,
 ) -> np.ndarray:
     """Sorted pool rows to drop: every pool row whose component (graph over pool + eval) has an eval row."""
     n_pool = pool_x.shape[0]
     both = np.concatenate([pool_x, np.asarray(eval_x, dtype=pool_x.dtype)])
-    src, dst, _ = knn_graph(both, k, threshold, seed=seed)
-    labels = connected_components(len(both), src, dst)
+    labels, _ = graph_components(build_index(both, seed=seed), both, k, threshold, mirror=mirror)
     return np.flatnonzero(np.isin(labels[:n_pool], labels[n_pool:]))

@@ -17,24 +17,27 @@ bit-identical results.
 
 Level 1 may be given as a ``RowSource`` instead of an array (rows held by workers elsewhere): its
 k-means and the assignments of its resampling steps then run on the source, and only the rows a
-step samples are gathered here (all of them for ``n_splits > 1``).
+step samples are gathered here (for ``n_splits > 1``, one size bucket of groups at a time).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 
 from curation.checkpoint_store import ArrayStore
-from curation.kmeans import (
+from curation.cluster_cost import level1_shape
+from curation.kmeans import RowSource, as_rows, device_rows, kmeans_rows
+from curation.kmeans_assign import (
     Metric,
-    RowSource,
-    device_rows,
-    kmeans_rows,
+    bias_minus_dot,
+    distances_from_scores,
+    half_sq_norms,
     normalize_rows,
     resolve_device,
 )
@@ -51,9 +54,9 @@ Progress = Callable[[str], None]
 class LevelSpec:
     """One level. ``resampling_steps`` counts the resampled k-means runs *after* the first one.
 
-    ``sample_size`` (points taken per cluster when resampling) defaults to half the mean cluster
-    size of the level, at least 2 (with 1 point per cluster the resampled k-means is degenerate). ``n_splits > 1`` makes the level two-step: ``k`` groups, each split into up
-    to ``n_splits`` sub-clusters (for huge k at level 1); it cannot be combined with resampling.
+    ``sample_size`` (points taken per cluster when resampling) defaults to `default_sample_size`.
+    ``n_splits > 1`` makes the level two-step: ``k`` groups, each split into up to ``n_splits``
+    sub-clusters (for huge k at level 1); it cannot be combined with resampling.
     """
 
     k: int
@@ -66,13 +69,40 @@ class LevelSpec:
         if self.n_splits > 1 and self.resampling_steps > 0:
             raise ValueError("n_splits > 1 cannot be combined with resampling_steps > 0")
 
+    @property
+    def clusters(self) -> int:
+        """Clusters the level ends with, at most (a two-step level drops its empty sub-clusters)."""
+        return self.k * self.n_splits
+
+
+def default_sample_size(n_inputs: int, k: int) -> int:
+    """Points per cluster a resampling step takes: half the mean cluster size (as Vo et al.), but 1
+    when that is under 3.
+
+    Upper levels hold only 2-5 inputs per cluster. Taking 2 of them and re-running k-means averages
+    pairs of neighbouring centroids, which recreates the "hub" means (centroids sitting between many
+    unrelated concepts) that resampling is meant to remove; taking 1 (the member closest to its
+    centroid) and re-clustering exactly those k points snaps every centroid onto a member instead.
+    Measured on the 200k × 384 long-tailed pool (levels 3-4 re-run on one level-2 result, 5 seeds):
+    normalised concept entropy of a 20 % sample 0.953 ± 0.006 with 1, 0.936 ± 0.002 with 2, 0.945 ±
+    0.008 without resampling.
+    """
+    half = round(n_inputs / k / 2)
+    return half if half >= 3 else 1
+
 
 def default_levels(
-    n_rows: int, n_levels: int = 5, *, resampling_steps: int = 10, min_top_k: int = 10
+    n_rows: int,
+    n_levels: int = 5,
+    *,
+    resampling_steps: int = 10,
+    min_top_k: int = 10,
+    dim: int = 384,
+    n_iter: int = 30,
 ) -> list[LevelSpec]:
-    """Level sizes scaled from the paper's ratios to a pool of ``n_rows``.
+    """Level sizes scaled from the paper's ratios to a pool of ``n_rows``, level 1 shaped by its cost.
 
-    Rule: level t has k_t = n_rows / (r_1^α · … · r_t^α) clusters, r = PAPER_RATIOS (extended with
+    Sizes: level t has k_t = n_rows / (r_1^α · … · r_t^α) clusters, r = PAPER_RATIOS (extended with
     its last ratio beyond 5 levels). α is the largest exponent ≤ 1 that leaves the top level at least
     max(``min_top_k``, c·√n_rows) clusters, with c set so the paper's 17B-image pool gets exactly its
     25k (α = 1 there); the floor keeps tiny pools from ending in a handful of top clusters:
@@ -81,18 +111,32 @@ def default_levels(
     concepts in small pools (200k × 384 synthetic pool, 4 levels: normalised concept entropy of a 20%
     sample 0.949 with this rule, 0.910 with a fixed floor of 10 top clusters; benchmarks/build_lvd.py).
     Level 1 gets no resampling (too costly at scale, as in the paper); upper levels get ``resampling_steps``.
+
+    Shape of level 1 (`curation.cluster_cost.level1_shape`): a direct k-means while it costs under
+    ``DIRECT_MAX_FLOPS`` (1 TFLOP: seconds on 2 cores; pools up to ~20k rows × 384), else
+    two-step, √(1.5·k₁) pre-clusters each split into ≤ k₁/pre sub-clusters, the cheapest split (per row
+    and iteration it scores pre + 1.5·splits centroids instead of k₁). Measured on 200k × 384
+    (benchmarks/cluster_defaults.py, 2 shared cores): a direct k₁ = 11,447 had not finished level 1
+    after 11 min; two-step, level 1 took 44 s (152 × 102, 5 levels, load ≈ 2) to 106 s (131 × 88,
+    4 levels, load ≈ 9); the cost model counts 6.6e13 FLOPs for the direct level 1, 1.25e12 for 131 × 88.
+    A deeper split tree (pre-clusters of pre-clusters) would bring level 1 from N·2√k₁ toward
+    N·log k₁ per iteration, but each extra step adds a pass over all rows and another quantisation of
+    cell boundaries; at 10⁹ rows two steps already score ~8,900 centroids per row (≈0.56 GFLOP per row
+    over 30 iterations at d = 1024, under 1 % of a ViT-L forward pass), so the plain two-step is kept.
+    The choice depends on (n_rows, dim, n_iter) only, never on the machine, so plans resume anywhere.
     """
     ratios = [PAPER_RATIOS[min(i, len(PAPER_RATIOS) - 1)] for i in range(n_levels)]
     total = sum(math.log(r) for r in ratios)
     top_k = max(float(min_top_k), PAPER_TOP_PER_SQRT_ROWS * math.sqrt(n_rows))
     alpha = min(1.0, max(0.0, math.log(max(n_rows / top_k, 1.0)) / total))
-    specs = []
+    ks: list[int] = []
     k = float(n_rows)
     for t, r in enumerate(ratios):
         k /= r**alpha
-        k_t = max(2, min(int(round(k)), n_rows if t == 0 else specs[-1].k))
-        specs.append(LevelSpec(k=k_t, resampling_steps=0 if t == 0 else resampling_steps))
-    return specs
+        ks.append(max(2, min(round(k), n_rows if t == 0 else ks[-1])))
+    pre, splits = level1_shape(n_rows, ks[0], dim, n_iter)
+    first = LevelSpec(k=pre, n_splits=splits)
+    return [first] + [LevelSpec(k=k_t, resampling_steps=resampling_steps) for k_t in ks[1:]]
 
 
 @dataclass
@@ -130,8 +174,57 @@ def resample_rows(
     return np.sort(order[rank < per_cluster])
 
 
+def _dim(source: RowSource) -> int:
+    """Row width of a source (one row fetched: a `RowSource` knows its rows, not their width)."""
+    return int(np.asarray(source.take(np.zeros(1, dtype=np.int64))).shape[1])
+
+
+def _size_buckets(sizes: np.ndarray, width: int, element_budget: int) -> Iterator[np.ndarray]:
+    """Non-empty groups, largest first, in buckets whose sizes differ < 2× (padding wastes < half)
+    and whose padded [groups, largest, width] block stays within ``element_budget`` (one group always fits)."""
+    by_size = [g for g in np.argsort(-sizes, kind="stable") if sizes[g] > 0]
+    i = 0
+    while i < len(by_size):
+        top = sizes[by_size[i]]
+        j = i + 1
+        while j < len(by_size) and 2 * sizes[by_size[j]] > top and (j - i + 1) * top * width <= element_budget:
+            j += 1
+        yield np.array(by_size[i:j])
+        i = j
+
+
+def _batched_lloyd(
+    xb: torch.Tensor, vmask: torch.Tensor, cmask: torch.Tensor, c: torch.Tensor, n_iter: int, metric: Metric
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lloyd on G padded groups at once: (sub-centroids [G, m, d], labels [G, s], distances [G, s]).
+
+    Unused sub-centroids get an infinite bias, so no row picks them. Stops when no label changes;
+    an empty sub-cluster keeps its centroid.
+    """
+    g, m, d = c.shape
+    flat_base = torch.arange(g, device=xb.device)[:, None] * m
+    rows64 = xb[vmask].double()  # the real (unpadded) rows, summed in float64
+    unused = torch.where(cmask, 0.0, float("inf"))
+    prev = None
+    for _ in range(n_iter):
+        lab = bias_minus_dot(xb, c, half_sq_norms(c) + unused).argmin(-1)
+        if prev is not None and torch.equal(lab, prev):
+            break
+        prev = lab
+        idx = (flat_base + lab)[vmask]
+        sums = torch.zeros(g * m, d, dtype=torch.float64, device=xb.device)
+        sums.index_add_(0, idx, rows64)
+        cnt = torch.bincount(idx, minlength=g * m).reshape(g, m)
+        new = (sums.reshape(g, m, d) / cnt.clamp_min(1)[..., None]).float()
+        if metric == "cosine":
+            new = normalize_rows(new)
+        c = torch.where((cnt > 0)[..., None], new, c)
+    best, lab = bias_minus_dot(xb, c, half_sq_norms(c) + unused).min(-1)
+    return c, lab, distances_from_scores(xb, best, metric)
+
+
 def split_clusters(
-    x: np.ndarray,
+    x: np.ndarray | RowSource,
     groups: np.ndarray,
     n_splits: int,
     *,
@@ -143,39 +236,34 @@ def split_clusters(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split every group into up to ``n_splits`` sub-clusters by k-means, batched across groups.
 
-    Groups are bucketed by size (within a bucket sizes differ < 2×, so padding wastes < half) and each
-    bucket runs Lloyd as one padded ``baddbmm`` over all its groups. Init: random distinct members.
-    Empty sub-clusters are dropped. Returns (centroids, labels, distances) with leaves numbered by
-    (group, sub-cluster).
+    Groups are bucketed by size and each bucket runs Lloyd as one padded batched GEMM over all its
+    groups, on the scores of `curation.kmeans_assign`. Init: random distinct members. Empty
+    sub-clusters are dropped. Returns (centroids, labels, distances) with leaves numbered by
+    (group, sub-cluster). Rows are fetched one bucket at a time (``x`` may be a `RowSource` whose
+    rows live on workers), so memory stays at ``element_budget`` values beyond the per-row results.
     """
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
-    n, d = x.shape
+    source = as_rows(x)
+    n, d = len(groups), _dim(source)
+    m = n_splits
     n_groups = int(groups.max()) + 1
     sizes = np.bincount(groups, minlength=n_groups)
     members = np.argsort(groups, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    m = n_splits
     sub_c = np.zeros((n_groups, m, d), dtype=np.float32)
     sub_n = np.zeros((n_groups, m), dtype=np.int64)
     labels = np.empty(n, dtype=np.int64)
     dists = np.empty(n, dtype=np.float32)
-    by_size = [g for g in np.argsort(-sizes, kind="stable") if sizes[g] > 0]
-    i = 0
-    while i < len(by_size):
-        top = sizes[by_size[i]]
-        j = i + 1
-        while j < len(by_size) and 2 * sizes[by_size[j]] > top and (j - i + 1) * top * max(d, m) <= element_budget:
-            j += 1
-        bucket = np.array(by_size[i:j])
-        i = j
-        s_max = int(top)
+    for bucket in _size_buckets(sizes, max(d, m), element_budget):
+        s_max = int(sizes[bucket[0]])
         pos = starts[bucket][:, None] + np.arange(s_max)[None, :]
         valid = np.arange(s_max)[None, :] < sizes[bucket][:, None]
         rows = members[np.where(valid, pos, starts[bucket][:, None])]
-        xb = torch.as_tensor(x[rows.ravel()].reshape(len(bucket), s_max, d), dtype=torch.float32, device=dev)
+        xb = torch.as_tensor(np.asarray(source.take(rows.ravel())).reshape(len(bucket), s_max, d),
+                             dtype=torch.float32, device=dev)
         if metric == "cosine":
-            xb = normalize_rows(xb.reshape(-1, d)).reshape(xb.shape)
+            xb = normalize_rows(xb)
         vmask = torch.as_tensor(valid, device=dev)
         m_g = torch.as_tensor(np.minimum(sizes[bucket], m), device=dev)
         cmask = torch.arange(m, device=dev)[None, :] < m_g[:, None]  # [G, m] usable sub-centroids
@@ -183,36 +271,14 @@ def split_clusters(
         init = np.argsort(keys, axis=1, kind="stable")[:, :m]
         if init.shape[1] < m:
             init = np.pad(init, ((0, 0), (0, m - init.shape[1])))
-        c = torch.gather(xb, 1, torch.as_tensor(init, device=dev)[:, :, None].expand(-1, -1, d))
-        flat_base = torch.arange(len(bucket), device=dev)[:, None] * m
-        prev = None
-        for _ in range(n_iter):
-            half_sq = 0.5 * (c * c).sum(-1)
-            val = torch.baddbmm(half_sq[:, None, :], xb, c.transpose(1, 2), alpha=-1)
-            val = val.masked_fill(~cmask[:, None, :], float("inf"))
-            lab = val.argmin(-1)
-            if prev is not None and torch.equal(lab, prev):
-                break
-            prev = lab
-            idx = (flat_base + lab)[vmask]
-            sums = torch.zeros(len(bucket) * m, d, dtype=torch.float64, device=dev)
-            sums.index_add_(0, idx, xb[vmask].double())
-            cnt = torch.bincount(idx, minlength=len(bucket) * m).reshape(len(bucket), m)
-            new = (sums.reshape(len(bucket), m, d) / cnt.clamp_min(1)[..., None]).float()
-            if metric == "cosine":
-                new = normalize_rows(new.reshape(-1, d)).reshape(new.shape)
-            c = torch.where((cnt > 0)[..., None], new, c)
-        half_sq = 0.5 * (c * c).sum(-1)
-        val = torch.baddbmm(half_sq[:, None, :], xb, c.transpose(1, 2), alpha=-1)
-        val = val.masked_fill(~cmask[:, None, :], float("inf"))
-        best, lab = val.min(-1)
-        sq = ((xb * xb).sum(-1) + 2 * best).clamp_min(0)
-        dist = sq * 0.5 if metric == "cosine" else sq
+        c0 = torch.gather(xb, 1, torch.as_tensor(init, device=dev)[:, :, None].expand(-1, -1, d))
+        c, lab, dist = _batched_lloyd(xb, vmask, cmask, c0, n_iter, metric)
         vm = vmask.cpu().numpy()
-        labels[rows[vm]] = (bucket[:, None] * m + lab.cpu().numpy())[vm]
+        leaf = bucket[:, None] * m + lab.cpu().numpy()
+        labels[rows[vm]] = leaf[vm]
         dists[rows[vm]] = dist.cpu().numpy()[vm]
         sub_c[bucket] = c.cpu().numpy()
-        sub_n[bucket] = torch.bincount((flat_base + lab)[vmask], minlength=len(bucket) * m).reshape(-1, m).cpu().numpy()
+        sub_n.ravel()[:] += np.bincount(leaf[vm], minlength=n_groups * m)
     keep = np.flatnonzero(sub_n.ravel() > 0)
     remap = np.full(n_groups * m, -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
@@ -246,7 +312,7 @@ def _run_level(
         if spec.n_splits > 1:
             pre = _cached(store, f"level{level}/pre", lambda: _km(inputs, spec.k, _seed(seed, level, 0)))
             return _step_arrays(*split_clusters(
-                np.asarray(inputs.take(slice(None))), pre["labels"], spec.n_splits, seed=_seed(seed, level, 0, 1),
+                inputs, pre["labels"], spec.n_splits, seed=_seed(seed, level, 0, 1),
                 metric=metric, n_iter=n_iter, device=device))
         return _km(inputs, spec.k, _seed(seed, level, 0))
 
@@ -256,7 +322,7 @@ def _run_level(
 
     def resampled(prev: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
         k = len(prev["centroids"])
-        per = spec.sample_size or max(2, round(inputs.n_rows / k / 2))
+        per = spec.sample_size or default_sample_size(inputs.n_rows, k)
         rows = resample_rows(prev["labels"], prev["distances"], per, spec.sample_strategy,
                              np.random.default_rng(_seed(seed, level, step)))
         if len(rows) < k:

@@ -13,12 +13,15 @@ import json
 import math
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import faiss
 import numpy as np
 import psutil
+from faiss.contrib.evaluation import knn_intersection_measure
+from faiss.contrib.exhaustive_search import knn_ground_truth
 
 # Brute force stays exact and cheap below this (20k x 384-d: ~15 MFLOP per query, so a full
 # k=64 self-kNN graph is ~3e11 FLOP); above it IVF is faster at recall >= 0.95.
@@ -50,34 +53,10 @@ def _f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def exact_topk(
-    x: np.ndarray, q: np.ndarray, k: int, chunk_rows: int = 16_384
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner product of queries `q` over `x`, streaming `x` in chunks (ground truth)."""
-    q = _f32(q)
-    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(q), k), -1, dtype=np.int64)
-    for start in range(0, x.shape[0], chunk_rows):
-        s = q @ _f32(x[start : start + chunk_rows]).T
-        if s.shape[1] > k:
-            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            s, i = np.take_along_axis(s, part, axis=1), part + start
-        else:
-            i = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
-        cat_s = np.concatenate([best_s, s], axis=1)
-        cat_i = np.concatenate([best_i, i], axis=1)
-        # Order by (-similarity, row) so ties resolve to the smaller row, like a full sort would.
-        order = np.lexsort((cat_i, -cat_s), axis=1)[:, :k]
-        best_s = np.take_along_axis(cat_s, order, axis=1)
-        best_i = np.take_along_axis(cat_i, order, axis=1)
-    return best_s, best_i
-
-
-def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean fraction of the exact top-k rows that the approximate top-k also returns."""
-    k = exact.shape[1]
-    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact, strict=True))
-    return hits / (len(exact) * k)
+def _blocks(x: np.ndarray, rows: int = ADD_BATCH) -> Iterator[np.ndarray]:
+    """float32 row blocks of ``x`` (memory-mapped pools are read one block at a time)."""
+    for start in range(0, x.shape[0], rows):
+        yield _f32(x[start : start + rows])
 
 
 def _set_nprobe(index: faiss.Index, nprobe: int, on_gpu: bool) -> None:
@@ -170,8 +149,8 @@ def _pq_m_for(n: int, d: int, budget: int) -> int:
 
 
 def _add_in_batches(index: faiss.Index, x: np.ndarray) -> None:
-    for start in range(0, x.shape[0], ADD_BATCH):
-        index.add(_f32(x[start : start + ADD_BATCH]))
+    for block in _blocks(x):
+        index.add(block)
 
 
 def _tune_nprobe(
@@ -182,7 +161,7 @@ def _tune_nprobe(
     def measure(p: int) -> float:
         _set_nprobe(index, p, on_gpu)
         _, i = index.search(q, truth.shape[1])
-        return recall_at(i, truth)
+        return knn_intersection_measure(i, truth)
 
     lo, hi = 0, 1
     r_hi = measure(hi)
@@ -251,7 +230,7 @@ def build_index(
     held_out = np.setdiff1d(np.arange(n), train_rows, assume_unique=True)
     q_rows = np.sort(rng.choice(held_out, size=min(N_TUNE_QUERIES, len(held_out)), replace=False))
     q = _f32(x[q_rows])
-    _, truth = exact_topk(x, q, RECALL_AT)
+    _, truth = knn_ground_truth(q, _blocks(x), RECALL_AT, metric_type=faiss.METRIC_INNER_PRODUCT)
     nprobe, recall = _tune_nprobe(index, nlist, q, truth, recall_target, on_gpu)
     if recall < recall_target:
         warnings.warn(

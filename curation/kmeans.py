@@ -1,13 +1,8 @@
 """Deterministic chunked k-means on torch (CPU or CUDA), built for sharded Lloyd iterations.
 
-Why the design looks the way it does:
+Assignment (the distance formula, chunking and the fused CUDA kernel) lives in
+`curation.kmeans_assign`; this module holds what Lloyd adds on top. Why it looks the way it does:
 
-* Distances are computed as ``|c|²/2 − x·c`` (the ``|x|²`` term does not change the argmin) in row
-  chunks of ``chunk_size`` and centroid chunks of ``centroid_chunk``, keeping a running (value, index)
-  minimum, so memory stays bounded by ``chunk_size × centroid_chunk`` scores whatever k is.
-* On CUDA with bf16/fp16 inputs the GEMM and the argmin are one Triton kernel
-  (`curation.fused_nearest`), so no score matrix is written at all; each row's result is then
-  independent of how rows are chunked.
 * Centroid sums are accumulated in float64 with ``index_add_`` after rounding every coordinate to a
   fixed power-of-two grid (``grid_exp``, from a bound on ``|x|``). All partial sums are then exact
   multiples of ``2**-grid_exp`` below ``2**53`` units, so float64 addition is exact and therefore
@@ -15,10 +10,9 @@ Why the design looks the way it does:
   one worker (and CUDA atomics cannot change the result). The rounding error (≤ 2**-23 · max|x| per
   coordinate) is far below float32 resolution of the data; exactness holds up to 2**30 rows per
   cluster.
-* Row chunks start at multiples of ``chunk_size`` in the *global* row numbering (``row_offset``), so
-  when shard boundaries fall on such multiples each row's distances come from the same matmul shapes
-  however the rows are sharded. Boundaries elsewhere split a chunk, and GEMMs of different row counts
-  round differently (on CPU as on CUDA), which can change distances in the last bits.
+* Row chunks follow the global chunk grid of `curation.kmeans_assign.chunks`, so when shard
+  boundaries fall on multiples of ``chunk_size`` each row's distances come from the same matmul
+  shapes however the rows are sharded.
 * Convergence is tested on the centroid shift (computed from exact sums), not on the inertia (a
   float sum whose last bits depend on the shard layout), so the iteration count is layout-free too.
 * Lloyd (`kmeans_rows`) sees the data only through a `RowSource`: an in-memory array (`ArrayRows`)
@@ -27,7 +21,6 @@ Why the design looks the way it does:
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, runtime_checkable
@@ -35,18 +28,27 @@ from typing import Literal, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-Metric = Literal["l2", "cosine"]
-ArrayLike = np.ndarray | torch.Tensor
+from curation.kmeans_assign import (
+    ArrayLike,
+    Metric,
+    Prepared,
+    assign,
+    chunk_assign,
+    chunks,
+    compute_dtype,
+    default_chunk_size,
+    fused_scoring,
+    normalize_rows,
+    resolve_device,
+    to_device,
+)
 
-#: Score matrix elements per chunk (rows × centroids); 2**24 fp32 = 64 MiB on CPU, 2**30 on CUDA.
-_CPU_SCORE_BUDGET = 1 << 24
-_CUDA_SCORE_BUDGET = 1 << 30
-#: torch.mm(..., out_dtype=) (bf16 inputs, fp32 scores) exists in recent torch builds, on CUDA only.
-_HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
-#: Triton (shipped with CUDA builds of torch) runs the fused nearest-centroid kernel.
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-#: Rows per chunk with fused scoring (no score buffer): 2,048 row blocks per launch, enough to fill a GPU.
-_FUSED_CHUNK_ROWS = 1 << 18
+# Re-exported: callers of k-means need these assignment names beside Lloyd's.
+__all__ = ["ArrayLike", "ArrayRows", "KMeansResult", "Metric", "PartialSums", "RowSource", "as_rows", "assign",
+           "compute_dtype", "default_chunk_size", "device_rows", "fused_scoring", "grid_exponent", "kmeans",
+           "kmeans_plusplus", "kmeans_rows", "normalize_rows", "partial_sums", "reduce_partials", "resolve_device",
+           "update_centroids"]
+
 #: Mantissa bits kept for the largest |coordinate| when rounding to the summation grid.
 _GRID_BITS = 22
 
@@ -138,173 +140,11 @@ def device_rows(x: ArrayLike, device: torch.device, dtype: torch.dtype = torch.f
     return ArrayRows(x, device=device, dtype=dtype)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def fused_scoring(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether assignment runs as one fused Triton kernel (`curation.fused_nearest`): CUDA, 16-bit inputs."""
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _HAS_TRITON
-
-
-def compute_dtype(precision: Literal["auto", "bf16", "fp32"], device: torch.device) -> torch.dtype:
-    """The dtype of the nearest-centroid search. ``auto``: bf16 where it runs as the fused kernel (CUDA
-    with Triton), fp32 elsewhere. bf16 rounds the inputs of the scores only: centroid sums, counts and
-    distances' norms come from the fp32 rows, exactly as in fp32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "auto":
-        return torch.bfloat16 if fused_scoring(device, torch.bfloat16) else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def default_chunk_size(k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    """Rows per chunk: a fixed function of k, device type and dtype, so every worker uses the same grid.
-
-    Fused scoring keeps no score buffer, so its chunks are large (enough row blocks to fill the GPU).
-    """
-    if fused_scoring(device, dtype):
-        return _FUSED_CHUNK_ROWS
-    budget = _CUDA_SCORE_BUDGET if device.type == "cuda" else _CPU_SCORE_BUDGET
-    return int(max(256, min(1 << 16, budget // max(k, 1))))
-
-
 def grid_exponent(max_abs: float) -> int:
     """Exponent q of the summation grid 2**-q for data bounded by ``max_abs`` (see module doc)."""
     if max_abs <= 0 or not math.isfinite(max_abs):
         return _GRID_BITS
     return _GRID_BITS - math.ceil(math.log2(max_abs))
-
-
-def _to_device(x: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
-    return t.to(device=device, dtype=dtype)
-
-
-def normalize_rows(t: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    return t / t.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(t.dtype)
-
-
-def _nearest(xc: torch.Tensor, prep: "_Prepared", centroid_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running argmin of ``|c|²/2 − x·c`` over centroid chunks; ties go to the lowest index.
-
-    On CUDA with 16-bit inputs one Triton kernel does it all (`curation.fused_nearest`: no score
-    matrix in memory). Otherwise, with bf16 inputs the bias rides inside the GEMM (x gets constant
-    columns, c gets −|c|²/2 split into bf16 high and low parts) and scores come out in fp32, so each
-    chunk is one GEMM plus one max pass over a single [rows, centroid_chunk] fp32 buffer.
-    """
-    if prep.fused:
-        from curation.fused_nearest import nearest_scores  # imports Triton: only where it runs
-
-        best, idx = nearest_scores(xc, prep.c, -prep.half_sq)
-        return best.neg_(), idx
-    best_val: torch.Tensor | None = None
-    best_idx: torch.Tensor | None = None
-    if prep.c_aug is not None:
-        xa = torch.zeros(xc.shape[0], prep.c_aug.shape[1], dtype=xc.dtype, device=xc.device)
-        xa[:, : xc.shape[1]] = xc
-        xa[:, xc.shape[1] : xc.shape[1] + 2] = 1
-    for start in range(0, prep.c.shape[0], centroid_chunk):
-        if prep.c_aug is not None:
-            s = _fp32_scores(xa, prep.c_aug[start : start + centroid_chunk].T)
-            val, idx = s.max(dim=1)
-            val = val.neg_()
-        else:
-            c = prep.c[start : start + centroid_chunk]
-            h = prep.half_sq[start : start + c.shape[0]]
-            val, idx = torch.addmm(h.to(xc.dtype), xc, c.T, alpha=-1).min(dim=1)
-            val = val.float()
-        if best_val is None:
-            best_val, best_idx = val, idx
-        else:
-            better = val < best_val
-            best_val = torch.where(better, val, best_val)
-            best_idx = torch.where(better, idx + start, best_idx)
-    assert best_val is not None and best_idx is not None
-    return best_val, best_idx
-
-
-def _fp32_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of bf16 matrices with fp32 output: one GEMM on CUDA; elsewhere the same product of the
-    exactly upcast inputs (CPU builds lack the mixed-dtype kernel)."""
-    if a.device.type == "cuda" and _HAS_MM_OUT_DTYPE:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
-
-
-class _Prepared:
-    """Centroids placed on the device once per iteration, plus their half squared norms."""
-
-    def __init__(self, centroids: ArrayLike, metric: Metric, device: torch.device, dtype: torch.dtype):
-        c = _to_device(centroids, device, torch.float32)
-        if metric == "cosine":
-            c = normalize_rows(c)
-        self.half_sq = 0.5 * (c * c).sum(dim=1)
-        self.c = c.to(dtype)
-        self.fused = fused_scoring(device, dtype)
-        self.c_aug: torch.Tensor | None = None
-        if dtype == torch.bfloat16 and not self.fused:
-            k, d = c.shape
-            self.c_aug = torch.zeros(k, (d + 2 + 7) // 8 * 8, dtype=dtype, device=device)
-            self.c_aug[:, :d] = self.c
-            hi = (-self.half_sq).to(dtype)
-            self.c_aug[:, d] = hi
-            self.c_aug[:, d + 1] = (-self.half_sq - hi.float()).to(dtype)
-
-
-def _chunk_assign(
-    xc: torch.Tensor, prep: _Prepared, metric: Metric, centroid_chunk: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x chunk in compute dtype, normalised if cosine) -> (chunk as fp32, labels, distances)."""
-    xf = xc.float()
-    if metric == "cosine":
-        xf = normalize_rows(xf)
-        xc = xf.to(xc.dtype)
-    val, lab = _nearest(xc, prep, centroid_chunk)
-    sq = ((xf * xf).sum(dim=1) + 2.0 * val).clamp_min(0.0)
-    dist = sq * 0.5 if metric == "cosine" else sq
-    return xf, lab, dist
-
-
-def _chunks(n: int, row_offset: int, chunk_size: int) -> list[tuple[int, int]]:
-    """Local [start, end) ranges whose global boundaries fall on multiples of chunk_size."""
-    out = []
-    start = 0
-    while start < n:
-        end = min(n, ((row_offset + start) // chunk_size + 1) * chunk_size - row_offset)
-        out.append((start, end))
-        start = end
-    return out
-
-
-def assign(
-    x: ArrayLike,
-    centroids: ArrayLike,
-    *,
-    metric: Metric = "l2",
-    chunk_size: int | None = None,
-    centroid_chunk: int | None = None,
-    row_offset: int = 0,
-    device: str | torch.device | None = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every row: (labels int64 [n], distances float32 [n])."""
-    dev = resolve_device(device)
-    k = int(centroids.shape[0])
-    chunk_size = chunk_size or default_chunk_size(k, dev, dtype)
-    centroid_chunk = centroid_chunk or k
-    prep = _Prepared(centroids, metric, dev, dtype)
-    n = int(x.shape[0])
-    labels = np.empty(n, dtype=np.int64)
-    dists = np.empty(n, dtype=np.float32)
-    for s, e in _chunks(n, row_offset, chunk_size):
-        _, lab, dist = _chunk_assign(_to_device(x[s:e], dev, dtype), prep, metric, centroid_chunk)
-        labels[s:e] = lab.cpu().numpy()
-        dists[s:e] = dist.cpu().numpy()
-    return labels, dists
 
 
 def partial_sums(
@@ -332,7 +172,7 @@ def partial_sums(
     d = int(x.shape[1])
     chunk_size = chunk_size or default_chunk_size(k, dev, dtype)
     centroid_chunk = centroid_chunk or k
-    prep = _Prepared(centroids, metric, dev, dtype)
+    prep = Prepared(centroids, metric, dev, dtype)
     scale = float(2.0**grid_exp)
     sums = torch.zeros(k, d, dtype=torch.float64, device=dev)
     counts = torch.zeros(k, dtype=torch.int64, device=dev)
@@ -340,8 +180,8 @@ def partial_sums(
     far_d = torch.empty(0, device=dev)
     far_r = torch.empty(0, dtype=torch.int64, device=dev)
     far_p = torch.empty(0, d, device=dev)
-    for s, e in _chunks(int(x.shape[0]), row_offset, chunk_size):
-        xf, lab, dist = _chunk_assign(_to_device(x[s:e], dev, dtype), prep, metric, centroid_chunk)
+    for s, e in chunks(int(x.shape[0]), row_offset, chunk_size):
+        xf, lab, dist = chunk_assign(to_device(x[s:e], dev, dtype), prep, metric, centroid_chunk)
         sums.index_add_(0, lab, torch.round(xf * scale).double())
         counts += torch.bincount(lab, minlength=k)
         inertia += dist.double().sum()
@@ -388,7 +228,7 @@ def update_centroids(
     farthest rows were gathered, the rest keep their previous centroid and are retried next step.
     """
     dev = total.sums.device
-    prev = _to_device(centroids, dev, torch.float32)
+    prev = to_device(centroids, dev, torch.float32)
     counts = total.counts
     new = (total.sums / counts.clamp_min(1)[:, None].double()).float()
     empty = torch.nonzero(counts == 0).flatten()
@@ -436,7 +276,7 @@ def kmeans_plusplus(
         raise ValueError(f"k={k} > n={n}")
     size = min(n, sample_size or 10 * k + 1000)
     rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
-    s = _to_device(source.take(rows), dev, torch.float32)
+    s = to_device(source.take(rows), dev, torch.float32)
     if metric == "cosine":
         s = normalize_rows(s)
     trials = n_local_trials or 2 + int(math.log(k))
@@ -448,7 +288,8 @@ def kmeans_plusplus(
         cum = torch.cumsum(closest, 0)
         u = torch.as_tensor(rng.random(trials), dtype=torch.float64, device=dev) * cum[-1]
         cand = torch.searchsorted(cum, u).clamp_max(size - 1)
-        d_cand = (sq[None, :] + sq[cand][:, None] - 2 * s[cand] @ s.T).clamp_min(0).double()
+        # [n, d] @ [d, t] streams the sample once per round (1.7x less CPU than [t, d] @ [d, n] here)
+        d_cand = (sq[None, :] + sq[cand][:, None] - 2 * (s @ s[cand].T).T).clamp_min(0).double()
         pot = torch.minimum(d_cand, closest[None, :]).sum(dim=1)
         best = int(torch.argmin(pot))
         chosen[i] = int(cand[best])

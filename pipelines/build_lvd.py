@@ -18,7 +18,7 @@ from pipelines.executors import Executor
 from pipelines.stage import StageResult, run_stage
 from pipelines.stages.cluster import ClusterConfig
 from pipelines.stages.dedup import DedupConfig
-from pipelines.stages.embed import EmbedConfig
+from pipelines.stages.embed import EmbedConfig, require_weights
 from pipelines.stages.ingest import IngestConfig
 from pipelines.stages.sample import SampleConfig
 
@@ -40,6 +40,7 @@ def build_lvd(root: str, config: BuildLVDConfig, *, source: str | None = None, a
     """Run every stage that is not done yet; returns each stage's result."""
     if config.sample.target_size is None:
         raise ConfigError("build-lvd needs a target size (--target-size N)")
+    require_weights(config.embed, "embed.")
     ingest = replace(config.ingest, source=source) if source else config.ingest
     if not ingest.source and not table_exists(root, POOL_TABLE):
         raise MissingInputError(f"{root} has no pool table: give --source to ingest one first")

@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 import torch
 
 from catalog.embeddings import table_dim_and_dtype, to_numpy
@@ -28,6 +27,7 @@ from catalog.paths import resolve
 from catalog.ray_runtime import ensure_ray
 from catalog.schemas import EMBEDDINGS_TABLE, check_version
 from catalog.shards import iter_shards, read_schema
+from catalog.threads import ensure_threads
 from curation.kmeans import (
     KMeansResult,
     Metric,
@@ -100,12 +100,12 @@ def _load_rows(urls: list[str], shard_rows: np.ndarray, dim: int, shard: np.ndar
     return x
 
 
-@ray.remote
-class ShardWorker:
+class ShardWorker:  # a Ray actor (ray.remote is applied when one starts: no Ray import for in-process runs)
     """Rows ``[start, start + len(shard))`` of the global order, in memory, answering one Lloyd step at a time."""
 
     def __init__(self, urls: list[str], shard_rows: np.ndarray, dim: int, shard: np.ndarray, row: np.ndarray,
                  start: int, chunk_size: int, device: str, dtype: torch.dtype = torch.float32):
+        ensure_threads()  # torch threads for the CPUs Ray gave this actor
         self.device = resolve_device(device)
         self.x = torch.from_numpy(_load_rows(urls, shard_rows, dim, shard, row)).to(self.device)
         self.start = start
@@ -153,13 +153,16 @@ class ShardedEmbeddings:
         return len(self.index.image_ids)
 
     def _workers(self) -> list:
+        import ray
+
         if self._actors is None:
             ensure_ray()
+            actor = ray.remote(ShardWorker)
             n = len(self.bounds) - 1
             gpus = ray.cluster_resources().get("GPU", 0.0) if resolve_device(self.device).type == "cuda" else 0.0
             ix = self.index
             self._actors = [
-                ShardWorker.options(num_cpus=self.num_cpus, num_gpus=min(1.0, gpus / n)).remote(
+                actor.options(num_cpus=self.num_cpus, num_gpus=min(1.0, gpus / n)).remote(
                     ix.urls, ix.shard_rows, ix.dim, ix.shard[s:e], ix.row[s:e], s, self.chunk_size, self.device,
                     self.dtype)
                 for s, e in zip(self.bounds[:-1], self.bounds[1:])
@@ -167,6 +170,8 @@ class ShardedEmbeddings:
         return self._actors
 
     def take(self, rows: np.ndarray | slice) -> np.ndarray:
+        import ray
+
         rows = np.arange(self.n_rows)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         wanted = rows[order]
@@ -178,18 +183,26 @@ class ShardedEmbeddings:
         return out
 
     def max_abs(self) -> float:
+        import ray
+
         return max(ray.get([w.max_abs.remote() for w in self._workers()]))
 
     def partial_sums(self, centroids: np.ndarray, *, grid_exp: int, metric: Metric) -> PartialSums:
+        import ray
+
         c = ray.put(np.asarray(centroids, dtype=np.float32))
         return reduce_partials(ray.get([w.partial_sums.remote(c, grid_exp, metric) for w in self._workers()]))
 
     def assign(self, centroids: np.ndarray, *, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+        import ray
+
         c = ray.put(np.asarray(centroids, dtype=np.float32))
         labels, dists = zip(*ray.get([w.assign.remote(c, metric) for w in self._workers()]))
         return np.concatenate(labels), np.concatenate(dists)
 
     def close(self) -> None:
+        import ray
+
         for actor in self._actors or []:
             ray.kill(actor)
         self._actors = None

@@ -1,7 +1,8 @@
 """Reports a person can look at: PNG histograms and contact sheets under ``<catalog>/reports/``.
 
 - build-lvd: per level, cluster sizes in the pool and in the curated part (balanced sampling should
-  flatten them), and thumbnails of a few random top-level clusters before and after curation;
+  flatten them), and thumbnails of the largest, a few random and the smallest top-level clusters
+  before and after curation, each row labelled with the cluster's size;
 - retrieve: a few seed images next to what they retrieved;
 - dedup: a few copy groups, the kept image first.
 """
@@ -23,6 +24,7 @@ from catalog.paths import join, write_bytes_atomic  # noqa: E402
 from catalog.sql import query  # noqa: E402
 
 THUMB = 64
+LABEL_WIDTH = 96
 
 
 def _png(fig_or_img) -> bytes:
@@ -52,24 +54,39 @@ def size_histograms(root: str, part: str, n_levels: int) -> bytes:
     return _png(fig)
 
 
-def contact_sheet(uris_by_cluster: dict[int, list[str]], title: str, per_row: int = 10) -> bytes:
-    """A grid: one row of thumbnails per cluster, labelled with the cluster id."""
+def contact_sheet(uris_by_cluster: dict[int, list[str]], title: str, per_row: int = 10,
+                  labels: dict[int, str] | None = None) -> bytes:
+    """A grid: one row of thumbnails per cluster, in the dict's order, labelled with ``labels`` (lines of
+    text) or the cluster id."""
     rows = max(1, len(uris_by_cluster))
-    sheet = Image.new("RGB", (80 + per_row * (THUMB + 2), 20 + rows * (THUMB + 2)), (255, 255, 255))
+    sheet = Image.new("RGB", (LABEL_WIDTH + per_row * (THUMB + 2), 20 + rows * (THUMB + 2)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 4), title, fill=(0, 0, 0))
-    for r, (cluster_id, uris) in enumerate(sorted(uris_by_cluster.items())):
+    for r, (cluster_id, uris) in enumerate(uris_by_cluster.items()):
         y = 20 + r * (THUMB + 2)
-        label = str(cluster_id)
-        draw.text((4, y + THUMB // 2 - 6), label if len(label) <= 10 else "…" + label[-9:], fill=(0, 0, 0))
+        label = (labels or {}).get(cluster_id) or (str(cluster_id) if len(str(cluster_id)) <= 10
+                                                   else "…" + str(cluster_id)[-9:])
+        draw.multiline_text((4, y + 4), label, fill=(0, 0, 0), spacing=2)
         for c, uri in enumerate(uris[:per_row]):
             try:
                 img = decode_rgb(read_image_bytes(uri), min_side=THUMB)
             except (DecodeError, OSError):
                 continue
             img.thumbnail((THUMB, THUMB))
-            sheet.paste(img, (80 + c * (THUMB + 2), y))
+            sheet.paste(img, (LABEL_WIDTH + c * (THUMB + 2), y))
     return _png(sheet)
+
+
+def pick_clusters(sizes: dict[int, int], n_each: int, seed: int) -> list[tuple[int, str]]:
+    """The ``n_each`` largest clusters, ``n_each`` random others, then the ``n_each`` smallest (smallest
+    last), each with its role: a sheet of the same few clusters hides both ends of the distribution."""
+    order = sorted(sizes, key=lambda c: (-sizes[c], c))
+    largest = order[:n_each]
+    smallest = [c for c in order[::-1] if c not in largest][:n_each][::-1]
+    middle = [c for c in order if c not in largest and c not in smallest]
+    picked = np.random.default_rng(seed).choice(len(middle), size=min(n_each, len(middle)), replace=False)
+    randoms = [middle[i] for i in sorted(picked.tolist())]
+    return [(c, "largest") for c in largest] + [(c, "random") for c in randoms] + [(c, "smallest") for c in smallest]
 
 
 def _grouped(rows, per_row: int) -> dict[int, list[str]]:
@@ -88,9 +105,10 @@ def _uris_of_clusters(root: str, table: str, top_col: str, clusters: list[int], 
                                 f"WHERE t.{top_col} IN ({ids}) ORDER BY hash(t.image_id)"), per_row)
 
 
-def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clusters: int = 6,
+def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_each: int = 2,
                      with_images: bool = True) -> list[str]:
-    """Write the histograms and (``with_images``: the pool's images are known) contact sheets; returns their URLs."""
+    """Write the histograms and (``with_images``: the pool's images are known) contact sheets of the
+    largest, a few random and the smallest top-level clusters, labelled with their sizes; returns their URLs."""
     out_dir = join(root, "reports", part)
     written = []
     url = join(out_dir, "cluster_sizes.png")
@@ -99,15 +117,25 @@ def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_clust
     if not with_images:
         return written
     top_col = f"l{n_levels}"
-    top = query(root, f"SELECT DISTINCT {top_col} FROM clusters ORDER BY 1").column(0).to_numpy()
-    chosen = sorted(np.random.default_rng(seed).choice(top, size=min(n_clusters, len(top)), replace=False).tolist())
+    pool_sizes = _sizes(root, "clusters", top_col)
+    chosen = pick_clusters(pool_sizes, n_each, seed)
+    curated_sizes = _sizes(root, f"curated_{part}", top_col)
     for table, label in (("clusters", "pool"), (f"curated_{part}", "curated")):
-        sheet = contact_sheet(_uris_of_clusters(root, table, top_col, chosen, 10),
-                              f"{label}: random top-level clusters (level {n_levels})")
+        uris = _uris_of_clusters(root, table, top_col, [c for c, _ in chosen], 10)
+        labels = {c: f"{role}\n#{c}\nn={pool_sizes[c]}" if label == "pool" else
+                  f"{role}\n#{c}\n{curated_sizes.get(c, 0)} of {pool_sizes[c]}" for c, role in chosen}
+        sheet = contact_sheet({c: uris.get(c, []) for c, _ in chosen},
+                              f"{label}: largest, random and smallest top-level clusters (level {n_levels}), "
+                              "with their sizes", labels=labels)
         url = join(out_dir, f"contact_sheet_{label}.png")
         write_bytes_atomic(url, sheet)
         written.append(url)
     return written
+
+
+def _sizes(root: str, table: str, column: str) -> dict[int, int]:
+    rows = query(root, f"SELECT {column} AS c, count(*) AS n FROM {table} GROUP BY 1")
+    return dict(zip(rows.column("c").to_pylist(), rows.column("n").to_pylist()))
 
 
 def write_retrieval_report(root: str, seed: str, seed_uris: dict[int, str], level: int = 1, n_seeds: int = 6) -> str:

@@ -10,7 +10,9 @@ A stage (`Stage`) says what it is and what it does, nothing about how it is run:
 - ``process(ctx, unit, state, loaded)``: one unit → its rows (`Output`), free of side effects;
 - ``finish(ctx, totals)``: the end (summaries, reports), returning the run's summary.
 
-The runner (`run_stage`) owns what used to be copied into every stage: ``--overwrite`` (reset the ledger
+The runner (`run_stage`) owns what used to be copied into every stage: the run's writer lease
+(`catalog.lease`: a second writer of the same run is refused, naming the holder; a stale lease is taken
+over), ``--overwrite`` (reset the ledger
 and delete the run's rows of every table it writes), the plan and its check against the recorded one
 (`catalog.ledger.PlanChange`: changed settings are refused, changed inputs rerun the stage from scratch
 with a loud line, so "done" depends on the content of the inputs), the run manifest, progress, Ray
@@ -39,11 +41,13 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from catalog.config import ConfigError, from_dict, to_dict
+from catalog.lease import Lease, hold
 from catalog.ledger import Ledger, Plan, PlanChange
 from catalog.lineage import listing_fingerprint, run_prefix, run_shards, table_state
 from catalog.manifest import RunManifest, fingerprint
 from catalog.paths import join, write_bytes_atomic
 from catalog.progress import progress
+from catalog.schemas import stamp
 from catalog.shards import delete_shards, shard_sizes, write_shards
 from pipelines.executors import EXECUTORS, Executor, choose_executor
 
@@ -197,14 +201,18 @@ class Stage(ABC):
 
 @dataclass(frozen=True)
 class CatalogSink:
-    """Commits one run's units: files, then shards named ``<run>=<unit>-<i>``, then the ledger marker."""
+    """Commits one run's units: files, then shards named ``<run>=<unit>-<i>``, then the ledger marker;
+    each only while the run's lease is still this run's."""
 
     root: str
     run: str
     outputs: tuple[str, ...]
+    lease: Lease | None = None
 
     def write(self, unit: Unit, output: Output, cpu_seconds: float) -> dict[str, Any]:
         """Commit one unit and return its marker (also written to the ledger, last)."""
+        if self.lease is not None:
+            self.lease.check()
         files = []
         for path, data in sorted(output.files.items()):
             write_bytes_atomic(join(self.root, path), data)
@@ -216,6 +224,7 @@ class CatalogSink:
                 raise RuntimeError(f"{self.run} wrote {table!r}, which is not among its outputs {self.outputs}")
             rows[table] = data.num_rows
             if data.num_rows:
+                data = data.replace_schema_metadata(stamp(data.schema, table).metadata)  # which table it is
                 written = write_shards(self.root, table, f"{run_prefix(self.run)}{unit.name}", data)
                 shards[table] = [[s.name, s.size, s.sha256] for s in written]
         marker = {"fingerprint": unit.fingerprint, "rows": rows, "shards": shards, "files": files,
@@ -328,8 +337,14 @@ def run_stage(stage: str | Stage, root: str, config: Any = None, *, overwrite: b
     stage = get_stage(stage)
     config = _as_config(stage, config)
     ctx = StageContext(root, config, stage.run_name(config), address)
-    ledger = Ledger(root, ctx.run)
-    sink = CatalogSink(root, ctx.run, stage.tables_written(config))
+    with hold(root, ctx.run) as lease:
+        return _run_held(stage, ctx, CatalogSink(root, ctx.run, stage.tables_written(config), lease), overwrite,
+                         executor)
+
+
+def _run_held(stage: Stage, ctx: StageContext, sink: CatalogSink, overwrite: bool, executor: Executor) -> StageResult:
+    """`run_stage` once the run's lease is held."""
+    ledger = Ledger(ctx.root, ctx.run)
     if overwrite:
         _start_over(stage, ctx, ledger, sink, forget_state=True)
     ctx = replace(ctx, facts=stage.prepare(ctx))

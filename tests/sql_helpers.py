@@ -25,9 +25,12 @@ def documented_queries() -> list[str]:
 
 
 def write_doc_catalog(root: str) -> None:
-    """The tables and columns the documented queries use (pool, errors, curated/lvd with its levels)."""
+    """The tables and columns the documented queries use (pool, errors, duplicates, clusters, curated/lvd)."""
     write_shards(root, "pool", "u", pa.table({"image_id": [1, 2, 3], "uri": ["a", "b", "c"],
                                               "status": ["ok", "ok", "error"]}))
     write_shards(root, "errors", "u", pa.table({"image_id": [3], "uri": ["c"], "reason": ["truncated"]}))
+    write_shards(root, "duplicates", "u", pa.table({"image_id": [2], "kept_id": [1], "similarity": [1.0],
+                                                    "reason": ["exact"]}))
+    write_shards(root, "clusters", "u", pa.table({"image_id": [1, 2], **{f"l{i}": [0, i] for i in range(1, 6)}}))
     write_shards(root, "curated/lvd", "u", pa.table({"image_id": [1, 2], "uri": ["a", "b"], "part": ["lvd"] * 2,
                                                      **{f"l{i}": [0, i] for i in range(1, 6)}}))

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from catalog.errors import UserError
+from catalog.threads import OVERRIDE_ENV, configure_threads
 from pipelines.cli.explore_command import add_explore_command
 from pipelines.cli.jobs import add_jobs_command, maybe_submit
 from pipelines.cli.stage_commands import STAGE_COMMANDS, add_stage_command
@@ -36,6 +37,10 @@ def common_options() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="log debug detail")
     p.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
     p.add_argument("--debug", action="store_true", help="print a traceback for every error, not just bugs")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for each thread pool (torch, OpenMP/BLAS, faiss) of this process and of the Ray "
+                   "workers it starts; default: the CPUs the process may use (affinity mask, container quota; "
+                   "inside a Ray worker the CPUs Ray gave it). The same as CURATE_THREADS=N")
     return p
 
 
@@ -96,6 +101,57 @@ def train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> N
         from training.train.__main__ import main as train_main
 
         return train_main(["--config", args.config, *overrides])
+
+    p.set_defaults(run=run)
+
+
+@command
+def ablate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("ablate", parents=[common],
+                       help="the data ablation: one recipe trained on raw, clustering, retrieval and the mix, "
+                       "scored alike, one table",
+                       description="Train the same backbone config for the same steps and images seen on each arm "
+                       "(default: raw = the deduplicated pool, clustering = curated/lvd, retrieval = the images "
+                       "retrieved for the demo seed, mix = both plus the labelled seed images as homogeneous "
+                       "batches on 10% of steps), over 3 seeds; score every exported teacher with the same "
+                       "evaluations (k-NN overall / head / tail concepts, linear probe, instance retrieval, dense "
+                       "probe) and write results.json, results.md and results.png under "
+                       "<catalog>/ablations/<name>/. Each run is an ordinary training run in "
+                       "<catalog>/ablations/<name>/<arm>/seed<k>/; rerunning resumes the unfinished ones only.")
+    p.add_argument("--catalog", required=True, help="catalog root: a folder or an fsspec URL")
+    p.add_argument("--config", required=True, help="the training config every arm shares "
+                   "(training/configs/demo_cpu.yaml on the demo)")
+    p.add_argument("--ablation-config", help="YAML with ablation settings (keys as in --set)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="ablation settings, e.g. seeds=[0,1,2] steps=100 train=[optim.lr.peak=5e-4] "
+                   "'arms={raw: {parts: {pool: {source: pool}}}, lvd: {parts: {lvd: {source: lvd}}}}' "
+                   "demo_pool='' evals.labelled=/data/labelled evals.frequency=/data/freq.json")
+    p.add_argument("--name", help="the ablation's folder under <catalog>/ablations "
+                   "(default: default, or quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="the whole ablation in miniature: one seed, 6 steps")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per run")
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    # dest differs from the stages' "address": ablate submits its own jobs (one per arm) instead of one job
+    p.add_argument("--address", dest="cluster", default=None,
+                   help="Ray dashboard URL http://HEAD:8265: prepare, each arm and the report run as Ray jobs, the "
+                   "arms at the same time where the cluster's resources allow (default: CURATE_RAY_ADDRESS)")
+    p.add_argument("--only", metavar="PHASE", help="prepare, arm:<name> or report: one phase (what each job runs)")
+
+    def run(args: argparse.Namespace) -> None:
+        from catalog.config import load_config
+        from pipelines.ablate.ablation import ablate as run_ablate
+        from pipelines.ablate.config import QUICK, AblationConfig
+
+        quick = [*QUICK, "name=quick"] if args.quick else []
+        name = [f"name={args.name}"] if args.name else []
+        config = load_config(AblationConfig, args.ablation_config, [*quick, *name, *args.set])
+        job_argv = ["ablate", "--catalog", args.catalog, "--config", args.config, "--name", config.name,
+                    "--num-workers", str(args.num_workers), "--gpus-per-worker", str(args.gpus_per_worker),
+                    *(["--ablation-config", args.ablation_config] if args.ablation_config else []),
+                    *(["--quick"] if args.quick else []), *(["--set", *args.set] if args.set else [])]
+        run_ablate(args.catalog, args.config, config, only=args.only,
+                   address=args.cluster or os.environ.get("CURATE_RAY_ADDRESS"), num_workers=args.num_workers,
+                   gpus_per_worker=args.gpus_per_worker, job_argv=job_argv)
 
     p.set_defaults(run=run)
 
@@ -197,6 +253,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="curate", parents=[common],
         description="Curate a raw image pool into a balanced, diverse training set (DINOv3-style) "
         "and pretrain a ViT on it. Every stage reads and writes a Parquet catalog.",
+        epilog="Threads: curate sets torch's, OpenMP/BLAS's and faiss's thread counts (and OMP_NUM_THREADS, "
+        "MKL_NUM_THREADS, OPENBLAS_NUM_THREADS) to the CPUs the process may use; --threads N or "
+        "CURATE_THREADS=N overrides that count.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = _chosen(argv) if argv is not None else None
@@ -239,9 +298,17 @@ class _Formatter(logging.Formatter):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # before the parser imports a stage (and with it torch, faiss): OpenMP reads its settings at load
+        configure_threads()
+    except UserError as e:
+        print(f"curate: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser(argv).parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     try:
+        if args.threads is not None:  # through the environment, so the Ray workers started later inherit it
+            os.environ[OVERRIDE_ENV] = str(args.threads)
+            configure_threads()
         if not maybe_submit(args, argv):  # an http:// --address runs the command as a Ray job
             return int(args.run(args) or 0)
     except UserError as e:

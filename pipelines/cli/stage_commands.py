@@ -35,6 +35,16 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """``--plan``: print what the stage would do from sizes alone instead of running it (no catalog,
+    no data, no Ray). The config is loaded as for a run, so its flags and --set keys shape the plan."""
+
+    help: str
+    sizes: tuple[Flag, ...]  # every one required with --plan; ``key`` is the render's keyword
+    render: str  # "module:function" (config, **sizes) -> text, imported only with --plan
+
+
+@dataclass(frozen=True)
 class StageCommand:
     command: str
     config: str  # "module:ConfigClass", imported only to describe or run
@@ -43,13 +53,17 @@ class StageCommand:
     reads: str
     writes: str
     flags: tuple[Flag, ...]
-    result: Callable[[Any, dict[str, Any]], str]  # (StageResult or build-lvd results, flag values) -> lines
+    result: Callable[[Any, dict[str, Any]], str]  # (StageResult or build-lvd results, flag values + catalog) -> lines
     overwrite: bool = True
+    preview: Preview | None = None
 
 
 def _ingest(r: Any, _: dict[str, Any]) -> str:
+    from pipelines.cli.report_text import skipped_text
+
     s = r.summary
-    return f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors ({r.items_run} processed in this run)"
+    return (f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors ({r.items_run} processed in this "
+            f"run); {skipped_text(s.get('skipped_by_extension', {}))}")
 
 
 def _embed(r: Any, _: dict[str, Any]) -> str:
@@ -57,8 +71,10 @@ def _embed(r: Any, _: dict[str, Any]) -> str:
             f"{r.rows_run.get('errors', 0)} failed to decode")
 
 
-def _dedup(r: Any, _: dict[str, Any]) -> str:
-    return "removed: " + ", ".join(f"{k}={v}" for k, v in r.summary["removed"].items())
+def _dedup(r: Any, flags: dict[str, Any]) -> str:
+    from pipelines.cli.report_text import dedup_text
+
+    return dedup_text(flags["catalog"])
 
 
 def _cluster(r: Any, _: dict[str, Any]) -> str:
@@ -72,8 +88,9 @@ def _sample(r: Any, _: dict[str, Any]) -> str:
 
 def _retrieve(r: Any, _: dict[str, Any]) -> str:
     s = r.summary
-    return (f"seed {s['seed']} ({s['seed_images']} images, {s['mode']} mode): {s['retrieved']} pool images "
-            f"retrieved; report: {s['report']}")
+    fallback = f", {s['fallback_from']} mode found nothing" if s.get("fallback_from") else ""
+    return (f"seed {s['seed']} ({s['seed_images']} images, {s['mode']} mode{fallback}): {s['retrieved']} pool "
+            f"images retrieved; report: {s['report']}")
 
 
 def _mix(r: Any, _: dict[str, Any]) -> str:
@@ -86,19 +103,26 @@ def _mix(r: Any, _: dict[str, Any]) -> str:
 
 def _pack(r: Any, _: dict[str, Any]) -> str:
     part = r.run.split("-", 1)[1]
-    return f"packed/{part}: {r.summary['packed']} images, {r.summary['unreadable']} unreadable"
+    return f"packed/{part}/shards: {r.summary['packed']} images, {r.summary['unreadable']} unreadable"
 
 
-def _build_lvd(results: dict[str, Any], _: dict[str, Any]) -> str:
+def _build_lvd(results: dict[str, Any], flags: dict[str, Any]) -> str:
+    from pipelines.cli.report_text import dedup_text
+
+    lines = [_ingest(results["ingest"], flags)] if "ingest" in results else []
+    if "dedup" in results:
+        lines.append(dedup_text(flags["catalog"]))
     sample = results["sample"].summary
-    return f"\ncurated/lvd: {sample['out']} images; report: {', '.join(sample.get('report', []))}"
+    lines.append(f"curated/lvd: {sample['out']} images; report: {', '.join(sample.get('report', []))}")
+    return "\n" + "\n".join(lines)
 
 
 STAGE_COMMANDS: tuple[StageCommand, ...] = (
     StageCommand(
         "ingest", "pipelines.stages.ingest:IngestConfig", "build the pool table from images",
         "List SOURCE (a folder tree, a glob of WebDataset .tar shards, or a Parquet file with a 'uri' column or "
-        "a bytes column), probe every image (full decode), hash it and make its 16x16 copy descriptor.",
+        "a bytes column), probe every image (full decode), hash it and make its copy descriptor (gradient "
+        "histograms and a colour layout, 480 float16).",
         "the files of SOURCE", "pool (every file: status ok|error), errors (reason per unusable file), "
         "copy_descriptors",
         (Flag("source", "source", "folder, .tar glob or .parquet file (local or an fsspec URL)"),), _ingest),
@@ -111,23 +135,33 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "errors",
         (Flag("--model", "model", "dinov2_vitl14, dinov3_vitl16, … (training/models/config.py) or curate:PATH "
               "for a backbone exported by `curate export-backbone`"),
-         Flag("--weights", "weights", "checkpoint file of the official release (.pth or .safetensors)")),
+         Flag("--weights", "weights", "checkpoint file of the official release (.pth or .safetensors); a registry "
+              "name without weights is refused unless --set random_init=true")),
         _embed),
     StageCommand(
         "dedup", "pipelines.stages.dedup:DedupConfig", "remove exact duplicates, near copies and eval-set overlaps",
-        "Exact duplicates by sha256; copy detection by a k-NN graph over copy descriptors (connected components, "
-        "the largest image of each kept); relative dedup against evaluation sets (--set eval_sets='{name: folder}').",
+        "Exact duplicates by sha256; copy detection by a k-NN graph over copy descriptors, each image also searched "
+        "mirrored (connected components, the largest image of each kept); relative dedup against evaluation sets "
+        "(--set eval_sets='{name: folder}'). A run that would remove more than max_removed_share (default 0.2) "
+        "of the pool fails and shows example pairs instead.",
         "pool, copy_descriptors (or embeddings)", "duplicates (image_id, kept_id, similarity, reason); "
         "clustering and retrieval leave those images out", (), _dedup),
     StageCommand(
         "cluster", "pipelines.stages.cluster:ClusterConfig", "hierarchical k-means with resampling over embeddings",
         "Cluster the catalog's embeddings (or --embeddings X.npy --ids IDS.npy, or a Parquet file with image_id "
         "and embedding columns) into a hierarchy of levels (default: 5 levels scaled from the paper's ratios to "
-        "the pool size). Checkpointed per level and resampling step.",
+        "the pool size; level 1 is one k-means while that costs under 1 TFLOP, else pre-clusters each split "
+        "in sub-clusters). Checkpointed per level and resampling step. --plan --rows N --dim D prints the "
+        "levels a pool of that size gets, with each level's FLOPs, time on this machine and memory, and the "
+        "level-1 worker count that fits an 80 GB GPU; it needs no catalog and reads no data.",
         "embeddings, duplicates", "clusters (a cluster id per level, l1 finest), centroids",
         (Flag("--levels", "n_levels", "number of levels (default 5)", int),
          Flag("--embeddings", "embeddings", "bring your own: .npy (with --ids) or .parquet"),
-         Flag("--ids", "ids", ".npy of int64 image ids matching --embeddings rows")), _cluster),
+         Flag("--ids", "ids", ".npy of int64 image ids matching --embeddings rows")), _cluster,
+        preview=Preview("print the levels and cost for --rows x --dim instead of clustering (no data, no Ray)",
+                        (Flag("--rows", "rows", "pool size for --plan", int),
+                         Flag("--dim", "dim", "embedding dimension for --plan", int)),
+                        "pipelines.stages.cluster:plan_text")),
     StageCommand(
         "sample", "pipelines.stages.sample:SampleConfig", "balanced hierarchical sampling into a curated part",
         "Water-fill --target-size over the top-level clusters, then down the hierarchy; pick inside level-1 "
@@ -140,8 +174,11 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "retrieve", "pipelines.stages.retrieve:RetrieveConfig", "retrieve pool images that look like a seed dataset",
         "Ingest and embed the seed exactly like the pool (under _seeds/<seed>), then take the k nearest pool "
         "images of every seed image (--mode knn) or images from pool clusters holding more than a few seed "
-        "images (--mode cluster; needs build-lvd's clusters). auto: cluster mode below knn_min_seeds seed "
-        "images. Duplicates are never retrieved.",
+        "images (--mode cluster; needs build-lvd's clusters). auto: k-NN for a large seed, over knn_min_seeds "
+        "(1,000,000) images; below that, cluster mode only where the seed images bunch up: level-1 clusters "
+        "holding more than min_seed_per_cluster (3) seed images must hold at least half of them, else k-NN. "
+        "When cluster mode finds nothing it falls back to k-NN with a warning giving the numbers; an empty "
+        "result is a warning. Duplicates are never retrieved.",
         "embeddings, duplicates, clusters, centroids, the seed", "the seed's rows of retrieved, "
         "reports/retrieve/<seed>.png",
         (Flag("--seed", "seed_set", "a seed name from the seeds config (demo, …) or a path", required=True),
@@ -155,10 +192,13 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "weight: W}}') and record the weights and the homogeneous part for the trainer.",
         "pool, duplicates, curated/lvd, retrieved", "curated/<part> per part, _mix.json", (), _mix),
     StageCommand(
-        "pack", "pipelines.stages.pack:PackConfig", "write a curated part as tar shards for fast training reads",
-        "Copy the images of curated/<part> into WebDataset-style tar shards with an index of byte ranges; "
-        "training then reads the shards instead of one object per image.",
-        "curated/<part>", "packed/<part>/*.tar and their index table, errors (unreadable images)",
+        "pack", "pipelines.stages.pack:PackConfig", "write a curated part as WebDataset shards for fast training reads",
+        "Copy the images of curated/<part> into WebDataset tar shards (<key>.jpg when every image is a JPEG, "
+        "else <key>.png, lossless; <key>.json with image_id, uri, part and cluster ids; key = image_id as 16 "
+        "hex digits, unsigned) with an index of byte ranges; training then reads the shards instead of one "
+        "object per image.",
+        "curated/<part>", "packed/<part>/shards/*.tar, their index table packed/<part>/index, errors "
+        "(unreadable images)",
         (Flag("--part", "part", "the curated part to pack", required=True),
          Flag("--images-per-shard", "images_per_shard", "images per tar shard (default 1000)", int)), _pack),
     StageCommand(
@@ -173,9 +213,13 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
 )
 
 
-def config_class(command: StageCommand) -> type:
-    module, _, name = command.config.partition(":")
+def _imported(ref: str) -> Any:
+    module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def config_class(command: StageCommand) -> type:
+    return _imported(command.config)
 
 
 def describe_settings(cls: type, prefix: str = "") -> list[str]:
@@ -210,10 +254,15 @@ def add_stage_command(sub: argparse._SubParsersAction, command: StageCommand, co
             p.add_argument(flag.name, dest=_dest(flag), required=flag.required, **kwargs)
         else:
             p.add_argument(_dest(flag), metavar=flag.name.upper(), **kwargs)
-    p.add_argument("--catalog", required=True, help="catalog root: a folder or an fsspec URL (s3://bucket/cat)")
+    p.add_argument("--catalog", required=command.preview is None,
+                   help="catalog root: a folder or an fsspec URL (s3://bucket/cat)")
     add_run_options(p, "start the stage again from scratch: forget its progress and delete what it wrote"
                     if command.overwrite else None)
-    p.set_defaults(run=lambda args: run_stage_command(command, args))
+    if command.preview:
+        p.add_argument("--plan", action="store_true", help=command.preview.help)
+        for size in command.preview.sizes:
+            p.add_argument(size.name, dest=_dest(size), metavar=size.key.upper(), type=size.type, help=size.help)
+    p.set_defaults(run=lambda args: run_stage_command(command, args, p))
 
 
 def add_run_options(p: argparse.ArgumentParser, overwrite_help: str | None) -> None:
@@ -232,18 +281,32 @@ def add_run_options(p: argparse.ArgumentParser, overwrite_help: str | None) -> N
                    "as a Ray job (default: CURATE_RAY_ADDRESS, else Ray in-process when needed)")
 
 
+def _preview(preview: Preview, config: Any, args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    sizes = {size.key: getattr(args, _dest(size)) for size in preview.sizes}
+    missing = [size.name for size in preview.sizes if sizes[size.key] is None]
+    if missing:
+        parser.error(f"--plan needs {' and '.join(missing)}")
+    return _imported(preview.render)(config, **sizes)
+
+
 def _dest(flag: Flag) -> str:
     return "flag_" + flag.key.replace(".", "__")
 
 
-def run_stage_command(command: StageCommand, args: argparse.Namespace) -> None:
-    """Load the config (defaults, YAML, --set, then the flags), run the stage, print its result."""
+def run_stage_command(command: StageCommand, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Load the config (defaults, YAML, --set, then the flags), run the stage (or, with --plan, print its
+    preview), print its result."""
     from catalog.config import load_config
 
     values = {f.key: getattr(args, _dest(f)) for f in command.flags}
     # JSON is YAML: a flag's value keeps its type (a folder named 2024 stays a string)
     overrides = [*args.set, *(f"{k}={json.dumps(v)}" for k, v in values.items() if v is not None)]
     config = load_config(config_class(command), args.config, overrides)
+    if command.preview and args.plan:
+        print(_preview(command.preview, config, args, parser))
+        return
+    if not args.catalog:
+        parser.error("--catalog is required (or --plan to preview the run)")
     if command.command == "build-lvd":
         from pipelines.build_lvd import build_lvd
 
@@ -253,4 +316,4 @@ def run_stage_command(command: StageCommand, args: argparse.Namespace) -> None:
 
         result = run_stage(command.command, args.catalog, config, overwrite=args.overwrite,
                            executor=args.executor, address=args.address)
-    print(command.result(result, values))
+    print(command.result(result, {**values, "catalog": args.catalog}))

@@ -11,15 +11,10 @@ from catalog.sql import query
 from pipelines.build_lvd import BuildLVDConfig, build_lvd
 from pipelines.cli.report_text import inspect_text
 from pipelines.cli.sql_output import render
+from pipelines.demo.backbone import DEMO_BACKBONE, DEMO_SETTINGS
 
-# The backbone our trainer made on a demo pool (training/configs/demo_cpu.yaml says how); its file records
-# its 64 px input, small enough to finish in minutes on 2 cores (docs/benchmarks.md has the measured times).
-DEMO_BACKBONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_backbone.safetensors")
-DEMO_SETTINGS = [
-    f"embed.model=curate:{DEMO_BACKBONE}",
-    "embed.batch_size=128",
-    "embed.pooling=cls+mean",  # flatter curated sets than cls alone on the demo (docs/benchmarks.md)
-]
+__all__ = ["DEMO_BACKBONE", "DEMO_SETTINGS", "ensure_demo_pool", "run_demo"]  # the backbone's names, kept here too
+
 QUERIES = [
     "SELECT status, count(*) AS images FROM pool GROUP BY 1 ORDER BY 1",
     "SELECT reason, count(*) AS files FROM errors GROUP BY 1 ORDER BY 2 DESC",

@@ -13,7 +13,6 @@ count is not part of the plan and a run may resume with another one.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ContextManager, Literal
@@ -29,6 +28,9 @@ from catalog.manifest import fingerprint
 from catalog.progress import progress
 from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, DUPLICATES_TABLE, EMBEDDINGS_TABLE
 from catalog.shards import read_schema, shard_urls
+from catalog.threads import machine_cpus
+from curation.cluster_cost import measure_rates
+from curation.cluster_plan import format_plan, plan_levels
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
 from curation.kmeans import RowSource, compute_dtype, default_chunk_size, resolve_device
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
@@ -72,12 +74,27 @@ class ClusterConfig:
             raise ConfigError("workers > 1 reads the catalog's embeddings table; use workers=1 with --embeddings")
 
 
-def level_specs(config: ClusterConfig, n_rows: int) -> list[LevelSpec]:
+def level_specs(config: ClusterConfig, n_rows: int, dim: int) -> list[LevelSpec]:
+    """The configured levels, else `default_levels` for this pool (level 1 two-step when its cost says so)."""
     if config.levels:
         return list(config.levels)
-    return default_levels(n_rows, config.n_levels, resampling_steps=config.resampling_steps)
+    return default_levels(n_rows, config.n_levels, resampling_steps=config.resampling_steps, dim=dim,
+                          n_iter=config.n_iter)
+
+
+def plan_text(config: ClusterConfig, rows: int, dim: int) -> str:
+    """``curate cluster --plan``: the levels this config gives a pool of ``rows`` × ``dim`` and their cost.
+
+    The same `level_specs` the stage runs, costed by `curation.cluster_plan` at rates measured on the
+    configured device (a calibration matmul, no data, no Ray).
+    """
+    specs = level_specs(config, rows, dim)
+    rates = measure_rates(_device(config.device))
+    return format_plan(plan_levels(rows, dim, levels=specs, n_iter=config.n_iter, rates=rates))
+
+
 def _device(name: str) -> str:
-    """The device to cluster on; on CPU also every core as torch threads.
+    """The device to cluster on; on CPU also every CPU of the machine (cgroup-capped) as torch threads.
 
     A Ray job's driver starts with one OpenMP thread, and matmuls blocked for another thread count
     round differently: fixing the count keeps a job's clusters bit-identical to an in-process run's.
@@ -86,7 +103,7 @@ def _device(name: str) -> str:
 
     device = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(machine_cpus())
     return device
 
 
@@ -169,7 +186,8 @@ class ClusterStage(Stage):
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         config: ClusterConfig = ctx.config
         image_ids, vectors = _read_inputs(ctx.root, config)
-        specs = level_specs(config, len(image_ids))
+        dim = vectors.shape[1] if isinstance(vectors, np.ndarray) else vectors.dim
+        specs = level_specs(config, len(image_ids), dim)
         device = _device(config.device)
         dtype = compute_dtype(config.precision, resolve_device(device))
         steps = sum(1 + s.resampling_steps for s in specs)

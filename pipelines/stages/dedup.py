@@ -18,7 +18,7 @@ from catalog import schemas
 from catalog.config import ConfigError, at_least
 from catalog.decode import DecodeError, decode_rgb
 from catalog.embeddings import load_embeddings
-from catalog.errors import MissingInputError
+from catalog.errors import MissingInputError, UserError
 from catalog.lineage import listing_fingerprint
 from catalog.manifest import fingerprint
 from catalog.paths import read_bytes, resolve, retry, with_protocol
@@ -30,21 +30,21 @@ from catalog.schemas import (
 )
 from catalog.shards import table_exists
 from catalog.sql import query
-from curation.copy_descriptor import copy_descriptor
+from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
+from curation.copy_descriptor import RELATIVE_THRESHOLD as PIXEL_RELATIVE_THRESHOLD
+from curation.copy_descriptor import copy_descriptor, mirror
 from curation.dedup import COPY_K, COPY_THRESHOLD, RELATIVE_THRESHOLD, copy_dedup, relative_dedup
 from pipelines.reports import write_dedup_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
-
-# Cosine thresholds of the pixel descriptor, calibrated on the demo pool's injected copies
-# (re-encoded, resized, cropped ≤10%) against distinct instances of the same concept.
-PIXEL_COPY_THRESHOLD = 0.95
-PIXEL_RELATIVE_THRESHOLD = 0.9
 
 
 @dataclass(frozen=True)
 class DedupConfig:
     """``descriptor``: ``pixels`` (built in, see curation.copy_descriptor) or ``embeddings`` (the
-    catalog's embeddings table, e.g. of a copy-detection model like SSCD, as DINOv2 used)."""
+    catalog's embeddings table, e.g. of a copy-detection model like SSCD, as DINOv2 used).
+
+    ``max_removed_share``: a run that would remove more of the pool than this fails instead (real pools
+    hold a few percent of copies; more means a threshold or descriptor that merges distinct images)."""
 
     descriptor: Literal["pixels", "embeddings"] = "pixels"
     k: int = COPY_K
@@ -52,9 +52,12 @@ class DedupConfig:
     eval_sets: dict[str, str] = field(default_factory=dict)
     relative_threshold: float | None = None
     seed: int = 0
+    max_removed_share: float = 0.20
 
     def __post_init__(self) -> None:
         at_least(self, 1, "k")
+        if not 0.0 < self.max_removed_share <= 1.0:
+            raise ConfigError(f"max_removed_share is a share of the pool in (0, 1], got {self.max_removed_share}")
         for name in ("threshold", "relative_threshold"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
@@ -100,17 +103,54 @@ def _removed_by(root: str, reasons: list[str]) -> np.ndarray:
     return query(root, f"SELECT image_id FROM duplicates WHERE reason IN ({listed})").column(0).to_numpy()
 
 
+def steps(config: DedupConfig) -> list[str]:
+    """The run's units, in the order they run: each one sees what the earlier ones removed."""
+    return ["exact", "copy"] + [f"eval-{name}" for name in sorted(config.eval_sets)]
+
+
+def _reasons_before(config: DedupConfig, step: str) -> list[str]:
+    """The ``duplicates.reason`` values written by the steps before ``step``."""
+    earlier = steps(config)[:steps(config).index(step)]
+    return [s.replace("eval-", "eval:", 1) for s in earlier]
+
+
+def check_removed_share(root: str, config: DedupConfig, step: str, table: pa.Table) -> None:
+    """Fail when the steps so far would remove more than ``max_removed_share`` of the usable pool."""
+    pool = query(root, "SELECT count(*) FROM pool WHERE status = 'ok'").column(0)[0].as_py()
+    removed = len(_removed_by(root, _reasons_before(config, step))) + table.num_rows
+    if not pool or removed / pool <= config.max_removed_share:
+        return
+    threshold = config.eval_threshold() if step.startswith("eval-") else config.copy_threshold()
+    examples = table.sort_by("similarity").slice(0, 3).to_pylist()
+    uris = _uris(root, [r["image_id"] for r in examples] + [r["kept_id"] for r in examples if r["kept_id"] != -1])
+    lines = [f"  {uris[r['image_id']]}  ~  {uris.get(r['kept_id'], 'an evaluation-set image')}"
+             f"  (similarity {r['similarity']:.3f})" for r in examples]
+    raise UserError(
+        f"dedup would remove {removed:,} of {pool:,} usable images ({removed / pool:.1%}; step {step}), more than "
+        f"max_removed_share={config.max_removed_share:g}. Real pools hold a few percent of copies: check the "
+        f"descriptor ({config.descriptor}) and threshold ({threshold:g}). Pairs it would merge:\n"
+        + "\n".join(lines) + "\nIf these are copies, raise the share: --set max_removed_share=0.5 "
+        "(dedup.max_removed_share=0.5 for build-lvd).")
+
+
+def _uris(root: str, image_ids: list[int]) -> dict[int, str]:
+    listed = ", ".join(str(int(i)) for i in image_ids) or "NULL"
+    t = query(root, f"SELECT image_id, uri FROM pool WHERE image_id IN ({listed})")
+    return dict(zip(t.column("image_id").to_pylist(), t.column("uri").to_pylist()))
+
+
 def copy_step(root: str, config: DedupConfig) -> pa.Table:
     """Near copies: k-NN graph above the threshold, connected components, keep the largest image."""
     ids, x = _descriptors(root, config)
-    keep = ~np.isin(ids, _removed_by(root, ["exact"]))
+    keep = ~np.isin(ids, _removed_by(root, _reasons_before(config, "copy")))
     ids, x = ids[keep], x[keep]
     order = np.argsort(ids)
     ids, x = ids[order], np.ascontiguousarray(x[order])
     sizes = query(root, "SELECT image_id, coalesce(width * height, 0) AS px FROM pool WHERE status = 'ok'")
     px = dict(zip(sizes.column("image_id").to_pylist(), sizes.column("px").to_pylist()))
     priority = np.asarray([px.get(int(i), 0) for i in ids], np.float64)
-    result = copy_dedup(x, ids, priority, config.k, config.copy_threshold(), seed=config.seed)
+    result = copy_dedup(x, ids, priority, config.k, config.copy_threshold(), seed=config.seed,
+                        mirror=mirror if config.descriptor == "pixels" else None)
     return _rows(ids[result.removed_rows], ids[result.keeper_of_removed], result.removed_similarity, "copy")
 
 
@@ -138,10 +178,10 @@ def eval_descriptors(folder: str) -> np.ndarray:
 def eval_step(root: str, config: DedupConfig, name: str, folder: str) -> pa.Table:
     """Remove every pool image whose copy component touches an image of the evaluation set."""
     ids, x = _descriptors(root, config)
-    earlier = ["exact", "copy"] + [f"eval:{n}" for n in sorted(config.eval_sets) if n < name]
-    keep = ~np.isin(ids, _removed_by(root, earlier))
+    keep = ~np.isin(ids, _removed_by(root, _reasons_before(config, f"eval-{name}")))
     ids, x = ids[keep], x[keep]
-    rows = relative_dedup(x, eval_descriptors(folder), config.k, config.eval_threshold(), seed=config.seed)
+    rows = relative_dedup(x, eval_descriptors(folder), config.k, config.eval_threshold(), seed=config.seed,
+                          mirror=mirror)
     return _rows(ids[rows], np.full(len(rows), -1), np.full(len(rows), np.nan), f"eval:{name}")
 
 
@@ -159,8 +199,7 @@ class DedupStage(Stage):
                 for name, folder in sorted(ctx.config.eval_sets.items())}
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        steps = ["exact", "copy"] + [f"eval-{name}" for name in sorted(ctx.config.eval_sets)]
-        return [Unit(step, {}, 1, fingerprint(step)) for step in steps]
+        return [Unit(step, {}, 1, fingerprint(step)) for step in steps(ctx.config)]
 
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         config: DedupConfig = ctx.config
@@ -171,6 +210,7 @@ class DedupStage(Stage):
         else:
             name = unit.name[len("eval-"):]
             table = eval_step(ctx.root, config, name, config.eval_sets[name])
+        check_removed_share(ctx.root, config, unit.name, table)
         return Output({DUPLICATES_TABLE: table})
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -30,11 +29,13 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.config import ConfigError, above, at_least
-from catalog.decode import MISSING, DecodeError, Preprocess, decode_crop, plain_jpeg
+from catalog.decode import DecodeError, Preprocess, decode_crop, plain_jpeg
 from catalog.embeddings import EmbeddingIdentity, embeddings_table
-from catalog.images import read_image_bytes
+from catalog.images import UnreadableItem, read_item
 from catalog.manifest import fingerprint
 from catalog.schemas import EMBEDDINGS_TABLE, ERRORS, ERRORS_TABLE, POOL_TABLE, stamp
+from catalog.threads import machine_cpus
+from pipelines.demo.backbone import DEMO_EMBED_SETTINGS
 from pipelines.stage import Output, Resources, Stage, StageContext, Totals, Unit
 
 log = logging.getLogger("curate.pipelines")
@@ -44,6 +45,8 @@ REMEDY = "embeddings of two models are never mixed: use another catalog or --ove
 @dataclass(frozen=True)
 class EmbedConfig:
     """``image_size`` None: the backbone's own resolution (registry entry or export metadata).
+    ``random_init``: embed with a seeded random backbone when no weights are given (tests, ablations);
+    without it a registry name needs ``weights`` (see ``require_weights``).
 
     ``decode``: ``host`` decodes every image in the CPU decode tasks; ``device`` leaves plain JPEGs to
     the model workers (nvJPEG on CUDA, PIL's decoder on a CPU worker); ``auto`` is ``device`` when the
@@ -65,16 +68,38 @@ class EmbedConfig:
     decode_cpus: float = 0.5
     actor_cpus: float = 1.0
     max_pixels: int = 64_000_000
-    torch_threads: int | None = None  # CPU workers: None = every core (Ray would give them one thread)
+    torch_threads: int | None = None  # CPU workers: None = every CPU the process may use, not Ray's one
     decode: Literal["auto", "host", "device"] = "auto"
     units_in_flight: int = 2
     seed: int = 0
+    random_init: bool = False
 
     def __post_init__(self) -> None:
         at_least(self, 2, "image_size")
         at_least(self, 1, "images_per_unit", "batch_size", "actors", "max_pixels", "torch_threads",
                  "units_in_flight")
         above(self, 0, "decode_cpus", "actor_cpus")
+
+
+def require_weights(config: EmbedConfig, prefix: str = "") -> None:
+    """Refuse to embed with a random backbone nobody asked for, naming the two ways out.
+
+    A registry name without ``weights`` builds a randomly initialised ViT, whose embeddings group images
+    by colour and layout only; a run that "succeeds" with it is a silently wrong result. ``prefix`` is how
+    the caller's ``--set`` keys start (``embed.`` for build-lvd).
+    """
+    has_weights = config.weights is not None or config.model.startswith("curate:")
+    if has_weights and config.random_init:
+        raise ConfigError(f"{prefix}random_init=true contradicts the weights given ({config.weights or config.model})")
+    if has_weights or config.random_init:
+        return
+    demo = " ".join(prefix + s for s in DEMO_EMBED_SETTINGS)
+    raise ConfigError(
+        f"{prefix}weights is not set, so {config.model} would embed with random weights. Either give a local "
+        f"file of an official release's weights (--set {prefix}model=dinov3_vitl16 "
+        f"{prefix}weights=/models/dinov3_vitl16_pretrain.pth; DINOv2/DINOv3 checkpoints by name), or, for a "
+        f"trial run, the shipped demo backbone (trained on the synthetic demo pool only): --set {demo} "
+        f"(or --set {prefix}random_init=true for random weights on purpose)")
 
 
 @dataclass(frozen=True)
@@ -113,6 +138,7 @@ class EmbedStage(Stage):
         from training.models.checkpoints import file_sha256, inspect_backbone
 
         config: EmbedConfig = ctx.config
+        require_weights(config)
         spec = inspect_backbone(config.model, config.weights)
         size = config.image_size or spec.input.size
         if size < spec.config.patch_size:
@@ -122,7 +148,7 @@ class EmbedStage(Stage):
         identity = EmbeddingIdentity(spec.architecture, sha, pre.fingerprint(), config.pooling, str(config.normalize))
         identity.check(EmbeddingIdentity.of_table(ctx.root), f"{ctx.root}/{EMBEDDINGS_TABLE}", REMEDY)
         if spec.random_init:
-            log.warning("%s is randomly initialised (no --weights): embeddings reflect colour and layout "
+            log.warning("%s is randomly initialised (random_init=true): embeddings reflect colour and layout "
                         "statistics only, not learned semantics", config.model)
         return EmbedFacts(identity, pre, json.dumps(asdict(replace(config, image_size=size))), _decode_mode(config))
 
@@ -161,13 +187,13 @@ class EmbedStage(Stage):
         for i, uri in enumerate(unit.payload["uris"]):
             reason, message = "", ""
             try:
-                data = read_image_bytes(uri)
+                data = read_item(uri)
                 if keep_jpegs and plain_jpeg(data, config.max_pixels):
                     encoded[i] = data
                 else:
                     pixels[i] = decode_crop(data, pre, config.max_pixels)
-            except FileNotFoundError:
-                reason, message = MISSING, "file vanished after ingest"
+            except UnreadableItem as e:
+                reason, message = e.reason, f"unreadable after ingest: {e}"
             except DecodeError as e:
                 reason, message = e.reason, str(e)
             reasons.append(reason)
@@ -187,7 +213,7 @@ class EmbedStage(Stage):
         config: EmbedConfig = ctx.config
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu":  # decode tasks are light; the model should use the whole machine
-            torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+            torch.set_num_threads(config.torch_threads or machine_cpus())
         model, _ = load_backbone(config.model, config.weights, device=device, hash_weights=False)
         return EmbedWorker(model, device, _decoder(device) if ctx.facts.decode == "device" else None)
 

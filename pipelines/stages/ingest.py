@@ -12,6 +12,8 @@ import hashlib
 import logging
 import posixpath
 import tarfile
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,17 @@ from catalog.config import ConfigError, at_least
 from catalog.decode import MISSING, DecodeError, decode_rgb, probe_image
 from catalog.embeddings import embeddings_table
 from catalog.errors import MissingInputError
-from catalog.images import byte_range_uri, file_uri, parquet_row_uri, read_image_bytes, repeated_uri
+from catalog.images import (
+    UNREADABLE,
+    UnreadableItem,
+    byte_range_uri,
+    file_uri,
+    item_failure,
+    parquet_row_uri,
+    read_item,
+    repeated_uri,
+    uri_extension,
+)
 from catalog.manifest import fingerprint
 from catalog.parquet_rows import footer, read_rows, row_slices
 from catalog.paths import resolve, retry, with_protocol
@@ -37,13 +49,14 @@ from catalog.schemas import (
     stamp,
 )
 from catalog.sql import query
-from curation.copy_descriptor import DIM, SIDE, copy_descriptor
+from curation.copy_descriptor import DIM, NAME, SIDE, copy_descriptor
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 log = logging.getLogger("curate.pipelines")
 
 BYTES_COLUMNS = ("bytes", "image", "jpg", "png")
 # WebDataset shards keep per-sample metadata beside each image; such members are not pool items.
+Item = tuple[str, bytes | None, str | None, str | None]  # uri, bytes, error reason, message
 TAR_METADATA_EXTENSIONS = {".json", ".txt", ".cls", ".cls2", ".caption", ".key", ".url", ".meta", ".id", ".idx"}
 
 
@@ -139,45 +152,73 @@ def _repeated_rows(source: str) -> dict[int, int]:
     return {int(r): int(occurrence[r]) for r in repeated}
 
 
-def _items(payload: dict[str, Any]):
-    """Yield ``(uri, bytes | None, error reason | None, message)`` for every item of a unit."""
+def _items(payload: dict[str, Any]) -> Iterator[Item]:
+    """Every item of a unit as ``(uri, bytes | None, error reason | None, message)``: an item that cannot
+    be read is yielded with its reason, never raised, so one bad item never stops the unit."""
     if "uris" in payload:
-        for uri in payload["uris"]:
-            yield (uri, *_read(uri))
-    elif "tar" in payload:
-        fs, path = resolve(payload["tar"])
+        return ((uri, *_read(uri)) for uri in payload["uris"])
+    if "tar" in payload:
+        return _tar_items(payload["tar"])
+    return _parquet_items(payload)
+
+
+def _tar_items(shard: str) -> Iterator[Item]:
+    """The members of one tar shard; a shard that is no tar, or breaks off, ends in one error item for it."""
+    members = 0
+    try:
+        fs, path = resolve(shard)
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
             for member in tar:
                 if not member.isfile() or posixpath.splitext(member.name)[1].lower() in TAR_METADATA_EXTENSIONS:
                     continue
                 # A byte range of the shard: the member's name is recorded, never parsed.
-                uri = byte_range_uri(payload["tar"], member.offset_data, member.size, member=member.name)
+                uri = byte_range_uri(shard, member.offset_data, member.size, member=member.name)
+                members += 1
                 if compressed:
-                    yield uri, None, "unreadable", "compressed tar shard: byte ranges need an uncompressed .tar"
+                    yield uri, None, UNREADABLE, "compressed tar shard: byte ranges need an uncompressed .tar"
                 else:
                     yield uri, tar.extractfile(member).read(), None, None
-    else:
-        fs, path = resolve(payload["parquet"])
-        inline = payload["inline"]
-        repeats = dict(payload.get("repeats", []))
-        row = payload["start"]
-        for batch in read_rows(fs, path, [inline or "uri"], payload["start"], payload["stop"]):
-            for value in batch.column(0).to_pylist():
-                if inline:
-                    yield parquet_row_uri(payload["parquet"], row, inline), value, None, None
-                else:
-                    yield (repeated_uri(value, repeats[row]) if row in repeats else value, *_read(value))
-                row += 1
+    except Exception as e:
+        failure = item_failure(e)
+        if failure is None:
+            raise
+        yield file_uri(shard), None, failure[0], f"{failure[1]} (after {members} members of the shard)"
 
 
-def _read(uri: str) -> tuple[bytes | None, str | None, str | None]:
+def _parquet_items(payload: dict[str, Any]) -> Iterator[Item]:
+    """The rows of a Parquet list: a URI to read per row, or the image bytes inline; only the row
+    groups that hold the unit's rows are read (`catalog.parquet_rows`)."""
+    source, inline = payload["parquet"], payload["inline"]
+    fs, path = resolve(source)
+    batches = read_rows(fs, path, [inline or "uri"], payload["start"], payload["stop"])
+    values = (value for batch in batches for value in batch.column(0).to_pylist())
+    repeats = dict(payload.get("repeats", []))
+    for row, value in enumerate(values, start=payload["start"]):
+        if inline:
+            yield (parquet_row_uri(source, row, inline), *_inline_bytes(value))
+        elif isinstance(value, str) and value:
+            yield (repeated_uri(value, repeats[row]) if row in repeats else value, *_read(value))
+        else:  # the row itself names the item, so it still has a pool row and an errors row
+            yield (parquet_row_uri(source, row, "uri"), *_read(value))
+
+
+def _inline_bytes(value: object) -> tuple[bytes | None, str | None, str | None]:
+    """An inline cell's bytes; Hugging Face image columns hold ``{bytes, path}`` structs."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        return None, MISSING, "the bytes cell is null: the list holds no image for this row"
+    if not isinstance(value, bytes):
+        return None, UNREADABLE, f"the bytes cell holds a {type(value).__name__}, not bytes"
+    return value, None, None
+
+
+def _read(uri: object) -> tuple[bytes | None, str | None, str | None]:
     try:
-        return read_image_bytes(uri), None, None
-    except FileNotFoundError:
-        return None, MISSING, "file was listed but is gone (or a dangling link) when read"
-    except OSError as e:
-        return None, "unreadable", f"could not read: {e}"
+        return read_item(uri), None, None
+    except UnreadableItem as e:
+        return None, e.reason, str(e)
 
 
 class IngestStage(Stage):
@@ -222,14 +263,21 @@ class IngestStage(Stage):
         return Output({
             POOL_TABLE: pa.Table.from_pylist(pool_rows, schema=stamp(POOL, POOL_TABLE)),
             COPY_DESCRIPTORS_TABLE: embeddings_table(np.asarray(desc_ids, np.int64), x,
-                                                     {"descriptor": f"pixels{SIDE}"}, COPY_DESCRIPTORS_TABLE),
+                                                     {"descriptor": NAME}, COPY_DESCRIPTORS_TABLE),
             ERRORS_TABLE: pa.Table.from_pylist(error_rows, schema=stamp(ERRORS, ERRORS_TABLE)),
         })
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         errored = totals.rows(ERRORS_TABLE)
         n = totals.rows(POOL_TABLE)
-        return {"in": n, "out": n - errored, "errored": errored, "id_collisions": find_id_collisions(ctx.root)}
+        return {"in": n, "out": n - errored, "errored": errored, "id_collisions": find_id_collisions(ctx.root),
+                "skipped_by_extension": skipped_by_extension(ctx.root)}
+
+
+def skipped_by_extension(root: str) -> dict[str, int]:
+    """Unusable files of the pool per file extension, most first: what a user checks first (SVGs, text)."""
+    uris = query(root, "SELECT uri FROM pool WHERE status = 'error'").column("uri").to_pylist()
+    return dict(Counter(uri_extension(u) or "(no extension)" for u in uris).most_common())
 
 
 def find_id_collisions(root: str) -> int:

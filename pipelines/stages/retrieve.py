@@ -1,8 +1,11 @@
 """``curate retrieve --seed NAME``: the pool images that look like a trusted seed dataset.
 
 ``knn`` takes the k nearest pool images of every seed image (large seeds); ``cluster`` takes images
-from the pool clusters that hold more than a few seed images (small seeds); ``auto`` picks by seed
-size. Duplicates found by ``curate dedup`` are never retrieved. The faiss index is saved under the
+from the pool clusters that hold more than a few seed images (small seeds); ``auto`` takes k-NN for
+seeds over ``knn_min_seeds`` images and, below that, cluster mode only where the seed images bunch up
+in the pool's clusters (`curation.retrieval.seed_support`). When cluster mode finds nothing the stage
+falls back to k-NN with a warning that gives the numbers; an empty result is always a warning.
+Duplicates found by ``curate dedup`` are never retrieved. The faiss index is saved under the
 catalog and reused while the embeddings it indexes are unchanged. One run per seed (``retrieve-<seed>``)
 writes that seed's rows of ``retrieved``; the seed's own ingest and embed run through the stage runner
 (``pipelines.seeds``).
@@ -10,6 +13,7 @@ writes that seed's rows of ``retrieved``; the seed's own ingest and embed run th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,11 +44,14 @@ from curation.retrieval import (
     choose_mode,
     cluster_retrieve,
     knn_retrieve,
+    seed_support,
 )
 from pipelines.embedding_source import load_vectors, removed_ids
 from pipelines.reports import write_retrieval_report
 from pipelines.seeds import SeedsConfig, prepare_seed, resolve_seed, seed_fingerprint, seed_name
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
+
+log = logging.getLogger("curate.pipelines")
 
 
 @dataclass(frozen=True)
@@ -91,21 +98,40 @@ def pool_index(root: str, x: np.ndarray, config: RetrieveConfig) -> PoolIndex:
     return index
 
 
-def _cluster_mode(root: str, pool_ids: np.ndarray, seed_x: np.ndarray, config: RetrieveConfig) -> RetrievalResult:
+def _seed_labels(root: str, seed_x: np.ndarray, level: int) -> np.ndarray:
+    """The pool cluster (at ``level``) of every seed image: its nearest centroid."""
     if not table_exists(root, CLUSTERS_TABLE):
         raise ConfigError("cluster-based retrieval needs the clusters of `curate build-lvd` (or `curate cluster`)")
-    level = config.cluster_level
-    clusters = query(root, f"SELECT image_id, l{level} AS label FROM clusters")
-    label_of = dict(zip(clusters.column("image_id").to_pylist(), clusters.column("label").to_pylist()))
-    pool_labels = np.asarray([label_of.get(int(i), -1) for i in pool_ids], np.int64)
     cents = query(root, f"SELECT cluster_id, centroid FROM centroids WHERE level = {level} ORDER BY cluster_id")
     c = np.asarray(cents.column("centroid").to_pylist(), np.float32)
-    seed_labels, _ = assign(seed_x, c, metric="cosine")
+    return np.asarray(assign(seed_x, c, metric="cosine")[0])
+
+
+def auto_mode(root: str, seed_catalog: str, n_seed: int, config: RetrieveConfig) -> Literal["knn", "cluster"]:
+    """k-NN above ``knn_min_seeds`` seed images or without clusters; below, cluster mode only where the
+    seed images bunch up in the pool's clusters (`choose_mode` on their `seed_support`)."""
+    if n_seed > config.knn_min_seeds:
+        return "knn"
+    if not table_exists(root, CLUSTERS_TABLE):
+        log.info("retrieve: k-NN mode for %d seed images: the pool has no clusters", n_seed)
+        return "knn"
+    seed_x = load_embeddings(seed_catalog)[1]
+    support = seed_support(_seed_labels(root, seed_x, config.cluster_level), config.min_seed_per_cluster)
+    mode = choose_mode(n_seed, config.knn_min_seeds, support=support)
+    log.info("retrieve: %s mode for %d seed images: %s", mode, n_seed, support.describe())
+    return mode
+
+
+def _cluster_mode(root: str, pool_ids: np.ndarray, seed_x: np.ndarray, config: RetrieveConfig) -> RetrievalResult:
+    seed_labels = _seed_labels(root, seed_x, config.cluster_level)
+    clusters = query(root, f"SELECT image_id, l{config.cluster_level} AS label FROM clusters")
+    label_of = dict(zip(clusters.column("image_id").to_pylist(), clusters.column("label").to_pylist()))
+    pool_labels = np.asarray([label_of.get(int(i), -1) for i in pool_ids], np.int64)
     keep = pool_labels >= 0
     result = cluster_retrieve(pool_labels[keep], np.asarray(seed_labels), seed=config.seed,
                               min_seed_per_cluster=config.min_seed_per_cluster, per_cluster=config.per_cluster)
     rows = np.flatnonzero(keep)[result.rows]
-    return RetrievalResult(rows, result.seed_rows, result.rank, result.similarity)
+    return RetrievalResult(rows, result.seed_rows, result.rank, result.similarity, result.note)
 
 
 def retrieved_table(seed: str, pool_ids: np.ndarray, seed_ids: np.ndarray, result: RetrievalResult) -> pa.Table:
@@ -148,7 +174,7 @@ class RetrieveStage(Stage):
         name, spec = resolve_seed(config.seed_set, ctx.root, config.seeds)
         catalog = prepare_seed(ctx.root, name, spec, address=ctx.address)
         n = query(catalog, "SELECT count(*) FROM embeddings").column(0)[0].as_py()
-        mode = config.mode if config.mode != "auto" else choose_mode(n, config.knn_min_seeds)
+        mode = config.mode if config.mode != "auto" else auto_mode(ctx.root, catalog, n, config)
         return SeedFacts(name, catalog, mode, n)
 
     def settings(self, ctx: StageContext) -> dict[str, Any]:
@@ -167,11 +193,15 @@ class RetrieveStage(Stage):
         pool_ids, x = load_vectors(ctx.root)
         keep = ~np.isin(pool_ids, removed_ids(ctx.root))
         pool_ids, x = pool_ids[keep], np.ascontiguousarray(x[keep])
-        if facts.mode == "knn":
+        result = None
+        if facts.mode == "cluster":
+            result = _cap(_cluster_mode(ctx.root, pool_ids, seed_x, config), config.max_per_seed)
+            if not len(result):
+                log.warning("%s: %s; falling back to k-NN (%d neighbours per seed image)", ctx.run, result.note,
+                            config.k)
+        if result is None or not len(result):
             result = knn_retrieve(pool_index(ctx.root, x, config), seed_x, config.k, config.min_similarity,
                                   config.max_per_seed)
-        else:
-            result = _cap(_cluster_mode(ctx.root, pool_ids, seed_x, config), config.max_per_seed)
         return Output({RETRIEVED_TABLE: retrieved_table(facts.name, pool_ids, seed_ids, result)})
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
@@ -183,8 +213,21 @@ class RetrieveStage(Stage):
             seed_uris = dict(zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()))
         report = write_retrieval_report(ctx.root, facts.name, seed_uris, ctx.config.cluster_level)
         retrieved = totals.rows(RETRIEVED_TABLE)
-        return {"in": pool, "out": retrieved, "errored": 0, "seed": facts.name, "mode": facts.mode,
+        fell_back = facts.mode == "cluster" and retrieved > 0 and _took_knn(ctx.root, facts.name)
+        mode = "knn" if fell_back else facts.mode
+        if not retrieved:
+            log.warning("%s: 0 pool images retrieved (%s mode, %d seed images, %d pool embeddings, k=%d, "
+                        "min_similarity=%s): lower min_similarity or check that the seed resembles the pool",
+                        ctx.run, mode, facts.seed_images, pool, ctx.config.k, ctx.config.min_similarity)
+        return {"in": pool, "out": retrieved, "errored": 0, "seed": facts.name, "mode": mode,
+                "fallback_from": "cluster" if fell_back else None,
                 "retrieved": retrieved, "seed_images": facts.seed_images, "report": report}
+
+
+def _took_knn(root: str, seed: str) -> bool:
+    """Whether the seed's rows came from k-NN (each names its seed image; cluster rows name none)."""
+    rows = query(root, "SELECT count(*) FROM retrieved WHERE seed = ? AND seed_image_id <> -1", [seed])
+    return rows.column(0)[0].as_py() > 0
 
 
 STAGE = RetrieveStage()

@@ -5,6 +5,7 @@ import fsspec
 import pytest
 
 from catalog.paths import (
+    StoreUnavailableError,
     exists,
     is_transient,
     ls,
@@ -39,11 +40,11 @@ def test_retry_treats_store_throttling_as_transient():
         assert retry(fn, attempts=3, base_delay=0.001) == "ok" and fn.calls == 2
 
 
-def test_retry_gives_up_after_the_last_attempt():
+def test_retry_gives_up_after_the_last_attempt_with_one_clear_error():
     fn = Flaky(ConnectionError("down"), failures=10**6)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(StoreUnavailableError, match="after 4 attempts .*rerun the same command") as e:
         retry(fn, attempts=4, base_delay=0.001)
-    assert fn.calls == 4
+    assert fn.calls == 4 and isinstance(e.value.__cause__, ConnectionError)
 
 
 @pytest.mark.parametrize("error", [FileNotFoundError("gone"), PermissionError("denied"), ValueError("bad data"),

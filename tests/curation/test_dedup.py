@@ -5,10 +5,15 @@ from collections import deque
 import numpy as np
 import pytest
 
+from curation.components import ComponentForest
 from curation.dedup import (
+    block_edges,
     connected_components,
     copy_dedup,
+    graph_components,
+    graph_nprobe,
     knn_graph,
+    query_blocks,
     relative_dedup,
     select_keepers,
 )
@@ -73,6 +78,45 @@ def test_components_match_bfs():
     labels = connected_components(n, src, dst)
     np.testing.assert_array_equal(labels, bfs_components(n, src, dst))
     np.testing.assert_array_equal(connected_components(5, np.array([], int), np.array([], int)), np.arange(5))
+
+
+@pytest.mark.parametrize("n_shards", [1, 3, 17])
+def test_forest_over_edge_shards_matches_bfs(n_shards):
+    """Edge shards fed to separate forests and merged in any order give the one-shot components."""
+    rng = np.random.default_rng(n_shards)
+    n = 5000
+    src, dst = rng.integers(0, n, size=(2, 4000))
+    shards = np.array_split(rng.permutation(len(src)), n_shards)
+    forests = []
+    for part in shards:
+        forest = ComponentForest(n)
+        for piece in np.array_split(part, 3):  # a worker feeds its shard block by block
+            forest.add_edges(src[piece], dst[piece])
+        forests.append(forest)
+    merged = forests[-1]
+    for forest in forests[-2::-1]:
+        merged.merge(forest)
+    np.testing.assert_array_equal(merged.labels(), bfs_components(n, src, dst))
+    assert (merged.parent <= np.arange(n)).all()  # roots are the smallest node of their component
+    with pytest.raises(ValueError):
+        merged.merge(ComponentForest(n + 1))
+
+
+def test_streamed_graph_components_equal_whole_graph():
+    """Blocks searched separately (as Ray workers would), edges never gathered: same components."""
+    x, _ = with_copies(12_000, 300, seed=8)
+    index = build_index(x, exact_max=2_000)  # IVF, probed at least GRAPH_MIN_NPROBE lists
+    src, dst, _ = knn_graph(index, 16, x=x)
+    whole = connected_components(len(x), src, dst)
+    labels, found = graph_components(index, x, 16, batch_size=1_000)
+    np.testing.assert_array_equal(labels, whole)
+    assert len(src) <= found <= 2 * len(src)
+    workers = [ComponentForest(len(x)), ComponentForest(len(x))]
+    for i, (start, q) in enumerate(query_blocks(x, 700)):
+        e = block_edges(index, q, start, 16, nprobe=graph_nprobe(index))
+        workers[i % 2].add_edges(e.src, e.dst)
+    workers[1].merge(workers[0])
+    np.testing.assert_array_equal(workers[1].labels(), whole)
 
 
 def test_knn_graph_equals_brute_force():

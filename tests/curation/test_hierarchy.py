@@ -6,6 +6,7 @@ from curation.checkpoint_store import MemoryStore
 from curation.hierarchy import (
     LevelSpec,
     default_levels,
+    default_sample_size,
     hierarchical_kmeans,
     resample_rows,
     split_clusters,
@@ -119,10 +120,18 @@ def test_resample_rows_closest():
 
 def test_default_levels_rule():
     for n in [1_500, 10_000, 200_000, 10**8, 10**10]:
-        ks = [s.k for s in default_levels(n)]
+        ks = [s.clusters for s in default_levels(n)]
         assert all(a > b for a, b in zip(ks, ks[1:]))
         assert ks[-1] >= max(10, int(25_000 * (n / 17e9) ** 0.5))  # the top level keeps up with √n
-    big = [s.k for s in default_levels(17 * 10**9)]
-    np.testing.assert_allclose(big, [200e6, 8e6, 800e3, 100e3, 25e3], rtol=1e-6)
+    big = default_levels(17 * 10**9)
+    np.testing.assert_allclose([s.k for s in big[1:]], [8e6, 800e3, 100e3, 25e3], rtol=1e-6)
+    assert big[0].n_splits > 1 and 200e6 <= big[0].clusters < 200e6 + big[0].k  # two-step at this size
     with pytest.raises(ValueError):
         LevelSpec(k=5, n_splits=3, resampling_steps=2)
+
+
+def test_default_sample_size_takes_one_member_of_small_clusters():
+    assert default_sample_size(100_000, 1_000) == 50  # half the mean cluster size
+    assert default_sample_size(600, 100) == 3
+    assert default_sample_size(500, 100) == 1  # 2 of 5 would average neighbouring centroids into hubs
+    assert default_sample_size(150, 100) == 1

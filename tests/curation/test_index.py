@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from curation.index import TRAIN_POINTS_PER_LIST, PoolIndex, build_index, exact_topk
+from curation.index import TRAIN_POINTS_PER_LIST, PoolIndex, build_index
 
 
 def unit(a: np.ndarray) -> np.ndarray:
@@ -38,14 +38,6 @@ def test_exact_index_equals_brute_force():
     assert sims.dtype == np.float32 and rows.dtype == np.int64
     np.testing.assert_array_equal(rows, ref_r)
     np.testing.assert_allclose(sims, ref_s, atol=1e-5)
-
-
-def test_exact_topk_helper_matches_brute_force():
-    x, q = clustered(2500, seed=3), clustered(50, seed=4)
-    s, r = exact_topk(x, q, 7, chunk_rows=300)
-    ref_s, ref_r = brute_force(x, q, 7)
-    np.testing.assert_array_equal(r, ref_r)
-    np.testing.assert_allclose(s, ref_s, atol=1e-5)
 
 
 def test_ivf_meets_recall_target_on_clustered_data():

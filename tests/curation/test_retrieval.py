@@ -3,7 +3,7 @@
 import numpy as np
 
 from curation.index import build_index
-from curation.retrieval import choose_mode, cluster_retrieve, knn_retrieve
+from curation.retrieval import choose_mode, cluster_retrieve, knn_retrieve, seed_support
 
 
 def unit(a: np.ndarray) -> np.ndarray:
@@ -77,7 +77,49 @@ def test_cluster_retrieve_takes_eligible_clusters_only():
     assert (result.seed_rows == -1).all() and (result.rank < 100).all()
 
 
-def test_choose_mode():
+def test_choose_mode_by_size():
     assert choose_mode(2_000_000) == "knn"
     assert choose_mode(50_000) == "cluster"
     assert choose_mode(500, threshold=100) == "knn"
+
+
+def test_seed_support_counts_seeds_per_cluster():
+    rng = np.random.default_rng(4)
+    seed_labels = rng.integers(0, 40, size=150)
+    support = seed_support(seed_labels, min_seed_per_cluster=4)
+    per_cluster: dict[int, int] = {}
+    for c in seed_labels.tolist():
+        per_cluster[c] = per_cluster.get(c, 0) + 1
+    eligible = {c: n for c, n in per_cluster.items() if n > 4}
+    assert support.n_seed == 150 and support.clusters_with_seeds == len(per_cluster)
+    assert support.max_seeds_in_one == max(per_cluster.values())
+    assert support.eligible_clusters == len(eligible) and support.seeds_in_eligible == sum(eligible.values())
+
+
+def test_small_clusters_make_auto_mode_choose_knn():
+    """A 30-image seed on a pool whose clusters hold ~4 images: no cluster gets more than 3 seeds."""
+    spread = np.arange(30) // 2  # two seeds in each of 15 clusters
+    support = seed_support(spread)
+    assert support.eligible_clusters == 0
+    assert choose_mode(30, support=support) == "knn"
+    bunched = np.repeat([3, 9, 17], 10)  # the seeds sit in three clusters of ten
+    assert choose_mode(30, support=seed_support(bunched)) == "cluster"
+    # eligible clusters hold only 8 of 30 seeds (27%): most seeds would retrieve nothing in cluster mode
+    partial = np.concatenate([[5] * 8, np.arange(100, 122)])
+    assert seed_support(partial).eligible_clusters == 1
+    assert choose_mode(30, support=seed_support(partial)) == "knn"
+    assert choose_mode(30, support=seed_support(partial), min_seed_share=0.2) == "cluster"
+
+
+def test_empty_cluster_retrieval_says_why():
+    pool_labels = np.repeat(np.arange(200), 4)  # clusters of 4 images
+    seed_labels = np.arange(30) // 2
+    result = cluster_retrieve(pool_labels, seed_labels)
+    assert len(result) == 0
+    assert result.note == ("cluster mode retrieved nothing: 0 of the 15 clusters holding seed images hold more than 3 "
+                           "of the 30 seed images (at most 2 in one); they hold 0% of the seeds")
+    # eligible clusters exist, but no pool image is in them (the seeds' nearest centroids lost their rows)
+    lonely = cluster_retrieve(pool_labels, np.full(5, 250))
+    assert len(lonely) == 0 and "hold no pool image" in lonely.note
+    found = cluster_retrieve(pool_labels, np.full(5, 7))
+    assert len(found) == 4 and found.note == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -295,3 +296,40 @@ def test_a_token_cluster_serves_only_clients_with_the_token():
         allowed = subprocess.run(command, env={**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
                                  capture_output=True, text=True, timeout=120)
         assert allowed.returncode == 0, allowed.stderr[-3000:]
+
+
+def _shapes(folder, n: int, colour: tuple[int, int, int]) -> str:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(sum(colour))
+    for i in range(n):
+        image = Image.new("RGB", (40, 36), colour)
+        x, y = (int(v) for v in rng.integers(0, 16, 2))
+        image.paste(tuple(int(c) for c in rng.integers(0, 256, 3)), (x, y, x + 16, y + 14))
+        image.save(folder / f"{i}.jpg", quality=90)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_ablate_runs_prepare_each_arm_and_the_report_as_jobs(ray_head, tmp_path, monkeypatch):
+    """`curate ablate --address http://…`: the arms' jobs are all submitted before the first one ends."""
+    from tests.train_helpers import TINY
+
+    monkeypatch.delenv("CURATE_RAY_ADDRESS", raising=False)
+    reds, blues = _shapes(tmp_path / "reds", 8, (200, 30, 30)), _shapes(tmp_path / "blues", 8, (30, 30, 200))
+    for label, colour in (("warm", (220, 120, 0)), ("cold", (0, 120, 220))):
+        _shapes(tmp_path / "labelled" / label, 5, colour)
+    root = str(tmp_path / "cat")
+    argv = ["ablate", "--catalog", root, "--config", TINY, "--address", ray_head, "--set", "seeds=[0]", "steps=3",
+            "demo_pool=''", f"evals.labelled={tmp_path / 'labelled'}",
+            f"arms={{red: {{parts: {{reds: {{source: 'images:{reds}'}}}}}}, blue: {{parts: {{blues: {{source: 'images:{blues}'}}}}}}}}"]
+    result = run_cli(argv)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    jobs = {arm: re.search(rf"arm {arm}: job (\S+) SUCCEEDED", out).group(1) for arm in ("red", "blue")}
+    times = {j["job_id"]: j for j in list_jobs(ray_head)}
+    assert max(times[j]["start_time"] for j in jobs.values()) < min(times[j]["end_time"] for j in jobs.values())
+    entrypoints = [times[j]["entrypoint"] for j in jobs.values()]
+    assert all("--address" not in e for e in entrypoints) and any("--only arm:red" in e for e in entrypoints)
+    summary = json.loads((tmp_path / "cat" / "ablations" / "default" / "results.json").read_text())
+    assert summary["arms"] == ["red", "blue"] and summary["metrics"] == ["knn", "linear_probe"]
+    assert {arm: m["images_seen"] for arm, m in summary["mechanics"].items()} == {"red": [12], "blue": [12]}

@@ -33,7 +33,7 @@ POOL = f"s3://{BUCKET}/pool"
 CAT = f"s3://{BUCKET}/cat"
 N = 200
 TARGET = 50
-SETTINGS = ["embed.model=vit_test", "embed.image_size=32", "cluster.n_levels=2", "cluster.resampling_steps=2"]
+SETTINGS = ["embed.model=vit_test", "embed.random_init=true", "embed.image_size=32", "cluster.n_levels=2", "cluster.resampling_steps=2"]
 
 
 def _upload(fs, local: str, remote: str) -> list[str]:

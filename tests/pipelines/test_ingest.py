@@ -1,14 +1,12 @@
 import os
 
 import pyarrow.parquet as pq
-import pytest
 
 from catalog.decode import REASONS
-from catalog.ledger import Ledger
 from catalog.shards import read_table
 from catalog.sql import query
 from pipelines.stages.ingest import image_id
-from tests.helpers import kill_when, run_cli
+from tests.helpers import run_cli
 
 
 def _truth(demo_pool: str):
@@ -57,24 +55,3 @@ def test_rerun_of_finished_ingest_adds_nothing(demo_pool, demo_catalog, tmp_path
     assert result.returncode == 0, result.stderr
     assert "0 processed in this run" in result.stdout
     assert query(demo_catalog, "SELECT count(*) AS n FROM pool").to_pylist() == before
-
-
-@pytest.mark.slow
-def test_sigkill_midway_then_resume_equals_uninterrupted(demo_pool, demo_catalog, tmp_path):
-    root = str(tmp_path / "killed")
-    source = os.path.join(demo_pool, "pool")
-    args = ["ingest", source, "--catalog", root, "--set", "files_per_unit=20"]
-    kill_when(args, lambda: len(Ledger(root, "ingest").done()) >= 3)
-    partial = len(Ledger(root, "ingest").done())
-    result = run_cli(args)
-    assert result.returncode == 0, result.stderr
-    processed = int(result.stdout.split("(")[1].split()[0])
-    total = len(query(demo_catalog, "SELECT image_id FROM pool"))
-    assert partial >= 3 and 0 < processed <= total - 3 * 20  # finished units were not redone
-    cols = "image_id, uri, bytes, width, height, format, sha256, status"
-    resumed = query(root, f"SELECT {cols} FROM pool ORDER BY image_id").to_pylist()
-    reference = query(demo_catalog, f"SELECT {cols} FROM pool ORDER BY image_id").to_pylist()
-    assert resumed == reference
-    assert len({r["image_id"] for r in resumed}) == len(resumed)
-    errs = "SELECT image_id, reason FROM errors ORDER BY image_id"
-    assert query(root, errs).to_pylist() == query(demo_catalog, errs).to_pylist()

@@ -3,9 +3,12 @@
 import os
 import tarfile
 
+import pyarrow.parquet as pq
+
 from catalog.images import read_image_bytes
 from catalog.ledger import Ledger
 from catalog.shards import read_table
+from pipelines.stages.pack import image_id_of_key, sample_key
 from tests.helpers import run_cli
 from tests.train_helpers import PARTS, make_catalog
 from training.data.dataset import PartDataset
@@ -22,10 +25,13 @@ def test_packed_part_serves_the_same_images_from_tar_shards(tmp_path):
     result = run_cli(["pack", "--catalog", catalog, "--part", part, "--images-per-shard", "3"])
     assert result.returncode == 0, result.stderr
     assert "6 images, 1 unreadable" in result.stdout
-    shards = sorted(f for f in os.listdir(os.path.join(catalog, "packed", part)) if f.endswith(".tar"))
-    assert len(shards) == 3
-    with tarfile.open(os.path.join(catalog, "packed", part, shards[0])) as tar:
-        assert all(m.name.endswith(".jpg") for m in tar.getmembers())
+    shards = sorted(os.listdir(os.path.join(catalog, "packed", part, "shards")))
+    assert len(shards) == 3 and all(f.endswith(".tar") for f in shards)
+    with tarfile.open(os.path.join(catalog, "packed", part, "shards", shards[0])) as tar:
+        names = tar.getnames()  # every image a JPEG: the originals under .jpg, a .json sidecar each
+        assert len(names) == 6 and [n.rpartition(".")[2] for n in names] == ["jpg", "json"] * 3
+    stored = pq.ParquetDataset(os.path.join(catalog, "packed", part, "index")).read().column("uri").to_pylist()
+    assert all(u.startswith(f"packed/{part}/shards/shard-") for u in stored)  # relative to the catalog root
 
     packed = part_table(catalog, part).to_pylist()
     assert [r["image_id"] for r in packed] == [r["image_id"] for i, r in enumerate(original) if i != 3]
@@ -39,3 +45,11 @@ def test_packed_part_serves_the_same_images_from_tar_shards(tmp_path):
     again = run_cli(["pack", "--catalog", catalog, "--part", part, "--images-per-shard", "3"])
     assert again.returncode == 0 and len(Ledger(catalog, f"pack-{part}").done()) == 3
     assert part_table(catalog, part).num_rows == 6  # rerun adds no rows
+
+
+def test_sample_keys_are_unsigned_hex_of_the_signed_image_id():
+    for image_id in (-(2**63), -1, 0, 1, 2**63 - 1, -1234567890123456789):
+        key = sample_key(image_id)
+        assert len(key) == 16 and "." not in key and int(key, 16) == image_id % 2**64
+        assert image_id_of_key(key) == image_id
+    assert sample_key(-1) == "f" * 16 and sample_key(1) == "0" * 15 + "1"

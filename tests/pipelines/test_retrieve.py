@@ -104,3 +104,60 @@ def test_dedup_and_retrieval_resume_from_a_killed_state_without_duplicate_rows(d
                     "--set", _seeds(demo_pool)]).returncode == 0
     assert query(root, "SELECT * FROM duplicates ORDER BY image_id").to_pylist() == before_dup
     assert query(root, "SELECT * FROM retrieved WHERE seed = 'demo' ORDER BY image_id").to_pylist() == before_ret
+
+
+
+@pytest.fixture(scope="module")
+def small_catalog(tmp_path_factory) -> tuple[str, str]:
+    """(demo pool root, its catalog) for a 200-image pool through build-lvd, in-process (no Ray)."""
+    from catalog.config import load_config
+    from pipelines.build_lvd import BuildLVDConfig, build_lvd
+    from pipelines.demo.job import DEMO_SETTINGS
+    from pipelines.demo.pool import generate_demo_pool
+
+    pool = str(tmp_path_factory.mktemp("small_retrieve") / "pool_root")
+    generate_demo_pool(pool, n=200, seed=3, workers=1)
+    root = str(tmp_path_factory.mktemp("small_retrieve_lvd") / "cat")
+    settings = [*DEMO_SETTINGS, "cluster.n_levels=3", "cluster.resampling_steps=2", "sample.target_size=60"]
+    build_lvd(root, load_config(BuildLVDConfig, None, settings), source=os.path.join(pool, "pool"), executor="local")
+    return pool, root
+
+
+def _demo_retrieve(small_catalog: tuple[str, str], *args: str):
+    pool, root = small_catalog
+    result = run_cli(["retrieve", "--catalog", root, "--seed", "demo", "--overwrite", "--executor", "local", *args,
+                      "--set", _seeds(pool)])
+    assert result.returncode == 0, result.stderr
+    rows = query(root, "SELECT seed_image_id FROM retrieved WHERE seed = 'demo'").column(0).to_pylist()
+    return result, rows
+
+
+def _seed_images(root: str) -> int:
+    return query(os.path.join(root, "_seeds", "demo"), "SELECT count(*) FROM embeddings").column(0)[0].as_py()
+
+
+@pytest.mark.slow  # builds a 200-image catalog (~80 s on 2 loaded cores)
+def test_cluster_mode_finding_nothing_falls_back_to_knn_with_the_numbers(small_catalog):
+    result, rows = _demo_retrieve(small_catalog, "--mode", "cluster", "--set", "min_seed_per_cluster=100000")
+    n_seed = _seed_images(small_catalog[1])
+    assert "cluster mode retrieved nothing: 0 of the" in result.stderr
+    assert f"more than 100000 of the {n_seed} seed images" in result.stderr
+    assert "falling back to k-NN (4 neighbours per seed image)" in result.stderr
+    assert "knn mode, cluster mode found nothing" in result.stdout
+    assert len(rows) >= 4 and all(r != -1 for r in rows)  # k-NN rows (4 per seed image), each naming its seed
+
+
+@pytest.mark.slow
+def test_auto_mode_takes_knn_where_the_seeds_do_not_bunch_up_in_clusters(small_catalog):
+    result, rows = _demo_retrieve(small_catalog, "--set", "min_seed_per_cluster=100000")
+    assert "images, knn mode)" in result.stdout and "found nothing" not in result.stdout
+    assert len(rows) >= 4 and all(r != -1 for r in rows)
+    helped = run_cli(["retrieve", "--help"])
+    assert "over knn_min_seeds (1,000,000) images" in helped.stdout
+
+
+@pytest.mark.slow
+def test_an_empty_retrieval_is_a_warning_with_the_numbers(small_catalog):
+    result, rows = _demo_retrieve(small_catalog, "--mode", "knn", "--min-similarity", "1.0")
+    assert rows == []
+    assert "0 pool images retrieved (knn mode" in result.stderr and "min_similarity=1.0" in result.stderr

@@ -140,7 +140,7 @@ def test_overwrite_deletes_what_the_earlier_settings_wrote(small_lvd, tmp_path):
 @pytest.mark.parametrize(("run", "table", "args"), [
     ("sample-lvd", "curated_lvd", ["sample", "--target-size", str(TARGET)]),
     ("mix", "curated", ["mix", "--set", "parts={pool: {source: pool}, lvd: {source: lvd}}"]),
-    ("pack-lvd", "packed_lvd", ["pack", "--part", "lvd", "--images-per-shard", "8"]),
+    ("pack-lvd", "packed_lvd_index", ["pack", "--part", "lvd", "--images-per-shard", "8"]),
 ])
 def test_unit_committed_without_its_marker_is_redone_without_duplicates(small_lvd, tmp_path, run, table, args):
     """The state a kill between a unit's shards and its ledger marker leaves behind."""

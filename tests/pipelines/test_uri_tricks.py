@@ -24,7 +24,7 @@ from pipelines.stage import run_stage
 from pipelines.stages.ingest import IngestConfig, image_id
 from tests.helpers import run_cli
 
-TINY_EMBED = ["model=vit_test", "image_size=32", "images_per_unit=8", "batch_size=8"]
+TINY_EMBED = ["model=vit_test", "random_init=true", "image_size=32", "images_per_unit=8", "batch_size=8"]
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -392,6 +393,9 @@ def test_curate_export_round_trip(tmp_path: Path, name: str) -> None:
     assert info2.config == info.config and not info2.random_init
     assert info2.sha256 == digest == hashlib.sha256(out_path.read_bytes()).hexdigest()
     assert info2.n_params == info.n_params
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out_path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any other file (safetensors writes 0600)
     x = _images(64, 80) if name.startswith("dinov3") else _images(70, 84)
     with torch.no_grad():
         a, b = model.forward_features(x), again.forward_features(x)

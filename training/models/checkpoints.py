@@ -353,14 +353,23 @@ def export_backbone(model: VisionTransformer, path: str | Path, input_spec: Inpu
     if is_local(url):
         fs.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = target + ".tmp"
-        save_file(sd, tmp, metadata=metadata)
+        _save_readable(sd, tmp, metadata)
         os.replace(tmp, target)
         return file_sha256(target)
     with tempfile.TemporaryDirectory() as folder:
         tmp = os.path.join(folder, "backbone.safetensors")
-        save_file(sd, tmp, metadata=metadata)
+        _save_readable(sd, tmp, metadata)
         retry(lambda: fs.put_file(tmp, target))
         return file_sha256(tmp)
+
+
+def _save_readable(sd: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """``save_file``, then the mode every other file gets (0666 less the umask): safetensors writes 0600,
+    which other users of a shared model folder (or a container with another uid) cannot read."""
+    save_file(sd, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _read_curate(path: str, header_only: bool) -> tuple[ViTConfig, InputSpec, dict[str, Tensor]]:

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from catalog.ledger import Ledger
 from catalog.mix import TrainingMix, read_mix
+from catalog.schemas import curated_table, packed_table
 from catalog.shards import read_table
 from catalog.tables import table_fingerprint
 from training.data.dataset import PartDataset
@@ -75,7 +76,7 @@ class TrainingData:
     root: str
     plan: DataPlan
     datasets: dict[str, PartDataset]
-    tables: dict[str, str]  # part -> catalog table read (curated/<part> or packed/<part>)
+    tables: dict[str, str]  # part -> catalog table read (curated/<part> or packed/<part>/index)
 
     def mix(self, seed: int) -> MixConfig:
         plan = self.plan
@@ -106,7 +107,7 @@ def training_data(data: DataConfig) -> TrainingData:
 
 def part_table_name(root: str, part: str) -> str:
     """The table a part is read from: its packed tar shards when `curate pack` finished them, else the pool URIs."""
-    return f"packed/{part}" if Ledger(root, f"pack-{part}").is_complete() else f"curated/{part}"
+    return packed_table(part) if Ledger(root, f"pack-{part}").is_complete() else curated_table(part)
 
 
 def part_table(root: str, part: str) -> pa.Table:

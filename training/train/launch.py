@@ -17,6 +17,7 @@ from catalog.config import from_dict, to_dict
 from catalog.manifest import list_manifests
 from catalog.paths import join
 from catalog.ray_runtime import ensure_ray
+from catalog.threads import ensure_threads
 from training.train.config import TrainConfig, check_stage
 from training.train.run_state import MANIFEST_STAGE, TrainResult
 
@@ -41,6 +42,7 @@ def run_training(
 def _worker(loop_config: dict) -> None:
     from training.train.loop import train
 
+    ensure_threads()  # a Ray Train worker: threads for the CPUs Ray gave it, not one per machine core
     config = from_dict(TrainConfig, loop_config["config"])
     check_stage(config)
     train(config)

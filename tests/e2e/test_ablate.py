@@ -1,0 +1,151 @@
+"""`curate ablate` on the demo catalog: the mechanics of the comparison, not a particular winner.
+
+Every arm sees the same number of images, the runs of one seed differ only by their data, the mix
+arm's homogeneous steps are the loader's, a finished ablation is not redone and a killed one
+resumes its unfinished arm only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from catalog.config import to_dict
+from catalog.manifest import list_manifests
+from catalog.sql import query
+from pipelines.ablate.runs import SCORES_FILE, run_dir
+from tests.helpers import kill_when, run_cli
+from training.data.mixing import step_kind
+from training.train.checkpoint import latest_checkpoint
+from training.train.config import load_train_config
+from training.train.run_state import read_metrics
+
+DEMO_CONFIG = "training/configs/demo_cpu.yaml"
+ARMS = ("raw", "clustering", "retrieval", "mix")
+
+
+@pytest.fixture(scope="module")
+def demo_layout(demo_pool, lvd_catalog, tmp_path_factory) -> str:
+    """``<dir>/catalog`` (a copy of the LVD catalog) beside ``<dir>/demo_pool``, as `curate demo` lays them out."""
+    base = tmp_path_factory.mktemp("ablate")
+    shutil.copytree(lvd_catalog, base / "catalog")
+    shutil.copytree(demo_pool, base / "demo_pool", symlinks=True)
+    return str(base)
+
+
+@pytest.fixture(scope="module")
+def quick(demo_layout):
+    root = os.path.join(demo_layout, "catalog")
+    result = run_cli(["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--quick"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root, result.stdout
+
+
+def _text(*parts: str) -> str:
+    with open(os.path.join(*parts)) as f:
+        return f.read()
+
+
+def _train_manifests(run: str) -> list[dict]:
+    return [m for m in list_manifests(run) if m["stage"] == "train"]
+
+
+@pytest.mark.slow
+def test_quick_ablation_writes_a_table_of_every_arm(quick):
+    root, out = quick
+    folder = os.path.join(root, "ablations", "quick")
+    summary = json.loads(_text(folder, "results.json"))
+    assert summary["arms"] == list(ARMS)
+    assert summary["metrics"] == ["knn", "knn_head", "knn_tail", "linear_probe", "instance_recall_at_1",
+                                  "instance_map", "dense_miou"]
+    for arm in ARMS:
+        scores = json.loads(_text(run_dir(root, "quick", arm, 0), SCORES_FILE))
+        for metric in summary["metrics"]:
+            cell = summary["table"][arm][metric]
+            assert cell["values"] == [scores["scores"][metric]] and cell["std"] is None  # one seed: no spread
+            assert 0.0 <= cell["mean"] <= 1.0
+    table = _text(folder, "results.md")
+    assert table in out  # printed as written
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:6]] == list(ARMS)
+    with Image.open(os.path.join(folder, "results.png")) as png:
+        assert png.format == "PNG" and png.size[0] > 400
+    listing = run_cli(["inspect", root])
+    assert listing.returncode == 0 and "ablation quick: 4 arms x 1 seed, 6 steps" in listing.stdout
+
+
+@pytest.mark.slow
+def test_every_arm_sees_the_same_images_and_differs_only_by_data(quick):
+    root, _ = quick
+    configs, seen = {}, {}
+    for arm in ARMS:
+        run = run_dir(root, "quick", arm, 0)
+        configs[arm] = to_dict(load_train_config(os.path.join(run, "config.yaml")))
+        [manifest] = _train_manifests(run)
+        seen[arm] = manifest["rows"]["images_seen"]
+    assert len(set(seen.values())) == 1 and seen["raw"] == 6 * configs["raw"]["optim"]["batch_size_per_rank"]
+    shared = {arm: {k: v for k, v in c.items() if k not in ("data", "output_dir")} for arm, c in configs.items()}
+    assert all(shared[arm] == shared["raw"] for arm in ARMS)
+    assert {arm: c["data"]["parts"] for arm, c in configs.items()} == {
+        "raw": ["pool"], "clustering": ["lvd"], "retrieval": ["retrieved-demo"],
+        "mix": ["labelled", "lvd", "retrieved-demo"]}
+    # raw is the deduplicated pool; retrieval is exactly the retrieved images of the demo seed
+    kept = query(root, "SELECT count(*) FROM pool WHERE status = 'ok' AND image_id NOT IN "
+                       "(SELECT image_id FROM duplicates)").column(0)[0].as_py()
+    assert query(root, "SELECT count(*) FROM curated_pool").column(0)[0].as_py() == kept
+    retrieved = query(root, "SELECT count(DISTINCT image_id) FROM retrieved WHERE seed = 'demo'").column(0)[0].as_py()
+    assert query(root, "SELECT count(*) FROM \"curated_retrieved-demo\"").column(0)[0].as_py() == retrieved > 0
+    assert not os.path.exists(os.path.join(root, "_mix.json"))  # the arms' parts leave the catalog's mix alone
+
+
+@pytest.mark.slow
+def test_mix_arm_counts_its_homogeneous_steps_from_the_loader(quick):
+    root, _ = quick
+    run = run_dir(root, "quick", "mix", 0)
+    scores = json.loads(_text(run, SCORES_FILE))
+    config = load_train_config(os.path.join(run, "config.yaml"))
+    loader_flags = [m["homogeneous"] for m in read_metrics(run)]
+    expected = [step_kind(config.seed, s, 0.1) for s in range(6)]  # the sampler's own rule, recomputed
+    assert loader_flags == expected and sum(expected) >= 1
+    assert scores["homogeneous_steps"] == sum(expected)
+    [manifest] = _train_manifests(run)
+    assert manifest["notes"]["homogeneous_steps_this_run"] == sum(expected)
+    summary = json.loads(_text(root, "ablations", "quick", "results.json"))
+    assert summary["mechanics"]["mix"]["homogeneous_share"] == pytest.approx(sum(expected) / 6)
+    assert summary["mechanics"]["raw"]["homogeneous_share"] is None
+
+
+@pytest.mark.slow
+def test_a_finished_ablation_is_not_redone_and_a_changed_one_is_refused(quick):
+    root, _ = quick
+    again = run_cli(["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--quick"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") == len(ARMS)
+    assert all(len(_train_manifests(run_dir(root, "quick", arm, 0))) == 1 for arm in ARMS)
+    changed = run_cli(["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--quick", "--set", "steps=7"])
+    assert changed.returncode == 2 and "was started with another ablation config" in changed.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_ablation_resumes_the_unfinished_arm_only(demo_layout):
+    root = os.path.join(demo_layout, "catalog")
+    seed_set = os.path.join(demo_layout, "demo_pool", "seed")  # a small labelled set: scoring stays quick
+    args = ["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--name", "killed", "--set", "seeds=[0]", "steps=9",
+            "demo_pool=''", f"evals.labelled={seed_set}",
+            "arms={raw: {parts: {pool: {source: pool}}}, clustering: {parts: {lvd: {source: lvd}}}}"]
+    raw, clustering = run_dir(root, "killed", "raw", 0), run_dir(root, "killed", "clustering", 0)
+    kill_when(args, lambda: latest_checkpoint(os.path.join(clustering, "ckpt")) is not None, timeout=900)
+    assert os.path.exists(os.path.join(raw, SCORES_FILE)) and not os.path.exists(os.path.join(clustering, SCORES_FILE))
+    raw_scores = _text(raw, SCORES_FILE)
+
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "raw seed 0: finished earlier" in result.stdout
+    assert len(_train_manifests(raw)) == 1 and _text(raw, SCORES_FILE) == raw_scores
+    [finished] = [m for m in _train_manifests(clustering) if m["status"] == "ok"]
+    assert finished["notes"]["resumed_from"] >= 3  # from its checkpoint, not from scratch
+    assert [m["step"] for m in read_metrics(clustering)] == list(range(9))
+    assert finished["rows"]["images_seen"] == _train_manifests(raw)[0]["rows"]["images_seen"]
