@@ -147,7 +147,8 @@ def embedding_commands(root: str, n: int, work: Path) -> list[tuple[str, str, li
     seeds.write_text(json.dumps({"seeds": {"seeds": {"bench": {"embeddings": root + "-seed"}}}}))
     cat = ["--catalog", root]
     return [
-        ("dedup", "descriptor=embeddings", [*CURATE, "dedup", *cat, "--set", "descriptor=embeddings"]),
+        ("dedup", "descriptor=embeddings max_removed_share=0.5",
+         [*CURATE, "dedup", *cat, "--set", "descriptor=embeddings", "max_removed_share=0.5"]),
         ("cluster", "", [*CURATE, "cluster", *cat]),
         ("sample", "20 %", [*CURATE, "sample", *cat, "--target-size", str(n // 5), "--set", "report=false"]),
         ("retrieve", "500 seed vectors", [*CURATE, "retrieve", *cat, "--seed", "bench", "--config", str(seeds)]),
