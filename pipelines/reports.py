@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from catalog.decode import DecodeError, decode_rgb  # noqa: E402
-from catalog.images import read_image_bytes  # noqa: E402
+from catalog.images import UnreadableItem, read_item  # noqa: E402
 from catalog.paths import join, write_bytes_atomic  # noqa: E402
 from catalog.sql import query  # noqa: E402
 
@@ -69,8 +69,8 @@ def contact_sheet(uris_by_cluster: dict[int, list[str]], title: str, per_row: in
         draw.multiline_text((4, y + 4), label, fill=(0, 0, 0), spacing=2)
         for c, uri in enumerate(uris[:per_row]):
             try:
-                img = decode_rgb(read_image_bytes(uri), min_side=THUMB)
-            except (DecodeError, OSError):
+                img = decode_rgb(read_item(uri), min_side=THUMB)
+            except (UnreadableItem, DecodeError):  # a sheet is a preview: an unreadable image leaves a gap
                 continue
             img.thumbnail((THUMB, THUMB))
             sheet.paste(img, (LABEL_WIDTH + c * (THUMB + 2), y))
