@@ -39,9 +39,9 @@ from urllib.parse import quote, unquote
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from catalog.decode import MISSING
+from catalog.parquet_rows import footer, read_rows
 from catalog.paths import StoreUnavailableError, is_local, is_transient, resolve, resolve_object, retry
 
 _KEYS = ("offset", "size", "member", "row", "column", "dup")
@@ -139,21 +139,21 @@ def _read_range(base: str, params: dict[str, str], uri: str) -> bytes:
 
 
 def _read_parquet_cell(base: str, params: dict[str, str], uri: str) -> bytes:
+    """One cell, reading only its row group up to its row (`catalog.parquet_rows`), not the whole column."""
     row, column = _count(params, "row", uri), unquote(params.get("column", ""))
     fs, path = resolve_object(base)
 
     def read_row() -> bytes:
-        with fs.open(path, "rb") as f:
-            try:
-                pf = pq.ParquetFile(f)
-            except pa.ArrowInvalid as e:
-                raise URIError(f"{uri}: the base is not a Parquet file ({e})") from e
-            if column not in pf.schema_arrow.names or row >= pf.metadata.num_rows:
-                raise URIError(f"{uri}: no column {column!r} or row {row} in that Parquet file")
-            value = pf.read(columns=[column]).column(column)[row].as_py()
-            if value is None:
-                raise FileNotFoundError(f"{uri}: the cell is null: the list holds no bytes for this row")
-            return value
+        try:
+            metadata = footer(fs, path)
+        except pa.ArrowInvalid as e:
+            raise URIError(f"{uri}: the base is not a Parquet file ({e})") from e
+        if column not in metadata.schema.to_arrow_schema().names or row >= metadata.num_rows:
+            raise URIError(f"{uri}: no column {column!r} or row {row} in that Parquet file")
+        value = next(read_rows(fs, path, [column], row, row + 1)).column(0)[0].as_py()
+        if value is None:
+            raise FileNotFoundError(f"{uri}: the cell is null: the list holds no bytes for this row")
+        return value
 
     return retry(read_row)
 

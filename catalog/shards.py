@@ -206,6 +206,27 @@ def iter_shards(root: str, table: str, columns: list[str] | None = None):
         yield url, _with_resolved_uris(root, read_shard(url, columns, table))
 
 
+def iter_batches(root: str, table: str, columns: list[str] | None = None, batch_rows: int = 65_536):
+    """Yield the rows of a table as record batches of at most ``batch_rows`` rows, in `read_table`'s
+    order, reading one batch at a time (memory bounded by the batch, whatever the table's size), with
+    `read_shard`'s checks: schema version and table, page CRCs, absolute URIs."""
+    urls = shard_urls(root, table)
+    if not urls:
+        raise MissingInputError(f"catalog {root} has no table {table!r}")
+    for url in urls:
+        fs, path = resolve(url)
+        with fs.open(path, "rb") as f:
+            pf = _readable(url, lambda f=f: pq.ParquetFile(f, page_checksum_verification=True))
+            _check_schema(pf.schema_arrow, url, table)
+            try:
+                for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                    yield _with_resolved_uris(root, pa.Table.from_batches([batch])).to_batches()[0]
+            except (pa.ArrowException, OSError) as e:
+                if is_transient(e):
+                    raise
+                raise _corrupt(url, e) from e
+
+
 def delete_shards(root: str, table: str, prefix: str) -> None:
     """Delete the shards of ``table`` whose file names start with ``prefix`` (one run's rows)."""
     fs, _ = resolve(root)

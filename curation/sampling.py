@@ -7,6 +7,7 @@ level's size, with no per-cluster Python recursion.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -74,6 +75,129 @@ def _capacity(sizes: np.ndarray, multiplier: float) -> np.ndarray:
     return np.floor(sizes * multiplier).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class LevelCounts:
+    """One level of the tree as aggregates: its cluster ids (sorted, each holding rows), their row counts
+    and (below the top) each one's parent at the next level up. This is all water-filling needs, so a
+    caller can get it from a group-by over the ``clusters`` table instead of holding every row."""
+
+    ids: np.ndarray
+    sizes: np.ndarray
+    parents: np.ndarray | None = None
+
+
+def level_counts(point_labels: np.ndarray) -> list[LevelCounts]:
+    """`LevelCounts` of every level (level 1 first) of in-memory ``point_labels`` [N, L]."""
+    labels = _as_2d(point_labels)
+    out = []
+    for level in range(labels.shape[1]):
+        child = labels[:, level]
+        sizes = np.bincount(child)
+        ids = np.flatnonzero(sizes)
+        parents = None
+        if level + 1 < labels.shape[1]:
+            parent_of = np.zeros(len(sizes), dtype=np.int64)
+            parent_of[child] = labels[:, level + 1]
+            parents = parent_of[ids]
+        out.append(LevelCounts(ids, sizes[ids], parents))
+    return out
+
+
+def _id_range(ids: np.ndarray) -> int:
+    """Length of a dense array indexed by these cluster ids."""
+    return int(ids.max()) + 1 if len(ids) else 0
+
+
+def _dense(ids: np.ndarray, values: np.ndarray, length: int | None = None) -> np.ndarray:
+    out = np.zeros(_id_range(ids) if length is None else length, dtype=np.int64)
+    out[ids] = values
+    return out
+
+
+def leaf_budgets(levels: list[LevelCounts], target: int, rng: np.random.Generator,
+                 multiplier: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(budget, size)`` per level-1 cluster id: ``target`` water-filled over the top clusters, then over
+    the children of every cluster, level by level. Draws from ``rng`` in the order `balanced_sample` does."""
+    top = levels[-1]
+    budget = water_fill(_capacity(_dense(top.ids, top.sizes), multiplier), target, rng)
+    for lc in reversed(levels[:-1]):
+        child_budget = np.zeros(_id_range(lc.ids), dtype=np.int64)
+        child_budget[lc.ids] = water_fill_segments(_capacity(lc.sizes, multiplier), lc.parents, budget, rng)
+        budget = child_budget
+    return budget, _dense(levels[0].ids, levels[0].sizes, len(budget))
+
+
+class LeafPicker:
+    """Picks rows inside level-1 clusters from rows streamed in table order, batch by batch.
+
+    Per cluster with budget b and s rows: every row ⌊b/s⌋ times, plus the b mod s rows of smallest key
+    (a uniform draw, or the distance for closest / farthest), ties to the earlier row. Only the current
+    best rows of each cluster are kept (a row whose key is not below its full cluster's worst kept key
+    is dropped at once), so memory is the picks plus per-cluster counters, whatever the row count.
+    Candidates are merged once at least ``merge_rows`` (and as many as are kept) wait, so the sorting
+    stays O(N + picks · log) in total.
+    """
+
+    def __init__(self, budget: np.ndarray, sizes: np.ndarray, rng: np.random.Generator,
+                 strategy: Strategy = "random", merge_rows: int = 65_536) -> None:
+        self._merge_rows = merge_rows
+        self._copies = budget // np.maximum(sizes, 1)
+        self._rem = budget - self._copies * sizes
+        self._rng, self._strategy = rng, strategy
+        self._threshold = np.where(self._rem == 0, -np.inf, 0.0)
+        self._full = self._rem == 0
+        self._kept = (np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))  # leaf, key, row
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._n_pending = 0
+        self._repeated: list[np.ndarray] = []
+        self._offset = 0
+
+    def add(self, leaf: np.ndarray, distances: np.ndarray | None = None) -> None:
+        """The next rows of the table: their level-1 ids (and distances, for closest / farthest)."""
+        leaf = np.asarray(leaf, dtype=np.int64)
+        rows = np.arange(self._offset, self._offset + len(leaf), dtype=np.int64)
+        self._offset += len(leaf)
+        if self._strategy == "random":
+            key = self._rng.random(len(leaf))
+        elif distances is None:
+            raise ValueError(f"strategy {self._strategy!r} needs distances")
+        else:
+            key = np.asarray(distances, dtype=np.float64) * (1.0 if self._strategy == "closest" else -1.0)
+        copies = self._copies[leaf]
+        if copies.any():
+            self._repeated.append(np.repeat(rows, copies))
+        keep = ~self._full[leaf] | (key < self._threshold[leaf])
+        if keep.any():
+            self._pending.append((leaf[keep], key[keep], rows[keep]))
+            self._n_pending += int(keep.sum())
+        if self._n_pending >= max(len(self._kept[0]), self._merge_rows):
+            self._merge()
+
+    def _merge(self) -> None:
+        leaf, key, row = (np.concatenate([self._kept[i]] + [p[i] for p in self._pending]) for i in range(3))
+        self._pending, self._n_pending = [], 0
+        order = np.lexsort((row, key, leaf))
+        rank, _ = _segment_rank(leaf[order])
+        order = order[rank < self._rem[leaf[order]]]
+        self._kept = leaf[order], key[order], row[order]
+        ids, last = np.unique(self._kept[0][::-1], return_index=True)
+        worst = self._kept[1][len(order) - 1 - last]
+        counts = np.bincount(self._kept[0], minlength=len(self._rem))[ids]
+        full = (counts == self._rem[ids]) & ~np.isnan(worst)
+        self._threshold[ids[full]] = worst[full]
+        self._full[ids[full]] = True
+
+    def rows(self) -> np.ndarray:
+        """Sorted row indices of every pick (a row repeats when its cluster took whole copies)."""
+        self._merge()
+        return np.sort(np.concatenate([self._kept[2], *self._repeated]))
+
+
+def _as_2d(point_labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(point_labels, dtype=np.int64)
+    return labels[:, None] if labels.ndim == 1 else labels
+
+
 def balanced_sample(
     point_labels: np.ndarray,
     target: int,
@@ -90,37 +214,14 @@ def balanced_sample(
     of every cluster, level by level, down to level-1 clusters. Inside a level-1 cluster rows are
     picked at random, or closest / farthest to its centroid (``distances`` needed). ``multiplier``
     m > 1 lets a cluster of s rows absorb up to ⌊m·s⌋ picks (whole copies first), over-sampling
-    small clusters; rows may then repeat.
+    small clusters; rows may then repeat. A table too big for memory takes the same steps streamed:
+    `leaf_budgets` from aggregates, then `LeafPicker` batch by batch (same picks for the same seed).
     """
-    labels = np.asarray(point_labels, dtype=np.int64)
-    if labels.ndim == 1:
-        labels = labels[:, None]
-    n, n_levels = labels.shape
-    rng = np.random.default_rng(seed)
-    top = labels[:, -1]
-    top_sizes = np.bincount(top)
-    budget = water_fill(_capacity(top_sizes, multiplier), target, rng)
-    for level in range(n_levels - 2, -1, -1):
-        child, parent = labels[:, level], labels[:, level + 1]
-        sizes = np.bincount(child)
-        parent_of = np.zeros(len(sizes), dtype=np.int64)
-        parent_of[child] = parent
-        ids = np.flatnonzero(sizes)
-        child_budget = np.zeros(len(sizes), dtype=np.int64)
-        child_budget[ids] = water_fill_segments(_capacity(sizes[ids], multiplier), parent_of[ids], budget, rng)
-        budget = child_budget
-    leaf = labels[:, 0]
-    sizes = np.bincount(leaf, minlength=len(budget))
-    copies = budget // np.maximum(sizes, 1)
-    rem = budget - copies * sizes
-    if strategy == "random":
-        key = rng.random(n)
-    elif distances is None:
+    labels = _as_2d(point_labels)
+    if strategy != "random" and distances is None:
         raise ValueError(f"strategy {strategy!r} needs distances")
-    else:
-        key = np.asarray(distances, dtype=np.float64) * (1.0 if strategy == "closest" else -1.0)
-    order = np.lexsort((np.arange(n), key, leaf))
-    rank, _ = _segment_rank(leaf[order])
-    picked = order[rank < rem[leaf[order]]]
-    repeated = np.repeat(np.arange(n), copies[leaf])
-    return np.sort(np.concatenate([picked, repeated]))
+    rng = np.random.default_rng(seed)
+    budget, sizes = leaf_budgets(level_counts(labels), target, rng, multiplier)
+    picker = LeafPicker(budget, sizes, rng, strategy)
+    picker.add(labels[:, 0], distances)
+    return picker.rows()

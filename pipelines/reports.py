@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from catalog.decode import DecodeError, decode_rgb  # noqa: E402
-from catalog.images import read_image_bytes  # noqa: E402
+from catalog.images import UnreadableItem, read_item  # noqa: E402
 from catalog.paths import join, write_bytes_atomic  # noqa: E402
 from catalog.schemas import ERRORS_TABLE, FILTER_STAGE  # noqa: E402
 from catalog.shards import table_exists  # noqa: E402
@@ -72,8 +72,8 @@ def contact_sheet(uris_by_cluster: dict[int | str, list[str]], title: str, per_r
         draw.multiline_text((4, y + 4), label, fill=(0, 0, 0), spacing=2)
         for c, uri in enumerate(uris[:per_row]):
             try:
-                img = decode_rgb(read_image_bytes(uri), min_side=THUMB)
-            except (DecodeError, OSError):
+                img = decode_rgb(read_item(uri), min_side=THUMB)
+            except (UnreadableItem, DecodeError):  # a sheet is a preview: an unreadable image leaves a gap
                 continue
             img.thumbnail((THUMB, THUMB))
             sheet.paste(img, (LABEL_WIDTH + c * (THUMB + 2), y))

@@ -9,6 +9,7 @@ that changed under the same name is told apart from the one that was ingested.
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 import tarfile
 from collections import Counter
@@ -37,6 +38,7 @@ from catalog.images import (
     uri_extension,
 )
 from catalog.manifest import fingerprint
+from catalog.parquet_rows import footer, read_rows, row_slices
 from catalog.paths import resolve, retry, with_protocol
 from catalog.schemas import (
     COPY_DESCRIPTORS_TABLE,
@@ -50,6 +52,8 @@ from catalog.sql import query
 from curation.copy_descriptor import DIM, NAME, SIDE, copy_descriptor
 from curation.quality import quality_signals
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
+
+log = logging.getLogger("curate.pipelines")
 
 BYTES_COLUMNS = ("bytes", "image", "jpg", "png")
 # WebDataset shards keep per-sample metadata beside each image; such members are not pool items.
@@ -104,22 +108,30 @@ def _files_unit(index: int, files: list[tuple[str, int]]) -> Unit:
 
 def _parquet_units(source: str, rows_per_unit: int) -> list[Unit]:
     fs, path = resolve(source)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        n = pf.metadata.num_rows
+    metadata = footer(fs, path)
+    names = metadata.schema.to_arrow_schema().names
     size = fs.size(path)
     inline = next((c for c in BYTES_COLUMNS if c in names), None)
     if inline is None and "uri" not in names:
         raise ConfigError(f"{source}: a Parquet source needs a 'uri' column or a bytes column {BYTES_COLUMNS}")
+    _warn_big_row_groups(source, metadata, rows_per_unit)
     repeats = {} if inline else _repeated_rows(source)
     units = []
-    for i in range(0, n, rows_per_unit):
-        stop = min(n, i + rows_per_unit)
+    for k, (i, stop) in enumerate(row_slices(metadata, rows_per_unit)):
         payload = {"parquet": source, "start": i, "stop": stop, "inline": inline,
-                   "repeats": [[r, k] for r, k in repeats.items() if i <= r < stop]}
-        units.append(Unit(f"rows-{i // rows_per_unit:06d}", payload, stop - i, fingerprint(source, size, i, stop)))
+                   "repeats": [[r, n] for r, n in repeats.items() if i <= r < stop]}
+        units.append(Unit(f"rows-{k:06d}", payload, stop - i, fingerprint(source, size, i, stop)))
     return units
+
+
+def _warn_big_row_groups(source: str, metadata: pq.FileMetaData, rows_per_unit: int) -> None:
+    """Units are whole row groups, or slices of one too big for a unit; a slice decodes its row group
+    from the start, so a file of few huge row groups costs more per row: say so, with the numbers."""
+    biggest = max((metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)), default=0)
+    if biggest > 4 * rows_per_unit:
+        log.warning("%s: row groups of up to %d rows, %d units each; every unit decodes its row group up to "
+                    "its last row (rewrite it with row_group_size <= %d for reads linear in rows)",
+                    source, biggest, -(-biggest // rows_per_unit), rows_per_unit)
 
 
 def _repeated_rows(source: str) -> dict[int, int]:
@@ -176,12 +188,12 @@ def _tar_items(shard: str) -> Iterator[Item]:
 
 
 def _parquet_items(payload: dict[str, Any]) -> Iterator[Item]:
-    """The rows of a Parquet list: a URI to read per row, or the image bytes inline."""
+    """The rows of a Parquet list: a URI to read per row, or the image bytes inline; only the row
+    groups that hold the unit's rows are read (`catalog.parquet_rows`)."""
     source, inline = payload["parquet"], payload["inline"]
     fs, path = resolve(source)
-    with fs.open(path, "rb") as f:
-        column = pq.read_table(f, columns=[inline or "uri"]).column(0)
-    values = column.slice(payload["start"], payload["stop"] - payload["start"]).to_pylist()
+    batches = read_rows(fs, path, [inline or "uri"], payload["start"], payload["stop"])
+    values = (value for batch in batches for value in batch.column(0).to_pylist())
     repeats = dict(payload.get("repeats", []))
     for row, value in enumerate(values, start=payload["start"]):
         if inline:

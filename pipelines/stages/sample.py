@@ -13,21 +13,23 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.config import ConfigError, above, at_least
 from catalog.manifest import fingerprint
 from catalog.names import check_name
 from catalog.schemas import CLUSTERS_TABLE, POOL_TABLE, curated_rows, curated_table
-from catalog.shards import read_schema, read_table, shard_urls, table_exists
+from catalog.shards import iter_batches, read_schema, shard_urls, table_exists
 from catalog.sql import query
-from curation.sampling import balanced_sample
+from curation.sampling import LeafPicker, LevelCounts, leaf_budgets
 from pipelines.reports import write_lvd_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """``target_size`` is required (None until given); ``report`` writes the part's PNG report."""
+    """``target_size`` is required (None until given); ``report`` writes the part's PNG report;
+    ``batch_rows``: rows of ``clusters`` and ``pool`` read at a time (memory, not the result)."""
 
     target_size: int | None = None
     strategy: Literal["random", "closest", "farthest"] = "random"
@@ -35,9 +37,11 @@ class SampleConfig:
     seed: int = 0
     part: str = "lvd"
     report: bool = True
+    batch_rows: int = 262_144
 
     def __post_init__(self) -> None:
         at_least(self, 1, "target_size")
+        at_least(self, 1, "batch_rows")
         above(self, 0, "multiplier")
         check_name(self.part, "sample part")
 
@@ -47,11 +51,56 @@ def level_columns(names: list[str]) -> list[str]:
     return [c for c in names if c.startswith("l") and c[1:].isdigit()]
 
 
+def cluster_counts(root: str, levels: list[str]) -> list[LevelCounts]:
+    """Every level's cluster sizes (and parents) from one DuckDB group-by per level over ``clusters``.
+
+    Raises if a cluster has more than one parent: the table is then not a tree and water-filling
+    down it would be wrong."""
+    out = []
+    for i, col in enumerate(levels):
+        parent = levels[i + 1] if i + 1 < len(levels) else None
+        of_parent = f", min({parent}) AS p, count(DISTINCT {parent}) AS np" if parent else ""
+        select = f"{col} AS id, count(*) AS n{of_parent}"
+        rows = query(root, f"SELECT {select} FROM clusters GROUP BY {col} ORDER BY {col}")
+        if parent and (bad := pc.filter(rows, pc.greater(rows.column("np"), 1))).num_rows:
+            raise ValueError(f"clusters: {bad.num_rows} cluster(s) of {col} have several {parent} parents "
+                             f"(e.g. {bad.column('id')[0].as_py()}): the table is not a tree")
+        out.append(LevelCounts(rows.column("id").to_numpy(), rows.column("n").to_numpy(),
+                               rows.column("p").to_numpy() if parent else None))
+    return out
+
+
+def _take_rows(root: str, rows: np.ndarray, batch_rows: int) -> pa.Table:
+    """The ``clusters`` rows at these sorted positions (repeats kept), read batch by batch."""
+    pieces, start = [], 0
+    for batch in iter_batches(root, CLUSTERS_TABLE, None, batch_rows):
+        lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
+        if hi > lo:
+            pieces.append(pa.Table.from_batches([batch.take(pa.array(rows[lo:hi] - start))]))
+        start += batch.num_rows
+    if not pieces:
+        return read_schema(shard_urls(root, CLUSTERS_TABLE)[0]).empty_table()
+    return pa.concat_tables(pieces)
+
+
+def _uris_of(root: str, ids: pa.ChunkedArray, batch_rows: int) -> dict[int, str]:
+    """``{image_id: uri}`` of the picked ids that are ``ok`` in ``pool`` (none without a pool), streamed."""
+    if not table_exists(root, POOL_TABLE):
+        return {}
+    wanted = pc.unique(ids)
+    uris: dict[int, str] = {}
+    for batch in iter_batches(root, POOL_TABLE, ["image_id", "uri", "status"], batch_rows):
+        hit = pc.and_(pc.is_in(batch.column(0), wanted), pc.equal(batch.column(2), "ok"))
+        sel = batch.filter(hit)
+        uris.update(zip(sel.column(0).to_pylist(), sel.column(1).to_pylist()))
+    return uris
+
+
 class SampleStage(Stage):
     name = "sample"
     config_class = SampleConfig
     reads = (CLUSTERS_TABLE, POOL_TABLE)
-    runtime_keys = frozenset({"report"})
+    runtime_keys = frozenset({"report", "batch_rows"})
 
     def run_name(self, config: SampleConfig) -> str:
         return f"sample-{config.part}"
@@ -65,18 +114,22 @@ class SampleStage(Stage):
         return [Unit("selection", {}, 1, fingerprint("selection"))]
 
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
-        """Exactly ``target_size`` rows (fewer only if the pool is smaller), with their uri and lineage."""
+        """Exactly ``target_size`` rows (fewer only if the pool is smaller), with their uri and lineage.
+
+        Never holds the whole table: cluster sizes come from group-bys, the picks from one streamed pass
+        over ``l1`` (and ``distance``), the picked rows from a second pass, their URIs from a pass over
+        ``pool``; memory is the picks plus a few counters per cluster.
+        """
         config: SampleConfig = ctx.config
-        clusters = read_table(ctx.root, CLUSTERS_TABLE)
-        labels = np.stack([clusters.column(c).to_numpy() for c in level_columns(clusters.column_names)], axis=1)
-        rows = balanced_sample(labels, config.target_size, seed=config.seed, strategy=config.strategy,
-                               distances=clusters.column("distance").to_numpy(), multiplier=config.multiplier)
-        picked = clusters.take(pa.array(rows))
-        uris: dict[int, str] = {}
-        if table_exists(ctx.root, POOL_TABLE):
-            pool = query(ctx.root, "SELECT image_id, uri FROM pool WHERE status = 'ok'")
-            uris = dict(zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist()))
+        levels = level_columns(read_schema(shard_urls(ctx.root, CLUSTERS_TABLE)[0]).names)
+        rng = np.random.default_rng(config.seed)
+        budget, sizes = leaf_budgets(cluster_counts(ctx.root, levels), config.target_size, rng, config.multiplier)
+        picker = LeafPicker(budget, sizes, rng, config.strategy)
+        for batch in iter_batches(ctx.root, CLUSTERS_TABLE, [levels[0], "distance"], config.batch_rows):
+            picker.add(batch.column(0).to_numpy(), batch.column(1).to_numpy(zero_copy_only=False))
+        picked = _take_rows(ctx.root, picker.rows(), config.batch_rows)
         ids = picked.column("image_id")
+        uris = _uris_of(ctx.root, ids, config.batch_rows)
         table = curated_rows(config.part, ids, [uris.get(i) for i in ids.to_pylist()],
                              picked.select(picked.column_names[1:]))
         return Output({curated_table(config.part): table})

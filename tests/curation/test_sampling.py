@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from curation.hierarchy import LevelSpec, hierarchical_kmeans
-from curation.sampling import balanced_sample, water_fill, water_fill_segments
+from curation.sampling import LeafPicker, balanced_sample, leaf_budgets, level_counts, water_fill, water_fill_segments
 from curation.synthetic import concept_embeddings, normalised_entropy
 
 
@@ -112,3 +112,52 @@ def test_sample_flatter_than_pool_on_long_tail():
     rand = np.random.default_rng(0).choice(6000, 1200, replace=False)
     pool_h, rand_h, ours = (normalised_entropy(concept[i], 80) for i in (np.arange(6000), rand, idx))
     assert ours > pool_h + 0.05 and ours > rand_h + 0.05
+
+
+def one_shot_sample(labels, target, seed, strategy, distances, multiplier):
+    """The in-memory sampler as it was before streaming (every row's key drawn at once, one sort),
+    kept here as the independent reference the streamed one must match bit for bit."""
+    rng = np.random.default_rng(seed)
+    cap = lambda s: np.floor(s * multiplier).astype(np.int64)  # noqa: E731
+    budget = water_fill(cap(np.bincount(labels[:, -1])), target, rng)
+    for level in range(labels.shape[1] - 2, -1, -1):
+        child, parent = labels[:, level], labels[:, level + 1]
+        sizes = np.bincount(child)
+        parent_of = np.zeros(len(sizes), dtype=np.int64)
+        parent_of[child] = parent
+        ids = np.flatnonzero(sizes)
+        child_budget = np.zeros(len(sizes), dtype=np.int64)
+        child_budget[ids] = water_fill_segments(cap(sizes[ids]), parent_of[ids], budget, rng)
+        budget = child_budget
+    leaf = labels[:, 0]
+    n = len(leaf)
+    sizes = np.bincount(leaf, minlength=len(budget))
+    copies = budget // np.maximum(sizes, 1)
+    rem = budget - copies * sizes
+    key = rng.random(n) if strategy == "random" else distances * (1.0 if strategy == "closest" else -1.0)
+    order = np.lexsort((np.arange(n), key, leaf))
+    rank = np.arange(n) - np.searchsorted(leaf[order], leaf[order], side="left")
+    picked = order[rank < rem[leaf[order]]]
+    return np.sort(np.concatenate([picked, np.repeat(np.arange(n), copies[leaf])]))
+
+
+@pytest.mark.parametrize("strategy,multiplier", [("random", 1.0), ("closest", 1.0), ("farthest", 1.0),
+                                                 ("random", 2.5), ("closest", 3.0)])
+def test_streamed_picks_equal_one_shot_picks(strategy, multiplier):
+    rng = np.random.default_rng(7)
+    for trial in range(25):
+        n = int(rng.integers(1, 3000))
+        pl = tree(rng, n)[:, : int(rng.integers(1, 4))]
+        dist = rng.random(n).astype(np.float32).astype(np.float64)
+        dist[rng.random(n) < 0.1] = 0.5  # ties: broken by row order in both
+        target = int(rng.integers(0, n + 50))
+        want = one_shot_sample(pl, target, trial, strategy, dist, multiplier)
+        assert np.array_equal(balanced_sample(pl, target, seed=trial, strategy=strategy, distances=dist,
+                                              multiplier=multiplier), want)
+        gen = np.random.default_rng(trial)
+        budget, sizes = leaf_budgets(level_counts(pl), target, gen, multiplier)
+        picker = LeafPicker(budget, sizes, gen, strategy, merge_rows=int(rng.integers(1, 80)))
+        step = int(rng.integers(1, 500))
+        for i in range(0, n, step):
+            picker.add(pl[i : i + step, 0], dist[i : i + step])
+        assert np.array_equal(picker.rows(), want)
