@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from catalog.schemas import ERRORS
 from catalog.shards import write_shards
 from tests.helpers import REPO
 
@@ -28,7 +29,9 @@ def write_doc_catalog(root: str) -> None:
     """The tables and columns the documented queries use (pool, errors, duplicates, clusters, curated/lvd)."""
     write_shards(root, "pool", "u", pa.table({"image_id": [1, 2, 3], "uri": ["a", "b", "c"],
                                               "status": ["ok", "ok", "error"]}))
-    write_shards(root, "errors", "u", pa.table({"image_id": [3], "uri": ["c"], "reason": ["truncated"]}))
+    write_shards(root, "errors", "u", pa.table({"image_id": [3, 4], "uri": ["c", "d"], "stage": ["ingest", "filter"],
+                                                "reason": ["truncated", "filtered:small"],
+                                                "message": [None, "min_side 12 < 200"]}, schema=ERRORS))
     write_shards(root, "duplicates", "u", pa.table({"image_id": [2], "kept_id": [1], "similarity": [1.0],
                                                     "reason": ["exact"]}))
     write_shards(root, "clusters", "u", pa.table({"image_id": [1, 2], **{f"l{i}": [0, i] for i in range(1, 6)}}))

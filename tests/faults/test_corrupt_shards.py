@@ -19,7 +19,7 @@ from catalog.shards import CorruptShardError, write_shards
 from catalog.sql import query
 from tests.helpers import run_cli
 
-TINY = ["model=vit_test", "image_size=32", "images_per_unit=40", "batch_size=16"]
+TINY = ["model=vit_test", "random_init=true", "image_size=32", "images_per_unit=40", "batch_size=16"]
 
 
 def _shards(root: str, table: str) -> list[str]:

@@ -17,7 +17,7 @@ from tests.faults.kills import killed_and_resumed
 from tests.helpers import run_cli
 
 INGEST = ["--set", "files_per_unit=20", "--executor", "local"]
-EMBED = ["embed", "--set", "model=vit_test", "image_size=32", "images_per_unit=20", "batch_size=10",
+EMBED = ["embed", "--set", "model=vit_test", "random_init=true", "image_size=32", "images_per_unit=20", "batch_size=10",
          "--executor", "local"]
 POOL_COLUMNS = "image_id, uri, bytes, width, height, format, sha256, status"
 

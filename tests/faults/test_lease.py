@@ -29,7 +29,7 @@ from pipelines.stages.ingest import IngestConfig
 from tests.faults.conftest import demo_subset
 from tests.helpers import cli_env, kill_tree, run_cli, s3_server
 
-TINY = ["model=vit_test", "image_size=32", "images_per_unit=20", "batch_size=10"]
+TINY = ["model=vit_test", "random_init=true", "image_size=32", "images_per_unit=20", "batch_size=10"]
 
 
 def _plant_lease(root: str, run: str, *, host: str, pid: int, pid_started: float, heartbeat: float) -> None:

@@ -27,7 +27,7 @@ def _catalog(root: str) -> pa.Table:
                      schema=stamp(clusters(3), CLUSTERS_TABLE))
     write_shards(root, CLUSTERS_TABLE, "cluster", table, max_rows=N // 32)
     status = np.where(np.arange(N) % 7 == 0, "error", "ok")
-    empty = {f.name: pa.nulls(N, f.type) for f in POOL if f.name in ("bytes", "width", "height", "format", "sha256")}
+    empty = {f.name: pa.nulls(N, f.type) for f in POOL if f.name not in ("image_id", "uri", "status")}
     pool = pa.table({"image_id": ids[::-1], "uri": [f"/img/{i}.jpg" for i in ids[::-1]], **empty,
                      "status": status[::-1]}, schema=stamp(POOL, POOL_TABLE))
     write_shards(root, POOL_TABLE, "ingest", pool, max_rows=N // 32)
