@@ -10,6 +10,7 @@ exactly the batches an uninterrupted run yields from ``s`` on, with or without w
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -177,15 +178,17 @@ class TrainLoader:
             mask_sample_probability=mask_sample_probability,
             max_substitutions=max_substitutions,
         )
-        self._loader = StatefulDataLoader(
-            dataset,
-            batch_size=None,
-            sampler=_DrawSampler(self.sampler),
-            num_workers=num_workers,
-            collate_fn=_identity,
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            pin_memory=pin_memory,
-        )
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch's deprecated set_vital on every loader
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            self._loader = StatefulDataLoader(
+                dataset,
+                batch_size=None,
+                sampler=_DrawSampler(self.sampler),
+                num_workers=num_workers,
+                collate_fn=_identity,
+                prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                pin_memory=pin_memory,
+            )
         self.skipped: Counter[str] = Counter()
         self.next_step = 0
 

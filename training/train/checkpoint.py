@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from catalog.paths import exists, is_local, join, ls, read_bytes, resolve, write_bytes_atomic
 from training.models.checkpoints import CheckpointError, describe_load_error
-from training.train.dcp_reader import load_state
+from training.train.dcp_reader import load_state, one_process_is_intended
 from training.train.distributed import DistInfo, barrier
 
 COMPLETE = "COMPLETE"  # object stores: the marker rank 0 writes once every rank's shards are in
@@ -100,7 +100,8 @@ def _write_models(
 ) -> None:
     state = _model_states(student, teacher, optimizer, extra)
     state["step"] = step
-    dcp.save(state, checkpoint_id=url, process_group=group)
+    with one_process_is_intended():
+        dcp.save(state, checkpoint_id=url, process_group=group)
 
 
 def save_checkpoint(

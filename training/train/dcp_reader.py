@@ -9,10 +9,13 @@ bytes) through ``torch.load(weights_only=True)``. Every refusal is a ``Checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import pickle
+import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -117,11 +120,20 @@ class DataOnlyPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+@contextlib.contextmanager
+def one_process_is_intended() -> Iterator[None]:
+    """DCP warns on every save/load without a process group; one process is a supported run here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent is to (save|load)")
+        yield
+
+
 def load_state(state: dict, path: str, group: dist.ProcessGroup | None = None) -> None:
     """``dcp.load(state, path)`` in place, data only; a bad file on any rank is a ``CheckpointError``."""
     reader = DataOnlyReader(str(path))
     try:
-        dcp.load(state, storage_reader=reader, planner=DataOnlyPlanner(), process_group=group)
+        with one_process_is_intended():
+            dcp.load(state, storage_reader=reader, planner=DataOnlyPlanner(), process_group=group)
     except CheckpointException as e:  # DCP gathers every rank's failure into one BaseException
         if reader.refusal is not None:
             raise reader.refusal from e
