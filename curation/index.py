@@ -191,8 +191,9 @@ def build_index(
     """Index L2-normalised rows of `x` (float16/float32, may be memory-mapped) for cosine search.
 
     N <= exact_max: IndexFlatIP (exact). Otherwise IVF with nlist ~ 4*sqrt(N), trained on a seeded
-    subsample; IVF-flat when the float32 vectors fit `memory_budget_bytes` (default half the
-    machine's RAM), else IVF-PQ. nprobe is then tuned on a held-out sample of pool rows against
+    subsample; the lists hold the vectors as float16 (the storage dtype of `curate embed`, so no
+    precision is lost for our tables and the index is one float16 copy, not a float32 one) when they
+    fit `memory_budget_bytes` (default half the machine's RAM), else IVF-PQ codes. nprobe is then tuned on a held-out sample of pool rows against
     exact search so recall@10 >= recall_target (a warning if even nprobe = nlist cannot).
     """
     n, d = x.shape
@@ -209,9 +210,10 @@ def build_index(
 
     nlist = _nlist_for(n)
     quantizer = faiss.IndexFlatIP(d)
-    if n * d * 4 <= budget:
-        cpu_index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        params.update(kind="ivf_flat", m=None)
+    if n * d * 2 <= budget:
+        cpu_index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                                  faiss.METRIC_INNER_PRODUCT, False)  # by_residual=False:
+        params.update(kind="ivf_fp16", m=None)  # codes are the float16 rows themselves, exact for our tables
     else:
         m = _pq_m_for(n, d, budget)
         cpu_index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)

@@ -47,7 +47,7 @@ from curation.kmeans_assign import (
 __all__ = ["ArrayLike", "ArrayRows", "KMeansResult", "Metric", "PartialSums", "RowSource", "as_rows", "assign",
            "compute_dtype", "default_chunk_size", "device_rows", "fused_scoring", "grid_exponent", "kmeans",
            "kmeans_plusplus", "kmeans_rows", "normalize_rows", "partial_sums", "reduce_partials", "resolve_device",
-           "update_centroids"]
+           "storage_rows", "update_centroids"]
 
 #: Mantissa bits kept for the largest |coordinate| when rounding to the summation grid.
 _GRID_BITS = 22
@@ -114,7 +114,10 @@ class ArrayRows:
         return out.cpu().numpy() if isinstance(out, torch.Tensor) and out.device.type != "cpu" else out
 
     def max_abs(self) -> float:
-        return float(torch.as_tensor(self.x).abs().max())
+        """Largest |value|, a chunk at a time (no whole-array temporary)."""
+        step = self.chunk_size or 65_536
+        return max((float(torch.as_tensor(self.x[s : s + step]).abs().max()) for s in range(0, self.n_rows, step)),
+                   default=0.0)
 
     def partial_sums(self, centroids: np.ndarray, *, grid_exp: int, metric: Metric) -> PartialSums:
         return partial_sums(self.x, centroids, grid_exp=grid_exp, metric=metric, chunk_size=self.chunk_size,
@@ -127,6 +130,15 @@ class ArrayRows:
 
 def as_rows(x: ArrayLike | RowSource) -> RowSource:
     return x if isinstance(x, RowSource) else ArrayRows(x)
+
+
+def storage_rows(x: ArrayLike) -> ArrayLike:
+    """``x`` as rows to cluster: float16 and float32 arrays (memory-mapped ones too) stay as they are, one
+    chunk at a time is converted where it is used; other dtypes become float32. The values every chunk
+    computes with are the same either way, so the clusters are too."""
+    if isinstance(x, torch.Tensor) or getattr(x, "dtype", None) in (np.float16, np.float32):
+        return x
+    return np.asarray(x, dtype=np.float32)
 
 
 def device_rows(x: ArrayLike, device: torch.device, dtype: torch.dtype = torch.float32) -> ArrayRows:

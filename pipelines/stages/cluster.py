@@ -150,12 +150,7 @@ def _read_inputs(root: str, config: ClusterConfig) -> tuple[np.ndarray, np.ndarr
 
         index = RowIndex.read(root, exclude_ids=exclude)
         return index.image_ids, index
-    image_ids, x = load_vectors(root, config.embeddings, config.ids)
-    if len(exclude):
-        keep = ~np.isin(image_ids, exclude)
-        image_ids, x = image_ids[keep], x[keep]
-    order = np.argsort(image_ids, kind="stable")  # row order independent of shard layout
-    return image_ids[order], np.ascontiguousarray(x[order])
+    return load_vectors(root, config.embeddings, config.ids, exclude_ids=exclude)  # sorted: layout-free order
 
 
 def _level1(vectors: np.ndarray | RowIndex, config: ClusterConfig, specs: list[LevelSpec], device: str,

@@ -17,7 +17,7 @@ import pyarrow as pa
 from catalog import schemas
 from catalog.config import ConfigError, at_least
 from catalog.decode import DecodeError, decode_rgb
-from catalog.embeddings import load_embeddings
+from catalog.embeddings import load_rows
 from catalog.errors import MissingInputError, UserError
 from catalog.lineage import listing_fingerprint
 from catalog.manifest import fingerprint
@@ -91,8 +91,23 @@ def exact_step(root: str) -> pa.Table:
     return _rows(ids, t.column("kept_id").to_numpy(), np.ones(len(ids)), "exact")
 
 
-def _descriptors(root: str, config: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    return load_embeddings(root, COPY_DESCRIPTORS_TABLE if config.descriptor == "pixels" else EMBEDDINGS_TABLE)
+def _descriptors(root: str, config: DedupConfig, step: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids sorted, descriptors in their storage dtype) of the images the steps before ``step`` kept."""
+    table = COPY_DESCRIPTORS_TABLE if config.descriptor == "pixels" else EMBEDDINGS_TABLE
+    return load_rows(root, table, exclude_ids=_removed_by(root, _reasons_before(config, step)))
+
+
+def _pixel_counts(root: str, ids: np.ndarray) -> np.ndarray:
+    """width × height of each image (0 where unknown), aligned with the sorted ``ids``."""
+    sizes = query(root, "SELECT image_id, coalesce(width * height, 0) AS px FROM pool "
+                        "WHERE status = 'ok' ORDER BY image_id")
+    known, px = sizes.column("image_id").to_numpy(), sizes.column("px").to_numpy()
+    at = np.searchsorted(known, ids)
+    found = at < len(known)
+    found[found] = known[at[found]] == ids[found]
+    out = np.zeros(len(ids), np.float64)
+    out[found] = px[at[found]]
+    return out
 
 
 def _removed_by(root: str, reasons: list[str]) -> np.ndarray:
@@ -141,15 +156,8 @@ def _uris(root: str, image_ids: list[int]) -> dict[int, str]:
 
 def copy_step(root: str, config: DedupConfig) -> pa.Table:
     """Near copies: k-NN graph above the threshold, connected components, keep the largest image."""
-    ids, x = _descriptors(root, config)
-    keep = ~np.isin(ids, _removed_by(root, _reasons_before(config, "copy")))
-    ids, x = ids[keep], x[keep]
-    order = np.argsort(ids)
-    ids, x = ids[order], np.ascontiguousarray(x[order])
-    sizes = query(root, "SELECT image_id, coalesce(width * height, 0) AS px FROM pool WHERE status = 'ok'")
-    px = dict(zip(sizes.column("image_id").to_pylist(), sizes.column("px").to_pylist()))
-    priority = np.asarray([px.get(int(i), 0) for i in ids], np.float64)
-    result = copy_dedup(x, ids, priority, config.k, config.copy_threshold(), seed=config.seed,
+    ids, x = _descriptors(root, config, "copy")
+    result = copy_dedup(x, ids, _pixel_counts(root, ids), config.k, config.copy_threshold(), seed=config.seed,
                         mirror=mirror if config.descriptor == "pixels" else None)
     return _rows(ids[result.removed_rows], ids[result.keeper_of_removed], result.removed_similarity, "copy")
 
@@ -177,9 +185,7 @@ def eval_descriptors(folder: str) -> np.ndarray:
 
 def eval_step(root: str, config: DedupConfig, name: str, folder: str) -> pa.Table:
     """Remove every pool image whose copy component touches an image of the evaluation set."""
-    ids, x = _descriptors(root, config)
-    keep = ~np.isin(ids, _removed_by(root, _reasons_before(config, f"eval-{name}")))
-    ids, x = ids[keep], x[keep]
+    ids, x = _descriptors(root, config, f"eval-{name}")
     rows = relative_dedup(x, eval_descriptors(folder), config.k, config.eval_threshold(), seed=config.seed,
                           mirror=mirror)
     return _rows(ids[rows], np.full(len(rows), -1), np.full(len(rows), np.nan), f"eval:{name}")

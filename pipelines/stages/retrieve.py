@@ -190,9 +190,7 @@ class RetrieveStage(Stage):
         config: RetrieveConfig = ctx.config
         facts: SeedFacts = ctx.facts
         seed_ids, seed_x = load_embeddings(facts.catalog)
-        pool_ids, x = load_vectors(ctx.root)
-        keep = ~np.isin(pool_ids, removed_ids(ctx.root))
-        pool_ids, x = pool_ids[keep], np.ascontiguousarray(x[keep])
+        pool_ids, x = load_vectors(ctx.root, exclude_ids=removed_ids(ctx.root))
         result = None
         if facts.mode == "cluster":
             result = _cap(_cluster_mode(ctx.root, pool_ids, seed_x, config), config.max_per_seed)
