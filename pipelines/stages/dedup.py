@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog import schemas
-from catalog.config import ConfigError, at_least
+from catalog.config import ConfigError, above, at_least
 from catalog.decode import DecodeError, decode_rgb
 from catalog.embeddings import load_rows
 from catalog.errors import MissingInputError, UserError
@@ -33,7 +33,16 @@ from catalog.sql import query
 from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
 from curation.copy_descriptor import RELATIVE_THRESHOLD as PIXEL_RELATIVE_THRESHOLD
 from curation.copy_descriptor import copy_descriptor, mirror
-from curation.dedup import COPY_K, COPY_THRESHOLD, RELATIVE_THRESHOLD, copy_dedup, relative_dedup
+from curation.dedup import (
+    COPY_K,
+    COPY_THRESHOLD,
+    GRAPH_BATCH,
+    RELATIVE_THRESHOLD,
+    EdgeSearch,
+    copy_dedup,
+    local_edges,
+    relative_dedup,
+)
 from pipelines.reports import write_dedup_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
@@ -44,7 +53,10 @@ class DedupConfig:
     catalog's embeddings table, e.g. of a copy-detection model like SSCD, as DINOv2 used).
 
     ``max_removed_share``: a run that would remove more of the pool than this fails instead (real pools
-    hold a few percent of copies; more means a threshold or descriptor that merges distinct images)."""
+    hold a few percent of copies; more means a threshold or descriptor that merges distinct images).
+
+    ``workers > 1``: the k-NN graph's query blocks (``query_block`` rows each) are searched on that many
+    Ray actors of ``worker_cpus`` CPUs (`pipelines.distributed_search`); the result is the same as with one."""
 
     descriptor: Literal["pixels", "embeddings"] = "pixels"
     k: int = COPY_K
@@ -53,9 +65,13 @@ class DedupConfig:
     relative_threshold: float | None = None
     seed: int = 0
     max_removed_share: float = 0.20
+    workers: int = 1
+    worker_cpus: float = 1.0
+    query_block: int = GRAPH_BATCH
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "k")
+        at_least(self, 1, "k", "workers", "query_block")
+        above(self, 0, "worker_cpus")
         if not 0.0 < self.max_removed_share <= 1.0:
             raise ConfigError(f"max_removed_share is a share of the pool in (0, 1], got {self.max_removed_share}")
         for name in ("threshold", "relative_threshold"):
@@ -154,11 +170,21 @@ def _uris(root: str, image_ids: list[int]) -> dict[int, str]:
     return dict(zip(t.column("image_id").to_pylist(), t.column("uri").to_pylist()))
 
 
-def copy_step(root: str, config: DedupConfig) -> pa.Table:
+def edge_search(config: DedupConfig, address: str | None = None) -> EdgeSearch:
+    """Where the copy graph's blocks are searched: in this process, or on ``workers`` Ray actors."""
+    if config.workers == 1:
+        return local_edges
+    from pipelines.distributed_search import RaySearch  # Ray, imported only for workers > 1
+
+    return RaySearch(config.workers, config.worker_cpus, address).edge_search
+
+
+def copy_step(root: str, config: DedupConfig, search: EdgeSearch = local_edges) -> pa.Table:
     """Near copies: k-NN graph above the threshold, connected components, keep the largest image."""
     ids, x = _descriptors(root, config, "copy")
     result = copy_dedup(x, ids, _pixel_counts(root, ids), config.k, config.copy_threshold(), seed=config.seed,
-                        mirror=mirror if config.descriptor == "pixels" else None)
+                        mirror=mirror if config.descriptor == "pixels" else None, batch_size=config.query_block,
+                        search=search)
     return _rows(ids[result.removed_rows], ids[result.keeper_of_removed], result.removed_similarity, "copy")
 
 
@@ -183,11 +209,11 @@ def eval_descriptors(folder: str) -> np.ndarray:
     return np.stack(out)
 
 
-def eval_step(root: str, config: DedupConfig, name: str, folder: str) -> pa.Table:
+def eval_step(root: str, config: DedupConfig, name: str, folder: str, search: EdgeSearch = local_edges) -> pa.Table:
     """Remove every pool image whose copy component touches an image of the evaluation set."""
     ids, x = _descriptors(root, config, f"eval-{name}")
     rows = relative_dedup(x, eval_descriptors(folder), config.k, config.eval_threshold(), seed=config.seed,
-                          mirror=mirror)
+                          mirror=mirror, batch_size=config.query_block, search=search)
     return _rows(ids[rows], np.full(len(rows), -1), np.full(len(rows), np.nan), f"eval:{name}")
 
 
@@ -195,6 +221,7 @@ class DedupStage(Stage):
     name = "dedup"
     config_class = DedupConfig
     writes = (DUPLICATES_TABLE,)
+    runtime_keys = frozenset({"workers", "worker_cpus"})  # the same duplicates with any worker count
     empty_schemas = {DUPLICATES_TABLE: schemas.stamp(schemas.DUPLICATES, DUPLICATES_TABLE)}
 
     def tables_read(self, config: DedupConfig) -> tuple[str, ...]:
@@ -212,10 +239,10 @@ class DedupStage(Stage):
         if unit.name == "exact":
             table = exact_step(ctx.root)
         elif unit.name == "copy":
-            table = copy_step(ctx.root, config)
+            table = copy_step(ctx.root, config, edge_search(config, ctx.address))
         else:
             name = unit.name[len("eval-"):]
-            table = eval_step(ctx.root, config, name, config.eval_sets[name])
+            table = eval_step(ctx.root, config, name, config.eval_sets[name], edge_search(config, ctx.address))
         check_removed_share(ctx.root, config, unit.name, table)
         return Output({DUPLICATES_TABLE: table})
 

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,6 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -37,35 +35,11 @@ from pipelines.cli.jobs import (
     submit,
 )
 from pipelines.demo.job import DEMO_SETTINGS
-from tests.helpers import cli_env, free_ports, run_cli
+from tests.helpers import cli_env, free_ports, kill_marked, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's own SDK
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _kill_tree(marks: list[str]) -> None:
-    """Stop every process whose command line carries one of our marks, and their children."""
-    roots = [p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
-    procs = {p.pid: p for p in roots}
-    for p in roots:
-        try:
-            procs.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    procs.pop(os.getpid(), None)
-    for p in procs.values():
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 @contextlib.contextmanager
@@ -106,7 +80,7 @@ def _ray_head(auth: dict[str, str]):
                 time.sleep(0.5)
         yield url
     finally:
-        _kill_tree(marks)
+        kill_marked(marks)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
