@@ -131,7 +131,7 @@ def load_embeddings(root: str, table: str = EMBEDDINGS_TABLE, dtype: str = "floa
 
 
 def load_rows(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray | None = None,
-              batch_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+              batch_rows: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """``(image_ids [N] sorted, x [N, dim])`` in the table's storage dtype (float16 as embed writes it),
     without the rows of ``exclude_ids``: the one in-memory copy dedup, cluster and retrieve work from.
 
@@ -165,6 +165,7 @@ def load_rows(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray 
         at += batch.num_rows
     if at != len(ids):
         raise UserError(f"{root}/{table} changed while it was read ({len(ids)} ids, then {at} vectors)")
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed decode buffers otherwise
     return np.sort(ids[keep]), x
 
 

@@ -33,6 +33,7 @@ TRAIN_NITER = 10
 N_TUNE_QUERIES = 1_000
 RECALL_AT = 10
 ADD_BATCH = 65_536
+TRUTH_BLOCK = 8_192
 SEARCH_BATCH = 16_384
 
 _MAGIC = b"CURATEIDX1"
@@ -232,7 +233,8 @@ def build_index(
     held_out = np.setdiff1d(np.arange(n), train_rows, assume_unique=True)
     q_rows = np.sort(rng.choice(held_out, size=min(N_TUNE_QUERIES, len(held_out)), replace=False))
     q = _f32(x[q_rows])
-    _, truth = knn_ground_truth(q, _blocks(x), RECALL_AT, metric_type=faiss.METRIC_INNER_PRODUCT)
+    # blocks of TRUTH_BLOCK rows: the exact search holds a queries × block similarity matrix (4 MB a 1k block)
+    _, truth = knn_ground_truth(q, _blocks(x, TRUTH_BLOCK), RECALL_AT, metric_type=faiss.METRIC_INNER_PRODUCT)
     nprobe, recall = _tune_nprobe(index, nlist, q, truth, recall_target, on_gpu)
     if recall < recall_target:
         warnings.warn(
