@@ -176,13 +176,13 @@ def partial_sums(
 
     ``grid_exp`` must be the same on every worker (``grid_exponent`` of a global bound on |x|, or
     ``grid_exponent(1.0)`` for cosine, whose rows are normalised) and ``chunk_size`` too (the
-    default depends only on k and the device type). A driver sums the shards with
+    default depends only on k, the device type, dtype and d). A driver sums the shards with
     `reduce_partials` and gets new centroids from `update_centroids`.
     """
     dev = resolve_device(device)
     k = int(centroids.shape[0])
     d = int(x.shape[1])
-    chunk_size = chunk_size or default_chunk_size(k, dev, dtype)
+    chunk_size = chunk_size or default_chunk_size(k, dev, dtype, dim=d)
     centroid_chunk = centroid_chunk or k
     prep = Prepared(centroids, metric, dev, dtype)
     scale = float(2.0**grid_exp)

@@ -161,7 +161,8 @@ def _level1(vectors: np.ndarray | RowIndex, config: ClusterConfig, specs: list[L
     from pipelines.distributed_kmeans import ShardedEmbeddings
 
     return ShardedEmbeddings(vectors, workers=config.workers, num_cpus=config.worker_cpus, device=device,
-                             dtype=dtype, chunk_size=default_chunk_size(specs[0].k, resolve_device(device), dtype))
+                             dtype=dtype, chunk_size=default_chunk_size(specs[0].k, resolve_device(device), dtype,
+                                                                        dim=vectors.dim))
 
 
 class ClusterStage(Stage):
