@@ -38,6 +38,7 @@ from curation.kmeans_assign import (
     compute_dtype,
     default_chunk_size,
     fused_scoring,
+    host_tensor,
     normalize_rows,
     resolve_device,
     to_device,
@@ -116,7 +117,7 @@ class ArrayRows:
     def max_abs(self) -> float:
         """Largest |value|, a chunk at a time (no whole-array temporary)."""
         step = self.chunk_size or 65_536
-        return max((float(torch.as_tensor(self.x[s : s + step]).abs().max()) for s in range(0, self.n_rows, step)),
+        return max((float(host_tensor(self.x[s : s + step]).abs().max()) for s in range(0, self.n_rows, step)),
                    default=0.0)
 
     def partial_sums(self, centroids: np.ndarray, *, grid_exp: int, metric: Metric) -> PartialSums:
@@ -146,7 +147,7 @@ def device_rows(x: ArrayLike, device: torch.device, dtype: torch.dtype = torch.f
     memory (every Lloyd step would otherwise copy all of it from the host again), else left where it is.
     The values, the chunk grid and so the results are the same either way."""
     if device.type == "cuda":
-        t = torch.as_tensor(x)
+        t = host_tensor(x)
         if t.device == device or t.element_size() * t.nelement() <= torch.cuda.mem_get_info(device)[0] // 2:
             x = t.to(device)
     return ArrayRows(x, device=device, dtype=dtype)
@@ -370,7 +371,7 @@ def kmeans_rows(
     if metric == "cosine":
         c = normalize_rows(torch.as_tensor(c)).numpy()
     grid = grid_exponent(source.max_abs() if metric == "l2" else 1.0)
-    var = float(torch.var(torch.as_tensor(source.take(slice(None, None, max(1, n // 100_000)))).double(),
+    var = float(torch.var(host_tensor(source.take(slice(None, None, max(1, n // 100_000)))).double(),
                           dim=0).mean())
     it = 0
     for it in range(1, n_iter + 1):

@@ -79,9 +79,17 @@ def default_chunk_size(k: int, device: torch.device, dtype: torch.dtype = torch.
     return int(max(256, rows))
 
 
+def host_tensor(x: ArrayLike) -> torch.Tensor:
+    """``x`` as a tensor, shared where it can be; a read-only array (a memory-mapped ``.npy``) is copied,
+    since torch cannot wrap one (and warns). Callers pass a chunk, so the copy is a chunk."""
+    if isinstance(x, torch.Tensor):
+        return x
+    a = np.asarray(x)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def to_device(x: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
-    return t.to(device=device, dtype=dtype)
+    return host_tensor(x).to(device=device, dtype=dtype)
 
 
 def normalize_rows(t: torch.Tensor) -> torch.Tensor:

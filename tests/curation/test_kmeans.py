@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -168,7 +170,7 @@ def test_compute_dtype_is_bf16_only_where_the_fused_search_runs_unless_asked(dev
         compute_dtype("fp16", device)
 
 
-def test_cpu_chunks_are_capped_by_row_width_and_float16_rows_stay_float16():
+def test_cpu_chunks_are_capped_by_row_width_and_float16_rows_stay_float16(tmp_path):
     """A small k must not mean 65k-row chunks (their float32/float64 temporaries are ~5 copies of the chunk);
     float16 rows are clustered as they are stored, a chunk converted at a time, with float32's result."""
     from curation.kmeans import storage_rows
@@ -182,3 +184,8 @@ def test_cpu_chunks_are_capped_by_row_width_and_float16_rows_stay_float16():
     a = kmeans(x16, 12, seed=0, n_iter=5, chunk_size=512)
     b = kmeans(x16.astype(np.float32), 12, seed=0, n_iter=5, chunk_size=512)
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.centroids, b.centroids)
+    np.save(tmp_path / "x.npy", x16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a read-only memory map is read a chunk at a time, without torch's warning
+        c = kmeans(np.load(tmp_path / "x.npy", mmap_mode="r"), 12, seed=0, n_iter=5, chunk_size=512)
+    assert np.array_equal(c.labels, a.labels)
