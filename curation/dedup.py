@@ -29,6 +29,7 @@ __all__ = [
     "DedupResult",
     "Edges",
     "Mirror",
+    "Verify",
     "block_edges",
     "checked_index",
     "connected_components",
@@ -81,6 +82,8 @@ def graph_nprobe(index: PoolIndex, min_nprobe: int = GRAPH_MIN_NPROBE) -> int | 
 
 
 Mirror = Callable[[np.ndarray], np.ndarray]
+#: A second opinion on candidate edges (bool per edge: a copy), e.g. `curation.copy_verify.edge_check`.
+Verify = Callable[[Edges], np.ndarray]
 
 
 def block_edges(
@@ -171,15 +174,20 @@ def graph_components(
     batch_size: int = GRAPH_BATCH,
     min_nprobe: int = GRAPH_MIN_NPROBE,
     mirror: Mirror | None = None,
+    verify: Verify | None = None,
 ) -> tuple[np.ndarray, int]:
     """(component per row, edges found) of the copy graph, streamed: each query block's edges go
     straight into a `ComponentForest`, so no whole edge list is ever held. ``edges found`` counts a
-    pair once per row whose search found it."""
+    pair once per row whose search found it (and, with ``verify``, that it confirmed)."""
     forest = ComponentForest(x.shape[0])
     nprobe = graph_nprobe(index, min_nprobe)
     found = 0
     for start, q in query_blocks(x, batch_size):
         e = block_edges(index, q, start, k, threshold, nprobe=nprobe, mirror=mirror)
+        if verify is not None:
+            e = unique_edges([e])
+            keep = verify(e)
+            e = Edges(e.src[keep], e.dst[keep], e.sim[keep])
         forest.add_edges(e.src, e.dst)
         found += len(e)
     return forest.labels(), found
@@ -240,15 +248,17 @@ def copy_dedup(
     index: PoolIndex | None = None,
     seed: int = 0,
     mirror: Mirror | None = None,
+    verify: Verify | None = None,
 ) -> DedupResult:
     """Self-dedup: kNN graph -> components -> keep the largest image (then smallest id) of each.
+    With ``verify``, only the candidate edges it confirms join components.
 
     The reported similarity is to the keeper itself (the better of straight and mirrored with
     ``mirror``), which can be below `threshold` when the row joined the component through a chain
     of near copies.
     """
     index, x = checked_index(x if index is None else index, x, seed)
-    labels, n_edges = graph_components(index, x, k, threshold, mirror=mirror)
+    labels, n_edges = graph_components(index, x, k, threshold, mirror=mirror, verify=verify)
     keep_mask, keeper = select_keepers(labels, priority, ids)
     removed = np.flatnonzero(~keep_mask)
     return DedupResult(

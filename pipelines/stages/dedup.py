@@ -8,6 +8,7 @@ most the step it was in.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from catalog.config import ConfigError, at_least
 from catalog.decode import DecodeError, decode_rgb
 from catalog.embeddings import load_embeddings
 from catalog.errors import MissingInputError, UserError
+from catalog.images import UnreadableItem, read_item, resolve_uris
 from catalog.lineage import listing_fingerprint
 from catalog.manifest import fingerprint
 from catalog.paths import read_bytes, resolve, retry, with_protocol
@@ -33,15 +35,24 @@ from catalog.sql import query
 from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
 from curation.copy_descriptor import RELATIVE_THRESHOLD as PIXEL_RELATIVE_THRESHOLD
 from curation.copy_descriptor import copy_descriptor, mirror
+from curation.copy_verify import RESIDUAL_THRESHOLD as CHECK_THRESHOLD
+from curation.copy_verify import SIDE as CHECK_SIDE
+from curation.copy_verify import edge_check, thumbnail
 from curation.dedup import COPY_K, COPY_THRESHOLD, RELATIVE_THRESHOLD, copy_dedup, relative_dedup
 from pipelines.reports import write_dedup_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
+
+log = logging.getLogger("curate.pipelines")
 
 
 @dataclass(frozen=True)
 class DedupConfig:
     """``descriptor``: ``pixels`` (built in, see curation.copy_descriptor) or ``embeddings`` (the
     catalog's embeddings table, e.g. of a copy-detection model like SSCD, as DINOv2 used).
+
+    ``check_threshold``: the largest local residual of a copy in the pixel check of each candidate pair
+    (`curation.copy_verify`; pixels only; null: no check, the descriptor alone decides). ``threshold``
+    is then the candidates' descriptor cosine.
 
     ``max_removed_share``: a run that would remove more of the pool than this fails instead (real pools
     hold a few percent of copies; more means a threshold or descriptor that merges distinct images)."""
@@ -53,11 +64,15 @@ class DedupConfig:
     relative_threshold: float | None = None
     seed: int = 0
     max_removed_share: float = 0.20
+    check_threshold: float | None = CHECK_THRESHOLD
 
     def __post_init__(self) -> None:
         at_least(self, 1, "k")
         if not 0.0 < self.max_removed_share <= 1.0:
             raise ConfigError(f"max_removed_share is a share of the pool in (0, 1], got {self.max_removed_share}")
+        if self.check_threshold is not None and not self.check_threshold > 0:
+            raise ConfigError(f"check_threshold is a residual in grey standard deviations (> 0) or null, "
+                              f"got {self.check_threshold}")
         for name in ("threshold", "relative_threshold"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
@@ -149,9 +164,47 @@ def copy_step(root: str, config: DedupConfig) -> pa.Table:
     sizes = query(root, "SELECT image_id, coalesce(width * height, 0) AS px FROM pool WHERE status = 'ok'")
     px = dict(zip(sizes.column("image_id").to_pylist(), sizes.column("px").to_pylist()))
     priority = np.asarray([px.get(int(i), 0) for i in ids], np.float64)
+    pixels = config.descriptor == "pixels"
+    thumbnails = PoolThumbnails(root, ids)
+    checked = pixels and config.check_threshold is not None
     result = copy_dedup(x, ids, priority, config.k, config.copy_threshold(), seed=config.seed,
-                        mirror=mirror if config.descriptor == "pixels" else None)
+                        mirror=mirror if pixels else None,
+                        verify=edge_check(x, thumbnails, config.check_threshold) if checked else None)
+    if thumbnails.unreadable:
+        log.warning("dedup: %d image(s) with a near copy candidate could not be read again to check it (kept "
+                    "apart), e.g. %s", len(thumbnails.unreadable), "; ".join(thumbnails.unreadable[:3]))
     return _rows(ids[result.removed_rows], ids[result.keeper_of_removed], result.removed_similarity, "copy")
+
+
+class PoolThumbnails:
+    """The verification thumbnails (`curation.copy_verify`) of pool images, read from their URIs when a
+    candidate pair first needs them (only images with a near neighbour are ever read) and kept."""
+
+    def __init__(self, root: str, ids: np.ndarray) -> None:
+        self.root, self.ids = root, ids
+        self.cache: dict[int, tuple[np.ndarray, int]] = {}
+        self.unreadable: list[str] = []
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        missing = [int(self.ids[r]) for r in rows if int(self.ids[r]) not in self.cache]
+        if missing:
+            t = query(self.root, "SELECT image_id, uri, coalesce(least(width, height), 0) AS side FROM pool "
+                                 f"WHERE image_id IN ({', '.join(map(str, missing))})")
+            uris = resolve_uris(self.root, t.column("uri")).to_pylist()
+            for iid, uri, side in zip(t.column("image_id").to_pylist(), uris, t.column("side").to_pylist()):
+                self.cache[iid] = self._read(uri, side)
+        got = [self.cache[int(self.ids[r])] for r in rows]
+        return np.stack([g[0] for g in got]), np.array([g[1] for g in got])
+
+    def _read(self, uri: str, side: int) -> tuple[np.ndarray, int]:
+        """(thumbnail, shorter side as ingested); side 0 for an image unreadable since ingest (its pairs
+        stay apart)."""
+        try:
+            img = decode_rgb(read_item(uri), min_side=2 * CHECK_SIDE)
+        except (UnreadableItem, DecodeError) as e:
+            self.unreadable.append(f"{uri} ({e})")
+            return np.zeros((CHECK_SIDE, CHECK_SIDE), np.uint8), 0
+        return thumbnail(img), side
 
 
 def folder_images(folder: str) -> dict[str, int]:
