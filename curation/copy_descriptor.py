@@ -23,7 +23,10 @@ Look-alikes: pooling over cells blurs small details, so distinct glyphs that dif
 takes the pairs above ``COPY_THRESHOLD`` as candidates only and confirms each with an aligned pixel
 comparison (`curation.copy_verify`). Measured with benchmarks/copy_descriptor.py (docs/benchmarks.md):
 precision and recall ≥ 0.95 on the demo pool's injected copies, on flip/crop/jitter/re-encode
-variants and on planted look-alike glyphs.
+variants and on planted look-alike glyphs of the seed the thresholds were chosen on; on another
+demo pool the glyphs and variants hold, but distinct instances of a periodic texture (stripes that
+differ in phase) pass as copies: for such content use a copy-detection model
+(``dedup.descriptor=torchscript:PATH``).
 """
 
 from __future__ import annotations
