@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.copy_descriptor --n 3000 --out copy_descriptor.json
     .venv/bin/python -m benchmarks.copy_descriptor --demo /tmp/demo_pool   # an existing demo pool
+    .venv/bin/python -m benchmarks.copy_descriptor --export-demo-standin /tmp/standin.pt
+    .venv/bin/python -m benchmarks.copy_descriptor --demo /tmp/demo_pool --torchscript /tmp/standin.pt
 
 * ``demo``: the demo pool's files (`pipelines.demo.pool`), decoded as ingest decodes them; the truth's
   ``dup_group`` marks the injected near-duplicates (re-encoded, resized, cropped ≤ 5 %, re-formatted)
@@ -16,7 +18,11 @@ Each set runs `curation.dedup.copy_dedup` (k = 64, exact search) and is scored o
 = pairs put in one component that are truly copies / all pairs put in one component; recall = true
 copy pairs put in one component / all true copy pairs. Rows: the descriptor as shipped (mirrored
 search, candidates above its ``COPY_THRESHOLD`` confirmed by `curation.copy_verify`), the descriptor
-alone at 0.88 (before the check) and the 16×16 thumbnail before it (cos > 0.95), for reference.
+alone at 0.88 (before the check) and the 16×16 thumbnail before it (cos > 0.95), for reference;
+with ``--torchscript PATH``, also that model as ``dedup.descriptor=torchscript:PATH`` runs it (SSCD's
+input conventions, threshold calibrated on `curation.torchscript_descriptor.calibration_set`).
+``--export-demo-standin OUT`` writes a TorchScript stand-in with SSCD's conventions (320×320
+ImageNet-normalised in, one vector out): the shipped demo backbone, fed at its 64 px, cls+mean.
 ``seconds``: the graph and the check (descriptors and thumbnails are made beforehand, as ingest and
 the dedup stage's reads do).
 """
@@ -38,6 +44,7 @@ from benchmarks.common import report
 from catalog.decode import DecodeError, decode_rgb
 from curation import copy_descriptor as cd
 from curation import copy_verify as cv
+from curation import torchscript_descriptor as tsd
 from curation.dedup import copy_dedup
 from curation.index import build_index
 from curation.synthetic_images import copy_variants, look_alike_glyphs
@@ -116,6 +123,43 @@ def score(items: list[Item], describe: Callable[[Image.Image], np.ndarray], thre
             "removed": len(result.removed_rows), "seconds": round(seconds, 2)}
 
 
+def export_demo_standin(out: str) -> None:
+    """The demo backbone as a TorchScript copy descriptor taking SSCD's input (a stand-in: no SSCD here)."""
+    import torch
+
+    from pipelines.demo.backbone import DEMO_BACKBONE
+    from training.models.checkpoints import load_backbone
+
+    vit, _ = load_backbone(f"curate:{DEMO_BACKBONE}", None)
+
+    class StandIn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)
+            return self.vit.embed(x, "cls+mean", normalize=False)
+
+    with torch.no_grad():
+        torch.jit.trace(StandIn().eval(), torch.zeros(2, 3, 320, 320)).save(out)
+    print(f"wrote {out}")
+
+
+def model_row(path: str) -> tuple:
+    model = tsd.load_scripted(Path(path).read_bytes(), dim=_output_dim(path))
+    images, labels = tsd.calibration_set()
+    cal = tsd.calibrate(tsd.describe(model, images), labels)
+    print(f"calibrated on {cal.images} images: threshold {cal.threshold:.3f}, P {cal.precision:.3f}, R {cal.recall:.3f}")
+    return (f"torchscript {Path(path).name}", lambda img: tsd.describe(model, [img])[0], cal.threshold, None, False)
+
+
+def _output_dim(path: str) -> int:
+    import torch
+
+    return int(torch.jit.load(path)(torch.zeros(1, 3, 320, 320)).shape[1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", help="an existing demo pool (default: generate one of --n files)")
@@ -123,7 +167,12 @@ def main() -> None:
     p.add_argument("--variants", type=int, default=300, help="demo images that get copy variants")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="")
+    p.add_argument("--torchscript", default="", help="also score this TorchScript copy-detection model")
+    p.add_argument("--export-demo-standin", default="", help="write the demo backbone as TorchScript and exit")
     a = p.parse_args()
+    if a.export_demo_standin:
+        export_demo_standin(a.export_demo_standin)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.demo) if a.demo else Path(tmp) / "demo"
         if not a.demo:
@@ -136,7 +185,7 @@ def main() -> None:
         (f"{cd.NAME}, mirrored search + pixel check", cd.copy_descriptor, cd.COPY_THRESHOLD, cd.mirror, True),
         (f"{cd.NAME}, mirrored search alone (before)", cd.copy_descriptor, 0.88, cd.mirror, False),
         ("thumbnail16 (before)", thumbnail16, 0.95, None, False),
-    ]
+    ] + ([model_row(a.torchscript)] if a.torchscript else [])
     rows = []
     for name, describe, threshold, mirror, check in descriptors:
         for set_name, items in sets.items():
