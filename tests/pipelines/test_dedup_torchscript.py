@@ -65,7 +65,8 @@ def pool(tmp_path_factory):
 def test_a_torchscript_model_finds_the_copies_with_a_calibrated_threshold(pool, tmp_path):
     root, truth = pool
     path = _save(PooledColour(), tmp_path / "sscd_standin.pt")
-    result = run_stage("dedup", root, DedupConfig(descriptor=f"torchscript:{path}"), executor="local")
+    result = run_stage("dedup", root, DedupConfig(descriptor=f"torchscript:{path}", calibration_groups=12),
+                       executor="local")
 
     table = pq.read_table(shard_urls(root, "model_copy_descriptors")[0])
     assert table.num_rows == 20
