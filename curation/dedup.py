@@ -31,6 +31,7 @@ __all__ = [
     "EdgeSearch",
     "Edges",
     "Mirror",
+    "Verify",
     "block_edges",
     "checked_index",
     "connected_components",
@@ -84,6 +85,8 @@ def graph_nprobe(index: PoolIndex, min_nprobe: int = GRAPH_MIN_NPROBE) -> int | 
 
 
 Mirror = Callable[[np.ndarray], np.ndarray]
+#: A second opinion on candidate edges (bool per edge: a copy), e.g. `curation.copy_verify.edge_check`.
+Verify = Callable[[Edges], np.ndarray]
 
 
 def block_edges(
@@ -199,15 +202,21 @@ def graph_components(
     min_nprobe: int = GRAPH_MIN_NPROBE,
     mirror: Mirror | None = None,
     search: EdgeSearch = local_edges,
+    verify: Verify | None = None,
 ) -> tuple[np.ndarray, int]:
     """(component per row, edges found) of the copy graph, streamed: each query block's edges go
     straight into a `ComponentForest`, so no whole edge list is ever held. ``edges found`` counts a
-    pair once per row whose search found it. ``search`` may run the blocks elsewhere (Ray workers,
-    `pipelines.distributed_search`): the blocks and so the components are the same."""
+    pair once per row whose search found it (and, with ``verify``, that it confirmed). ``search`` may
+    run the blocks elsewhere (Ray workers, `pipelines.distributed_search`): the blocks and so the
+    components are the same; ``verify`` runs here, on each block's edges as they come back."""
     forest = ComponentForest(x.shape[0])
     query = EdgeQuery(k, threshold, graph_nprobe(index, min_nprobe), mirror)
     found = 0
     for e in search(index, query_blocks(x, batch_size), query):
+        if verify is not None:
+            e = unique_edges([e])
+            keep = verify(e)
+            e = Edges(e.src[keep], e.dst[keep], e.sim[keep])
         forest.add_edges(e.src, e.dst)
         found += len(e)
     return forest.labels(), found
@@ -270,15 +279,18 @@ def copy_dedup(
     mirror: Mirror | None = None,
     batch_size: int = GRAPH_BATCH,
     search: EdgeSearch = local_edges,
+    verify: Verify | None = None,
 ) -> DedupResult:
     """Self-dedup: kNN graph -> components -> keep the largest image (then smallest id) of each.
+    With ``verify``, only the candidate edges it confirms join components.
 
     The reported similarity is to the keeper itself (the better of straight and mirrored with
     ``mirror``), which can be below `threshold` when the row joined the component through a chain
     of near copies.
     """
     index, x = checked_index(x if index is None else index, x, seed)
-    labels, n_edges = graph_components(index, x, k, threshold, mirror=mirror, batch_size=batch_size, search=search)
+    labels, n_edges = graph_components(index, x, k, threshold, mirror=mirror, batch_size=batch_size, search=search,
+                                       verify=verify)
     keep_mask, keeper = select_keepers(labels, priority, ids)
     removed = np.flatnonzero(~keep_mask)
     return DedupResult(
