@@ -4,9 +4,9 @@
 Nothing heavy is imported here, so the device-capable test files also run on a machine that has
 torch but not Ray, DuckDB or faiss (``pytest --device cuda tests/test_kmeans.py …``).
 
-The suite runs in two pytest-xdist workers (``./run.sh test``); the expensive session fixtures are
-built once per run and shared (``built_once``), and each worker gets its own copy of a catalog that
-tests add tables to.
+The suite runs in two pytest-xdist workers (``./run.sh test``), each in its own order; the expensive
+fixtures are built once per run and shared (``built_once``), and every test module gets its own fresh
+copy of the demo and LVD catalogs (tests add tables to them), so no module sees another's changes.
 """
 
 from __future__ import annotations
@@ -48,13 +48,10 @@ def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path
     return folder
 
 
-def worker_copy(factory: pytest.TempPathFactory, shared: Path, name: str) -> str:
-    """This worker's own copy of the catalog ``shared`` (tests add tables to it); the folder itself when
-    one process runs the suite."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return str(shared)
-    copy = factory.mktemp(name) / shared.name
-    shutil.copytree(shared, copy)
+def fresh_copy(factory: pytest.TempPathFactory, built: Path, name: str) -> str:
+    """A copy of the catalog ``built`` of one test module's own."""
+    copy = factory.mktemp(name) / built.name
+    shutil.copytree(built, copy)
     return str(copy)
 
 
@@ -90,15 +87,21 @@ def demo_pool(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def demo_catalog(demo_pool, tmp_path_factory) -> str:
-    """The demo pool ingested once into a catalog; tests must not modify it."""
+def built_demo_catalog(demo_pool, tmp_path_factory) -> Path:
+    """The demo pool ingested once per run (no test touches this one: they get `demo_catalog`)."""
     from pipelines.stage import run_stage
     from pipelines.stages.ingest import IngestConfig
 
     def ingest(folder: Path) -> None:
         run_stage("ingest", str(folder / "cat"), IngestConfig(source=os.path.join(demo_pool, "pool"), files_per_unit=100))
 
-    return worker_copy(tmp_path_factory, built_once(tmp_path_factory, "catalog", ingest) / "cat", "catalog")
+    return built_once(tmp_path_factory, "catalog", ingest) / "cat"
+
+
+@pytest.fixture(scope="module")
+def demo_catalog(built_demo_catalog, tmp_path_factory) -> str:
+    """The ingested demo pool, this module's own copy."""
+    return fresh_copy(tmp_path_factory, built_demo_catalog, "catalog")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -118,21 +121,27 @@ def concept_of_uri(demo_pool: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="session")
-def lvd_catalog(demo_catalog, tmp_path_factory) -> str:
-    """A copy of the demo catalog through build-lvd (30% target) with the demo job's settings (the
+def built_lvd_catalog(built_demo_catalog, tmp_path_factory) -> Path:
+    """The demo catalog through build-lvd (30% target) once per run, with the demo job's settings (the
     shipped demo backbone at 64 px, the default 5 levels) and the quality filter at the demo pool's
-    thresholds (`DEMO_FILTER`), which removes none of its images (only planted ones)."""
+    thresholds (`DEMO_FILTER`), which removes none of its images (only planted ones). Tests get `lvd_catalog`."""
     from catalog.config import load_config
     from pipelines.build_lvd import BuildLVDConfig, build_lvd
     from pipelines.demo.job import DEMO_SETTINGS
 
     def build(folder: Path) -> None:
-        shutil.copytree(demo_catalog, folder / "cat")
+        shutil.copytree(built_demo_catalog, folder / "cat")
         config = load_config(BuildLVDConfig, None, [*DEMO_SETTINGS, *(f"filter.{s}" for s in DEMO_FILTER),
                                                     f"sample.target_size={int(DEMO_N * 0.3)}"])
         build_lvd(str(folder / "cat"), config)
 
-    return worker_copy(tmp_path_factory, built_once(tmp_path_factory, "lvd", build) / "cat", "lvd")
+    return built_once(tmp_path_factory, "lvd", build) / "cat"
+
+
+@pytest.fixture(scope="module")
+def lvd_catalog(built_lvd_catalog, tmp_path_factory) -> str:
+    """The demo pool's LVD catalog (`built_lvd_catalog`), this module's own copy."""
+    return fresh_copy(tmp_path_factory, built_lvd_catalog, "lvd")
 
 
 @pytest.fixture(scope="session")
@@ -154,19 +163,16 @@ def fsdp_pretrain(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def explore_catalog(lvd_catalog, tmp_path_factory) -> str:
-    """A copy of ``lvd_catalog`` for `curate explore`'s tests: other tests add tables to the shared one
-    (retrieve), which would change the site between its tests."""
-    root = str(tmp_path_factory.mktemp("explore_catalog") / "cat")
-    shutil.copytree(lvd_catalog, root, ignore=shutil.ignore_patterns("reports", "_index", "_checkpoints"))
-    return root
+def explore_catalog(built_lvd_catalog, tmp_path_factory) -> str:
+    """The LVD catalog as `curate explore`'s tests see it, once per run; tests must not modify it."""
+    ignore = shutil.ignore_patterns("reports", "_index", "_checkpoints")
+    return str(built_once(tmp_path_factory, "explore_catalog",
+                          lambda f: shutil.copytree(built_lvd_catalog, f / "cat", ignore=ignore)) / "cat")
 
 
 @pytest.fixture(scope="session")
 def explore_site(explore_catalog, tmp_path_factory) -> str:
-    """`curate explore` of ``explore_catalog`` with the default settings; tests must not modify it."""
+    """`curate explore` of ``explore_catalog`` with the default settings, once per run; tests must not modify it."""
     from pipelines.explore.site import build_site
 
-    out = str(tmp_path_factory.mktemp("explore") / "site")
-    build_site(explore_catalog, out)
-    return out
+    return str(built_once(tmp_path_factory, "explore", lambda f: build_site(explore_catalog, str(f / "site"))) / "site")

@@ -50,9 +50,9 @@ from curation.dedup import (
     relative_dedup,
 )
 from curation.torchscript_descriptor import IMAGENET_MEAN, IMAGENET_STD, SSCD_DIM, SSCD_SIZE
+from pipelines import dedup_model
 from pipelines.reports import write_dedup_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
-from pipelines.stages import dedup_model
 
 log = logging.getLogger("curate.pipelines")
 
