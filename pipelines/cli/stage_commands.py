@@ -62,8 +62,9 @@ def _ingest(r: Any, _: dict[str, Any]) -> str:
     from pipelines.cli.report_text import skipped_text
 
     s = r.summary
-    return (f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors ({r.items_run} processed in this "
-            f"run); {skipped_text(s.get('skipped_by_extension', {}))}")
+    removed = f", {s['removed']} removed from the source" if s.get("removed") else ""
+    return (f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors{removed} ({r.items_run} processed "
+            f"in this run); {skipped_text(s.get('skipped_by_extension', {}))}")
 
 
 def _embed(r: Any, _: dict[str, Any]) -> str:
@@ -128,7 +129,9 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "ingest", "pipelines.stages.ingest:IngestConfig", "build the pool table from images",
         "List SOURCE (a folder tree, a glob of WebDataset .tar shards, or a Parquet file with a 'uri' column or "
         "a bytes column), probe every image (full decode), hash it and make its copy descriptor (gradient "
-        "histograms and a colour layout, 480 float16).",
+        "histograms and a colour layout, 480 float16). Rerun on a grown folder or glob, it ingests only the new "
+        "files; a vanished file keeps its pool row as status 'removed', a file rewritten under the same name "
+        "(other size or modification time) is the removal of the old version and a new file.",
         "the files of SOURCE", "pool (every file: status ok|error), errors (reason per unusable file), "
         "copy_descriptors",
         (Flag("source", "source", "folder, .tar glob or .parquet file (local or an fsspec URL)"),), _ingest),
@@ -142,7 +145,9 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "embed", "pipelines.stages.embed:EmbedConfig", "embed the pool's usable images with an SSL backbone",
         "Decode every usable pool image (Ray CPU tasks, or in-process for small pools) and embed it with the "
         "backbone, loaded once per worker (an actor per GPU, or on CPU). The image size, mean and std come "
-        "with the backbone (registry entry or export metadata) unless image_size is set.",
+        "with the backbone (registry entry or export metadata) unless image_size is set. Rerun after the pool "
+        "grew, it embeds only the images it has not embedded (by content hash) and drops the vectors of images "
+        "no longer in the pool.",
         "pool", "embeddings (float16 vectors; model id, weights sha256 and preprocessing in the file metadata), "
         "errors",
         (Flag("--model", "model", "dinov2_vitl14, dinov3_vitl16, … (training/models/config.py) or curate:PATH "

@@ -32,7 +32,7 @@ from catalog.config import ConfigError, above, at_least
 from catalog.decode import DecodeError, Preprocess, decode_crop, plain_jpeg
 from catalog.embeddings import EmbeddingIdentity, embeddings_table
 from catalog.images import UnreadableItem, read_item
-from catalog.manifest import fingerprint
+from catalog.ledger_items import Item
 from catalog.schemas import EMBEDDINGS_TABLE, ERRORS, ERRORS_TABLE, POOL_TABLE, stamp
 from catalog.threads import machine_cpus
 from pipelines.demo.backbone import DEMO_EMBED_SETTINGS
@@ -157,13 +157,23 @@ class EmbedStage(Stage):
         return {**ctx.facts.identity.metadata(), "storage_dtype": config.storage_dtype,
                 "max_pixels": config.max_pixels, "images_per_unit": config.images_per_unit}
 
-    def plan(self, ctx: StageContext) -> list[Unit]:
-        """Usable pool rows in image_id order, cut into fixed-size units; a unit's input is its images' hashes."""
+    def items(self, ctx: StageContext) -> list[Item]:
+        """Usable pool rows in image_id order, each known by its content hash: a rerun on a grown pool embeds
+        only the images it has not embedded (and drops the vectors of images gone from the pool)."""
         from catalog.sql import query  # DuckDB: not needed by the workers
 
         pool = query(ctx.root, "SELECT image_id, uri, sha256 FROM pool WHERE status = 'ok' ORDER BY image_id")
-        return embed_units(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(),
-                           pool.column("sha256").to_pylist(), ctx.config.images_per_unit)
+        return embed_items(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(),
+                           pool.column("sha256").to_pylist())
+
+    def unit_prefix(self, ctx: StageContext) -> str:
+        return "emb"
+
+    def items_per_unit(self, ctx: StageContext) -> int:
+        return ctx.config.images_per_unit
+
+    def unit_payload(self, ctx: StageContext, items: list[Item]) -> dict[str, Any]:
+        return {"ids": [int(item.key) for item in items], "uris": [item.data for item in items]}
 
     def resources(self, ctx: StageContext) -> Resources:
         import ray
@@ -248,12 +258,9 @@ class EmbedStage(Stage):
                 **ctx.facts.identity.metadata()}
 
 
-def embed_units(ids: list[int], uris: list[str], shas: list[str], images_per_unit: int) -> list[Unit]:
-    """Rows in image_id order cut into fixed-size units; a unit's fingerprint is its images' ids and hashes."""
-    n = images_per_unit
-    return [Unit(f"emb-{i // n:06d}", {"ids": ids[i : i + n], "uris": uris[i : i + n]}, len(ids[i : i + n]),
-                 fingerprint(ids[i : i + n], shas[i : i + n]))
-            for i in range(0, len(ids), n)]
+def embed_items(ids: list[int], uris: list[str], shas: list[str]) -> list[Item]:
+    """Pool rows as the stage's items: the id is the key, the content hash the fingerprint."""
+    return [Item(str(i), str(sha), uri) for i, uri, sha in zip(ids, uris, shas)]
 
 
 def _decode_mode(config: EmbedConfig) -> Literal["host", "device"]:

@@ -1,0 +1,100 @@
+"""Appending runs: a stage planned item by item, so that a grown input adds units instead of redoing all.
+
+A stage that lists its input as items (ingest: the files or tar shards of a source; embed: the usable pool
+rows) has its plan record each unit's members (``Plan.members``: unit -> ``[key, item fingerprint]``).
+A rerun compares the current items with the recorded members (`ItemChange`):
+
+- items not recorded (or recorded with another fingerprint: a file rewritten under the same URI) are
+  new, and go to new units of the next generation; the finished units are never redone;
+- a recorded item that vanished stays a member with the fingerprint ``removed``, and its unit's rows
+  are retired (the stage decides how: ingest marks its pool row ``status = 'removed'``);
+- a recorded item that changed leaves its old unit (whose rows of it are dropped) for a new one;
+- an unfinished unit (a killed run) with any such change is dissolved: its items are planned anew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from catalog.manifest import fingerprint
+
+REMOVED = "removed"  # the recorded fingerprint of an item whose source vanished
+Members = list[list[str]]  # [[key, item fingerprint], ...] of one unit
+
+
+@dataclass(frozen=True)
+class Item:
+    """One item of a stage's input: a stable key, a fingerprint of its content, and what its unit's
+    payload needs (a URI)."""
+
+    key: str
+    fingerprint: str
+    data: Any = None
+
+
+@dataclass(frozen=True)
+class Retiring:
+    """The items a finished unit must retire from its rows: vanished ones and changed (or reappeared) ones."""
+
+    vanished: frozenset[str]
+    changed: frozenset[str]
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return self.vanished | self.changed
+
+
+def unit_fingerprint(members: Members) -> str:
+    return fingerprint(members)
+
+
+def live(members: Members) -> list[str]:
+    """The keys of a unit's members that still exist."""
+    return [key for key, fp in members if fp != REMOVED]
+
+
+@dataclass(frozen=True)
+class ItemChange:
+    """How the current items differ from a run's recorded members."""
+
+    kept: dict[str, Members]  # recorded units that stay, with their members after retiring
+    retiring: dict[str, Retiring]  # finished units whose rows retire some items
+    dissolved: list[str]  # unfinished units with a change: their items are planned again
+    new: list[Item]  # items for new units, in the order the stage listed them
+
+    @classmethod
+    def between(cls, members: dict[str, Members], items: list[Item], finished: set[str]) -> ItemChange:
+        current = {item.key: item for item in items}
+        kept: dict[str, Members] = {}
+        retiring: dict[str, Retiring] = {}
+        dissolved: list[str] = []
+        for unit, pairs in sorted(members.items()):
+            vanished = frozenset(k for k, fp in pairs if fp != REMOVED and k not in current)
+            changed = frozenset(k for k, fp in pairs if k in current and current[k].fingerprint != fp)
+            if not vanished and not changed:
+                kept[unit] = pairs
+            elif unit not in finished:
+                dissolved.append(unit)
+            else:
+                retiring[unit] = Retiring(vanished, changed)
+                kept[unit] = [[k, REMOVED if k in vanished else fp] for k, fp in pairs if k not in changed]
+        recorded = {k: fp for pairs in kept.values() for k, fp in pairs if fp != REMOVED}
+        new = [item for item in items if recorded.get(item.key) != item.fingerprint]
+        return cls(kept, retiring, dissolved, new)
+
+    @property
+    def vanished(self) -> int:
+        return sum(len(r.vanished) for r in self.retiring.values())
+
+    @property
+    def changed(self) -> int:
+        return sum(len(r.changed) for r in self.retiring.values())
+
+    @property
+    def empty(self) -> bool:
+        return not (self.retiring or self.dissolved or self.new)
+
+    def describe(self) -> str:
+        return (f"{len(self.new)} new item(s) ({self.changed} of them changed under the same key), "
+                f"{self.vanished} vanished")

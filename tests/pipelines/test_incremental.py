@@ -1,0 +1,171 @@
+"""A growing pool: ingest and embed rerun on a source that gained files (and lost a few, and had one file
+rewritten) work on what changed only, and end with the tables of a from-scratch run on the final source.
+
+One module fixture grows a small demo pool in three batches (90 files, +18, +12) through the in-process
+runner, counting the images each run decodes, and runs ingest and embed once from scratch on the final
+source; the tests compare the two catalogs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from catalog.embeddings import load_embeddings
+from catalog.ledger import Ledger, LedgerPlanError
+from catalog.sql import query
+from pipelines.stage import StageResult, run_stage
+from tests.helpers import kill_when, run_cli
+
+FILES_PER_UNIT = 20
+EMBED = {"model": "vit_test", "random_init": True, "image_size": 32, "images_per_unit": 20, "batch_size": 10}
+EMBED_ARGS = ["--set", "model=vit_test", "random_init=true", "image_size=32", "images_per_unit=20", "batch_size=10",
+              "--executor", "local"]
+BATCHES = (90, 18, 12)
+
+
+@dataclass
+class Growth:
+    src: str  # the source folder, in its final state
+    inc: str  # the catalog updated after each batch
+    ref: str  # ingest and embed from scratch on the final source
+    first: str  # a copy of ``inc`` after the first batch (for the kill tests)
+    vanished: list[str] = field(default_factory=list)  # URIs of files removed from the source
+    changed: str = ""  # URI of the file rewritten under its name
+    added: list[list[str]] = field(default_factory=list)  # URIs each update added (the changed file included)
+    decoded: list[dict[str, int]] = field(default_factory=list)  # per update: images decoded by ingest, embed
+    results: list[dict[str, StageResult]] = field(default_factory=list)
+
+
+def _ingest(root: str, src: str) -> StageResult:
+    return run_stage("ingest", root, {"source": src, "files_per_unit": FILES_PER_UNIT}, executor="local")
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Count the calls of one decoder a stage module calls (the real decoder still runs)."""
+    calls = [0]
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _update(growth: Growth, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.stages.embed as embed
+    import pipelines.stages.ingest as ingest
+
+    probes, crops = _counting(monkeypatch, ingest, "probe_image"), _counting(monkeypatch, embed, "decode_crop")
+    growth.results.append({"ingest": _ingest(growth.inc, growth.src),
+                           "embed": run_stage("embed", growth.inc, EMBED, executor="local")})
+    growth.decoded.append({"ingest": probes[0], "embed": crops[0]})
+    monkeypatch.undo()
+
+
+def _uri(src: str, rel: str) -> str:
+    return os.path.join(src, rel)
+
+
+def _count(root: str, where: str, uris: list[str]) -> int:
+    return query(root, f"SELECT count(*) FROM pool WHERE {where} AND list_contains($uris, uri)",
+                 {"uris": uris}).column(0)[0].as_py()
+
+
+@pytest.fixture(scope="module")
+def growth(tmp_path_factory) -> Growth:
+    from pipelines.demo.pool import generate_demo_pool
+
+    base = tmp_path_factory.mktemp("incremental")
+    generate_demo_pool(str(base / "gen"), n=sum(BATCHES), seed=11, workers=1)
+    pool = str(base / "gen" / "pool")
+    files = sorted(os.path.relpath(os.path.join(d, f), pool) for d, _, fs in os.walk(pool) for f in fs)
+    order = np.random.default_rng(0).permutation(len(files))
+    cuts = np.cumsum(BATCHES)
+    batches = [[files[i] for i in order[a:b]] for a, b in zip([0, *cuts[:-1]], cuts)]
+    src = str(base / "src")
+    growth = Growth(src, str(base / "inc"), str(base / "ref"), str(base / "first"))
+
+    def add(rels: list[str]) -> None:
+        for rel in rels:
+            os.makedirs(os.path.dirname(_uri(src, rel)), exist_ok=True)
+            shutil.copy2(os.path.join(pool, rel), _uri(src, rel), follow_symlinks=False)
+
+    def remove(rels: list[str]) -> None:
+        for rel in rels:
+            os.remove(_uri(src, rel))
+            growth.vanished.append(_uri(src, rel))
+
+    add(batches[0])
+    with pytest.MonkeyPatch.context() as mp:
+        _update(growth, mp)
+    shutil.copytree(growth.inc, growth.first)
+    ok = sorted(u for u in query(growth.inc, "SELECT uri FROM pool WHERE status = 'ok' AND uri LIKE '%.jpg'")
+                .column(0).to_pylist() if not os.path.islink(u))
+    rel = [os.path.relpath(u, src) for u in ok]
+    time.sleep(0.01)  # a modification stamp of its own for the rewritten file
+    with Image.open(ok[0]) as img:  # rewritten: another image, another size
+        img.rotate(90).save(ok[0], quality=70)
+    growth.changed = ok[0]
+    for step, (batch, gone) in enumerate([(batches[1], rel[1:3]), (batches[2], [rel[3], batches[1][0]])]):
+        add(batch)
+        remove(gone)
+        growth.added.append([_uri(src, r) for r in batch] + ([growth.changed] if step == 0 else []))
+        with pytest.MonkeyPatch.context() as mp:
+            _update(growth, mp)
+    _ingest(growth.ref, src)
+    run_stage("embed", growth.ref, EMBED, executor="local")
+    return growth
+
+
+POOL_SQL = "SELECT * FROM pool {} ORDER BY image_id"
+
+
+def test_the_updated_pool_is_the_from_scratch_pool_plus_the_removed_rows(growth):
+    assert query(growth.inc, POOL_SQL.format("WHERE status <> 'removed'")).to_pylist() == \
+        query(growth.ref, POOL_SQL.format("")).to_pylist()
+    removed = query(growth.inc, "SELECT uri FROM pool WHERE status = 'removed' ORDER BY uri").column(0).to_pylist()
+    assert removed == sorted(growth.vanished) and len(removed) == 4
+    assert query(growth.inc, "SELECT count(*) - count(DISTINCT image_id) FROM pool").column(0)[0].as_py() == 0
+    sha = "SELECT sha256 FROM pool WHERE uri = ?"
+    assert query(growth.inc, sha, [growth.changed]).to_pylist() == query(growth.ref, sha, [growth.changed]).to_pylist()
+    for table in ("errors", "copy_descriptors"):
+        sql = f"SELECT * FROM {table} ORDER BY ALL"
+        assert query(growth.inc, sql).to_pylist() == query(growth.ref, sql).to_pylist(), table
+    last = growth.results[-1]["ingest"].summary
+    assert last["removed"] == 4 and last["in"] == query(growth.ref, "SELECT count(*) FROM pool").column(0)[0].as_py()
+
+
+def test_updates_decode_and_embed_only_the_new_images(growth):
+    for update, (decoded, added) in enumerate(zip(growth.decoded[1:], growth.added), start=1):
+        readable = _count(growth.inc, "bytes IS NOT NULL", added)  # a removed row keeps its bytes count
+        usable = _count(growth.inc, "status <> 'error' AND format IS NOT NULL", added)
+        assert 0 < usable <= readable < len(added) + 1
+        assert decoded["ingest"] == readable, update
+        assert decoded["embed"] == usable, update
+        assert growth.results[update]["embed"].rows_run["embeddings"] == usable
+        assert growth.results[update]["ingest"].items_run == len(added)
+    assert growth.decoded[0]["embed"] == growth.results[0]["embed"].summary["out"] > usable
+
+
+def test_updated_embeddings_are_bit_identical_to_a_from_scratch_run(growth):
+    ids, x = load_embeddings(growth.inc)
+    ref_ids, ref_x = load_embeddings(growth.ref)
+    order, ref_order = np.argsort(ids), np.argsort(ref_ids)
+    assert len(set(ids.tolist())) == len(ids)
+    assert np.array_equal(ids[order], ref_ids[ref_order])
+    assert np.array_equal(x[order].view(np.uint16), ref_x[ref_order].view(np.uint16))
+
+
+def test_a_rerun_without_change_is_done_and_other_settings_are_still_refused(growth):
+    assert _ingest(growth.inc, growth.src).skipped
+    assert run_stage("embed", growth.inc, EMBED, executor="local").skipped
+    with pytest.raises(LedgerPlanError, match="files_per_unit: 20 -> 30"):
+        run_stage("ingest", growth.inc, {"source": growth.src, "files_per_unit": 30})
