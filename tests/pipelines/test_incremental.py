@@ -169,3 +169,36 @@ def test_a_rerun_without_change_is_done_and_other_settings_are_still_refused(gro
     assert run_stage("embed", growth.inc, EMBED, executor="local").skipped
     with pytest.raises(LedgerPlanError, match="files_per_unit: 20 -> 30"):
         run_stage("ingest", growth.inc, {"source": growth.src, "files_per_unit": 30})
+
+
+def _killed_twice_then_resumed(args: list[str], root: str, run: str) -> None:
+    """SIGKILL the update once its run reopened (retiring rows, or the first new unit), again one unit
+    later in the resume, then run it to the end."""
+    ledger = Ledger(root, run)
+    before = len(ledger.done())
+    kill_when([*args, "--catalog", root], lambda: not ledger.is_complete())
+    assert not ledger.is_complete()
+    at = len(ledger.done())
+    kill_when([*args, "--catalog", root], lambda: len(ledger.done()) > at)
+    assert len(ledger.done()) > before  # (the last unit's kill may come after the run finished)
+    result = run_cli([*args, "--catalog", root])
+    assert result.returncode == 0, result.stderr
+    assert ledger.is_complete()
+
+
+@pytest.mark.slow
+def test_updates_killed_twice_resume_to_the_from_scratch_tables(growth, tmp_path):
+    root = shutil.copytree(growth.first, str(tmp_path / "cat"))
+    _killed_twice_then_resumed(["ingest", growth.src, "--set", f"files_per_unit={FILES_PER_UNIT}", "--executor",
+                                "local"], root, "ingest")
+    assert query(root, POOL_SQL.format("WHERE status <> 'removed'")).to_pylist() == \
+        query(growth.ref, POOL_SQL.format("")).to_pylist()
+    vanished_before_first = [u for u in growth.vanished if u not in growth.added[0]]
+    assert sorted(query(root, "SELECT uri FROM pool WHERE status = 'removed'").column(0).to_pylist()) == \
+        sorted(vanished_before_first)
+    _killed_twice_then_resumed(["embed", *EMBED_ARGS], root, "embed")
+    ids, x = load_embeddings(root)
+    ref_ids, ref_x = load_embeddings(growth.ref)
+    order, ref_order = np.argsort(ids), np.argsort(ref_ids)
+    assert np.array_equal(ids[order], ref_ids[ref_order])
+    assert np.array_equal(x[order].view(np.uint16), ref_x[ref_order].view(np.uint16))
