@@ -49,6 +49,12 @@ def unit_fingerprint(members: Members) -> str:
     return fingerprint(members)
 
 
+def generation_of(unit: str) -> int:
+    """The update that appended a unit: ``g<generation>-…`` names, 0 for the first run's units."""
+    head = unit.split("-", 1)[0]
+    return int(head[1:]) if head[:1] == "g" and head[1:].isdigit() else 0
+
+
 def live(members: Members) -> list[str]:
     """The keys of a unit's members that still exist."""
     return [key for key, fp in members if fp != REMOVED]

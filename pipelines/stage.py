@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 from catalog.config import ConfigError, from_dict, to_dict
 from catalog.lease import Lease, hold
 from catalog.ledger import Ledger, Plan, PlanChange
-from catalog.ledger_items import Item, Members, Retiring, live, unit_fingerprint
+from catalog.ledger_items import Item, Members, Retiring, generation_of, live, unit_fingerprint
 from catalog.lineage import listing_fingerprint, run_prefix, run_shards, table_state
 from catalog.manifest import RunManifest, fingerprint
 from catalog.paths import join, write_bytes_atomic
@@ -184,13 +184,25 @@ class Stage(ABC):
     def items_per_unit(self, ctx: StageContext) -> int:
         return 1000
 
-    def unit_payload(self, ctx: StageContext, items: list[Item]) -> dict[str, Any]:
+    def cut(self, ctx: StageContext, items: list[Item], generation: int) -> list[list[Item]]:
+        """The items of one generation (0: the first run; later: an update's new items) cut into units."""
+        n = self.items_per_unit(ctx)
+        return [items[k : k + n] for k in range(0, len(items), n)]
+
+    def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
         return {"keys": [item.key for item in items]}
 
+    def restart_reason(self, ctx: StageContext, new: list[Item], generation: int) -> str | None:
+        """Why a rerun with these new items (on a run ``generation`` updates old) should redo the run from
+        scratch instead of appending (None: append)."""
+        return None
+
     def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring) -> dict[str, pa.Table]:
-        """A finished unit's rows without those of the retiring items (default: rows keyed by ``image_id``)."""
+        """A finished unit's rows without those of the retiring items (default: rows keyed by ``image_id``;
+        tables without that column are kept as they are)."""
         ids = pa.array([int(k) for k in retiring.keys], pa.int64())
-        return {t: rows.filter(pc.invert(pc.is_in(rows.column("image_id"), ids))) for t, rows in tables.items()}
+        return {t: rows.filter(pc.invert(pc.is_in(rows.column("image_id"), ids)))
+                if "image_id" in rows.column_names else rows for t, rows in tables.items()}
 
     def resources(self, ctx: StageContext) -> Resources:
         return Resources()
@@ -393,24 +405,23 @@ def _run_held(stage: Stage, ctx: StageContext, sink: CatalogSink, overwrite: boo
 
 def item_units(stage: Stage, ctx: StageContext, items: list[Item],
                generation: int) -> tuple[list[Unit], dict[str, Members]]:
-    """Items cut into units of ``items_per_unit``, named ``<prefix>-<k>`` (generation 0, the first run)
-    or ``g<generation>-<prefix>-<k>`` (units an update appends), with their members."""
-    n = stage.items_per_unit(ctx)
+    """Items cut into units (`Stage.cut`), named ``<prefix>-<k>`` (generation 0, the first run) or
+    ``g<generation>-<prefix>-<k>`` (units an update appends), with their members."""
     units, members = [], {}
-    for k in range(0, len(items), n):
-        chunk = items[k : k + n]
-        name = f"{stage.unit_prefix(ctx)}-{k // n:06d}"
+    for k, chunk in enumerate(stage.cut(ctx, items, generation)):
+        name = f"{stage.unit_prefix(ctx)}-{k:06d}"
         name = f"g{generation:03d}-{name}" if generation else name
         members[name] = [[item.key, item.fingerprint] for item in chunk]
-        units.append(Unit(name, stage.unit_payload(ctx, chunk), len(chunk), unit_fingerprint(members[name])))
+        units.append(Unit(name, stage.unit_payload(ctx, chunk, generation), len(chunk),
+                          unit_fingerprint(members[name])))
     return units, members
 
 
 def recorded_units(stage: Stage, ctx: StageContext, members: dict[str, Members], items: list[Item]) -> list[Unit]:
     """The recorded units, rebuilt from the current items (every live member is one of them)."""
     current = {item.key: item for item in items}
-    return [Unit(name, stage.unit_payload(ctx, [current[k] for k in live(pairs)]), len(live(pairs)),
-                 unit_fingerprint(pairs)) for name, pairs in members.items()]
+    return [Unit(name, stage.unit_payload(ctx, [current[k] for k in live(pairs)], generation_of(name)),
+                 len(live(pairs)), unit_fingerprint(pairs)) for name, pairs in members.items()]
 
 
 def run_units(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, units: list[Unit], plan: Plan,

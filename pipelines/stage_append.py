@@ -49,6 +49,10 @@ def update(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, i
     if settings_change.settings:
         ledger.refuse(f"other settings ({settings_change.describe_settings(old, now)})")
     change = ItemChange.between(old.members, items, set(ledger.done()))
+    restart = _restart_reason(stage, ctx, old, inputs, change)
+    if restart:
+        log.warning("%s: %s: rerunning %s from scratch", ctx.run, restart, ctx.run)
+        return _from_scratch(stage, ctx, ledger, sink, inputs, items, executor)
     if change.empty:
         record = ledger.completion()
         altered = sink.intact(record.get("outputs", {})) if record is not None else []
@@ -63,6 +67,17 @@ def update(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, i
         ledger.write_plan(plan)
         return run_units(stage, ctx, ledger, sink, recorded_units(stage, ctx, old.members, items), plan, executor)
     return _append(stage, ctx, ledger, sink, inputs, items, change, executor)
+
+
+def _restart_reason(stage: Stage, ctx: StageContext, old: Plan, inputs: dict[str, str],
+                    change: ItemChange) -> str | None:
+    """A grown or shrunk table appends; any other input that changed (a file, another run's rows, the
+    model behind a table) redoes the run, as does the stage's own reason (a clustering that drifted)."""
+    tables = set(stage.tables_read(ctx.config))
+    changed = sorted(k for k in set(old.inputs) | set(inputs) if old.inputs.get(k) != inputs.get(k))
+    if set(changed) - tables:
+        return f"input {', '.join(changed)} changed since it last ran"
+    return stage.restart_reason(ctx, change.new, old.generation)
 
 
 def _from_scratch(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, inputs: dict[str, str],

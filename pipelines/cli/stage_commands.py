@@ -85,7 +85,11 @@ def _dedup(r: Any, flags: dict[str, Any]) -> str:
 
 
 def _cluster(r: Any, _: dict[str, Any]) -> str:
-    return f"clusters per level (l1 finest): {r.summary['levels']} ({'already done' if r.skipped else 'done'})"
+    drift = r.summary.get("drift")
+    assigned = (f"; {drift['new']} new images assigned, {drift['share']:.1%} of them beyond the clustered "
+                f"images' 99th-percentile distance (reports/cluster/drift.json)") if drift else ""
+    return (f"clusters per level (l1 finest): {r.summary['levels']} ({'already done' if r.skipped else 'done'})"
+            f"{assigned}")
 
 
 def _sample(r: Any, _: dict[str, Any]) -> str:
@@ -170,11 +174,16 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "the pool size; level 1 is one k-means while that costs under 1 TFLOP, else pre-clusters each split "
         "in sub-clusters). Checkpointed per level and resampling step. --plan --rows N --dim D prints the "
         "levels a pool of that size gets, with each level's FLOPs, time on this machine and memory, and the "
-        "level-1 worker count that fits an 80 GB GPU; it needs no catalog and reads no data.",
+        "level-1 worker count that fits an 80 GB GPU; it needs no catalog and reads no data. Rerun after the "
+        "embeddings grew, it assigns the new images down the existing hierarchy and writes "
+        "reports/cluster/drift.json (the share of new images beyond the clustered ones' 99th-percentile "
+        "distance, per top cluster); past max_drift (default 0.2), or with --recluster, it clusters again.",
         "embeddings, duplicates", "clusters (a cluster id per level, l1 finest), centroids",
         (Flag("--levels", "n_levels", "number of levels (default 5)", int),
          Flag("--embeddings", "embeddings", "bring your own: .npy (with --ids) or .parquet"),
-         Flag("--ids", "ids", ".npy of int64 image ids matching --embeddings rows")), _cluster,
+         Flag("--ids", "ids", ".npy of int64 image ids matching --embeddings rows"),
+         Flag("--recluster", "recluster", "after the embeddings grew: cluster the whole pool again instead of "
+              "assigning the new images down the existing hierarchy", bool)), _cluster,
         preview=Preview("print the levels and cost for --rows x --dim instead of clustering (no data, no Ray)",
                         (Flag("--rows", "rows", "pool size for --plan", int),
                          Flag("--dim", "dim", "embedding dimension for --plan", int)),
@@ -266,6 +275,8 @@ def add_stage_command(sub: argparse._SubParsersAction, command: StageCommand, co
                        parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag in command.flags:
         kwargs: dict[str, Any] = {"help": flag.help, "type": flag.type}
+        if flag.type is bool:  # a switch: given sets the key true, absent leaves it to the config
+            kwargs = {"help": flag.help, "action": "store_const", "const": True}
         if flag.choices:
             kwargs["choices"] = flag.choices
         if flag.name.startswith("--"):

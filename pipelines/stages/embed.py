@@ -172,7 +172,7 @@ class EmbedStage(Stage):
     def items_per_unit(self, ctx: StageContext) -> int:
         return ctx.config.images_per_unit
 
-    def unit_payload(self, ctx: StageContext, items: list[Item]) -> dict[str, Any]:
+    def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
         return {"ids": [int(item.key) for item in items], "uris": [item.data for item in items]}
 
     def resources(self, ctx: StageContext) -> Resources:

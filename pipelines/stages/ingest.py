@@ -257,7 +257,7 @@ class IngestStage(Stage):
     def items_per_unit(self, ctx: StageContext) -> int:
         return 1 if is_tar_source(ctx.config.source) else ctx.config.files_per_unit
 
-    def unit_payload(self, ctx: StageContext, items: list[Item]) -> dict[str, Any]:
+    def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
         if is_tar_source(ctx.config.source):
             return {"tar": items[0].key}
         return {"uris": [item.key for item in items]}

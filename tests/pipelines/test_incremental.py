@@ -7,6 +7,7 @@ source; the tests compare the two catalogs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -202,3 +203,78 @@ def test_updates_killed_twice_resume_to_the_from_scratch_tables(growth, tmp_path
     order, ref_order = np.argsort(ids), np.argsort(ref_ids)
     assert np.array_equal(ids[order], ref_ids[ref_order])
     assert np.array_equal(x[order].view(np.uint16), ref_x[ref_order].view(np.uint16))
+
+
+CLUSTER = {"levels": [{"k": 6}, {"k": 2}], "metric": "cosine", "exclude_duplicates": False, "n_iter": 20}
+
+
+def _blob(rng: np.random.Generator, centre: int, n: int, dim: int = 16) -> np.ndarray:
+    x = rng.normal(0, 0.15, (n, dim))
+    x[:, centre] += 1.0
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _add_embeddings(root: str, name: str, ids: np.ndarray, x: np.ndarray) -> None:
+    from catalog.embeddings import embeddings_table
+    from catalog.shards import write_shards
+
+    write_shards(root, "embeddings", name, embeddings_table(ids, x, {}))
+
+
+def _clusters(root: str) -> dict[int, tuple[int, ...]]:
+    rows = query(root, "SELECT * FROM clusters ORDER BY image_id").to_pylist()
+    return {r["image_id"]: (r["l1"], r["l2"]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory) -> tuple[str, np.random.Generator]:
+    """Three concepts of 100 embeddings each, clustered into 6 and then 2 clusters."""
+    rng = np.random.default_rng(3)
+    root = str(tmp_path_factory.mktemp("cluster_growth") / "cat")
+    _add_embeddings(root, "batch0", np.arange(300), np.concatenate([_blob(rng, c, 100) for c in range(3)]))
+    assert not run_stage("cluster", root, CLUSTER).skipped
+    return root, rng
+
+
+def test_new_embeddings_are_assigned_down_the_hierarchy_and_a_new_concept_is_flagged(clustered, tmp_path):
+    base, rng = clustered
+    root = shutil.copytree(base, str(tmp_path / "cat"))
+    before = _clusters(root)
+    same = np.concatenate([_blob(rng, c, 10) for c in range(3)])
+    _add_embeddings(root, "batch1", np.arange(300, 330), same)
+    result = run_stage("cluster", root, CLUSTER)
+    after = _clusters(root)
+    assert {i: after[i] for i in before} == before  # the clustered images keep their clusters
+    centroids = query(root, "SELECT level, cluster_id, parent_id, centroid FROM centroids ORDER BY 1, 2").to_pylist()
+    c1 = np.asarray([r["centroid"] for r in centroids if r["level"] == 1])
+    parent = {r["cluster_id"]: r["parent_id"] for r in centroids if r["level"] == 1}
+    nearest = np.argmax(same @ (c1 / np.linalg.norm(c1, axis=1, keepdims=True)).T, axis=1)
+    assert [after[i] for i in range(300, 330)] == [(int(n), parent[int(n)]) for n in nearest]
+    drift = result.summary["drift"]
+    assert drift["new"] == 30 and drift["share"] < 0.2
+    assert result.rows_run == {"clusters": 30}  # only the new images were clustered
+    # a concept absent before: far from every centroid, flagged per top cluster, not reclustered at max_drift=1
+    _add_embeddings(root, "batch2", np.arange(330, 360), _blob(rng, 7, 30))
+    flagged = run_stage("cluster", root, {**CLUSTER, "max_drift": 1.0}).summary["drift"]
+    assert flagged["new"] == 30 and flagged["far"] >= 27
+    assert sum(t["far"] for t in flagged["per_top_cluster"].values()) == flagged["far"]
+    report = os.path.join(root, "reports", "cluster", "drift.json")
+    assert json.load(open(report))["far"] == flagged["far"]
+    # --recluster: the new concept gets clusters of its own
+    reclustered = run_cli(["cluster", "--catalog", root, "--recluster", "--set", "levels=[{k: 6}, {k: 2}]",
+                           "metric=cosine", "exclude_duplicates=false", "n_iter=20"])
+    assert reclustered.returncode == 0, reclustered.stderr
+    assert "recluster=true" in reclustered.stderr
+    final = _clusters(root)
+    new_l1 = {final[i][0] for i in range(330, 360)}
+    assert len(final) == 360 and not new_l1 & {final[i][0] for i in range(330)}
+
+
+def test_a_drift_past_max_drift_reclusters_on_its_own(clustered, tmp_path):
+    base, rng = clustered
+    root = shutil.copytree(base, str(tmp_path / "cat"))
+    _add_embeddings(root, "batch1", np.arange(300, 340), _blob(rng, 9, 40))
+    result = run_stage("cluster", root, CLUSTER)
+    assert "drift" not in result.summary and result.rows_run == {"clusters": 340, "centroids": 8}
+    final = _clusters(root)
+    assert not {final[i][0] for i in range(300, 340)} & {final[i][0] for i in range(300)}

@@ -94,7 +94,8 @@ def test_reembedding_reruns_cluster_sample_and_retrieve_and_refreshes_the_report
                     "--set", *(s.split(".", 1)[1] for s in other if s.startswith("embed."))]).returncode == 0
     result = run_cli(["build-lvd", "--catalog", root, "--target-size", str(TARGET), "--set", *other])
     assert result.returncode == 0, result.stderr
-    assert "input embeddings changed since it last ran: rerunning cluster from scratch" in result.stderr
+    assert "input embeddings, embeddings_model changed since it last ran: rerunning cluster from scratch" \
+        in result.stderr
     assert "== build-lvd: cluster (already done)" not in result.stderr
     assert "input clusters changed" in result.stderr  # sample reran on the new clusters
     assert os.path.getmtime(report) > 0
