@@ -94,7 +94,10 @@ def _cluster(r: Any, _: dict[str, Any]) -> str:
 
 def _sample(r: Any, _: dict[str, Any]) -> str:
     part = r.run.split("-", 1)[1]
-    return f"curated/{part}: {r.summary['out']} of {r.summary['in']} images"
+    diff = r.summary.get("diff")
+    changed = (f"; kept {diff['kept']} of its earlier images ({diff['kept_share']:.0%}), {diff['added']} added, "
+               f"{diff['removed']} removed (reports/{part}/diff.json)") if diff else ""
+    return f"curated/{part}: {r.summary['out']} of {r.summary['in']} images{changed}"
 
 
 def _retrieve(r: Any, _: dict[str, Any]) -> str:
@@ -191,9 +194,12 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
     StageCommand(
         "sample", "pipelines.stages.sample:SampleConfig", "balanced hierarchical sampling into a curated part",
         "Water-fill --target-size over the top-level clusters, then down the hierarchy; pick inside level-1 "
-        "clusters at random (or closest/farthest), and write the part's report.",
+        "clusters at random (or closest/farthest), and write the part's report. Resampled after the clusters "
+        "changed (a grown pool), the part keeps its earlier images while their level-1 cluster's budget covers "
+        "them, fills or trims each cluster, and writes reports/<part>/diff.json (--set keep_previous=false: "
+        "sample afresh).",
         "clusters, pool", "curated/<part> (default lvd: image_id, uri, part, cluster lineage), "
-        "reports/<part>/*.png",
+        "reports/<part>/*.png, reports/<part>/diff.json",
         (Flag("--target-size", "target_size", "images in the part", int, required=True),
          Flag("--part", "part", "name of the part (default lvd)")), _sample),
     StageCommand(

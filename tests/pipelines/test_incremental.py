@@ -278,3 +278,33 @@ def test_a_drift_past_max_drift_reclusters_on_its_own(clustered, tmp_path):
     assert "drift" not in result.summary and result.rows_run == {"clusters": 340, "centroids": 8}
     final = _clusters(root)
     assert not {final[i][0] for i in range(300, 340)} & {final[i][0] for i in range(300)}
+
+
+def _concepts(ids: list[int]) -> np.ndarray:
+    """The blob of each id of the `clustered` catalog grown by ten images per blob (ids 300-329)."""
+    ids = np.asarray(ids)
+    return np.where(ids < 300, ids // 100, (ids - 300) // 10)
+
+
+def test_a_resampled_part_keeps_what_its_budgets_still_cover_and_writes_the_diff(clustered, tmp_path):
+    base, rng = clustered
+    root = shutil.copytree(base, str(tmp_path / "cat"))
+    sample = {"target_size": 90, "report": False}
+    run_stage("sample", root, sample)
+    sql = "SELECT DISTINCT image_id FROM curated_lvd ORDER BY 1"
+    before = set(query(root, sql).column(0).to_pylist())
+    _add_embeddings(root, "batch1", np.arange(300, 330), np.concatenate([_blob(rng, c, 10) for c in range(3)]))
+    run_stage("cluster", root, CLUSTER)
+    diff = run_stage("sample", root, sample).summary["diff"]
+    after = query(root, sql).column(0).to_pylist()
+    kept = len(before & set(after))
+    assert kept / len(before) >= 0.9 and diff["kept"] == kept and diff["kept_share"] >= 0.9
+    assert diff["added"] == len(set(after) - before) and diff["removed"] == len(before - set(after))
+    per_top = diff["per_top_cluster"].values()
+    assert sum(t["added"] for t in per_top) == diff["added"] and sum(t["removed"] for t in per_top) == diff["removed"]
+    assert json.load(open(os.path.join(root, "reports", "lvd", "diff.json"))) == json.loads(json.dumps(diff))
+    fresh = run_stage("sample", root, {**sample, "keep_previous": False}, overwrite=True)
+    scratch = query(root, sql).column(0).to_pylist()
+    assert "diff" not in fresh.summary and len(before & set(scratch)) / len(before) < 0.6  # stability is kept's doing
+    shares = [np.bincount(_concepts(ids), minlength=3) / len(ids) for ids in (after, scratch)]
+    assert np.abs(shares[0] - shares[1]).max() <= 1 / 90  # the same balance, within one image
