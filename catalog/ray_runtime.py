@@ -22,6 +22,10 @@ _ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # Ray Data warns that a job "may hang forever" when its first operator waits 60 s for CPUs; on a busy
+    # machine that is only its coordinator actor starting late. A request no node can grant is refused
+    # up front instead (pipelines.ray_executor.check_fits), so the warning waits ten minutes.
+    "RAY_DATA_STARVATION_WARNING_DELAY_S": "600",
 }
 # Only for the in-process Ray: it is reachable from this host's loopback alone.
 _LOCAL_ENV_DEFAULTS = {
@@ -32,8 +36,11 @@ LOOPBACK = "127.0.0.1"
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 START_ATTEMPTS = 3
 log = logging.getLogger("curate.catalog")
-# The logger of Ray Data's progress bars: it says (WARNING) that they are off, which we choose.
-_RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+# Ray Data's loggers that speak on every dataset, and the level that silences only that: the progress
+# bars' says (WARNING) that they are off, which we choose; the executor's says (INFO) that each dataset
+# finished, which our stage lines say already.
+_RAY_DATA_CHATTY_LOGGERS = {"ray.data._internal.progress": logging.ERROR,
+                            "ray.data._internal.execution.streaming_executor": logging.WARNING}
 
 
 def _set_defaults(defaults: dict[str, str]) -> None:
@@ -83,8 +90,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         _start_reaper()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # each stage draws its own bar (catalog/progress.py)
-    # Ray Data logs a WARNING the first time a dataset runs with its bars off; that notice alone is dropped.
-    logging.getLogger(_RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+    for name, level in _RAY_DATA_CHATTY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     ctx.print_on_execution_start = False
 
 

@@ -181,6 +181,9 @@ def test_ray_stage_runs_on_the_cluster_and_streams_its_log(ray_head, tmp_path, m
     out = capsys.readouterr().out
     job_id = re.search(r"submitted job (\S+)", out).group(1)
     assert "pool: 6 files, 5 usable, 1 in errors" in out and f"job {job_id} SUCCEEDED" in out
+    # what `./run.sh demo` shows too: no Ray WARNING, core-worker "E " or per-dataset INFO line
+    assert [line for line in out.splitlines() if " WARNING " in line or line.startswith("E ")
+            or "execution finished" in line] == []
     counts = query(root, "SELECT status, count(*) AS n FROM pool GROUP BY 1 ORDER BY 1").to_pylist()
     assert counts == [{"status": "error", "n": 1}, {"status": "ok", "n": 5}]
 
