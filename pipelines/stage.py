@@ -418,10 +418,11 @@ def item_units(stage: Stage, ctx: StageContext, items: list[Item],
 
 
 def recorded_units(stage: Stage, ctx: StageContext, members: dict[str, Members], items: list[Item]) -> list[Unit]:
-    """The recorded units, rebuilt from the current items (every live member is one of them)."""
+    """The recorded units, rebuilt from the current items (every live member is one of them); a unit whose
+    members all vanished is finished and needs no payload."""
     current = {item.key: item for item in items}
-    return [Unit(name, stage.unit_payload(ctx, [current[k] for k in live(pairs)], generation_of(name)),
-                 len(live(pairs)), unit_fingerprint(pairs)) for name, pairs in members.items()]
+    return [Unit(name, stage.unit_payload(ctx, [current[k] for k in live(pairs)], generation_of(name))
+                 if live(pairs) else {}, len(live(pairs)), unit_fingerprint(pairs)) for name, pairs in members.items()]
 
 
 def run_units(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, units: list[Unit], plan: Plan,

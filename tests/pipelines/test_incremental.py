@@ -308,3 +308,33 @@ def test_a_resampled_part_keeps_what_its_budgets_still_cover_and_writes_the_diff
     assert "diff" not in fresh.summary and len(before & set(scratch)) / len(before) < 0.6  # stability is kept's doing
     shares = [np.bincount(_concepts(ids), minlength=3) / len(ids) for ids in (after, scratch)]
     assert np.abs(shares[0] - shares[1]).max() <= 1 / 90  # the same balance, within one image
+
+
+def test_a_glob_of_tar_shards_appends_new_shards_and_marks_a_vanished_one_removed(growth, tmp_path):
+    import tarfile
+
+    jpgs = sorted(u for u in query(growth.ref, "SELECT uri FROM pool WHERE status = 'ok' AND uri LIKE '%.jpg'")
+                  .column(0).to_pylist())[:9]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+
+    def shard(k: int) -> None:
+        with tarfile.open(shards / f"s{k}.tar", "w") as tar:
+            for j, path in enumerate(jpgs[3 * k : 3 * k + 3]):
+                tar.add(path, arcname=f"{k:02d}{j:02d}.jpg")
+
+    shard(0), shard(1)
+    source, root = str(shards / "*.tar"), str(tmp_path / "cat")
+    run_stage("ingest", root, {"source": source})
+    shard(2)
+    os.remove(shards / "s0.tar")
+    result = run_stage("ingest", root, {"source": source})
+    assert result.items_run == 1 and result.summary["removed"] == 3
+    status = query(root, "SELECT split_part(uri, '#', 1) AS shard, status, count(*) AS n FROM pool "
+                         "GROUP BY ALL ORDER BY ALL").to_pylist()
+    assert [(os.path.basename(r["shard"]), r["status"], r["n"]) for r in status] == \
+        [("s0.tar", "removed", 3), ("s1.tar", "ok", 3), ("s2.tar", "ok", 3)]
+    scratch = str(tmp_path / "scratch")
+    run_stage("ingest", scratch, {"source": source})
+    assert query(root, POOL_SQL.format("WHERE status <> 'removed'")).to_pylist() == \
+        query(scratch, POOL_SQL.format("")).to_pylist()
