@@ -180,7 +180,7 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "level-1 worker count that fits an 80 GB GPU; it needs no catalog and reads no data. Rerun after the "
         "embeddings grew, it assigns the new images down the existing hierarchy and writes "
         "reports/cluster/drift.json (the share of new images beyond the clustered ones' 99th-percentile "
-        "distance, per top cluster); past max_drift (default 0.2), or with --recluster, it clusters again.",
+        "distance, per top cluster); past max_drift (default 0.5), or with --recluster, it clusters again.",
         "embeddings, duplicates", "clusters (a cluster id per level, l1 finest), centroids",
         (Flag("--levels", "n_levels", "number of levels (default 5)", int),
          Flag("--embeddings", "embeddings", "bring your own: .npy (with --ids) or .parquet"),

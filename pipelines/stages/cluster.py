@@ -88,7 +88,7 @@ class ClusterConfig:
     worker_cpus: float = 1.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     recluster: bool = False
-    max_drift: float = 0.2
+    max_drift: float = 0.5
 
     def __post_init__(self) -> None:
         at_least(self, 1, "n_levels", "n_iter", "workers")
