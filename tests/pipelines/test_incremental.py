@@ -338,3 +338,24 @@ def test_a_glob_of_tar_shards_appends_new_shards_and_marks_a_vanished_one_remove
     run_stage("ingest", scratch, {"source": source})
     assert query(root, POOL_SQL.format("WHERE status <> 'removed'")).to_pylist() == \
         query(scratch, POOL_SQL.format("")).to_pylist()
+
+
+def test_cluster_and_sample_updates_cut_short_before_their_marker_redo_to_the_same_tables(clustered, tmp_path):
+    """The state a kill between an update unit's shards and its ledger marker leaves behind."""
+    base, rng = clustered
+    root = shutil.copytree(base, str(tmp_path / "cat"))
+    sample = {"target_size": 90, "report": False}
+    run_stage("sample", root, sample)
+    _add_embeddings(root, "batch1", np.arange(300, 330), np.concatenate([_blob(rng, c, 10) for c in range(3)]))
+    for run, config, sql in (("cluster", CLUSTER, "SELECT * FROM clusters ORDER BY image_id"),
+                             ("sample-lvd", sample, "SELECT * FROM curated_lvd ORDER BY ALL")):
+        stage = run.split("-")[0]
+        first = run_stage(stage, root, config)
+        expected = query(root, sql).to_pylist()
+        ledger = Ledger(root, run)
+        last = max(ledger.done(), key=lambda name: (name.startswith("g"), name))  # the update's unit
+        for name in (last, "_complete"):
+            os.remove(os.path.join(ledger.dir, f"{name}.json"))
+        again = run_stage(stage, root, config)
+        assert query(root, sql).to_pylist() == expected and ledger.is_complete(), run
+        assert again.units_run == 1 and again.summary.get("diff") == first.summary.get("diff")
