@@ -25,12 +25,11 @@ import pyarrow as pa
 from catalog import schemas
 from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
-from catalog.embeddings import embedding_metadata, to_numpy
+from catalog.embeddings import embedding_metadata
 from catalog.ledger import Ledger
-from catalog.ledger_items import Item, generation_of, live
+from catalog.ledger_items import Item
 from catalog.lineage import file_fingerprint, run_output_fingerprint
 from catalog.manifest import fingerprint
-from catalog.paths import join, write_bytes_atomic
 from catalog.progress import progress
 from catalog.schemas import (
     CENTROIDS_TABLE,
@@ -39,15 +38,15 @@ from catalog.schemas import (
     EMBEDDINGS_TABLE,
     ERRORS_TABLE,
     FILTER_STAGE,
-    POOL_TABLE,
 )
-from catalog.shards import read_schema, read_table, shard_urls, table_exists
+from catalog.shards import read_schema, shard_urls
 from catalog.threads import machine_cpus
 from curation.cluster_cost import measure_rates
 from curation.cluster_plan import format_plan, plan_levels
+from curation.drift import drift_report
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
 from curation.kmeans import RowSource, compute_dtype, default_chunk_size, resolve_device
-from curation.kmeans_assign import assign
+from pipelines.cluster_update import assign_down, cluster_items, clustered_distances, labelled_table, write_drift_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 log = logging.getLogger("curate.pipelines")
@@ -214,7 +213,7 @@ class ClusterStage(Stage):
         a file: those are clustered whole)."""
         if ctx.config.embeddings:
             return None
-        return cluster_items(ctx.root, ctx.config)
+        return cluster_items(ctx.root, ctx.config.exclude_duplicates)
 
     def unit_prefix(self, ctx: StageContext) -> str:
         return "hierarchy"
@@ -234,7 +233,8 @@ class ClusterStage(Stage):
             return "recluster=true (--recluster)"
         if not new:
             return None
-        drift = drift_report(clustered_distances(ctx.root), *assign_down(ctx.root, ctx.config, _ids(new))[1:])
+        _, labels, distances = _assigned(ctx.config, ctx.root, _ids(new))
+        drift = drift_report(clustered_distances(ctx.root), labels[:, -1], distances)
         if drift["share"] > ctx.config.max_drift:
             return (f"{drift['share']:.1%} of the {drift['new']} new images lie farther from their level-1 centroid "
                     f"than 99% of the clustered ones (max_drift={ctx.config.max_drift:g})")
@@ -246,7 +246,7 @@ class ClusterStage(Stage):
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         config: ClusterConfig = ctx.config
         if "assign" in unit.payload:
-            ids, labels, distances = assign_down(ctx.root, config, np.asarray(unit.payload["assign"], np.int64))
+            ids, labels, distances = _assigned(config, ctx.root, np.asarray(unit.payload["assign"], np.int64))
             return Output({CLUSTERS_TABLE: labelled_table(ids, labels, distances)})
         image_ids, vectors = _read_inputs(ctx.root, config)
         dim = vectors.shape[1] if isinstance(vectors, np.ndarray) else vectors.dim
@@ -270,7 +270,7 @@ class ClusterStage(Stage):
                    "inertia": json.loads(meta["inertia"])}
         plan = Ledger(ctx.root, ctx.run).plan()
         if plan is not None and plan.members is not None and plan.generation:
-            summary["drift"] = write_drift_report(ctx.root, ctx.config, plan.members, plan.generation)
+            summary["drift"] = write_drift_report(ctx.root, plan.members, plan.generation, ctx.config.max_drift)
         return summary
 
 
@@ -281,87 +281,9 @@ def _ids(items: list[Item]) -> np.ndarray:
     return np.asarray([int(i.key) for i in items], np.int64)
 
 
-def cluster_items(root: str, config: ClusterConfig) -> list[Item]:
-    """The ids `_read_inputs` clusters, in id order, each with its image's hash (another image under the
-    same id is a changed item)."""
-    from catalog.sql import query  # DuckDB, imported where used
-    from pipelines.embedding_source import filtered_ids, removed_ids
-
-    ids = np.unique(read_table(root, EMBEDDINGS_TABLE, ["image_id"]).column("image_id").to_numpy())
-    exclude = np.union1d(removed_ids(root), filtered_ids(root)) if config.exclude_duplicates else filtered_ids(root)
-    ids = ids[~np.isin(ids, exclude)]
-    sha: dict[int, str] = {}
-    if table_exists(root, POOL_TABLE):
-        pool = query(root, "SELECT image_id, sha256 FROM pool WHERE status = 'ok'")
-        sha = dict(zip(pool.column("image_id").to_pylist(), pool.column("sha256").to_pylist()))
-    return [Item(str(i), sha.get(i) or "-") for i in ids.tolist()]
-
-
-def assign_down(root: str, config: ClusterConfig, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids, labels [n, levels], distances)``: each image's nearest level-1 centroid of the recorded
-    hierarchy (the clustering's own metric and distance), then that cluster's parents up the levels."""
-    from pipelines.embedding_source import load_vectors
-
-    centroids = read_table(root, CENTROIDS_TABLE).sort_by([("level", "ascending"), ("cluster_id", "ascending")])
-    level = centroids.column("level").to_numpy()
-    parent = centroids.column("parent_id").to_numpy()
-    c1 = to_numpy(centroids.column("centroid").combine_chunks(), centroids.schema.field("centroid").type.list_size)
-    all_ids, x = load_vectors(root)
-    order = np.argsort(all_ids, kind="stable")
-    rows = order[np.searchsorted(all_ids, ids, sorter=order)]
+def _assigned(config: ClusterConfig, root: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     device = _device(config.device)
-    labels, distances = assign(x[rows], c1[level == 1], metric=config.metric, device=device,
-                               dtype=compute_dtype(config.precision, resolve_device(device)))
-    columns = [labels]
-    for lvl in range(2, int(level.max()) + 1):
-        columns.append(parent[level == lvl - 1][columns[-1]])
-    return ids, np.stack(columns, axis=1), distances
-
-
-def labelled_table(ids: np.ndarray, labels: np.ndarray, distances: np.ndarray) -> pa.Table:
-    columns = [pa.array(ids, pa.int64())] + [pa.array(labels[:, i]) for i in range(labels.shape[1])]
-    columns.append(pa.array(distances.astype(np.float32)))
-    return pa.Table.from_arrays(columns, schema=schemas.stamp(schemas.clusters(labels.shape[1]), CLUSTERS_TABLE))
-
-
-def clustered_distances(root: str, assigned: np.ndarray | None = None) -> np.ndarray:
-    """Distances to their level-1 centroid of the images in ``clusters`` (but the ``assigned`` ones)."""
-    table = read_table(root, CLUSTERS_TABLE, ["image_id", "distance"])
-    keep = ~np.isin(table.column("image_id").to_numpy(), assigned if assigned is not None else [])
-    return table.column("distance").to_numpy()[keep]
-
-
-def drift_report(clustered: np.ndarray, labels: np.ndarray, distances: np.ndarray) -> dict[str, Any]:
-    """The share of new images farther from their level-1 centroid than the clustered images' 99th
-    percentile, overall and per top cluster: new concepts land far from every centroid."""
-    limit = float(np.percentile(clustered, 99)) if len(clustered) else float("inf")
-    far = distances > limit
-    top = labels[:, -1]
-    per_top = {int(t): {"new": int((top == t).sum()), "far": int(far[top == t].sum()),
-                        "share": round(float(far[top == t].mean()), 4)} for t in np.unique(top)}
-    return {"new": len(distances), "far": int(far.sum()), "share": float(far.mean()) if len(far) else 0.0,
-            "p99_distance": limit, "per_top_cluster": per_top}
-
-
-def write_drift_report(root: str, config: ClusterConfig, members: dict[str, list[list[str]]],
-                       generation: int) -> dict[str, Any]:
-    """The drift of the latest update's images (``reports/cluster/drift.json``), loudly past ``max_drift``."""
-    assigned = np.asarray([int(k) for unit, pairs in members.items() if generation_of(unit) for k in live(pairs)],
-                          np.int64)
-    latest = np.asarray([int(k) for unit, pairs in members.items() if generation_of(unit) == generation
-                         for k in live(pairs)], np.int64)
-    clusters = read_table(root, CLUSTERS_TABLE)
-    mine = np.isin(clusters.column("image_id").to_numpy(), latest)
-    levels = [c for c in clusters.column_names if c.startswith("l") and c[1:].isdigit()]
-    labels = np.stack([clusters.column(c).to_numpy()[mine] for c in levels], axis=1)
-    report = {"generation": generation, **drift_report(clustered_distances(root, assigned), labels,
-                                                        clusters.column("distance").to_numpy()[mine])}
-    write_bytes_atomic(join(root, "reports", "cluster", "drift.json"), json.dumps(report, indent=1).encode())
-    if report["share"] > config.max_drift:
-        log.warning("cluster: %.1f%% of the %d images of update %d lie beyond the clustered images' 99th percentile "
-                    "distance (max_drift=%g): rerun with --recluster", 100 * report["share"], report["new"],
-                    generation, config.max_drift)
-    return report
+    return assign_down(root, ids, config.metric, device, compute_dtype(config.precision, resolve_device(device)))
 
 
 STAGE = ClusterStage()
