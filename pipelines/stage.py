@@ -20,6 +20,10 @@ start-up and the ledger. Commits go through one `CatalogSink` (Ray Data's ``Data
 duties into on_write_start / write / on_write_complete): a unit's shards first, then its ledger marker, so
 a kill between the two redoes the unit and overwrites the same shard names.
 
+A stage may list its input as items instead of units (``items``): the runner then cuts them into units
+and records each unit's members, so that a rerun on a grown input appends units for the new items and
+retires the rows of vanished or changed ones (`pipelines.stage_append`, `catalog.ledger_items`).
+
 Two executors run the units, with the same ``process`` and commit code: Ray Data (tasks, or an actor
 pool for stages with ``setup``) and in-process. ``auto`` picks in-process for whole-table stages and
 for small work without a cluster address, since a Ray start costs more than the work itself there.
@@ -426,7 +430,7 @@ def recorded_units(stage: Stage, ctx: StageContext, members: dict[str, Members],
 
 
 def run_units(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, units: list[Unit], plan: Plan,
-         executor: Executor, notes: dict[str, Any] | None = None) -> StageResult:
+              executor: Executor, notes: dict[str, Any] | None = None) -> StageResult:
     done = ledger.done()
     todo = [u for u in units if done.get(u.name, {}).get("fingerprint") != u.fingerprint]
     chosen = choose_executor(stage, ctx, todo, executor)
