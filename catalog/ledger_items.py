@@ -14,10 +14,13 @@ A rerun compares the current items with the recorded members (`ItemChange`):
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 from catalog.manifest import fingerprint
+from catalog.paths import resolve, retry
+from catalog.shards import table_dir
 
 REMOVED = "removed"  # the recorded fingerprint of an item whose source vanished
 Members = list[list[str]]  # [[key, item fingerprint], ...] of one unit
@@ -43,6 +46,26 @@ class Retiring:
     @property
     def keys(self) -> frozenset[str]:
         return self.vanished | self.changed
+
+
+def shard_items(root: str, table: str) -> list[Item]:
+    """A catalog table's shards as items (key ``<table>/<shard>``, fingerprint its size and change stamp): a
+    stage that reads a table lists it by shard, so its plan grows with the shards, not the rows, and works
+    out which rows are new from the table itself."""
+    fs, path = resolve(table_dir(root, table), fresh=True)
+    try:
+        infos = retry(lambda: fs.ls(path, detail=True))
+    except FileNotFoundError:
+        return []
+    shards = [(posixpath.basename(i["name"]), i) for i in infos if i["name"].endswith(".parquet")]
+    return [Item(f"{table}/{name}", f"{info['size']}:{info.get('mtime', info.get('ETag', ''))}")
+            for name, info in sorted(shards, key=lambda pair: pair[0])]
+
+
+def shard_key(key: str) -> tuple[str, str]:
+    """``(table, shard file name)`` of a `shard_items` key."""
+    table, name = key.split("/", 1)
+    return table, name
 
 
 def unit_fingerprint(members: Members) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,10 +13,11 @@ import pyarrow as pa
 
 from catalog import schemas
 from catalog.embeddings import to_numpy
-from catalog.ledger_items import Item, generation_of, live
+from catalog.ledger_items import Item, generation_of, shard_items, shard_key
+from catalog.lineage import run_prefix
 from catalog.paths import join, write_bytes_atomic
-from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, EMBEDDINGS_TABLE, POOL_TABLE
-from catalog.shards import read_table, table_exists
+from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, DUPLICATES_TABLE, EMBEDDINGS_TABLE
+from catalog.shards import read_shard, read_table, shard_sizes, table_dir
 from curation.drift import drift_report
 from curation.kmeans_assign import Metric, assign
 
@@ -26,19 +28,51 @@ log = logging.getLogger("curate.pipelines")
 
 
 def cluster_items(root: str, exclude_duplicates: bool) -> list[Item]:
-    """The ids the cluster stage clusters (the embeddings but those dedup and the filter removed), in id
-    order, each with its image's hash (another image under the same id is a changed item)."""
-    from catalog.sql import query  # DuckDB: imported where used, as the stage's module is by the CLI's --help
+    """The cluster stage's input by shard (`shard_items`): the embeddings, and dedup's duplicates where they
+    are left out; which images are new is worked out from the tables (`new_ids`)."""
+    tables = (EMBEDDINGS_TABLE, DUPLICATES_TABLE) if exclude_duplicates else (EMBEDDINGS_TABLE,)
+    return [item for table in tables for item in shard_items(root, table)]
+
+
+def excluded_ids(root: str, exclude_duplicates: bool) -> np.ndarray:
+    """Images the filter (and, with ``exclude_duplicates``, dedup) removed: never clustered."""
     from pipelines.embedding_source import filtered_ids, removed_ids
 
-    ids = np.unique(read_table(root, EMBEDDINGS_TABLE, ["image_id"]).column("image_id").to_numpy())
-    exclude = np.union1d(removed_ids(root), filtered_ids(root)) if exclude_duplicates else filtered_ids(root)
-    ids = ids[~np.isin(ids, exclude)]
-    sha: dict[int, str] = {}
-    if table_exists(root, POOL_TABLE):
-        pool = query(root, "SELECT image_id, sha256 FROM pool WHERE status = 'ok'")
-        sha = dict(zip(pool.column("image_id").to_pylist(), pool.column("sha256").to_pylist()))
-    return [Item(str(i), sha.get(i) or "-") for i in ids.tolist()]
+    return np.union1d(removed_ids(root), filtered_ids(root)) if exclude_duplicates else filtered_ids(root)
+
+
+def shard_ids(root: str, keys: Iterable[str]) -> np.ndarray:
+    """The image ids in the embeddings shards among these item keys (other tables' shards hold none)."""
+    names = sorted(name for table, name in map(shard_key, keys) if table == EMBEDDINGS_TABLE)
+    parts = [read_shard(join(table_dir(root, EMBEDDINGS_TABLE), n), ["image_id"]).column("image_id").to_numpy()
+             for n in names]
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+
+
+def clustered_ids(root: str, run: str, generations: Callable[[int], bool]) -> np.ndarray:
+    """The ids in ``clusters`` that this run's units of the chosen generations wrote (known by shard name)."""
+    prefix = run_prefix(run)
+    names = [n for n in shard_sizes(root, CLUSTERS_TABLE)
+             if n.startswith(prefix) and generations(generation_of(n[len(prefix):]))]
+    parts = [read_shard(join(table_dir(root, CLUSTERS_TABLE), n), ["image_id"]).column("image_id").to_numpy()
+             for n in sorted(names)]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def input_ids(root: str, keys: Iterable[str], exclude_duplicates: bool) -> np.ndarray:
+    """The images to cluster in these shards (as they are now): those not left out. What a finished unit
+    keeps when some of its shards changed or vanished (a changed image moved to a new shard: a new unit
+    assigns it)."""
+    ids = shard_ids(root, keys)
+    return ids[~np.isin(ids, excluded_ids(root, exclude_duplicates))]
+
+
+def new_ids(root: str, run: str, keys: Iterable[str], generation: int, exclude_duplicates: bool) -> np.ndarray:
+    """What an update unit of ``generation`` assigns: the images of its embeddings shards that are neither
+    left out nor clustered by an earlier generation's unit (the same answer after a kill, as the unit's own
+    rows do not count)."""
+    ids = input_ids(root, keys, exclude_duplicates)
+    return ids[~np.isin(ids, clustered_ids(root, run, lambda g: g < generation))]
 
 
 def assign_down(root: str, ids: np.ndarray, metric: Metric, device: str,
@@ -75,13 +109,10 @@ def clustered_distances(root: str, assigned: np.ndarray | None = None) -> np.nda
     return table.column("distance").to_numpy()[keep]
 
 
-def write_drift_report(root: str, members: dict[str, list[list[str]]], generation: int,
-                       max_drift: float) -> dict[str, Any]:
+def write_drift_report(root: str, run: str, generation: int, max_drift: float) -> dict[str, Any]:
     """The drift of the latest update's images (``reports/cluster/drift.json``), loudly past ``max_drift``."""
-    assigned = np.asarray([int(k) for unit, pairs in members.items() if generation_of(unit) for k in live(pairs)],
-                          np.int64)
-    latest = np.asarray([int(k) for unit, pairs in members.items() if generation_of(unit) == generation
-                         for k in live(pairs)], np.int64)
+    assigned = clustered_ids(root, run, lambda g: g > 0)
+    latest = clustered_ids(root, run, lambda g: g == generation)
     clusters = read_table(root, CLUSTERS_TABLE)
     mine = np.isin(clusters.column("image_id").to_numpy(), latest)
     levels = [c for c in clusters.column_names if c[:1] == "l" and c[1:].isdigit()]

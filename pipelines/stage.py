@@ -201,9 +201,10 @@ class Stage(ABC):
         scratch instead of appending (None: append)."""
         return None
 
-    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring) -> dict[str, pa.Table]:
+    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring,
+               members: Members) -> dict[str, pa.Table]:
         """A finished unit's rows without those of the retiring items (default: rows keyed by ``image_id``;
-        tables without that column are kept as they are)."""
+        tables without that column are kept as they are); ``members``: the unit's members that stay."""
         ids = pa.array([int(k) for k in retiring.keys], pa.int64())
         return {t: rows.filter(pc.invert(pc.is_in(rows.column("image_id"), ids)))
                 if "image_id" in rows.column_names else rows for t, rows in tables.items()}

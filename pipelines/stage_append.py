@@ -127,7 +127,7 @@ def retire_unit(stage: Stage, ctx: StageContext, sink: CatalogSink, unit: str, m
         if before[table]:
             tables[table] = pa.concat_tables([read_shard(join(table_dir(ctx.root, table), n), table=table)
                                               for n in before[table]])
-    rows = stage.retire(ctx, tables, retiring)
+    rows = stage.retire(ctx, tables, retiring, members)
     marker = sink.write(Unit(unit, {}, len(live(members)), unit_fingerprint(members)), Output(rows), cpu_seconds)
     for table, names in before.items():
         kept = {shard[0] for shard in marker["shards"].get(table, [])}

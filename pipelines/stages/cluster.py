@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any, ContextManager, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog import schemas
 from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
 from catalog.embeddings import embedding_metadata
 from catalog.ledger import Ledger
-from catalog.ledger_items import Item
+from catalog.ledger_items import Item, Members, Retiring, live
 from catalog.lineage import file_fingerprint, run_output_fingerprint
 from catalog.manifest import fingerprint
 from catalog.progress import progress
@@ -46,7 +47,15 @@ from curation.cluster_plan import format_plan, plan_levels
 from curation.drift import drift_report
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
 from curation.kmeans import RowSource, compute_dtype, default_chunk_size, resolve_device
-from pipelines.cluster_update import assign_down, cluster_items, clustered_distances, labelled_table, write_drift_report
+from pipelines.cluster_update import (
+    assign_down,
+    cluster_items,
+    clustered_distances,
+    input_ids,
+    labelled_table,
+    new_ids,
+    write_drift_report,
+)
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 log = logging.getLogger("curate.pipelines")
@@ -209,8 +218,8 @@ class ClusterStage(Stage):
         return [Unit("all", {}, 1, fingerprint("all"))]
 
     def items(self, ctx: StageContext) -> list[Item] | None:
-        """The catalog's embeddings to cluster, by image id and content hash (None for vectors brought from
-        a file: those are clustered whole)."""
+        """The catalog's embeddings (and duplicates) by shard, so the plan grows with shards, not images
+        (None for vectors brought from a file: those are clustered whole)."""
         if ctx.config.embeddings:
             return None
         return cluster_items(ctx.root, ctx.config.exclude_duplicates)
@@ -219,13 +228,25 @@ class ClusterStage(Stage):
         return "hierarchy"
 
     def cut(self, ctx: StageContext, items: list[Item], generation: int) -> list[list[Item]]:
-        """The first run clusters everything in one unit; an update assigns its new images in units."""
+        """The first run clusters everything in one unit; an update assigns the new images of its new (or
+        rewritten) shards in units of a few shards."""
         if not generation:
             return [items] if items else []
-        return [items[k : k + ASSIGN_ROWS] for k in range(0, len(items), ASSIGN_ROWS)]
+        return [items[k : k + ASSIGN_SHARDS] for k in range(0, len(items), ASSIGN_SHARDS)]
 
     def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
-        return {"assign": [int(i.key) for i in items]} if generation else {}
+        """An update unit's images, read from the tables when it is planned (`new_ids`): never in the plan."""
+        if not generation:
+            return {}
+        return {"assign": new_ids(ctx.root, ctx.run, [i.key for i in items], generation,
+                                  ctx.config.exclude_duplicates).tolist()}
+
+    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring,
+               members: Members) -> dict[str, pa.Table]:
+        """A finished unit whose shards changed or vanished keeps the rows of the images still in them."""
+        keep = pa.array(input_ids(ctx.root, set(live(members)) | retiring.changed, ctx.config.exclude_duplicates))
+        return {t: rows.filter(pc.is_in(rows.column("image_id"), keep)) if t == CLUSTERS_TABLE else rows
+                for t, rows in tables.items()}
 
     def restart_reason(self, ctx: StageContext, new: list[Item], generation: int) -> str | None:
         """``recluster`` once images were assigned (now or by earlier updates), or new images that drifted."""
@@ -233,7 +254,10 @@ class ClusterStage(Stage):
             return "recluster=true (--recluster)"
         if not new:
             return None
-        _, labels, distances = _assigned(ctx.config, ctx.root, _ids(new))
+        ids = new_ids(ctx.root, ctx.run, [i.key for i in new], generation + 1, ctx.config.exclude_duplicates)
+        if not len(ids):
+            return None
+        _, labels, distances = _assigned(ctx.config, ctx.root, ids)
         drift = drift_report(clustered_distances(ctx.root), labels[:, -1], distances)
         if drift["share"] > ctx.config.max_drift:
             return (f"{drift['share']:.1%} of the {drift['new']} new images lie farther from their level-1 centroid "
@@ -270,15 +294,11 @@ class ClusterStage(Stage):
                    "inertia": json.loads(meta["inertia"])}
         plan = Ledger(ctx.root, ctx.run).plan()
         if plan is not None and plan.members is not None and plan.generation:
-            summary["drift"] = write_drift_report(ctx.root, plan.members, plan.generation, ctx.config.max_drift)
+            summary["drift"] = write_drift_report(ctx.root, ctx.run, plan.generation, ctx.config.max_drift)
         return summary
 
 
-ASSIGN_ROWS = 65_536  # new images per assignment unit
-
-
-def _ids(items: list[Item]) -> np.ndarray:
-    return np.asarray([int(i.key) for i in items], np.int64)
+ASSIGN_SHARDS = 8  # new shards per assignment unit
 
 
 def _assigned(config: ClusterConfig, root: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

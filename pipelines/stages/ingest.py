@@ -41,7 +41,7 @@ from catalog.images import (
     split_uri,
     uri_extension,
 )
-from catalog.ledger_items import Item, Retiring
+from catalog.ledger_items import Item, Members, Retiring
 from catalog.manifest import fingerprint
 from catalog.parquet_rows import footer, read_rows, row_slices
 from catalog.paths import resolve, retry, with_protocol
@@ -262,7 +262,8 @@ class IngestStage(Stage):
             return {"tar": items[0].key}
         return {"uris": [item.key for item in items]}
 
-    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring) -> dict[str, pa.Table]:
+    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring,
+               members: Members) -> dict[str, pa.Table]:
         """Vanished files keep their pool row as ``status = 'removed'``; a changed file's rows are dropped (its
         new version is a row of a new unit, under the same image_id). Other tables lose both kinds' rows."""
         pool = tables.get(POOL_TABLE)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from catalog.embeddings import load_embeddings
 from catalog.ledger import Ledger, LedgerPlanError
+from catalog.shards import shard_sizes
 from catalog.sql import query
 from pipelines.stage import StageResult, run_stage
 from tests.helpers import kill_when, run_cli
@@ -359,3 +360,35 @@ def test_cluster_and_sample_updates_cut_short_before_their_marker_redo_to_the_sa
         again = run_stage(stage, root, config)
         assert query(root, sql).to_pylist() == expected and ledger.is_complete(), run
         assert again.units_run == 1 and again.summary.get("diff") == first.summary.get("diff")
+
+
+def test_a_cluster_update_plans_by_shard_and_follows_a_rewritten_shard(clustered, tmp_path):
+    """The plan lists the embeddings' shards, never their images; a shard rewritten without some images (and
+    one image re-embedded into a new shard) drops their rows and assigns the new vector only."""
+    base, rng = clustered
+    root = shutil.copytree(base, str(tmp_path / "cat"))
+    before = _clusters(root)
+    _add_embeddings(root, "batch1", np.arange(300, 320), np.concatenate([_blob(rng, c, 5) for c in (0, 1, 2, 0)]))
+    _add_embeddings(root, "batch2", np.arange(320, 330), np.concatenate([_blob(rng, c, 5) for c in (1, 2)]))
+    run_stage("cluster", root, CLUSTER)
+    members = Ledger(root, "cluster").plan().members
+    keys = [key for pairs in members.values() for key, _ in pairs]
+    assert sorted(keys) == [f"embeddings/{name}" for name in sorted(shard_sizes(root, "embeddings"))]
+    assert len(json.dumps(members)) < 2_000  # three shards, whatever their rows
+    grown = _clusters(root)
+    ids, x = load_embeddings(root)
+    first = ids < 300
+    keep = first & (ids >= 11)
+    _add_embeddings(root, "batch0", ids[keep], x[keep])  # ids 0-10 leave the first shard
+    moved = _blob(rng, 7, 1)
+    _add_embeddings(root, "batch3", np.array([10]), moved)  # id 10 re-embedded into a new shard
+    result = run_stage("cluster", root, {**CLUSTER, "max_drift": 1.0})
+    after = _clusters(root)
+    assert sorted(after) == list(range(10, 330))
+    assert {i: after[i] for i in after if i != 10} == {i: grown[i] for i in grown if i > 10}
+    assert {i: grown[i] for i in before} == before
+    centroids = query(root, "SELECT cluster_id, parent_id, centroid FROM centroids WHERE level = 1 ORDER BY 1")
+    c1 = np.asarray(centroids.column("centroid").to_pylist())
+    nearest = int(np.argmax(moved @ (c1 / np.linalg.norm(c1, axis=1, keepdims=True)).T))
+    assert after[10] == (nearest, centroids.column("parent_id").to_pylist()[nearest])
+    assert result.rows_run["clusters"] == 1 and result.summary["drift"]["new"] == 1
