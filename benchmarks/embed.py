@@ -86,13 +86,16 @@ def stage_direct(paths: list[str], root: str, config, loads: Executor) -> dict:
     units processed and committed at once by one worker state; timed from the first load to the last commit."""
     from dataclasses import replace
 
-    from pipelines.stage import CatalogSink, StageContext, item_units, process_and_commit
-    from pipelines.stages.embed import STAGE, embed_items
+    from catalog.manifest import fingerprint
+    from pipelines.stage import CatalogSink, StageContext, Unit, process_and_commit
+    from pipelines.stages.embed import STAGE
 
     stage = STAGE
     ctx = StageContext(root, config, stage.name)
     ctx = replace(ctx, facts=stage.prepare(ctx))
-    units, _ = item_units(stage, ctx, embed_items(list(range(len(paths))), paths, ["-"] * len(paths)), 0)
+    n = config.images_per_unit
+    units = [Unit(f"emb-{k // n:06d}", {"ids": list(range(k, k + n))[: len(paths) - k], "uris": paths[k : k + n]},
+                  len(paths[k : k + n]), fingerprint(paths[k : k + n])) for k in range(0, len(paths), n)]
     sink = CatalogSink(root, stage.name, stage.tables_written(config))
     t_setup = time.perf_counter()
     state = stage.setup(ctx)

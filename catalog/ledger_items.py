@@ -15,12 +15,15 @@ A rerun compares the current items with the recorded members (`ItemChange`):
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from catalog.manifest import fingerprint
-from catalog.paths import resolve, retry
-from catalog.shards import table_dir
+from catalog.paths import join, resolve, retry
+from catalog.shards import read_shard, shard_sizes, table_dir
 
 REMOVED = "removed"  # the recorded fingerprint of an item whose source vanished
 Members = list[list[str]]  # [[key, item fingerprint], ...] of one unit
@@ -68,6 +71,18 @@ def shard_key(key: str) -> tuple[str, str]:
     return table, name
 
 
+def written_ids(root: str, table: str, run: str, generations: Callable[[int], bool]) -> np.ndarray:
+    """The ``image_id`` values this run's units of the chosen generations wrote to ``table`` (a shard's name
+    tells its unit): what an update unit leaves out, as earlier generations hold it (its own rows do not
+    count, so a unit redone after a kill gets the same answer)."""
+    prefix = f"{run}="
+    names = [n for n in shard_sizes(root, table)
+             if n.startswith(prefix) and generations(generation_of(n[len(prefix):]))]
+    parts = [read_shard(join(table_dir(root, table), n), ["image_id"]).column("image_id").to_numpy()
+             for n in sorted(names)]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
 def unit_fingerprint(members: Members) -> str:
     return fingerprint(members)
 
@@ -93,8 +108,13 @@ class ItemChange:
     new: list[Item]  # items for new units, in the order the stage listed them
 
     @classmethod
-    def between(cls, members: dict[str, Members], items: list[Item], finished: set[str]) -> ItemChange:
+    def between(cls, members: dict[str, Members], items: list[Item], finished: set[str],
+                in_place: bool = False) -> ItemChange:
+        """``in_place``: the items are shards of a catalog table (`shard_items`), and a rewritten one stays a
+        member of its finished unit (whose rows keep what is still valid there) with its new fingerprint,
+        as well as going to a new unit for whatever in it is not done yet."""
         current = {item.key: item for item in items}
+        rewritten: set[str] = set()
         kept: dict[str, Members] = {}
         retiring: dict[str, Retiring] = {}
         dissolved: list[str] = []
@@ -107,9 +127,14 @@ class ItemChange:
                 dissolved.append(unit)
             else:
                 retiring[unit] = Retiring(vanished, changed)
-                kept[unit] = [[k, REMOVED if k in vanished else fp] for k, fp in pairs if k not in changed]
+                if in_place:
+                    rewritten |= changed
+                    kept[unit] = [[k, REMOVED if k in vanished else current[k].fingerprint if k in changed else fp]
+                                  for k, fp in pairs]
+                else:
+                    kept[unit] = [[k, REMOVED if k in vanished else fp] for k, fp in pairs if k not in changed]
         recorded = {k: fp for pairs in kept.values() for k, fp in pairs if fp != REMOVED}
-        new = [item for item in items if recorded.get(item.key) != item.fingerprint]
+        new = [item for item in items if recorded.get(item.key) != item.fingerprint or item.key in rewritten]
         return cls(kept, retiring, dissolved, new)
 
     @property

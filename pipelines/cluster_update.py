@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,11 +13,10 @@ import pyarrow as pa
 
 from catalog import schemas
 from catalog.embeddings import to_numpy
-from catalog.ledger_items import Item, generation_of, shard_items, shard_key
-from catalog.lineage import run_prefix
+from catalog.ledger_items import Item, shard_items, shard_key, written_ids
 from catalog.paths import join, write_bytes_atomic
 from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, DUPLICATES_TABLE, EMBEDDINGS_TABLE
-from catalog.shards import read_shard, read_table, shard_sizes, table_dir
+from catalog.shards import read_shard, read_table, table_dir
 from curation.drift import drift_report
 from curation.kmeans_assign import Metric, assign
 
@@ -49,16 +48,6 @@ def shard_ids(root: str, keys: Iterable[str]) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
 
 
-def clustered_ids(root: str, run: str, generations: Callable[[int], bool]) -> np.ndarray:
-    """The ids in ``clusters`` that this run's units of the chosen generations wrote (known by shard name)."""
-    prefix = run_prefix(run)
-    names = [n for n in shard_sizes(root, CLUSTERS_TABLE)
-             if n.startswith(prefix) and generations(generation_of(n[len(prefix):]))]
-    parts = [read_shard(join(table_dir(root, CLUSTERS_TABLE), n), ["image_id"]).column("image_id").to_numpy()
-             for n in sorted(names)]
-    return np.concatenate(parts) if parts else np.empty(0, np.int64)
-
-
 def input_ids(root: str, keys: Iterable[str], exclude_duplicates: bool) -> np.ndarray:
     """The images to cluster in these shards (as they are now): those not left out. What a finished unit
     keeps when some of its shards changed or vanished (a changed image moved to a new shard: a new unit
@@ -72,7 +61,7 @@ def new_ids(root: str, run: str, keys: Iterable[str], generation: int, exclude_d
     left out nor clustered by an earlier generation's unit (the same answer after a kill, as the unit's own
     rows do not count)."""
     ids = input_ids(root, keys, exclude_duplicates)
-    return ids[~np.isin(ids, clustered_ids(root, run, lambda g: g < generation))]
+    return ids[~np.isin(ids, written_ids(root, CLUSTERS_TABLE, run, lambda g: g < generation))]
 
 
 def assign_down(root: str, ids: np.ndarray, metric: Metric, device: str,
@@ -111,8 +100,8 @@ def clustered_distances(root: str, assigned: np.ndarray | None = None) -> np.nda
 
 def write_drift_report(root: str, run: str, generation: int, max_drift: float) -> dict[str, Any]:
     """The drift of the latest update's images (``reports/cluster/drift.json``), loudly past ``max_drift``."""
-    assigned = clustered_ids(root, run, lambda g: g > 0)
-    latest = clustered_ids(root, run, lambda g: g == generation)
+    assigned = written_ids(root, CLUSTERS_TABLE, run, lambda g: g > 0)
+    latest = written_ids(root, CLUSTERS_TABLE, run, lambda g: g == generation)
     clusters = read_table(root, CLUSTERS_TABLE)
     mine = np.isin(clusters.column("image_id").to_numpy(), latest)
     levels = [c for c in clusters.column_names if c[:1] == "l" and c[1:].isdigit()]

@@ -178,6 +178,8 @@ class Stage(ABC):
 
     # Appending stages (`catalog.ledger_items`): the input as items, cut into units by the runner; a rerun on
     # a grown input runs units of the new items only, and retires the rows of vanished or changed ones.
+    retires_in_place: ClassVar[bool] = False  # items are a table's shards (`ItemChange.between`)
+
     def unit_prefix(self, ctx: StageContext) -> str:
         return "items"
 
@@ -195,6 +197,10 @@ class Stage(ABC):
 
     def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
         return {"keys": [item.key for item in items]}
+
+    def unit_size(self, payload: dict[str, Any], items: list[Item]) -> int:
+        """How many things a unit works on (its progress and the executor's choice): its items by default."""
+        return len(items)
 
     def restart_reason(self, ctx: StageContext, new: list[Item], generation: int) -> str | None:
         """Why a rerun with these new items (on a run ``generation`` updates old) should redo the run from
@@ -417,8 +423,8 @@ def item_units(stage: Stage, ctx: StageContext, items: list[Item],
         name = f"{stage.unit_prefix(ctx)}-{k:06d}"
         name = f"g{generation:03d}-{name}" if generation else name
         members[name] = [[item.key, item.fingerprint] for item in chunk]
-        units.append(Unit(name, stage.unit_payload(ctx, chunk, generation), len(chunk),
-                          unit_fingerprint(members[name])))
+        payload = stage.unit_payload(ctx, chunk, generation)
+        units.append(Unit(name, payload, stage.unit_size(payload, chunk), unit_fingerprint(members[name])))
     return units, members
 
 
@@ -426,8 +432,12 @@ def recorded_units(stage: Stage, ctx: StageContext, members: dict[str, Members],
     """The recorded units, rebuilt from the current items (every live member is one of them); a unit whose
     members all vanished is finished and needs no payload."""
     current = {item.key: item for item in items}
-    return [Unit(name, stage.unit_payload(ctx, [current[k] for k in live(pairs)], generation_of(name))
-                 if live(pairs) else {}, len(live(pairs)), unit_fingerprint(pairs)) for name, pairs in members.items()]
+    units = []
+    for name, pairs in members.items():
+        chunk = [current[k] for k in live(pairs)]
+        payload = stage.unit_payload(ctx, chunk, generation_of(name)) if chunk else {}
+        units.append(Unit(name, payload, stage.unit_size(payload, chunk) if chunk else 0, unit_fingerprint(pairs)))
+    return units
 
 
 def run_units(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, units: list[Unit], plan: Plan,

@@ -48,7 +48,7 @@ def update(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, i
     settings_change = PlanChange.between(old, now)
     if settings_change.settings:
         ledger.refuse(f"other settings ({settings_change.describe_settings(old, now)})")
-    change = ItemChange.between(old.members, items, set(ledger.done()))
+    change = ItemChange.between(old.members, items, set(ledger.done()), stage.retires_in_place)
     restart = _restart_reason(stage, ctx, old, inputs, change)
     if restart:
         log.warning("%s: %s: rerunning %s from scratch", ctx.run, restart, ctx.run)

@@ -224,6 +224,8 @@ class ClusterStage(Stage):
             return None
         return cluster_items(ctx.root, ctx.config.exclude_duplicates)
 
+    retires_in_place = True
+
     def unit_prefix(self, ctx: StageContext) -> str:
         return "hierarchy"
 

@@ -27,15 +27,17 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.config import ConfigError, above, at_least
 from catalog.decode import DecodeError, Preprocess, decode_crop, plain_jpeg
 from catalog.embeddings import EmbeddingIdentity, embeddings_table
 from catalog.images import UnreadableItem, read_item
-from catalog.ledger_items import Item
+from catalog.ledger_items import Item, Members, Retiring, live
 from catalog.schemas import EMBEDDINGS_TABLE, ERRORS, ERRORS_TABLE, POOL_TABLE, stamp
 from catalog.threads import machine_cpus
 from pipelines.demo.backbone import DEMO_EMBED_SETTINGS
+from pipelines.embed_items import pool_slices, still_usable, unit_images
 from pipelines.stage import Output, Resources, Stage, StageContext, Totals, Unit
 
 log = logging.getLogger("curate.pipelines")
@@ -158,22 +160,31 @@ class EmbedStage(Stage):
                 "max_pixels": config.max_pixels, "images_per_unit": config.images_per_unit}
 
     def items(self, ctx: StageContext) -> list[Item]:
-        """Usable pool rows in image_id order, each known by its content hash: a rerun on a grown pool embeds
-        only the images it has not embedded (and drops the vectors of images gone from the pool)."""
-        from catalog.sql import query  # DuckDB: not needed by the workers
+        """The pool by shard slices of ``images_per_unit`` rows (`pipelines.embed_items`): a rerun on a grown
+        pool embeds only the images of new or rewritten shards it has not embedded, and drops the vectors of
+        images gone from the pool; the plan holds shards, not images."""
+        return pool_slices(ctx.root, ctx.config.images_per_unit)
 
-        pool = query(ctx.root, "SELECT image_id, uri, sha256 FROM pool WHERE status = 'ok' ORDER BY image_id")
-        return embed_items(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(),
-                           pool.column("sha256").to_pylist())
+    retires_in_place = True
 
     def unit_prefix(self, ctx: StageContext) -> str:
         return "emb"
 
     def items_per_unit(self, ctx: StageContext) -> int:
-        return ctx.config.images_per_unit
+        return 1
 
     def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
-        return {"ids": [int(item.key) for item in items], "uris": [item.data for item in items]}
+        ids, uris = unit_images(ctx.root, ctx.run, [i.key for i in items], ctx.config.images_per_unit, generation)
+        return {"ids": ids, "uris": uris}
+
+    def unit_size(self, payload: dict[str, Any], items: list[Item]) -> int:
+        return len(payload["ids"])
+
+    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring,
+               members: Members) -> dict[str, pa.Table]:
+        """A finished unit whose pool shard was rewritten keeps the rows of the images still usable there."""
+        keep = still_usable(ctx.root, set(live(members)) | retiring.changed)
+        return {t: rows.filter(pc.is_in(rows.column("image_id"), keep)) for t, rows in tables.items()}
 
     def resources(self, ctx: StageContext) -> Resources:
         import ray
@@ -254,13 +265,9 @@ class EmbedStage(Stage):
                        ERRORS_TABLE: pa.Table.from_pylist(errors, schema=stamp(ERRORS, ERRORS_TABLE))})
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
-        return {"in": totals.items, "out": totals.rows(EMBEDDINGS_TABLE), "errored": totals.rows(ERRORS_TABLE),
+        out, errored = totals.rows(EMBEDDINGS_TABLE), totals.rows(ERRORS_TABLE)
+        return {"in": out + errored, "out": out, "errored": errored,
                 **ctx.facts.identity.metadata()}
-
-
-def embed_items(ids: list[int], uris: list[str], shas: list[str]) -> list[Item]:
-    """Pool rows as the stage's items: the id is the key, the content hash the fingerprint."""
-    return [Item(str(i), str(sha), uri) for i, uri, sha in zip(ids, uris, shas)]
 
 
 def _decode_mode(config: EmbedConfig) -> Literal["host", "device"]:

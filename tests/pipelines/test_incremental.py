@@ -20,6 +20,7 @@ from PIL import Image
 from catalog.embeddings import load_embeddings
 from catalog.ledger import Ledger, LedgerPlanError
 from catalog.shards import shard_sizes
+from pipelines.embed_items import pool_slices
 from catalog.sql import query
 from pipelines.stage import StageResult, run_stage
 from tests.helpers import kill_when, run_cli
@@ -164,6 +165,14 @@ def test_updated_embeddings_are_bit_identical_to_a_from_scratch_run(growth):
     assert len(set(ids.tolist())) == len(ids)
     assert np.array_equal(ids[order], ref_ids[ref_order])
     assert np.array_equal(x[order].view(np.uint16), ref_x[ref_order].view(np.uint16))
+
+
+def test_the_embed_plan_lists_slices_of_pool_shards_not_images(growth):
+    members = Ledger(growth.inc, "embed").plan().members
+    keys = {key for pairs in members.values() for key, _ in pairs}
+    slices = {item.key for item in pool_slices(growth.inc, EMBED["images_per_unit"])}
+    assert keys == slices and all(key.startswith("pool/") for key in keys)
+    assert len(keys) < len(load_embeddings(growth.inc)[0]) / 5  # a slice per unit of 20 rows, not one per image
 
 
 def test_a_rerun_without_change_is_done_and_other_settings_are_still_refused(growth):
