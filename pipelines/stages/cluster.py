@@ -201,6 +201,7 @@ class ClusterStage(Stage):
     name = "cluster"
     config_class = ClusterConfig
     writes = (CLUSTERS_TABLE, CENTROIDS_TABLE)
+    retires_in_place = True  # its items are the embeddings' (and duplicates') shards
     runtime_keys = frozenset({"workers", "worker_cpus", "recluster", "max_drift"})
 
     def tables_read(self, config: ClusterConfig) -> tuple[str, ...]:
@@ -223,8 +224,6 @@ class ClusterStage(Stage):
         if ctx.config.embeddings:
             return None
         return cluster_items(ctx.root, ctx.config.exclude_duplicates)
-
-    retires_in_place = True
 
     def unit_prefix(self, ctx: StageContext) -> str:
         return "hierarchy"

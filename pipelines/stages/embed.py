@@ -129,6 +129,7 @@ class EmbedStage(Stage):
     config_class = EmbedConfig
     reads = (POOL_TABLE,)
     writes = (EMBEDDINGS_TABLE, ERRORS_TABLE)
+    retires_in_place = True  # its items are the pool's shards
     runtime_keys = frozenset({"batch_size", "actors", "decode_cpus", "actor_cpus", "torch_threads", "decode",
                               "units_in_flight"})
     distributable = True
@@ -164,8 +165,6 @@ class EmbedStage(Stage):
         pool embeds only the images of new or rewritten shards it has not embedded, and drops the vectors of
         images gone from the pool; the plan holds shards, not images."""
         return pool_slices(ctx.root, ctx.config.images_per_unit)
-
-    retires_in_place = True
 
     def unit_prefix(self, ctx: StageContext) -> str:
         return "emb"

@@ -93,6 +93,15 @@ def test_item_change_appends_new_items_and_retires_vanished_and_changed_ones():
                               finished={"u0", "u1", "n"}).empty
 
 
+def test_item_change_in_place_keeps_a_rewritten_shard_in_its_unit_and_plans_it_again():
+    members = {"u0": [["s0", "1"], ["s1", "1"]], "u1": [["s2", "1"]]}
+    items = [Item("s0", "2"), Item("s2", "1"), Item("s3", "1")]  # s0 rewritten, s1 vanished, s3 new
+    change = ItemChange.between(members, items, finished={"u0", "u1"}, in_place=True)
+    assert change.kept == {"u0": [["s0", "2"], ["s1", REMOVED]], "u1": [["s2", "1"]]}
+    assert change.retiring["u0"].changed == {"s0"} and change.retiring["u0"].vanished == {"s1"}
+    assert [i.key for i in change.new] == ["s0", "s3"]
+
+
 def test_manifest_records_run_facts(tmp_path):
     root = str(tmp_path)
     with RunManifest(root, "ingest", {"files_per_unit": 5}) as m:

@@ -20,8 +20,8 @@ from PIL import Image
 from catalog.embeddings import load_embeddings
 from catalog.ledger import Ledger, LedgerPlanError
 from catalog.shards import shard_sizes
-from pipelines.embed_items import pool_slices
 from catalog.sql import query
+from pipelines.embed_items import pool_slices
 from pipelines.stage import StageResult, run_stage
 from tests.helpers import kill_when, run_cli
 
