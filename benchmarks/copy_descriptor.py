@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.copy_descriptor --n 3000 --out copy_descriptor.json
     .venv/bin/python -m benchmarks.copy_descriptor --demo /tmp/demo_pool   # an existing demo pool
+    .venv/bin/python -m benchmarks.copy_descriptor --export-demo-standin /tmp/standin.pt
+    .venv/bin/python -m benchmarks.copy_descriptor --demo /tmp/demo_pool --torchscript /tmp/standin.pt
 
 * ``demo``: the demo pool's files (`pipelines.demo.pool`), decoded as ingest decodes them; the truth's
   ``dup_group`` marks the injected near-duplicates (re-encoded, resized, cropped ≤ 5 %, re-formatted)
@@ -15,7 +17,14 @@
 Each set runs `curation.dedup.copy_dedup` (k = 64, exact search) and is scored on pairs: precision
 = pairs put in one component that are truly copies / all pairs put in one component; recall = true
 copy pairs put in one component / all true copy pairs. Rows: the descriptor as shipped (mirrored
-search, its ``COPY_THRESHOLD``) and the 16×16 thumbnail it replaced (cos > 0.95) for reference.
+search, candidates above its ``COPY_THRESHOLD`` confirmed by `curation.copy_verify`), the descriptor
+alone at 0.88 (before the check) and the 16×16 thumbnail before it (cos > 0.95), for reference;
+with ``--torchscript PATH``, also that model as ``dedup.descriptor=torchscript:PATH`` runs it (SSCD's
+input conventions, threshold calibrated on `curation.torchscript_descriptor.calibration_set`).
+``--export-demo-standin OUT`` writes a TorchScript stand-in with SSCD's conventions (320×320
+ImageNet-normalised in, one vector out): the shipped demo backbone, fed at its 64 px, cls+mean.
+``seconds``: the graph and the check (descriptors and thumbnails are made beforehand, as ingest and
+the dedup stage's reads do).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +43,8 @@ from PIL import Image
 from benchmarks.common import report
 from catalog.decode import DecodeError, decode_rgb
 from curation import copy_descriptor as cd
+from curation import copy_verify as cv
+from curation import torchscript_descriptor as tsd
 from curation.dedup import copy_dedup
 from curation.index import build_index
 from curation.synthetic_images import copy_variants, look_alike_glyphs
@@ -90,18 +102,62 @@ def _pairs(labels: np.ndarray) -> set[tuple[int, int]]:
 
 
 def score(items: list[Item], describe: Callable[[Image.Image], np.ndarray], threshold: float,
-          mirror: Callable[[np.ndarray], np.ndarray] | None) -> dict:
+          mirror: Callable[[np.ndarray], np.ndarray] | None, check: bool) -> dict:
     x = np.stack([describe(img) for img, _ in items]).astype(np.float32)
     groups = np.array([g for _, g in items])
     n = len(items)
+    verify = None
+    if check:
+        thumbs = np.stack([cv.thumbnail(img) for img, _ in items])
+        sides = np.array([min(img.size) for img, _ in items])
+        verify = cv.edge_check(x, lambda rows: (thumbs[rows], sides[rows]))
+    start = time.perf_counter()
     result = copy_dedup(x, np.arange(n), np.zeros(n), threshold=threshold,
-                        index=build_index(x, exact_max=max(n, 1)), mirror=mirror)
+                        index=build_index(x, exact_max=max(n, 1)), mirror=mirror, verify=verify)
+    seconds = time.perf_counter() - start
     merged = np.where(np.bincount(result.labels)[result.labels] > 1, result.labels, -1)
     found, truth = _pairs(merged), _pairs(groups)
     hits = len(found & truth)
     return {"images": n, "true_pairs": len(truth), "found_pairs": len(found),
             "precision": hits / len(found) if found else 1.0, "recall": hits / len(truth) if truth else 1.0,
-            "removed": len(result.removed_rows)}
+            "removed": len(result.removed_rows), "seconds": round(seconds, 2)}
+
+
+def export_demo_standin(out: str) -> None:
+    """The demo backbone as a TorchScript copy descriptor taking SSCD's input (a stand-in: no SSCD here)."""
+    import torch
+
+    from pipelines.demo.backbone import DEMO_BACKBONE
+    from training.models.checkpoints import load_backbone
+
+    vit, _ = load_backbone(f"curate:{DEMO_BACKBONE}", None)
+
+    class StandIn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)
+            return self.vit.embed(x, "cls+mean", normalize=False)
+
+    with torch.no_grad():
+        torch.jit.trace(StandIn().eval(), torch.zeros(2, 3, 320, 320)).save(out)
+    print(f"wrote {out}")
+
+
+def model_row(path: str) -> tuple:
+    model = tsd.load_scripted(Path(path).read_bytes(), dim=_output_dim(path))
+    images, labels = tsd.calibration_set()
+    cal = tsd.calibrate(tsd.describe(model, images), labels)
+    print(f"calibrated on {cal.images} images: threshold {cal.threshold:.3f}, P {cal.precision:.3f}, R {cal.recall:.3f}")
+    return (f"torchscript {Path(path).name}", lambda img: tsd.describe(model, [img])[0], cal.threshold, None, False)
+
+
+def _output_dim(path: str) -> int:
+    import torch
+
+    return int(torch.jit.load(path)(torch.zeros(1, 3, 320, 320)).shape[1])
 
 
 def main() -> None:
@@ -111,7 +167,12 @@ def main() -> None:
     p.add_argument("--variants", type=int, default=300, help="demo images that get copy variants")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="")
+    p.add_argument("--torchscript", default="", help="also score this TorchScript copy-detection model")
+    p.add_argument("--export-demo-standin", default="", help="write the demo backbone as TorchScript and exit")
     a = p.parse_args()
+    if a.export_demo_standin:
+        export_demo_standin(a.export_demo_standin)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.demo) if a.demo else Path(tmp) / "demo"
         if not a.demo:
@@ -121,14 +182,15 @@ def main() -> None:
         demo = demo_items(root)
     sets = {"demo": demo, "variants": variant_items(demo, a.variants, a.seed), **glyph_items(a.seed)}
     descriptors = [
-        (f"{cd.NAME}, mirrored search", cd.copy_descriptor, cd.COPY_THRESHOLD, cd.mirror, 2 * cd.DIM),
-        ("thumbnail16 (before)", thumbnail16, 0.95, None, 2 * 768),
-    ]
+        (f"{cd.NAME}, mirrored search + pixel check", cd.copy_descriptor, cd.COPY_THRESHOLD, cd.mirror, True),
+        (f"{cd.NAME}, mirrored search alone (before)", cd.copy_descriptor, 0.88, cd.mirror, False),
+        ("thumbnail16 (before)", thumbnail16, 0.95, None, False),
+    ] + ([model_row(a.torchscript)] if a.torchscript else [])
     rows = []
-    for name, describe, threshold, mirror, nbytes in descriptors:
+    for name, describe, threshold, mirror, check in descriptors:
         for set_name, items in sets.items():
-            rows.append({"descriptor": name, "threshold": threshold, "bytes": nbytes, "set": set_name,
-                         **score(items, describe, threshold, mirror)})
+            rows.append({"descriptor": name, "threshold": threshold, "set": set_name,
+                         **score(items, describe, threshold, mirror, check)})
             print(rows[-1], flush=True)
     report("copy detection: pair precision / recall per set", rows, a.out, {"args": vars(a)})
 

@@ -106,7 +106,8 @@ def make_embedding_catalog(root: str, n: int, seed: int = 0) -> None:
     sha = np.array([f"{i:064x}" for i in range(n)], dtype=object)
     dup = rng.choice(n, size=n // 100, replace=False)
     sha[dup] = sha[(dup + 1) % n]
-    nulls = {f.name: pa.nulls(n, f.type) for f in POOL if f.name in ("bytes", "width", "height", "format")}
+    given = ("image_id", "uri", "sha256", "status")
+    nulls = {f.name: pa.nulls(n, f.type) for f in POOL if f.name not in given}  # sizes and quality unknown
     pool = pa.table({"image_id": ids, "uri": [f"{root}-images/{i}.jpg" for i in ids], **nulls, "sha256": sha,
                      "status": pa.array(["ok"] * n)}, schema=stamp(POOL, POOL_TABLE))
     _write(root, POOL_TABLE, pool, "ingest=bench")

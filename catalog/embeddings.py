@@ -17,7 +17,7 @@ from catalog import schemas
 from catalog.errors import MissingInputError, UserError, short_repr
 from catalog.paths import is_local, resolve
 from catalog.schemas import EMBEDDINGS_TABLE
-from catalog.shards import check_shards, iter_shards, read_schema, shard_urls, write_shards
+from catalog.shards import check_shards, iter_batches, iter_shards, read_schema, read_shard, shard_urls, write_shards
 
 
 class ModelMismatchError(UserError, ValueError):
@@ -51,11 +51,16 @@ class EmbeddingIdentity:
     def of_table(cls, root: str, table: str = EMBEDDINGS_TABLE) -> EmbeddingIdentity | None:
         """The identity every shard of the table records (None for an empty or unstamped table); a table
         whose shards disagree is refused, naming one shard of each kind."""
+        return cls.of_shards(f"{root}/{table}", check_shards(root, table))
+
+    @classmethod
+    def of_shards(cls, where: str, shard_schemas: dict[str, pa.Schema]) -> EmbeddingIdentity | None:
+        """The one identity of these shards' schemas (``{url: schema}``), refusing a mix."""
         kinds: dict[EmbeddingIdentity | None, str] = {}
-        for url, schema in check_shards(root, table).items():
+        for url, schema in shard_schemas.items():
             kinds.setdefault(cls.from_metadata(schemas.metadata_of(schema)), url)
         if len(kinds) > 1:
-            raise _mixed(f"{root}/{table}", list(kinds.items()))
+            raise _mixed(where, list(kinds.items()))
         return next(iter(kinds), None)
 
     def check(self, other: EmbeddingIdentity | None, where: str, remedy: str) -> None:
@@ -123,6 +128,45 @@ def load_embeddings(root: str, table: str = EMBEDDINGS_TABLE, dtype: str = "floa
     if not ids:
         raise MissingInputError(f"catalog {root} has no {table} table: run `curate embed` first")
     return np.concatenate(ids), np.concatenate(xs)
+
+
+def load_rows(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray | None = None,
+              batch_rows: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+    """``(image_ids [N] sorted, x [N, dim])`` in the table's storage dtype (float16 as embed writes it),
+    without the rows of ``exclude_ids``: the one in-memory copy dedup, cluster and retrieve work from.
+
+    The ids are read first, so the kept rows' places in id order are known before any vector is; each
+    record batch of ``batch_rows`` is then written straight to its rows. Memory is the output plus
+    ~40 bytes per row while loading (ids, their places) and one batch: no float32 copy, no per-shard list to
+    concatenate, no filtered or sorted second copy. The row order depends on the ids only, never on
+    the shard layout.
+    """
+    shard_schemas = check_shards(root, table)
+    if not shard_schemas:
+        raise MissingInputError(f"catalog {root} has no {table} table: run `curate embed` first")
+    EmbeddingIdentity.of_shards(f"{root}/{table}", shard_schemas)  # refuses shards of two models
+    dims = {table_dim_and_dtype(schema) for schema in shard_schemas.values()}
+    if len(dims) > 1:
+        raise UserError(f"{root}/{table} mixes embedding widths or dtypes: {sorted((d, t.name) for d, t in dims)}")
+    ((dim, dtype),) = dims
+    ids = np.concatenate([read_shard(url, ["image_id"], table).column("image_id").to_numpy()
+                          for url in shard_schemas])
+    keep = np.ones(len(ids), bool) if exclude_ids is None or not len(exclude_ids) else ~np.isin(ids, exclude_ids)
+    order = np.argsort(ids[keep], kind="stable")
+    dest = np.full(len(ids), -1, np.int64)
+    dest[np.flatnonzero(keep)[order]] = np.arange(len(order))
+    del order
+    x = np.empty((int(keep.sum()), dim), dtype)
+    at = 0
+    for batch in iter_batches(root, table, ["embedding"], batch_rows=batch_rows):
+        rows = dest[at : at + batch.num_rows]
+        kept = rows >= 0
+        x[rows[kept]] = to_numpy(batch.column(0), dim)[kept]
+        at += batch.num_rows
+    if at != len(ids):
+        raise UserError(f"{root}/{table} changed while it was read ({len(ids)} ids, then {at} vectors)")
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed decode buffers otherwise
+    return np.sort(ids[keep]), x
 
 
 def export_npy(root: str, out_dir: str, table: str = EMBEDDINGS_TABLE, dtype: str = "float32") -> tuple[str, str]:

@@ -19,6 +19,7 @@ TABLE_KEY = b"curate.table"
 POOL_TABLE = "pool"
 ERRORS_TABLE = "errors"
 COPY_DESCRIPTORS_TABLE = "copy_descriptors"
+MODEL_COPY_DESCRIPTORS_TABLE = "model_copy_descriptors"  # dedup's, from descriptor=torchscript:PATH
 EMBEDDINGS_TABLE = "embeddings"
 DUPLICATES_TABLE = "duplicates"
 CLUSTERS_TABLE = "clusters"

@@ -27,6 +27,9 @@ from catalog.paths import is_local, is_transient, join, ls, resolve, retry, writ
 from catalog.schemas import TABLE_KEY, CatalogVersionError, check_version
 
 DEFAULT_MAX_ROWS = 250_000
+# Row groups are the unit Parquet readers decode whole: 32k rows keep a streamed read of a 384-d float16
+# embeddings shard at ~25 MB decoded at a time instead of the whole shard (190 MB at 250k rows).
+ROW_GROUP_ROWS = 32_768
 _SAFE_UNIT = re.compile(r"^[A-Za-z0-9._=-]+$")
 _FOOTER_READERS = 16  # object stores: footers are read in parallel, one small ranged read each
 
@@ -74,7 +77,7 @@ def write_shards(
         sink = pa.BufferOutputStream()
         with pq.ParquetWriter(sink, piece.schema, compression="zstd", write_page_checksum=True) as writer:
             if piece.num_rows:  # an empty shard has no row group: some readers (HF datasets) fail on empty ones
-                writer.write_table(piece)
+                writer.write_table(piece, row_group_size=ROW_GROUP_ROWS)
         url = join(table_dir(root, table), f"{unit}-{i:05d}.parquet")
         data_bytes = sink.getvalue().to_pybytes()
         write_bytes_atomic(url, data_bytes)

@@ -27,8 +27,11 @@ __all__ = [
     "COPY_THRESHOLD",
     "RELATIVE_THRESHOLD",
     "DedupResult",
+    "EdgeQuery",
+    "EdgeSearch",
     "Edges",
     "Mirror",
+    "Verify",
     "block_edges",
     "checked_index",
     "connected_components",
@@ -36,6 +39,7 @@ __all__ = [
     "graph_components",
     "graph_nprobe",
     "knn_graph",
+    "local_edges",
     "query_blocks",
     "relative_dedup",
     "select_keepers",
@@ -81,6 +85,8 @@ def graph_nprobe(index: PoolIndex, min_nprobe: int = GRAPH_MIN_NPROBE) -> int | 
 
 
 Mirror = Callable[[np.ndarray], np.ndarray]
+#: A second opinion on candidate edges (bool per edge: a copy), e.g. `curation.copy_verify.edge_check`.
+Verify = Callable[[Edges], np.ndarray]
 
 
 def block_edges(
@@ -162,6 +168,30 @@ def knn_graph(
     return e.src, e.dst, e.sim
 
 
+@dataclass(frozen=True)
+class EdgeQuery:
+    """What every query block of one copy graph is searched with (`block_edges`'s arguments)."""
+
+    k: int = COPY_K
+    threshold: float = COPY_THRESHOLD
+    nprobe: int | None = None
+    mirror: Mirror | None = None
+
+    def edges(self, index: PoolIndex, first_row: int, queries: np.ndarray) -> Edges:
+        return block_edges(index, queries, first_row, self.k, self.threshold, nprobe=self.nprobe,
+                           mirror=self.mirror)
+
+
+#: Searches query blocks ``(first row, rows)`` of an index and yields each block's edges, in block order.
+EdgeSearch = Callable[[PoolIndex, Iterable[tuple[int, np.ndarray]], EdgeQuery], Iterator[Edges]]
+
+
+def local_edges(index: PoolIndex, blocks: Iterable[tuple[int, np.ndarray]], query: EdgeQuery) -> Iterator[Edges]:
+    """`EdgeSearch` in this process, one block at a time."""
+    for start, q in blocks:
+        yield query.edges(index, start, q)
+
+
 def graph_components(
     index: PoolIndex,
     x: np.ndarray,
@@ -171,15 +201,22 @@ def graph_components(
     batch_size: int = GRAPH_BATCH,
     min_nprobe: int = GRAPH_MIN_NPROBE,
     mirror: Mirror | None = None,
+    search: EdgeSearch = local_edges,
+    verify: Verify | None = None,
 ) -> tuple[np.ndarray, int]:
     """(component per row, edges found) of the copy graph, streamed: each query block's edges go
     straight into a `ComponentForest`, so no whole edge list is ever held. ``edges found`` counts a
-    pair once per row whose search found it."""
+    pair once per row whose search found it (and, with ``verify``, that it confirmed). ``search`` may
+    run the blocks elsewhere (Ray workers, `pipelines.distributed_search`): the blocks and so the
+    components are the same; ``verify`` runs here, on each block's edges as they come back."""
     forest = ComponentForest(x.shape[0])
-    nprobe = graph_nprobe(index, min_nprobe)
+    query = EdgeQuery(k, threshold, graph_nprobe(index, min_nprobe), mirror)
     found = 0
-    for start, q in query_blocks(x, batch_size):
-        e = block_edges(index, q, start, k, threshold, nprobe=nprobe, mirror=mirror)
+    for e in search(index, query_blocks(x, batch_size), query):
+        if verify is not None:
+            e = unique_edges([e])
+            keep = verify(e)
+            e = Edges(e.src[keep], e.dst[keep], e.sim[keep])
         forest.add_edges(e.src, e.dst)
         found += len(e)
     return forest.labels(), found
@@ -240,15 +277,20 @@ def copy_dedup(
     index: PoolIndex | None = None,
     seed: int = 0,
     mirror: Mirror | None = None,
+    batch_size: int = GRAPH_BATCH,
+    search: EdgeSearch = local_edges,
+    verify: Verify | None = None,
 ) -> DedupResult:
     """Self-dedup: kNN graph -> components -> keep the largest image (then smallest id) of each.
+    With ``verify``, only the candidate edges it confirms join components.
 
     The reported similarity is to the keeper itself (the better of straight and mirrored with
     ``mirror``), which can be below `threshold` when the row joined the component through a chain
     of near copies.
     """
     index, x = checked_index(x if index is None else index, x, seed)
-    labels, n_edges = graph_components(index, x, k, threshold, mirror=mirror)
+    labels, n_edges = graph_components(index, x, k, threshold, mirror=mirror, batch_size=batch_size, search=search,
+                                       verify=verify)
     keep_mask, keeper = select_keepers(labels, priority, ids)
     removed = np.flatnonzero(~keep_mask)
     return DedupResult(
@@ -269,9 +311,12 @@ def relative_dedup(
     *,
     seed: int = 0,
     mirror: Mirror | None = None,
+    batch_size: int = GRAPH_BATCH,
+    search: EdgeSearch = local_edges,
 ) -> np.ndarray:
     """Sorted pool rows to drop: every pool row whose component (graph over pool + eval) has an eval row."""
     n_pool = pool_x.shape[0]
     both = np.concatenate([pool_x, np.asarray(eval_x, dtype=pool_x.dtype)])
-    labels, _ = graph_components(build_index(both, seed=seed), both, k, threshold, mirror=mirror)
+    labels, _ = graph_components(build_index(both, seed=seed), both, k, threshold, mirror=mirror,
+                                 batch_size=batch_size, search=search)
     return np.flatnonzero(np.isin(labels[:n_pool], labels[n_pool:]))

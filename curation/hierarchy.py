@@ -32,7 +32,7 @@ import torch
 
 from curation.checkpoint_store import ArrayStore
 from curation.cluster_cost import level1_shape
-from curation.kmeans import RowSource, as_rows, device_rows, kmeans_rows
+from curation.kmeans import RowSource, as_rows, device_rows, kmeans_rows, storage_rows
 from curation.kmeans_assign import (
     Metric,
     bias_minus_dot,
@@ -366,7 +366,7 @@ def hierarchical_kmeans(
     (entropy 0.943 vs 0.916 on the same 5180 leaves); ``benchmarks/build_lvd.py`` reports this per level.
     """
     dev = resolve_device(device)
-    inputs = x if isinstance(x, RowSource) else device_rows(np.asarray(x, dtype=np.float32), dev, dtype)
+    inputs = x if isinstance(x, RowSource) else device_rows(storage_rows(x), dev, dtype)
     out = Hierarchy([], [], np.empty(0, dtype=np.float32))
     for level, spec in enumerate(levels, start=1):
         if spec.k > inputs.n_rows:

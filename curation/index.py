@@ -33,6 +33,7 @@ TRAIN_NITER = 10
 N_TUNE_QUERIES = 1_000
 RECALL_AT = 10
 ADD_BATCH = 65_536
+TRUTH_BLOCK = 8_192
 SEARCH_BATCH = 16_384
 
 _MAGIC = b"CURATEIDX1"
@@ -191,8 +192,9 @@ def build_index(
     """Index L2-normalised rows of `x` (float16/float32, may be memory-mapped) for cosine search.
 
     N <= exact_max: IndexFlatIP (exact). Otherwise IVF with nlist ~ 4*sqrt(N), trained on a seeded
-    subsample; IVF-flat when the float32 vectors fit `memory_budget_bytes` (default half the
-    machine's RAM), else IVF-PQ. nprobe is then tuned on a held-out sample of pool rows against
+    subsample; the lists hold the vectors as float16 (the storage dtype of `curate embed`, so no
+    precision is lost for our tables and the index is one float16 copy, not a float32 one) when they
+    fit `memory_budget_bytes` (default half the machine's RAM), else IVF-PQ codes. nprobe is then tuned on a held-out sample of pool rows against
     exact search so recall@10 >= recall_target (a warning if even nprobe = nlist cannot).
     """
     n, d = x.shape
@@ -209,9 +211,10 @@ def build_index(
 
     nlist = _nlist_for(n)
     quantizer = faiss.IndexFlatIP(d)
-    if n * d * 4 <= budget:
-        cpu_index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        params.update(kind="ivf_flat", m=None)
+    if n * d * 2 <= budget:
+        cpu_index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                                  faiss.METRIC_INNER_PRODUCT, False)  # by_residual=False:
+        params.update(kind="ivf_fp16", m=None)  # codes are the float16 rows themselves, exact for our tables
     else:
         m = _pq_m_for(n, d, budget)
         cpu_index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
@@ -230,7 +233,8 @@ def build_index(
     held_out = np.setdiff1d(np.arange(n), train_rows, assume_unique=True)
     q_rows = np.sort(rng.choice(held_out, size=min(N_TUNE_QUERIES, len(held_out)), replace=False))
     q = _f32(x[q_rows])
-    _, truth = knn_ground_truth(q, _blocks(x), RECALL_AT, metric_type=faiss.METRIC_INNER_PRODUCT)
+    # blocks of TRUTH_BLOCK rows: the exact search holds a queries × block similarity matrix (4 MB a 1k block)
+    _, truth = knn_ground_truth(q, _blocks(x, TRUTH_BLOCK), RECALL_AT, metric_type=faiss.METRIC_INNER_PRODUCT)
     nprobe, recall = _tune_nprobe(index, nlist, q, truth, recall_target, on_gpu)
     if recall < recall_target:
         warnings.warn(

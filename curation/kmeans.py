@@ -38,6 +38,7 @@ from curation.kmeans_assign import (
     compute_dtype,
     default_chunk_size,
     fused_scoring,
+    host_tensor,
     normalize_rows,
     resolve_device,
     to_device,
@@ -47,7 +48,7 @@ from curation.kmeans_assign import (
 __all__ = ["ArrayLike", "ArrayRows", "KMeansResult", "Metric", "PartialSums", "RowSource", "as_rows", "assign",
            "compute_dtype", "default_chunk_size", "device_rows", "fused_scoring", "grid_exponent", "kmeans",
            "kmeans_plusplus", "kmeans_rows", "normalize_rows", "partial_sums", "reduce_partials", "resolve_device",
-           "update_centroids"]
+           "storage_rows", "update_centroids"]
 
 #: Mantissa bits kept for the largest |coordinate| when rounding to the summation grid.
 _GRID_BITS = 22
@@ -114,7 +115,10 @@ class ArrayRows:
         return out.cpu().numpy() if isinstance(out, torch.Tensor) and out.device.type != "cpu" else out
 
     def max_abs(self) -> float:
-        return float(torch.as_tensor(self.x).abs().max())
+        """Largest |value|, a chunk at a time (no whole-array temporary)."""
+        step = self.chunk_size or 65_536
+        return max((float(host_tensor(self.x[s : s + step]).abs().max()) for s in range(0, self.n_rows, step)),
+                   default=0.0)
 
     def partial_sums(self, centroids: np.ndarray, *, grid_exp: int, metric: Metric) -> PartialSums:
         return partial_sums(self.x, centroids, grid_exp=grid_exp, metric=metric, chunk_size=self.chunk_size,
@@ -129,12 +133,21 @@ def as_rows(x: ArrayLike | RowSource) -> RowSource:
     return x if isinstance(x, RowSource) else ArrayRows(x)
 
 
+def storage_rows(x: ArrayLike) -> ArrayLike:
+    """``x`` as rows to cluster: float16 and float32 arrays (memory-mapped ones too) stay as they are, one
+    chunk at a time is converted where it is used; other dtypes become float32. The values every chunk
+    computes with are the same either way, so the clusters are too."""
+    if isinstance(x, torch.Tensor) or getattr(x, "dtype", None) in (np.float16, np.float32):
+        return x
+    return np.asarray(x, dtype=np.float32)
+
+
 def device_rows(x: ArrayLike, device: torch.device, dtype: torch.dtype = torch.float32) -> ArrayRows:
     """``x`` as rows to cluster on ``device``: on CUDA moved there once when it takes at most half the free
     memory (every Lloyd step would otherwise copy all of it from the host again), else left where it is.
     The values, the chunk grid and so the results are the same either way."""
     if device.type == "cuda":
-        t = torch.as_tensor(x)
+        t = host_tensor(x)
         if t.device == device or t.element_size() * t.nelement() <= torch.cuda.mem_get_info(device)[0] // 2:
             x = t.to(device)
     return ArrayRows(x, device=device, dtype=dtype)
@@ -164,13 +177,13 @@ def partial_sums(
 
     ``grid_exp`` must be the same on every worker (``grid_exponent`` of a global bound on |x|, or
     ``grid_exponent(1.0)`` for cosine, whose rows are normalised) and ``chunk_size`` too (the
-    default depends only on k and the device type). A driver sums the shards with
+    default depends only on k, the device type, dtype and d). A driver sums the shards with
     `reduce_partials` and gets new centroids from `update_centroids`.
     """
     dev = resolve_device(device)
     k = int(centroids.shape[0])
     d = int(x.shape[1])
-    chunk_size = chunk_size or default_chunk_size(k, dev, dtype)
+    chunk_size = chunk_size or default_chunk_size(k, dev, dtype, dim=d)
     centroid_chunk = centroid_chunk or k
     prep = Prepared(centroids, metric, dev, dtype)
     scale = float(2.0**grid_exp)
@@ -358,7 +371,7 @@ def kmeans_rows(
     if metric == "cosine":
         c = normalize_rows(torch.as_tensor(c)).numpy()
     grid = grid_exponent(source.max_abs() if metric == "l2" else 1.0)
-    var = float(torch.var(torch.as_tensor(source.take(slice(None, None, max(1, n // 100_000)))).double(),
+    var = float(torch.var(host_tensor(source.take(slice(None, None, max(1, n // 100_000)))).double(),
                           dim=0).mean())
     it = 0
     for it in range(1, n_iter + 1):

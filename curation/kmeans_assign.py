@@ -28,6 +28,7 @@ ArrayLike = np.ndarray | torch.Tensor
 
 #: Score matrix elements per chunk (rows × centroids); 2**24 fp32 = 64 MiB on CPU, 2**30 on CUDA.
 CPU_SCORE_BUDGET = 1 << 24
+CPU_ROW_ELEMENTS = 1 << 22  # values of x per CPU chunk: 16 MB per float32 copy of it
 CUDA_SCORE_BUDGET = 1 << 30
 #: torch.mm(..., out_dtype=) (bf16 inputs, fp32 scores) exists in recent torch builds, on CUDA only.
 _HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
@@ -59,20 +60,36 @@ def compute_dtype(precision: Literal["auto", "bf16", "fp32"], device: torch.devi
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def default_chunk_size(k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    """Rows per chunk: a fixed function of k, device type and dtype, so every worker uses the same grid.
+def default_chunk_size(k: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                       dim: int | None = None) -> int:
+    """Rows per chunk: a fixed function of k, device type, dtype and ``dim``, so every worker uses the
+    same grid.
 
     Fused scoring keeps no score buffer, so its chunks are large (enough row blocks to fill the GPU).
+    On CPU a chunk also holds ~5 float32-or-wider copies of its rows (converted, normalised, scaled,
+    rounded, float64 sums): ``dim`` caps it at `CPU_ROW_ELEMENTS` values, so a small k does not mean
+    65k-row chunks of ~500 MB temporaries at 384-d.
     """
     if fused_scoring(device, dtype):
         return _FUSED_CHUNK_ROWS
     budget = CUDA_SCORE_BUDGET if device.type == "cuda" else CPU_SCORE_BUDGET
-    return int(max(256, min(1 << 16, budget // max(k, 1))))
+    rows = min(1 << 16, budget // max(k, 1))
+    if dim and device.type == "cpu":
+        rows = min(rows, CPU_ROW_ELEMENTS // dim)
+    return int(max(256, rows))
+
+
+def host_tensor(x: ArrayLike) -> torch.Tensor:
+    """``x`` as a tensor, shared where it can be; a read-only array (a memory-mapped ``.npy``) is copied,
+    since torch cannot wrap one (and warns). Callers pass a chunk, so the copy is a chunk."""
+    if isinstance(x, torch.Tensor):
+        return x
+    a = np.asarray(x)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 def to_device(x: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
-    return t.to(device=device, dtype=dtype)
+    return host_tensor(x).to(device=device, dtype=dtype)
 
 
 def normalize_rows(t: torch.Tensor) -> torch.Tensor:
@@ -201,7 +218,7 @@ def assign(
     """Nearest centroid of every row: (labels int64 [n], distances float32 [n])."""
     dev = resolve_device(device)
     k = int(centroids.shape[0])
-    chunk_size = chunk_size or default_chunk_size(k, dev, dtype)
+    chunk_size = chunk_size or default_chunk_size(k, dev, dtype, dim=int(x.shape[1]))
     centroid_chunk = centroid_chunk or k
     prep = Prepared(centroids, metric, dev, dtype)
     n = int(x.shape[0])

@@ -13,6 +13,7 @@ actually fall into clusters (`seed_support`), and `cluster_retrieve` says why wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,15 +81,26 @@ def seed_support(seed_labels: np.ndarray, min_seed_per_cluster: int = MIN_SEED_P
                        seeds_in_eligible=int(counts[eligible].sum()), min_seed_per_cluster=min_seed_per_cluster)
 
 
+#: Top-k search of query rows against an index: (similarities [Q, k], pool rows [Q, k]), as `PoolIndex.search`.
+KnnSearch = Callable[[PoolIndex, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def local_search(index: PoolIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`KnnSearch` in this process."""
+    return index.search(q, k)
+
+
 def knn_retrieve(
     index: PoolIndex,
     seed_x: np.ndarray,
     k: int = KNN_K,
     min_similarity: float | None = None,
     max_per_seed: int | None = None,
+    search: KnnSearch = local_search,
 ) -> RetrievalResult:
-    """k nearest pool rows per seed image, merged over seeds; `max_per_seed` keeps the most similar."""
-    sims, rows = index.search(seed_x, k)
+    """k nearest pool rows per seed image, merged over seeds; `max_per_seed` keeps the most similar.
+    ``search`` may run elsewhere (Ray workers, `pipelines.distributed_search`) with the same answers."""
+    sims, rows = search(index, seed_x, k)
     seed_rows = np.broadcast_to(np.arange(len(seed_x), dtype=np.int64)[:, None], rows.shape)
     ranks = np.broadcast_to(np.arange(k, dtype=np.int32)[None, :], rows.shape)
     valid = rows >= 0

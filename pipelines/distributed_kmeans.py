@@ -236,7 +236,7 @@ def distributed_kmeans(
     sorted image_id order, whatever ``workers`` is. ``chunk_size`` defaults to ``kmeans``'s own.
     """
     index = RowIndex.read(root, exclude_ids=exclude_ids)
-    chunk = chunk_size or default_chunk_size(k, resolve_device(device))
+    chunk = chunk_size or default_chunk_size(k, resolve_device(device), dim=index.dim)
     with ShardedEmbeddings(index, workers=workers, chunk_size=chunk, device=device, num_cpus=num_cpus) as rows:
         result = kmeans_rows(rows, k, seed=seed, n_iter=n_iter, tol=tol, metric=metric, init=init,
                              init_sample_size=init_sample_size, device=device)

@@ -21,6 +21,30 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def kill_marked(marks: list[str]) -> None:
+    """Stop every process whose command line carries one of our marks, and their children."""
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
+    procs = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    procs.pop(os.getpid(), None)
+    for p in procs.values():
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
 def free_ports(n: int = 1) -> list[int]:
     """``n`` distinct loopback ports free right now (all held open together while they are picked)."""
     socks = [socket.socket() for _ in range(n)]

@@ -165,11 +165,16 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
     StageCommand(
         "dedup", "pipelines.stages.dedup:DedupConfig", "remove exact duplicates, near copies and eval-set overlaps",
         "Exact duplicates by sha256; copy detection by a k-NN graph over copy descriptors, each image also searched "
-        "mirrored (connected components, the largest image of each kept); relative dedup against evaluation sets "
-        "(--set eval_sets='{name: folder}'). A run that would remove more than max_removed_share (default 0.2) "
-        "of the pool fails and shows example pairs instead.",
+        "mirrored, each candidate pair confirmed by an aligned 32x32 pixel check (--set check_threshold=null turns "
+        "it off), then connected components, the largest image of each kept; relative dedup against evaluation "
+        "sets (--set eval_sets='{name: folder}'). --set descriptor=torchscript:PATH runs a local TorchScript "
+        "copy-detection model such as SSCD (model_size 320, model_dim 512, ImageNet mean/std by default) with a "
+        "threshold calibrated on labelled copies (reports/dedup/calibration.json). A run that would remove more "
+        "than max_removed_share (default 0.2) of the pool fails and shows example pairs instead. --set workers=N "
+        "searches the k-NN graph on N Ray actors (the same duplicates as one).",
         "pool, copy_descriptors (or embeddings)", "duplicates (image_id, kept_id, similarity, reason); "
-        "clustering and retrieval leave those images out", (), _dedup),
+        "model_copy_descriptors with a TorchScript descriptor; clustering and retrieval leave those images out",
+        (), _dedup),
     StageCommand(
         "cluster", "pipelines.stages.cluster:ClusterConfig", "hierarchical k-means with resampling over embeddings",
         "Cluster the catalog's embeddings (or --embeddings X.npy --ids IDS.npy, or a Parquet file with image_id "
@@ -210,7 +215,8 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "(1,000,000) images; below that, cluster mode only where the seed images bunch up: level-1 clusters "
         "holding more than min_seed_per_cluster (3) seed images must hold at least half of them, else k-NN. "
         "When cluster mode finds nothing it falls back to k-NN with a warning giving the numbers; an empty "
-        "result is a warning. Duplicates are never retrieved.",
+        "result is a warning. Duplicates are never retrieved. --set workers=N runs the k-NN search on N Ray "
+        "actors (the same rows as one).",
         "embeddings, duplicates, clusters, centroids, the seed", "the seed's rows of retrieved, "
         "reports/retrieve/<seed>.png",
         (Flag("--seed", "seed_set", "a seed name from the seeds config (demo, …) or a path", required=True),

@@ -176,12 +176,7 @@ def _read_inputs(root: str, config: ClusterConfig) -> tuple[np.ndarray, np.ndarr
 
         index = RowIndex.read(root, exclude_ids=exclude)
         return index.image_ids, index
-    image_ids, x = load_vectors(root, config.embeddings, config.ids)
-    if len(exclude):
-        keep = ~np.isin(image_ids, exclude)
-        image_ids, x = image_ids[keep], x[keep]
-    order = np.argsort(image_ids, kind="stable")  # row order independent of shard layout
-    return image_ids[order], np.ascontiguousarray(x[order])
+    return load_vectors(root, config.embeddings, config.ids, exclude_ids=exclude)  # sorted: layout-free order
 
 
 def _level1(vectors: np.ndarray | RowIndex, config: ClusterConfig, specs: list[LevelSpec], device: str,
@@ -192,7 +187,8 @@ def _level1(vectors: np.ndarray | RowIndex, config: ClusterConfig, specs: list[L
     from pipelines.distributed_kmeans import ShardedEmbeddings
 
     return ShardedEmbeddings(vectors, workers=config.workers, num_cpus=config.worker_cpus, device=device,
-                             dtype=dtype, chunk_size=default_chunk_size(specs[0].k, resolve_device(device), dtype))
+                             dtype=dtype, chunk_size=default_chunk_size(specs[0].k, resolve_device(device), dtype,
+                                                                        dim=vectors.dim))
 
 
 class ClusterStage(Stage):

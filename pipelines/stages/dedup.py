@@ -8,17 +8,19 @@ most the step it was in.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from catalog import schemas
-from catalog.config import ConfigError, at_least
+from catalog.config import ConfigError, above, at_least
 from catalog.decode import DecodeError, decode_rgb
-from catalog.embeddings import load_embeddings
+from catalog.embeddings import load_rows
 from catalog.errors import MissingInputError, UserError
+from catalog.images import UnreadableItem, read_item, resolve_uris
 from catalog.lineage import listing_fingerprint
 from catalog.manifest import fingerprint
 from catalog.paths import read_bytes, resolve, retry, with_protocol
@@ -26,6 +28,7 @@ from catalog.schemas import (
     COPY_DESCRIPTORS_TABLE,
     DUPLICATES_TABLE,
     EMBEDDINGS_TABLE,
+    MODEL_COPY_DESCRIPTORS_TABLE,
     POOL_TABLE,
 )
 from catalog.shards import table_exists
@@ -33,31 +36,74 @@ from catalog.sql import query
 from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
 from curation.copy_descriptor import RELATIVE_THRESHOLD as PIXEL_RELATIVE_THRESHOLD
 from curation.copy_descriptor import copy_descriptor, mirror
-from curation.dedup import COPY_K, COPY_THRESHOLD, RELATIVE_THRESHOLD, copy_dedup, relative_dedup
+from curation.copy_verify import RESIDUAL_THRESHOLD as CHECK_THRESHOLD
+from curation.copy_verify import SIDE as CHECK_SIDE
+from curation.copy_verify import edge_check, thumbnail
+from curation.dedup import (
+    COPY_K,
+    COPY_THRESHOLD,
+    GRAPH_BATCH,
+    RELATIVE_THRESHOLD,
+    EdgeSearch,
+    copy_dedup,
+    local_edges,
+    relative_dedup,
+)
+from curation.torchscript_descriptor import IMAGENET_MEAN, IMAGENET_STD, SSCD_DIM, SSCD_SIZE
 from pipelines.reports import write_dedup_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
+from pipelines.stages import dedup_model
+
+log = logging.getLogger("curate.pipelines")
 
 
 @dataclass(frozen=True)
 class DedupConfig:
-    """``descriptor``: ``pixels`` (built in, see curation.copy_descriptor) or ``embeddings`` (the
-    catalog's embeddings table, e.g. of a copy-detection model like SSCD, as DINOv2 used).
+    """``descriptor``: ``pixels`` (built in, see curation.copy_descriptor), ``embeddings`` (the
+    catalog's embeddings table) or ``torchscript:PATH``, a copy-detection model such as SSCD as DINOv2
+    used (`curation.torchscript_descriptor`): fed ``model_size``² images normalised by ``model_mean`` /
+    ``model_std``, returning ``model_dim`` values (SSCD's defaults); its threshold, unless given, is
+    calibrated on ``calibration_groups`` groups of labelled copies (reports/dedup/calibration.json).
+
+    ``check_threshold``: the largest local residual of a copy in the pixel check of each candidate pair
+    (`curation.copy_verify`; pixels only; null: no check, the descriptor alone decides). ``threshold``
+    is then the candidates' descriptor cosine.
 
     ``max_removed_share``: a run that would remove more of the pool than this fails instead (real pools
-    hold a few percent of copies; more means a threshold or descriptor that merges distinct images)."""
+    hold a few percent of copies; more means a threshold or descriptor that merges distinct images).
 
-    descriptor: Literal["pixels", "embeddings"] = "pixels"
+    ``workers > 1``: the k-NN graph's query blocks (``query_block`` rows each) are searched on that many
+    Ray actors of ``worker_cpus`` CPUs (`pipelines.distributed_search`); the result is the same as with one."""
+
+    descriptor: str = "pixels"
     k: int = COPY_K
     threshold: float | None = None
     eval_sets: dict[str, str] = field(default_factory=dict)
     relative_threshold: float | None = None
     seed: int = 0
     max_removed_share: float = 0.20
+    workers: int = 1
+    worker_cpus: float = 1.0
+    query_block: int = GRAPH_BATCH
+    check_threshold: float | None = CHECK_THRESHOLD
+    model_size: int = SSCD_SIZE
+    model_dim: int = SSCD_DIM
+    model_mean: tuple[float, float, float] = IMAGENET_MEAN
+    model_std: tuple[float, float, float] = IMAGENET_STD
+    calibration_groups: int = 40
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "k")
+        at_least(self, 1, "k", "workers", "query_block", "model_dim")
+        at_least(self, 8, "model_size")
+        at_least(self, 2, "calibration_groups")
+        above(self, 0, "worker_cpus")
+        if self.descriptor not in ("pixels", "embeddings") and not dedup_model.model_path(self.descriptor):
+            raise ConfigError(f"descriptor is pixels, embeddings or torchscript:PATH, got {self.descriptor!r}")
         if not 0.0 < self.max_removed_share <= 1.0:
             raise ConfigError(f"max_removed_share is a share of the pool in (0, 1], got {self.max_removed_share}")
+        if self.check_threshold is not None and not self.check_threshold > 0:
+            raise ConfigError(f"check_threshold is a residual in grey standard deviations (> 0) or null, "
+                              f"got {self.check_threshold}")
         for name in ("threshold", "relative_threshold"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
@@ -66,8 +112,21 @@ class DedupConfig:
             raise ConfigError("relative dedup against image folders (eval_sets) needs descriptor=pixels")
 
     def copy_threshold(self) -> float:
-        default = PIXEL_COPY_THRESHOLD if self.descriptor == "pixels" else COPY_THRESHOLD
-        return self.threshold if self.threshold is not None else default
+        if self.threshold is not None:
+            return self.threshold
+        if self.model() is not None:
+            return self.calibration().threshold
+        return PIXEL_COPY_THRESHOLD if self.descriptor == "pixels" else COPY_THRESHOLD
+
+    def model(self) -> dedup_model.ScriptedDescriptor | None:
+        path = dedup_model.model_path(self.descriptor)
+        if path is None:
+            return None
+        return dedup_model.load_model(path, self.model_size, self.model_dim, tuple(self.model_mean),
+                                      tuple(self.model_std))
+
+    def calibration(self) -> dedup_model.Calibration:
+        return dedup_model.calibration(self.model(), self.descriptor, self.calibration_groups, self.seed)
 
     def eval_threshold(self) -> float:
         default = PIXEL_RELATIVE_THRESHOLD if self.descriptor == "pixels" else RELATIVE_THRESHOLD
@@ -91,8 +150,29 @@ def exact_step(root: str) -> pa.Table:
     return _rows(ids, t.column("kept_id").to_numpy(), np.ones(len(ids)), "exact")
 
 
-def _descriptors(root: str, config: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    return load_embeddings(root, COPY_DESCRIPTORS_TABLE if config.descriptor == "pixels" else EMBEDDINGS_TABLE)
+def descriptor_table(config: DedupConfig) -> str:
+    """The table copy detection reads, by ``descriptor`` (the model's is written by this stage)."""
+    if config.descriptor == "pixels":
+        return COPY_DESCRIPTORS_TABLE
+    return EMBEDDINGS_TABLE if config.descriptor == "embeddings" else MODEL_COPY_DESCRIPTORS_TABLE
+
+
+def _descriptors(root: str, config: DedupConfig, step: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids sorted, descriptors in their storage dtype) of the images the steps before ``step`` kept."""
+    return load_rows(root, descriptor_table(config), exclude_ids=_removed_by(root, _reasons_before(config, step)))
+
+
+def _pixel_counts(root: str, ids: np.ndarray) -> np.ndarray:
+    """width × height of each image (0 where unknown), aligned with the sorted ``ids``."""
+    sizes = query(root, "SELECT image_id, coalesce(width * height, 0) AS px FROM pool "
+                        "WHERE status = 'ok' ORDER BY image_id")
+    known, px = sizes.column("image_id").to_numpy(), sizes.column("px").to_numpy()
+    at = np.searchsorted(known, ids)
+    found = at < len(known)
+    found[found] = known[at[found]] == ids[found]
+    out = np.zeros(len(ids), np.float64)
+    out[found] = px[at[found]]
+    return out
 
 
 def _removed_by(root: str, reasons: list[str]) -> np.ndarray:
@@ -105,13 +185,14 @@ def _removed_by(root: str, reasons: list[str]) -> np.ndarray:
 
 def steps(config: DedupConfig) -> list[str]:
     """The run's units, in the order they run: each one sees what the earlier ones removed."""
-    return ["exact", "copy"] + [f"eval-{name}" for name in sorted(config.eval_sets)]
+    describe = ["describe"] if config.model() is not None else []
+    return ["exact", *describe, "copy"] + [f"eval-{name}" for name in sorted(config.eval_sets)]
 
 
 def _reasons_before(config: DedupConfig, step: str) -> list[str]:
     """The ``duplicates.reason`` values written by the steps before ``step``."""
     earlier = steps(config)[:steps(config).index(step)]
-    return [s.replace("eval-", "eval:", 1) for s in earlier]
+    return [s.replace("eval-", "eval:", 1) for s in earlier if s != "describe"]
 
 
 def check_removed_share(root: str, config: DedupConfig, step: str, table: pa.Table) -> None:
@@ -139,19 +220,59 @@ def _uris(root: str, image_ids: list[int]) -> dict[int, str]:
     return dict(zip(t.column("image_id").to_pylist(), t.column("uri").to_pylist()))
 
 
-def copy_step(root: str, config: DedupConfig) -> pa.Table:
+def edge_search(config: DedupConfig, address: str | None = None) -> EdgeSearch:
+    """Where the copy graph's blocks are searched: in this process, or on ``workers`` Ray actors."""
+    if config.workers == 1:
+        return local_edges
+    from pipelines.distributed_search import RaySearch  # Ray, imported only for workers > 1
+
+    return RaySearch(config.workers, config.worker_cpus, address).edge_search
+
+
+def copy_step(root: str, config: DedupConfig, search: EdgeSearch = local_edges) -> pa.Table:
     """Near copies: k-NN graph above the threshold, connected components, keep the largest image."""
-    ids, x = _descriptors(root, config)
-    keep = ~np.isin(ids, _removed_by(root, _reasons_before(config, "copy")))
-    ids, x = ids[keep], x[keep]
-    order = np.argsort(ids)
-    ids, x = ids[order], np.ascontiguousarray(x[order])
-    sizes = query(root, "SELECT image_id, coalesce(width * height, 0) AS px FROM pool WHERE status = 'ok'")
-    px = dict(zip(sizes.column("image_id").to_pylist(), sizes.column("px").to_pylist()))
-    priority = np.asarray([px.get(int(i), 0) for i in ids], np.float64)
-    result = copy_dedup(x, ids, priority, config.k, config.copy_threshold(), seed=config.seed,
-                        mirror=mirror if config.descriptor == "pixels" else None)
+    ids, x = _descriptors(root, config, "copy")
+    pixels = config.descriptor == "pixels"
+    thumbnails = PoolThumbnails(root, ids)
+    checked = pixels and config.check_threshold is not None
+    result = copy_dedup(x, ids, _pixel_counts(root, ids), config.k, config.copy_threshold(), seed=config.seed,
+                        mirror=mirror if pixels else None, batch_size=config.query_block, search=search,
+                        verify=edge_check(x, thumbnails, config.check_threshold) if checked else None)
+    if thumbnails.unreadable:
+        log.warning("dedup: %d image(s) with a near copy candidate could not be read again to check it (kept "
+                    "apart), e.g. %s", len(thumbnails.unreadable), "; ".join(thumbnails.unreadable[:3]))
     return _rows(ids[result.removed_rows], ids[result.keeper_of_removed], result.removed_similarity, "copy")
+
+
+class PoolThumbnails:
+    """The verification thumbnails (`curation.copy_verify`) of pool images, read from their URIs when a
+    candidate pair first needs them (only images with a near neighbour are ever read) and kept."""
+
+    def __init__(self, root: str, ids: np.ndarray) -> None:
+        self.root, self.ids = root, ids
+        self.cache: dict[int, tuple[np.ndarray, int]] = {}
+        self.unreadable: list[str] = []
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        missing = [int(self.ids[r]) for r in rows if int(self.ids[r]) not in self.cache]
+        if missing:
+            t = query(self.root, "SELECT image_id, uri, coalesce(least(width, height), 0) AS side FROM pool "
+                                 f"WHERE image_id IN ({', '.join(map(str, missing))})")
+            uris = resolve_uris(self.root, t.column("uri")).to_pylist()
+            for iid, uri, side in zip(t.column("image_id").to_pylist(), uris, t.column("side").to_pylist()):
+                self.cache[iid] = self._read(uri, side)
+        got = [self.cache[int(self.ids[r])] for r in rows]
+        return np.stack([g[0] for g in got]), np.array([g[1] for g in got])
+
+    def _read(self, uri: str, side: int) -> tuple[np.ndarray, int]:
+        """(thumbnail, shorter side as ingested); side 0 for an image unreadable since ingest (its pairs
+        stay apart)."""
+        try:
+            img = decode_rgb(read_item(uri), min_side=2 * CHECK_SIDE)
+        except (UnreadableItem, DecodeError) as e:
+            self.unreadable.append(f"{uri} ({e})")
+            return np.zeros((CHECK_SIDE, CHECK_SIDE), np.uint8), 0
+        return thumbnail(img), side
 
 
 def folder_images(folder: str) -> dict[str, int]:
@@ -175,13 +296,11 @@ def eval_descriptors(folder: str) -> np.ndarray:
     return np.stack(out)
 
 
-def eval_step(root: str, config: DedupConfig, name: str, folder: str) -> pa.Table:
+def eval_step(root: str, config: DedupConfig, name: str, folder: str, search: EdgeSearch = local_edges) -> pa.Table:
     """Remove every pool image whose copy component touches an image of the evaluation set."""
-    ids, x = _descriptors(root, config)
-    keep = ~np.isin(ids, _removed_by(root, _reasons_before(config, f"eval-{name}")))
-    ids, x = ids[keep], x[keep]
+    ids, x = _descriptors(root, config, f"eval-{name}")
     rows = relative_dedup(x, eval_descriptors(folder), config.k, config.eval_threshold(), seed=config.seed,
-                          mirror=mirror)
+                          mirror=mirror, batch_size=config.query_block, search=search)
     return _rows(ids[rows], np.full(len(rows), -1), np.full(len(rows), np.nan), f"eval:{name}")
 
 
@@ -189,36 +308,54 @@ class DedupStage(Stage):
     name = "dedup"
     config_class = DedupConfig
     writes = (DUPLICATES_TABLE,)
+    runtime_keys = frozenset({"workers", "worker_cpus"})  # the same duplicates with any worker count
     empty_schemas = {DUPLICATES_TABLE: schemas.stamp(schemas.DUPLICATES, DUPLICATES_TABLE)}
 
     def tables_read(self, config: DedupConfig) -> tuple[str, ...]:
-        return (POOL_TABLE, COPY_DESCRIPTORS_TABLE if config.descriptor == "pixels" else EMBEDDINGS_TABLE)
+        own = descriptor_table(config) == MODEL_COPY_DESCRIPTORS_TABLE
+        return (POOL_TABLE,) if own else (POOL_TABLE, descriptor_table(config))
+
+    def tables_written(self, config: DedupConfig) -> tuple[str, ...]:
+        return self.writes + ((MODEL_COPY_DESCRIPTORS_TABLE,) if config.model() is not None else ())
 
     def extra_inputs(self, ctx: StageContext) -> dict[str, str]:
-        return {f"eval_set:{name}": listing_fingerprint(folder_images(folder))
-                for name, folder in sorted(ctx.config.eval_sets.items())}
+        model = ctx.config.model()
+        return ({f"eval_set:{name}": listing_fingerprint(folder_images(folder))
+                 for name, folder in sorted(ctx.config.eval_sets.items())}
+                | ({"descriptor_model": model.model_id} if model is not None else {}))
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         return [Unit(step, {}, 1, fingerprint(step)) for step in steps(ctx.config)]
 
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         config: DedupConfig = ctx.config
+        if unit.name == "describe":
+            return Output({MODEL_COPY_DESCRIPTORS_TABLE: dedup_model.describe_step(
+                ctx.root, config.model(), config.descriptor)})
         if unit.name == "exact":
             table = exact_step(ctx.root)
         elif unit.name == "copy":
-            table = copy_step(ctx.root, config)
+            table = copy_step(ctx.root, config, edge_search(config, ctx.address))
         else:
             name = unit.name[len("eval-"):]
-            table = eval_step(ctx.root, config, name, config.eval_sets[name])
+            table = eval_step(ctx.root, config, name, config.eval_sets[name], edge_search(config, ctx.address))
         check_removed_share(ctx.root, config, unit.name, table)
         return Output({DUPLICATES_TABLE: table})
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         removed = {unit: rows.get(DUPLICATES_TABLE, 0) for unit, rows in totals.units.items()}
         total = query(ctx.root, "SELECT count(*) FROM pool WHERE status = 'ok'").column(0)[0].as_py()
+        removed.pop("describe", None)
         if removed.get("copy"):
             write_dedup_report(ctx.root)
-        return {"in": total, "out": total - sum(removed.values()), "errored": 0, "removed": removed}
+        summary = {"in": total, "out": total - sum(removed.values()), "errored": 0, "removed": removed}
+        model = ctx.config.model()
+        if model is not None:
+            cal = ctx.config.calibration()
+            dedup_model.write_calibration_report(ctx.root, model, cal, ctx.config.copy_threshold())
+            summary["calibration"] = {"threshold": round(cal.threshold, 4), "precision": round(cal.precision, 4),
+                                      "recall": round(cal.recall, 4)}
+        return summary
 
 
 STAGE = DedupStage()

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog import schemas
-from catalog.config import ConfigError, at_least
+from catalog.config import ConfigError, above, at_least
 from catalog.embeddings import load_embeddings
 from catalog.manifest import fingerprint as content_fingerprint
 from catalog.paths import exists, join, read_bytes, write_bytes_atomic
@@ -35,11 +35,12 @@ from catalog.schemas import (
 )
 from catalog.shards import table_exists
 from catalog.sql import query
-from curation.index import PoolIndex, build_index, fingerprint
+from curation.index import SEARCH_BATCH, PoolIndex, build_index, fingerprint
 from curation.kmeans import assign
 from curation.retrieval import (
     KNN_K,
     MIN_SEED_PER_CLUSTER,
+    KnnSearch,
     RetrievalResult,
     choose_mode,
     cluster_retrieve,
@@ -56,7 +57,10 @@ log = logging.getLogger("curate.pipelines")
 
 @dataclass(frozen=True)
 class RetrieveConfig:
-    """``seed_set``: a seed name from ``seeds`` or a path to images (``curate retrieve --seed``)."""
+    """``seed_set``: a seed name from ``seeds`` or a path to images (``curate retrieve --seed``).
+
+    ``workers > 1``: the k-NN search runs on that many Ray actors of ``worker_cpus`` CPUs, ``query_block``
+    seed images per task (`pipelines.distributed_search`); the result is the same as with one."""
 
     seed_set: str = ""
     mode: Literal["auto", "knn", "cluster"] = "auto"
@@ -70,10 +74,14 @@ class RetrieveConfig:
     recall_target: float = 0.95
     seed: int = 0
     seeds: SeedsConfig = field(default_factory=SeedsConfig)
+    workers: int = 1
+    worker_cpus: float = 1.0
+    query_block: int = SEARCH_BATCH
 
     def __post_init__(self) -> None:
         at_least(self, 1, "k", "max_per_seed", "knn_min_seeds", "cluster_level", "min_seed_per_cluster",
-                 "per_cluster")
+                 "per_cluster", "workers", "query_block")
+        above(self, 0, "worker_cpus")
         if not 0.0 < self.recall_target <= 1.0:
             raise ConfigError(f"recall_target must be in (0, 1], got {self.recall_target}")
         if self.min_similarity is not None and not -1.0 <= self.min_similarity <= 1.0:
@@ -96,6 +104,16 @@ def pool_index(root: str, x: np.ndarray, config: RetrieveConfig) -> PoolIndex:
     index = build_index(x, recall_target=config.recall_target, seed=config.seed)
     write_bytes_atomic(url, index.to_bytes())
     return index
+
+
+def knn_search(config: RetrieveConfig, address: str | None = None) -> KnnSearch:
+    """Where the seed images are searched: in this process or on ``workers`` Ray actors, in the same
+    ``query_block``-row blocks either way."""
+    if config.workers == 1:
+        return lambda index, q, k: index.search(q, k, batch_size=config.query_block)
+    from pipelines.distributed_search import RaySearch  # Ray, imported only for workers > 1
+
+    return RaySearch(config.workers, config.worker_cpus, address, config.query_block).knn_search
 
 
 def _seed_labels(root: str, seed_x: np.ndarray, level: int) -> np.ndarray:
@@ -156,7 +174,8 @@ class RetrieveStage(Stage):
     name = "retrieve"
     config_class = RetrieveConfig
     writes = (RETRIEVED_TABLE,)
-    runtime_keys = frozenset({"seeds"})  # where the seed lives is its catalog's business (an input)
+    # where the seed lives is its catalog's business (an input); any worker count gives the same rows
+    runtime_keys = frozenset({"seeds", "workers", "worker_cpus"})
     empty_schemas = {RETRIEVED_TABLE: schemas.stamp(schemas.RETRIEVED, RETRIEVED_TABLE)}
 
     def run_name(self, config: RetrieveConfig) -> str:
@@ -190,9 +209,7 @@ class RetrieveStage(Stage):
         config: RetrieveConfig = ctx.config
         facts: SeedFacts = ctx.facts
         seed_ids, seed_x = load_embeddings(facts.catalog)
-        pool_ids, x = load_vectors(ctx.root)
-        keep = ~np.isin(pool_ids, removed_ids(ctx.root))
-        pool_ids, x = pool_ids[keep], np.ascontiguousarray(x[keep])
+        pool_ids, x = load_vectors(ctx.root, exclude_ids=removed_ids(ctx.root))
         result = None
         if facts.mode == "cluster":
             result = _cap(_cluster_mode(ctx.root, pool_ids, seed_x, config), config.max_per_seed)
@@ -201,7 +218,7 @@ class RetrieveStage(Stage):
                             config.k)
         if result is None or not len(result):
             result = knn_retrieve(pool_index(ctx.root, x, config), seed_x, config.k, config.min_similarity,
-                                  config.max_per_seed)
+                                  config.max_per_seed, search=knn_search(config, ctx.address))
         return Output({RETRIEVED_TABLE: retrieved_table(facts.name, pool_ids, seed_ids, result)})
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:

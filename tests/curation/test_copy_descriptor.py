@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from curation import copy_verify
 from curation.copy_descriptor import COPY_THRESHOLD, DIM, copy_descriptor, mirror
 from curation.dedup import copy_dedup
 from curation.index import build_index
-from curation.synthetic_images import copy_variants, glyph, random_scene
+from curation.synthetic_images import coin, copy_variants, glyph, random_scene
 
 
 def pairs(labels: np.ndarray) -> set[tuple[int, int]]:
@@ -20,17 +21,21 @@ def pairs(labels: np.ndarray) -> set[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def copies():
-    """40 distinct scenes and the case pairs the 16×16 thumbnail merged (w/W, x/X, v/V, u/U), each
-    with six copies: mirrored, cropped, colour-jittered, re-encoded, resized, all of these at once."""
+    """24 distinct scenes, the case pairs the 16×16 thumbnail merged (w/W, x/X), glyphs the
+    descriptor alone merges (c/o, O/0, 3/8, coins 20/25), each with six copies: mirrored, cropped,
+    colour-jittered, re-encoded, resized, all of these at once. Returns descriptors, groups, and the
+    pixel check's thumbnails and shorter sides."""
     rng = np.random.default_rng(0)
-    originals = [random_scene(rng, int(rng.integers(64, 160)), int(rng.integers(64, 160))) for _ in range(40)]
-    originals += [glyph(c, 48) for c in "wWxXvVuU"]
+    originals = [random_scene(rng, int(rng.integers(64, 160)), int(rng.integers(64, 160))) for _ in range(24)]
+    originals += [glyph(c, 48) for c in "wWxXcoO038"] + [coin("20", 64), coin("25", 64)]
     images, groups = [], []
     for g, img in enumerate(originals):
         for copy in [img] + [v for _, v in copy_variants(img, rng)]:
             images.append(copy)
             groups.append(g)
-    return np.stack([copy_descriptor(i) for i in images]), np.array(groups)
+    thumbs = np.stack([copy_verify.thumbnail(i) for i in images])
+    sides = np.array([min(i.size) for i in images])
+    return np.stack([copy_descriptor(i) for i in images]), np.array(groups), thumbs, sides
 
 
 def test_mirror_is_the_descriptor_of_the_mirrored_image():
@@ -47,20 +52,26 @@ def test_flat_image_has_the_zero_descriptor():
     assert not copy_descriptor(Image.new("RGB", (50, 40), (90, 120, 30))).any()
 
 
-def test_copies_found_and_look_alikes_kept_apart(copies):
-    x, groups = copies
-    x = x.astype(np.float32)
+def _found_pairs(x: np.ndarray, verify=None) -> set[tuple[int, int]]:
     n = len(x)
     result = copy_dedup(x, np.arange(n), np.zeros(n), threshold=COPY_THRESHOLD,
-                        index=build_index(x, exact_max=n), mirror=mirror)
-    merged = np.where(np.bincount(result.labels)[result.labels] > 1, result.labels, -1)
-    found, truth = pairs(merged), pairs(groups)
+                        index=build_index(x, exact_max=n), mirror=mirror, verify=verify)
+    return pairs(np.where(np.bincount(result.labels)[result.labels] > 1, result.labels, -1))
+
+
+def test_copies_found_and_look_alikes_kept_apart_by_the_pixel_check(copies):
+    x, groups, thumbs, sides = copies
+    x = x.astype(np.float32)
+    truth = pairs(groups)
+    found = _found_pairs(x, copy_verify.edge_check(x, lambda rows: (thumbs[rows], sides[rows])))
     hits = len(found & truth)
     assert hits / len(found) >= 0.95 and hits / len(truth) >= 0.95
+    alone = _found_pairs(x)  # the descriptor without the check merges look-alikes
+    assert len(alone & truth) / len(alone) < 0.9
 
 
 def test_mirrored_copies_need_the_mirrored_search(copies):
-    x, _ = copies
+    x, *_ = copies
     x = x.astype(np.float32)
     flips = np.arange(len(x)) % 7 == 1  # copy_variants' first kind is the mirror image
     originals = np.arange(len(x)) % 7 == 0

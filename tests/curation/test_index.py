@@ -44,7 +44,7 @@ def test_ivf_meets_recall_target_on_clustered_data():
     x = clustered(40_000, seed=5)
     index = build_index(x, exact_max=1_000, recall_target=0.95, seed=0)
     p = index.params
-    assert p["kind"] == "ivf_flat"
+    assert p["kind"] == "ivf_fp16"
     assert p["nlist"] == min(round(4 * np.sqrt(40_000)), 40_000 // TRAIN_POINTS_PER_LIST)
     assert 1 <= p["nprobe"] <= p["nlist"] and p["recall_at_10"] >= 0.95
     # Fresh queries never seen in tuning; a small margin for the sampling noise of 1,000 queries.
@@ -60,8 +60,8 @@ def test_nprobe_override_is_per_call():
     q = clustered(100, seed=13)
     before = index.search(q, 10)
     s_all, r_all = index.search(q, 10, nprobe=index.params["nlist"])
-    ref_s, ref_r = brute_force(x, q, 10)
-    np.testing.assert_array_equal(r_all, ref_r)  # probing every list is exhaustive
+    ref_s, _ = brute_force(x.astype(np.float16).astype(np.float32), q, 10)  # the lists hold float16
+    np.testing.assert_allclose(s_all, ref_s, atol=1e-5)  # probing every list is exhaustive (ties may swap rows)
     after = index.search(q, 10)
     np.testing.assert_array_equal(before[1], after[1])
 

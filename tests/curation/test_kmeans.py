@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,24 @@ def test_compute_dtype_is_bf16_only_where_the_fused_search_runs_unless_asked(dev
     assert compute_dtype("bf16", device) == torch.bfloat16 and compute_dtype("fp32", device) == torch.float32
     with pytest.raises(ValueError, match="precision"):
         compute_dtype("fp16", device)
+
+
+def test_cpu_chunks_are_capped_by_row_width_and_float16_rows_stay_float16(tmp_path):
+    """A small k must not mean 65k-row chunks (their float32/float64 temporaries are ~5 copies of the chunk);
+    float16 rows are clustered as they are stored, a chunk converted at a time, with float32's result."""
+    from curation.kmeans import storage_rows
+    from curation.kmeans_assign import CPU_ROW_ELEMENTS, default_chunk_size
+
+    cpu = torch.device("cpu")
+    assert default_chunk_size(8, cpu, dim=384) * 384 <= CPU_ROW_ELEMENTS
+    assert default_chunk_size(8, cpu) == 1 << 16  # no width given: the score budget alone
+    x16 = np.random.default_rng(3).normal(size=(3000, 16)).astype(np.float16)
+    assert storage_rows(x16) is x16
+    a = kmeans(x16, 12, seed=0, n_iter=5, chunk_size=512)
+    b = kmeans(x16.astype(np.float32), 12, seed=0, n_iter=5, chunk_size=512)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.centroids, b.centroids)
+    np.save(tmp_path / "x.npy", x16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a read-only memory map is read a chunk at a time, without torch's warning
+        c = kmeans(np.load(tmp_path / "x.npy", mmap_mode="r"), 12, seed=0, n_iter=5, chunk_size=512)
+    assert np.array_equal(c.labels, a.labels)

@@ -39,10 +39,18 @@ def demo_layout(demo_pool, lvd_catalog, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def quick(demo_layout):
+    """`curate ablate --quick`, SIGKILLed once its second arm has a checkpoint, then run again to the end.
+
+    Returns (catalog, the finishing run's stdout, raw's scores.json as it was at the kill)."""
     root = os.path.join(demo_layout, "catalog")
-    result = run_cli(["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--quick"])
+    args = ["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--quick"]
+    raw, clustering = run_dir(root, "quick", "raw", 0), run_dir(root, "quick", "clustering", 0)
+    kill_when(args, lambda: latest_checkpoint(os.path.join(clustering, "ckpt")) is not None, timeout=900)
+    assert os.path.exists(os.path.join(raw, SCORES_FILE)) and not os.path.exists(os.path.join(clustering, SCORES_FILE))
+    raw_scores = _text(raw, SCORES_FILE)
+    result = run_cli(args)
     assert result.returncode == 0, result.stderr[-4000:]
-    return root, result.stdout
+    return root, result.stdout, raw_scores
 
 
 def _text(*parts: str) -> str:
@@ -54,9 +62,15 @@ def _train_manifests(run: str) -> list[dict]:
     return [m for m in list_manifests(run) if m["stage"] == "train"]
 
 
+def _finished(run: str) -> dict:
+    """The one train manifest of ``run`` that finished (a killed invocation leaves another)."""
+    [manifest] = [m for m in _train_manifests(run) if m["status"] == "ok"]
+    return manifest
+
+
 @pytest.mark.slow
 def test_quick_ablation_writes_a_table_of_every_arm(quick):
-    root, out = quick
+    root, out, _ = quick
     folder = os.path.join(root, "ablations", "quick")
     summary = json.loads(_text(folder, "results.json"))
     assert summary["arms"] == list(ARMS)
@@ -79,13 +93,12 @@ def test_quick_ablation_writes_a_table_of_every_arm(quick):
 
 @pytest.mark.slow
 def test_every_arm_sees_the_same_images_and_differs_only_by_data(quick):
-    root, _ = quick
+    root, _, _ = quick
     configs, seen = {}, {}
     for arm in ARMS:
         run = run_dir(root, "quick", arm, 0)
         configs[arm] = to_dict(load_train_config(os.path.join(run, "config.yaml")))
-        [manifest] = _train_manifests(run)
-        seen[arm] = manifest["rows"]["images_seen"]
+        seen[arm] = _finished(run)["rows"]["images_seen"]
     assert len(set(seen.values())) == 1 and seen["raw"] == 6 * configs["raw"]["optim"]["batch_size_per_rank"]
     shared = {arm: {k: v for k, v in c.items() if k not in ("data", "output_dir")} for arm, c in configs.items()}
     assert all(shared[arm] == shared["raw"] for arm in ARMS)
@@ -103,7 +116,7 @@ def test_every_arm_sees_the_same_images_and_differs_only_by_data(quick):
 
 @pytest.mark.slow
 def test_mix_arm_counts_its_homogeneous_steps_from_the_loader(quick):
-    root, _ = quick
+    root, _, _ = quick
     run = run_dir(root, "quick", "mix", 0)
     scores = json.loads(_text(run, SCORES_FILE))
     config = load_train_config(os.path.join(run, "config.yaml"))
@@ -111,8 +124,7 @@ def test_mix_arm_counts_its_homogeneous_steps_from_the_loader(quick):
     expected = [step_kind(config.seed, s, 0.1) for s in range(6)]  # the sampler's own rule, recomputed
     assert loader_flags == expected and sum(expected) >= 1
     assert scores["homogeneous_steps"] == sum(expected)
-    [manifest] = _train_manifests(run)
-    assert manifest["notes"]["homogeneous_steps_this_run"] == sum(expected)
+    assert _finished(run)["notes"]["homogeneous_steps_this_run"] == sum(expected)
     summary = json.loads(_text(root, "ablations", "quick", "results.json"))
     assert summary["mechanics"]["mix"]["homogeneous_share"] == pytest.approx(sum(expected) / 6)
     assert summary["mechanics"]["raw"]["homogeneous_share"] is None
@@ -120,32 +132,22 @@ def test_mix_arm_counts_its_homogeneous_steps_from_the_loader(quick):
 
 @pytest.mark.slow
 def test_a_finished_ablation_is_not_redone_and_a_changed_one_is_refused(quick):
-    root, _ = quick
+    root, _, _ = quick
     again = run_cli(["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--quick"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier") == len(ARMS)
-    assert all(len(_train_manifests(run_dir(root, "quick", arm, 0))) == 1 for arm in ARMS)
+    assert all(len([m for m in _train_manifests(run_dir(root, "quick", arm, 0)) if m["status"] == "ok"]) == 1
+               for arm in ARMS)
     changed = run_cli(["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--quick", "--set", "steps=7"])
     assert changed.returncode == 2 and "was started with another ablation config" in changed.stderr
 
 
 @pytest.mark.slow
-def test_a_killed_ablation_resumes_the_unfinished_arm_only(demo_layout):
-    root = os.path.join(demo_layout, "catalog")
-    seed_set = os.path.join(demo_layout, "demo_pool", "seed")  # a small labelled set: scoring stays quick
-    args = ["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--name", "killed", "--set", "seeds=[0]", "steps=9",
-            "demo_pool=''", f"evals.labelled={seed_set}",
-            "arms={raw: {parts: {pool: {source: pool}}}, clustering: {parts: {lvd: {source: lvd}}}}"]
-    raw, clustering = run_dir(root, "killed", "raw", 0), run_dir(root, "killed", "clustering", 0)
-    kill_when(args, lambda: latest_checkpoint(os.path.join(clustering, "ckpt")) is not None, timeout=900)
-    assert os.path.exists(os.path.join(raw, SCORES_FILE)) and not os.path.exists(os.path.join(clustering, SCORES_FILE))
-    raw_scores = _text(raw, SCORES_FILE)
-
-    result = run_cli(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "raw seed 0: finished earlier" in result.stdout
+def test_a_killed_ablation_resumes_the_unfinished_arm_only(quick):
+    root, out, raw_scores = quick  # killed during its clustering arm, then run again
+    raw, clustering = run_dir(root, "quick", "raw", 0), run_dir(root, "quick", "clustering", 0)
+    assert "raw seed 0: finished earlier" in out and "clustering seed 0: finished earlier" not in out
     assert len(_train_manifests(raw)) == 1 and _text(raw, SCORES_FILE) == raw_scores
-    [finished] = [m for m in _train_manifests(clustering) if m["status"] == "ok"]
-    assert finished["notes"]["resumed_from"] >= 3  # from its checkpoint, not from scratch
-    assert [m["step"] for m in read_metrics(clustering)] == list(range(9))
-    assert finished["rows"]["images_seen"] == _train_manifests(raw)[0]["rows"]["images_seen"]
+    assert _finished(clustering)["notes"]["resumed_from"] >= 2  # from its checkpoint, not from scratch
+    assert [m["step"] for m in read_metrics(clustering)] == list(range(6))
+    assert _finished(clustering)["rows"]["images_seen"] == _finished(raw)["rows"]["images_seen"]

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,6 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -37,35 +35,11 @@ from pipelines.cli.jobs import (
     submit,
 )
 from pipelines.demo.job import DEMO_SETTINGS
-from tests.helpers import cli_env, free_ports, run_cli
+from tests.helpers import cli_env, free_ports, kill_marked, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's own SDK
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _kill_tree(marks: list[str]) -> None:
-    """Stop every process whose command line carries one of our marks, and their children."""
-    roots = [p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
-    procs = {p.pid: p for p in roots}
-    for p in roots:
-        try:
-            procs.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    procs.pop(os.getpid(), None)
-    for p in procs.values():
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 @contextlib.contextmanager
@@ -106,7 +80,7 @@ def _ray_head(auth: dict[str, str]):
                 time.sleep(0.5)
         yield url
     finally:
-        _kill_tree(marks)
+        kill_marked(marks)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -246,20 +220,8 @@ def _same_tables(a: str, b: str) -> None:
 
 
 @pytest.mark.slow
-def test_build_lvd_as_a_job_equals_the_in_process_run(ray_head, job_pool, in_process_lvd, tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("CURATE_RAY_ADDRESS", raising=False)
-    root = str(tmp_path / "cat")
-    argv = ["build-lvd", "--catalog", root, "--source", job_pool, "--address", ray_head, *BUILD]
-    assert maybe_submit(build_parser().parse_args(argv), argv)
-    job_id = re.search(r"submitted job (\S+)", capsys.readouterr().out).group(1)
-    _same_tables(root, in_process_lvd)
-    _jobs_cli(["jobs", "logs", job_id, "--address", ray_head])
-    assert "curated/lvd: 30 images" in capsys.readouterr().out
-
-
-@pytest.mark.slow
 def test_job_killed_mid_embed_then_resubmitted_has_no_duplicate_rows(ray_head, job_pool, in_process_lvd, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, capsys):
     from catalog.ledger import Ledger
     from pipelines.cli.jobs import stop, submit
 
@@ -275,9 +237,12 @@ def test_job_killed_mid_embed_then_resubmitted_has_no_duplicate_rows(ray_head, j
     while status(job_id, ray_head)["status"] not in ("STOPPED", "FAILED", "SUCCEEDED"):
         time.sleep(0.5)
     assert not Ledger(root, "embed").is_complete()  # it really died inside the embed stage
-    submit(argv, ray_head, wait=True)
+    resumed = submit(argv, ray_head, wait=True)
     assert query(root, "SELECT count(*) - count(DISTINCT image_id) FROM embeddings").column(0)[0].as_py() == 0
-    _same_tables(root, in_process_lvd)
+    _same_tables(root, in_process_lvd)  # the job, killed and resubmitted, built what the in-process run built
+    capsys.readouterr()
+    _jobs_cli(["jobs", "logs", resumed, "--address", ray_head])
+    assert "curated/lvd: 30 images" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""The dedup stage with the built-in copy descriptor on a small planted pool, and its guard against
-removing an implausible share of the pool."""
+"""The dedup stage with the built-in copy descriptor and its pixel check on a small planted pool, and
+its guard against removing an implausible share of the pool."""
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,18 +10,20 @@ from catalog.schemas import metadata_of
 from catalog.shards import shard_urls
 from catalog.sql import query
 from curation.copy_descriptor import DIM, NAME
-from curation.synthetic_images import combined, flip, random_scene
+from curation.synthetic_images import coin, combined, crop, flip, glyph, random_scene
 from pipelines.stage import run_stage
 from pipelines.stages.dedup import DedupConfig
 from pipelines.stages.ingest import IngestConfig
 
 N_DISTINCT = 30
 COPIES = {"flip": [0, 1, 2, 3], "combined": [4, 5]}  # planted copies of these originals
+LOOK_ALIKES = {"coin20": coin("20", 64), "coin25": coin("25", 64), "c": glyph("c", 64), "o": glyph("o", 64)}
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """30 distinct scenes and 6 copies of 6 of them (4 mirrored, 2 mirrored/cropped/jittered/re-encoded),
+    4 look-alikes that the descriptor alone merges (coins 20/25, c/o) and a cropped copy of coin 20,
     ingested; returns (catalog root, {copy uri: original uri})."""
     folder = tmp_path_factory.mktemp("planted")
     rng = np.random.default_rng(0)
@@ -34,6 +36,10 @@ def planted(tmp_path_factory):
         for i in originals:
             variant(scenes[i], rng).convert("RGB").save(folder / f"copy_{kind}{i:02d}.jpg", quality=90)
             truth[str(folder / f"copy_{kind}{i:02d}.jpg")] = str(folder / f"scene{i:02d}.png")
+    for name, img in LOOK_ALIKES.items():
+        img.save(folder / f"glyph_{name}.png")
+    crop(LOOK_ALIKES["coin20"], rng).save(folder / "copy_crop_coin20.jpg", quality=85)
+    truth[str(folder / "copy_crop_coin20.jpg")] = str(folder / "glyph_coin20.png")
     root = str(tmp_path_factory.mktemp("catalog"))
     run_stage("ingest", root, IngestConfig(source=str(folder)), executor="local")
     return root, truth
@@ -62,17 +68,17 @@ def _path(uri: str) -> str:
 
 
 def test_an_implausible_share_fails_with_the_numbers_and_the_knob(planted, tmp_path):
-    root, _ = planted
-    loose = DedupConfig(threshold=-1.0)  # every neighbour pair is a "copy"
+    root, truth = planted
+    loose = DedupConfig(threshold=-1.0, check_threshold=None)  # every neighbour pair is a "copy"
     with pytest.raises(UserError) as err:
         run_stage("dedup", root, loose, overwrite=True, executor="local")
     message = str(err.value)
-    n = N_DISTINCT + sum(len(v) for v in COPIES.values())
+    n = N_DISTINCT + len(LOOK_ALIKES) + len(truth)
     assert f"of {n} usable images" in message and "max_removed_share=0.2" in message
     assert "dedup.max_removed_share" in message and message.count("  ~  ") == 3
-    assert message.count("scene") + message.count("copy_") == 6  # both images of each pair, by URI
+    assert message.count("scene") + message.count("copy_") + message.count("glyph_") == 6  # both, by URI
     removed = int(message.split("dedup would remove ")[1].split(" ")[0])
     assert removed / n > 0.2
-    allowed = run_stage("dedup", root, DedupConfig(threshold=-1.0, max_removed_share=1.0), overwrite=True,
+    allowed = run_stage("dedup", root, DedupConfig(threshold=-1.0, check_threshold=None, max_removed_share=1.0), overwrite=True,
                         executor="local")
     assert allowed.summary["removed"]["copy"] == removed

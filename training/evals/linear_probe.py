@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from training.evals.sets import LabelledSet
@@ -26,7 +27,10 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int =
                          f"the smallest label has {counts[counts > 0].min()}")
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(probe, features, labels, cv=cv).mean())
+    # One BLAS thread: the probe's matrices are a few hundred rows, and threads only wait on each other
+    # (measured on 360 x 128 features, 30 labels: 0.4 s with one thread, 25 s with two on a busy 2-core host).
+    with threadpool_limits(limits=1):
+        return float(cross_val_score(probe, features, labels, cv=cv).mean())
 
 
 def linear_probe_eval(backbone: nn.Module, labelled: LabelledSet, folds: int = 5) -> dict[str, float]:

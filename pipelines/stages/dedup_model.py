@@ -1,0 +1,97 @@
+"""The dedup stage's learned descriptor (``descriptor=torchscript:PATH``, `curation.torchscript_descriptor`):
+the model read from its file, its descriptors of the pool (table ``model_copy_descriptors``, float16,
+the model's sha256 in the metadata) and its calibrated threshold, reported beside the copy groups."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+
+from catalog.decode import DecodeError, decode_rgb
+from catalog.embeddings import embeddings_table
+from catalog.errors import MissingInputError, UserError
+from catalog.images import UnreadableItem, read_item, resolve_uris
+from catalog.paths import join, read_bytes, write_bytes_atomic
+from catalog.schemas import MODEL_COPY_DESCRIPTORS_TABLE
+from catalog.sql import query
+from curation.torchscript_descriptor import (
+    Calibration,
+    ScriptedDescriptor,
+    calibrate,
+    calibration_set,
+    describe,
+    load_scripted,
+)
+
+log = logging.getLogger("curate.pipelines")
+PREFIX = "torchscript:"
+_READ_BATCH = 256
+
+
+def model_path(descriptor: str) -> str | None:
+    """PATH of ``torchscript:PATH``; None for the other descriptors."""
+    return descriptor[len(PREFIX):] if descriptor.startswith(PREFIX) else None
+
+
+@lru_cache(maxsize=2)
+def load_model(path: str, size: int, dim: int, mean: tuple[float, ...], std: tuple[float, ...]) -> ScriptedDescriptor:
+    try:
+        data = read_bytes(path)
+    except FileNotFoundError as e:
+        raise MissingInputError(f"descriptor model {path} does not exist") from e
+    try:
+        return load_scripted(data, size, dim, mean, std)
+    except ValueError as e:
+        raise UserError(f"descriptor model {path}: {e}") from e
+
+
+def _describe_checked(model: ScriptedDescriptor, images: list, path: str) -> np.ndarray:
+    try:
+        return describe(model, images)
+    except ValueError as e:
+        raise UserError(f"descriptor model {path}: {e}") from e
+
+
+def describe_step(root: str, model: ScriptedDescriptor, path: str) -> pa.Table:
+    """The model's descriptors of every usable pool image (an image unreadable since ingest is left
+    out, with a warning: it takes part in no copy pair)."""
+    t = query(root, "SELECT image_id, uri FROM pool WHERE status = 'ok' ORDER BY image_id")
+    ids, uris = t.column("image_id").to_numpy(), resolve_uris(root, t.column("uri")).to_pylist()
+    kept, parts, unreadable = [], [], []
+    for start in range(0, len(ids), _READ_BATCH):
+        images = []
+        for iid, uri in zip(ids[start : start + _READ_BATCH], uris[start : start + _READ_BATCH]):
+            try:
+                images.append(decode_rgb(read_item(uri), min_side=model.size))
+                kept.append(iid)
+            except (UnreadableItem, DecodeError) as e:
+                unreadable.append(f"{uri} ({e})")
+        parts.append(_describe_checked(model, images, path))
+    if unreadable:
+        log.warning("dedup: %d pool image(s) could not be read for the descriptor model, e.g. %s",
+                    len(unreadable), "; ".join(unreadable[:3]))
+    x = np.concatenate(parts) if parts else np.zeros((0, model.dim), np.float16)
+    return embeddings_table(np.asarray(kept, np.int64), x, {"descriptor": model.model_id, "model_path": path,
+                                                             "input_size": str(model.size)},
+                            MODEL_COPY_DESCRIPTORS_TABLE)
+
+
+@lru_cache(maxsize=2)
+def calibration(model: ScriptedDescriptor, path: str, groups: int, seed: int) -> Calibration:
+    images, labels = calibration_set(seed, groups)
+    return calibrate(_describe_checked(model, images, path), labels)
+
+
+def write_calibration_report(root: str, model: ScriptedDescriptor, cal: Calibration, threshold: float) -> str:
+    """reports/dedup/calibration.json: the threshold used and the calibration's precision and recall."""
+    url = join(root, "reports", "dedup", "calibration.json")
+    body = {"model_id": model.model_id, "threshold_used": threshold, "calibration": asdict(cal),
+            "calibration_set": "curation.torchscript_descriptor.calibration_set (distinct scenes with flipped, "
+                               "cropped, jittered, re-encoded, resized and combined copies)"}
+    write_bytes_atomic(url, json.dumps(body, indent=2).encode())
+    return url

@@ -1,0 +1,49 @@
+"""The pixel check of copy candidates: copies pass it, look-alikes that the descriptor merges do not."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from curation import copy_verify as cv
+from curation.copy_descriptor import COPY_THRESHOLD, copy_descriptor, mirror
+from curation.synthetic_images import VARIANTS, coin, glyph, random_scene
+
+
+def _check(pairs: list[tuple[Image.Image, Image.Image]]) -> np.ndarray:
+    a = np.stack([cv.thumbnail(p) for p, _ in pairs])
+    b = np.stack([cv.thumbnail(q) for _, q in pairs])
+    da = np.stack([copy_descriptor(p) for p, _ in pairs]).astype(np.float32)
+    db = np.stack([copy_descriptor(q) for _, q in pairs]).astype(np.float32)
+    mirrored = (mirror(da) * db).sum(1) > (da * db).sum(1)
+    sides = lambda imgs: np.array([min(i.size) for i in imgs])  # noqa: E731
+    return cv.residuals(a, b, sides([p for p, _ in pairs]), sides([q for _, q in pairs]), mirrored)
+
+
+def test_every_kind_of_copy_passes():
+    rng = np.random.default_rng(3)
+    originals = [random_scene(rng, 120, 90), glyph("k", 48), coin("25", 64)]
+    pairs = [(img, variant(img, rng)) for img in originals for variant in VARIANTS.values()]
+    res = _check(pairs)
+    assert (res < cv.RESIDUAL_THRESHOLD).all(), dict(zip([k for _ in originals for k in VARIANTS], res.round(2)))
+
+
+@pytest.mark.parametrize("a, b", [
+    (glyph("c", 48), glyph("o", 48)),  # one gap
+    (glyph("O", 48), glyph("0", 64)),  # narrower: the fit's scale is not a crop's
+    (glyph("3", 48), glyph("8", 48)),
+    (glyph("5", 64), glyph("6", 48)),
+    (coin("20", 64), coin("25", 64)),  # one numeral
+    (coin("20", 48), ImageOps.mirror(coin("50", 64))),
+    (coin("2", 64), coin("5", 48)),
+])
+def test_look_alikes_the_descriptor_merges_fail(a, b):
+    da, db = copy_descriptor(a).astype(np.float32), copy_descriptor(b).astype(np.float32)
+    assert max(da @ db, mirror(da[None])[0] @ db) > COPY_THRESHOLD  # the descriptor alone merges them
+    assert _check([(a, b)])[0] >= cv.RESIDUAL_THRESHOLD
+
+
+def test_an_unreadable_image_is_never_a_copy():
+    img = random_scene(np.random.default_rng(0), 64, 64)
+    t = cv.thumbnail(img)[None]
+    assert cv.residuals(t, t, np.array([64]), np.array([64]), np.array([False]))[0] < cv.RESIDUAL_THRESHOLD
+    assert cv.residuals(t, t, np.array([64]), np.array([0]), np.array([False]))[0] == np.inf
