@@ -11,10 +11,9 @@ import pyarrow.compute as pc
 
 from catalog.images import resolve_uris
 from catalog.ledger_items import Item, shard_items, shard_key, written_ids
-from catalog.parquet_rows import footer
-from catalog.paths import join, resolve
+from catalog.paths import join
 from catalog.schemas import EMBEDDINGS_TABLE, ERRORS_TABLE, POOL_TABLE
-from catalog.shards import read_shard, table_dir
+from catalog.shards import read_shard, shard_rows, table_dir
 
 
 def pool_slices(root: str, rows_per_slice: int) -> list[Item]:
@@ -22,8 +21,7 @@ def pool_slices(root: str, rows_per_slice: int) -> list[Item]:
     shard's fingerprint: a rewritten shard changes all its slices."""
     items = []
     for shard in shard_items(root, POOL_TABLE):
-        fs, path = resolve(join(table_dir(root, POOL_TABLE), shard_key(shard.key)[1]))
-        rows = footer(fs, path).num_rows
+        rows = shard_rows(join(table_dir(root, POOL_TABLE), shard_key(shard.key)[1]), POOL_TABLE)
         items += [Item(f"{shard.key}#{k}", shard.fingerprint) for k in range(-(-rows // rows_per_slice))]
     return items
 
