@@ -1,14 +1,16 @@
 """Appending runs: a stage planned item by item, so that a grown input adds units instead of redoing all.
 
-A stage that lists its input as items (ingest: the files or tar shards of a source; embed: the usable pool
-rows) has its plan record each unit's members (``Plan.members``: unit -> ``[key, item fingerprint]``).
-A rerun compares the current items with the recorded members (`ItemChange`):
+A stage that lists its input as items (ingest: the files or tar shards of a source; embed and cluster: the
+shards of the catalog tables they read, `shard_items`, so that the plan grows with shards, not rows) has its
+plan record each unit's members (``Plan.members``: unit -> ``[key, item fingerprint]``). A rerun compares
+the current items with the recorded members (`ItemChange`):
 
 - items not recorded (or recorded with another fingerprint: a file rewritten under the same URI) are
   new, and go to new units of the next generation; the finished units are never redone;
 - a recorded item that vanished stays a member with the fingerprint ``removed``, and its unit's rows
   are retired (the stage decides how: ingest marks its pool row ``status = 'removed'``);
-- a recorded item that changed leaves its old unit (whose rows of it are dropped) for a new one;
+- a recorded item that changed leaves its old unit (whose rows of it are dropped) for a new one; a
+  rewritten shard (``in_place``) stays in its unit, whose rows keep what is still valid, and is also new;
 - an unfinished unit (a killed run) with any such change is dissolved: its items are planned anew.
 """
 

@@ -153,8 +153,8 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "Decode every usable pool image (Ray CPU tasks, or in-process for small pools) and embed it with the "
         "backbone, loaded once per worker (an actor per GPU, or on CPU). The image size, mean and std come "
         "with the backbone (registry entry or export metadata) unless image_size is set. Rerun after the pool "
-        "grew, it embeds only the images it has not embedded (by content hash) and drops the vectors of images "
-        "no longer in the pool.",
+        "grew, it embeds only the images of new or rewritten pool shards it has not embedded and drops the "
+        "vectors of images no longer in the pool.",
         "pool", "embeddings (float16 vectors; model id, weights sha256 and preprocessing in the file metadata), "
         "errors",
         (Flag("--model", "model", "dinov2_vitl14, dinov3_vitl16, … (training/models/config.py) or curate:PATH "
