@@ -31,7 +31,8 @@ fi
 "$VENV/bin/ruff" check . || { echo "ERROR: ruff check failed (fix the lines above)" >&2; exit 1; }
 # pytest exits 5 when it collected no test: that must fail loudly, not pass.
 set +e
-"$VENV/bin/python" -m pytest "${@:2}"
+# Two workers (pytest-xdist), a test file per worker at a time: its module fixtures are built once.
+"$VENV/bin/python" -m pytest -n 2 --dist loadfile "${@:2}"
 rc=$?
 [ $rc -eq 5 ] && echo "ERROR: pytest collected no tests" >&2
 exit $rc

@@ -3,24 +3,59 @@
 
 Nothing heavy is imported here, so the device-capable test files also run on a machine that has
 torch but not Ray, DuckDB or faiss (``pytest --device cuda tests/test_kmeans.py …``).
+
+The suite runs in two pytest-xdist workers (``./run.sh test``); the expensive session fixtures are
+built once per run and shared (``built_once``), and each worker gets its own copy of a catalog that
+tests add tables to.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("CURATE_PROGRESS", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it (catalog.threads): two workers share the cores
 
 DEMO_N = 1500
 # Filter thresholds for the demo pool (its images are 48..256 px, so DataComp's 200 px would remove most):
 # they remove exactly the planted low-quality images (tests/pipelines/test_quality.py, docs/benchmarks.md).
 DEMO_FILTER = ("drop_constant=true", "min_side=24", "max_aspect=3", "min_sharpness=6")
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``build`` once per test run. Under pytest-xdist every worker has its
+    own base folder inside the run's: the first worker to ask builds it there, the others wait on its lock."""
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder, done = base / name, base / f"{name}.done"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+def worker_copy(factory: pytest.TempPathFactory, shared: Path, name: str) -> str:
+    """This worker's own copy of the catalog ``shared`` (tests add tables to it); the folder itself when
+    one process runs the suite."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return str(shared)
+    copy = factory.mktemp(name) / shared.name
+    shutil.copytree(shared, copy)
+    return str(copy)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,9 +85,8 @@ def demo_pool(tmp_path_factory) -> str:
     """A small demo pool (every broken and awkward kind, some duplicate groups)."""
     from pipelines.demo.pool import generate_demo_pool
 
-    out = str(tmp_path_factory.mktemp("demo") / "pool_root")
-    generate_demo_pool(out, n=DEMO_N, seed=0)
-    return out
+    folder = built_once(tmp_path_factory, "demo", lambda f: generate_demo_pool(str(f / "pool_root"), n=DEMO_N, seed=0))
+    return str(folder / "pool_root")
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +95,10 @@ def demo_catalog(demo_pool, tmp_path_factory) -> str:
     from pipelines.stage import run_stage
     from pipelines.stages.ingest import IngestConfig
 
-    root = str(tmp_path_factory.mktemp("catalog") / "cat")
-    run_stage("ingest", root, IngestConfig(source=os.path.join(demo_pool, "pool"), files_per_unit=100))
-    return root
+    def ingest(folder: Path) -> None:
+        run_stage("ingest", str(folder / "cat"), IngestConfig(source=os.path.join(demo_pool, "pool"), files_per_unit=100))
+
+    return worker_copy(tmp_path_factory, built_once(tmp_path_factory, "catalog", ingest) / "cat", "catalog")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -87,18 +122,17 @@ def lvd_catalog(demo_catalog, tmp_path_factory) -> str:
     """A copy of the demo catalog through build-lvd (30% target) with the demo job's settings (the
     shipped demo backbone at 64 px, the default 5 levels) and the quality filter at the demo pool's
     thresholds (`DEMO_FILTER`), which removes none of its images (only planted ones)."""
-    import shutil
-
     from catalog.config import load_config
     from pipelines.build_lvd import BuildLVDConfig, build_lvd
     from pipelines.demo.job import DEMO_SETTINGS
 
-    root = str(tmp_path_factory.mktemp("lvd") / "cat")
-    shutil.copytree(demo_catalog, root)
-    config = load_config(BuildLVDConfig, None, [*DEMO_SETTINGS, *(f"filter.{s}" for s in DEMO_FILTER),
-                                                f"sample.target_size={int(DEMO_N * 0.3)}"])
-    build_lvd(root, config)
-    return root
+    def build(folder: Path) -> None:
+        shutil.copytree(demo_catalog, folder / "cat")
+        config = load_config(BuildLVDConfig, None, [*DEMO_SETTINGS, *(f"filter.{s}" for s in DEMO_FILTER),
+                                                    f"sample.target_size={int(DEMO_N * 0.3)}"])
+        build_lvd(str(folder / "cat"), config)
+
+    return worker_copy(tmp_path_factory, built_once(tmp_path_factory, "lvd", build) / "cat", "lvd")
 
 
 @pytest.fixture(scope="session")
@@ -110,19 +144,19 @@ def fsdp_pretrain(tmp_path_factory):
     """
     from tests.train_helpers import TINY, make_catalog, run_torchrun, torchrun_command
 
-    root = tmp_path_factory.mktemp("fsdp")
-    catalog = make_catalog(root)
     overrides = ("optim.iterations=8", "checkpoint.period=3", "checkpoint.keep_last=2")
-    run_torchrun(torchrun_command(TINY, catalog, root / "full", *overrides))
-    return catalog, root / "full", 8, overrides
+
+    def pretrain(folder: Path) -> None:
+        run_torchrun(torchrun_command(TINY, make_catalog(folder), folder / "full", *overrides))
+
+    root = built_once(tmp_path_factory, "fsdp", pretrain)  # read only: no test writes into it
+    return str(root / "catalog"), root / "full", 8, overrides
 
 
 @pytest.fixture(scope="session")
 def explore_catalog(lvd_catalog, tmp_path_factory) -> str:
     """A copy of ``lvd_catalog`` for `curate explore`'s tests: other tests add tables to the shared one
     (retrieve), which would change the site between its tests."""
-    import shutil
-
     root = str(tmp_path_factory.mktemp("explore_catalog") / "cat")
     shutil.copytree(lvd_catalog, root, ignore=shutil.ignore_patterns("reports", "_index", "_checkpoints"))
     return root
