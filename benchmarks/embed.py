@@ -7,7 +7,7 @@ one of two ways, each its own code (``load``, ``setup``, ``process``, the commit
 - ``--driver direct`` (CUDA default; the lent GPU machine has no Ray nor DuckDB): the stage's methods
   called as Ray would call them: ``load`` in a pool of processes standing in for the decode tasks
   (forked before CUDA starts), ``setup`` once, ``process`` and the commit for ``units_in_flight`` units
-  at once, as the threaded actor runs them. Units are what ``plan`` cuts (`embed_units`), from the file list.
+  at once, as the threaded actor runs them. Units are what the runner cuts (`item_units`), from the file list.
 
 ``--decode`` chooses the stage's decode path(s): ``device`` (plain JPEGs decoded on the model's device:
 nvJPEG on CUDA) and/or ``host`` (decode tasks decode everything). The model-only rate is the backbone
@@ -86,13 +86,16 @@ def stage_direct(paths: list[str], root: str, config, loads: Executor) -> dict:
     units processed and committed at once by one worker state; timed from the first load to the last commit."""
     from dataclasses import replace
 
-    from pipelines.stage import CatalogSink, StageContext, process_and_commit
-    from pipelines.stages.embed import STAGE, embed_units
+    from catalog.manifest import fingerprint
+    from pipelines.stage import CatalogSink, StageContext, Unit, process_and_commit
+    from pipelines.stages.embed import STAGE
 
     stage = STAGE
     ctx = StageContext(root, config, stage.name)
     ctx = replace(ctx, facts=stage.prepare(ctx))
-    units = embed_units(list(range(len(paths))), paths, ["-"] * len(paths), config.images_per_unit)
+    n = config.images_per_unit
+    units = [Unit(f"emb-{k // n:06d}", {"ids": list(range(k, k + n))[: len(paths) - k], "uris": paths[k : k + n]},
+                  len(paths[k : k + n]), fingerprint(paths[k : k + n])) for k in range(0, len(paths), n)]
     sink = CatalogSink(root, stage.name, stage.tables_written(config))
     t_setup = time.perf_counter()
     state = stage.setup(ctx)

@@ -34,6 +34,10 @@ class Plan:
     inputs: dict[str, str]
     units: dict[str, str]  # unit name -> fingerprint of that unit's input content
     outputs: list[str] = field(default_factory=list)  # tables the run writes (for readers' warnings)
+    # appending stages (`catalog.ledger_items`): each unit's [key, item fingerprint] members, and how many
+    # updates appended units (names of later generations start with g<generation>-)
+    members: dict[str, list[list[str]]] | None = None
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,12 @@ class Ledger:
 
     def mark_complete(self, info: dict | None = None) -> None:
         write_bytes_atomic(join(self.dir, COMPLETE_FILE), json.dumps(info or {}, default=str).encode())
+
+    def reopen(self) -> None:
+        """Forget that the run finished: an update appends units to it (written before anything changes)."""
+        fs, path = resolve(join(self.dir, COMPLETE_FILE), fresh=True)
+        if retry(lambda: fs.exists(path)):
+            retry(lambda: fs.rm(path))
 
     def reset(self) -> None:
         fs, path = resolve(self.dir, fresh=True)

@@ -145,6 +145,19 @@ def _readable(url: str, read):
         raise _corrupt(url, e) from e
 
 
+def shard_rows(url: str, table: str | None = None) -> int:
+    """A shard's row count, from its footer, after the same checks as `read_shard` (not its pages)."""
+    fs, path = resolve(url)
+
+    def read() -> int:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            _check_schema(pf.schema_arrow, url, table)
+            return pf.metadata.num_rows
+
+    return _readable(url, read)
+
+
 def read_shard(url: str, columns: list[str] | None = None, table: str | None = None) -> pa.Table:
     """One shard, after checking its schema version (and that it belongs to ``table``); every data page's
     CRC is verified. The whole read is retried on transient errors."""

@@ -127,6 +127,9 @@ def leaf_budgets(levels: list[LevelCounts], target: int, rng: np.random.Generato
     return budget, _dense(levels[0].ids, levels[0].sizes, len(budget))
 
 
+PREFERRED = 1e6  # subtracted from a preferred row's key: keys are uniform draws or distances, far smaller
+
+
 class LeafPicker:
     """Picks rows inside level-1 clusters from rows streamed in table order, batch by batch.
 
@@ -152,8 +155,9 @@ class LeafPicker:
         self._repeated: list[np.ndarray] = []
         self._offset = 0
 
-    def add(self, leaf: np.ndarray, distances: np.ndarray | None = None) -> None:
-        """The next rows of the table: their level-1 ids (and distances, for closest / farthest)."""
+    def add(self, leaf: np.ndarray, distances: np.ndarray | None = None, preferred: np.ndarray | None = None) -> None:
+        """The next rows of the table: their level-1 ids (and distances, for closest / farthest); rows
+        ``preferred`` (a previous selection) go before every other row of their cluster, in key order."""
         leaf = np.asarray(leaf, dtype=np.int64)
         rows = np.arange(self._offset, self._offset + len(leaf), dtype=np.int64)
         self._offset += len(leaf)
@@ -163,6 +167,8 @@ class LeafPicker:
             raise ValueError(f"strategy {self._strategy!r} needs distances")
         else:
             key = np.asarray(distances, dtype=np.float64) * (1.0 if self._strategy == "closest" else -1.0)
+        if preferred is not None:
+            key = np.where(preferred, key - PREFERRED, key)
         copies = self._copies[leaf]
         if copies.any():
             self._repeated.append(np.repeat(rows, copies))

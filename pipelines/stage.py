@@ -20,6 +20,10 @@ start-up and the ledger. Commits go through one `CatalogSink` (Ray Data's ``Data
 duties into on_write_start / write / on_write_complete): a unit's shards first, then its ledger marker, so
 a kill between the two redoes the unit and overwrites the same shard names.
 
+A stage may list its input as items instead of units (``items``): the runner then cuts them into units
+and records each unit's members, so that a rerun on a grown input appends units for the new items and
+retires the rows of vanished or changed ones (`pipelines.stage_append`, `catalog.ledger_items`).
+
 Two executors run the units, with the same ``process`` and commit code: Ray Data (tasks, or an actor
 pool for stages with ``setup``) and in-process. ``auto`` picks in-process for whole-table stages and
 for small work without a cluster address, since a Ray start costs more than the work itself there.
@@ -39,10 +43,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.config import ConfigError, from_dict, to_dict
 from catalog.lease import Lease, hold
 from catalog.ledger import Ledger, Plan, PlanChange
+from catalog.ledger_items import Item, Members, Retiring, generation_of, live, unit_fingerprint
 from catalog.lineage import listing_fingerprint, run_prefix, run_shards, table_state
 from catalog.manifest import RunManifest, fingerprint
 from catalog.paths import join, write_bytes_atomic
@@ -166,9 +172,48 @@ class Stage(ABC):
         """Fingerprints of inputs that are not tables of this catalog (a file, a seed's catalog)."""
         return {}
 
-    @abstractmethod
     def plan(self, ctx: StageContext) -> list[Unit]:
-        """The stage's work as deterministic units, from its inputs."""
+        """The stage's work as deterministic units, from its inputs (stages that list ``items`` need none)."""
+        raise TypeError(f"stage {self.name} lists neither items() nor plan()")
+
+    # Appending stages (`catalog.ledger_items`): the input as items, cut into units by the runner; a rerun on
+    # a grown input runs units of the new items only, and retires the rows of vanished or changed ones.
+    retires_in_place: ClassVar[bool] = False  # items are a table's shards (`ItemChange.between`)
+
+    def unit_prefix(self, ctx: StageContext) -> str:
+        return "items"
+
+    def items(self, ctx: StageContext) -> list[Item] | None:
+        """The input as items in a deterministic order, or None where the stage plans whole units."""
+        return None
+
+    def items_per_unit(self, ctx: StageContext) -> int:
+        return 1000
+
+    def cut(self, ctx: StageContext, items: list[Item], generation: int) -> list[list[Item]]:
+        """The items of one generation (0: the first run; later: an update's new items) cut into units."""
+        n = self.items_per_unit(ctx)
+        return [items[k : k + n] for k in range(0, len(items), n)]
+
+    def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
+        return {"keys": [item.key for item in items]}
+
+    def unit_size(self, payload: dict[str, Any], items: list[Item]) -> int:
+        """How many things a unit works on (its progress and the executor's choice): its items by default."""
+        return len(items)
+
+    def restart_reason(self, ctx: StageContext, new: list[Item], generation: int) -> str | None:
+        """Why a rerun with these new items (on a run ``generation`` updates old) should redo the run from
+        scratch instead of appending (None: append)."""
+        return None
+
+    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring,
+               members: Members) -> dict[str, pa.Table]:
+        """A finished unit's rows without those of the retiring items (default: rows keyed by ``image_id``;
+        tables without that column are kept as they are); ``members``: the unit's members that stay."""
+        ids = pa.array([int(k) for k in retiring.keys], pa.int64())
+        return {t: rows.filter(pc.invert(pc.is_in(rows.column("image_id"), ids)))
+                if "image_id" in rows.column_names else rows for t, rows in tables.items()}
 
     def resources(self, ctx: StageContext) -> Resources:
         return Resources()
@@ -238,11 +283,14 @@ class CatalogSink:
             delete_shards(self.root, table, run_prefix(self.run))
 
     def write_empty(self, schemas: dict[str, pa.Schema], markers: dict[str, dict]) -> list[list[Any]]:
-        """An empty shard for each output that no unit wrote rows to, so the table exists."""
+        """An empty shard for each output that no unit wrote rows to, so the table exists (and none where
+        units of an appended run now write rows)."""
         written = {t for m in markers.values() for t in m.get("shards", {})}
         out = []
         for table, schema in sorted(schemas.items()):
-            if table in self.outputs and table not in written:
+            if table in written:
+                delete_shards(self.root, table, f"{run_prefix(self.run)}empty-")
+            elif table in self.outputs:
                 shard = write_shards(self.root, table, f"{run_prefix(self.run)}empty", schema.empty_table())[0]
                 out.append([table, shard.name, shard.size, shard.sha256])
         return out
@@ -318,7 +366,7 @@ def _reconcile(ctx: StageContext, ledger: Ledger, sink: CatalogSink, plan: Plan)
     return "done"
 
 
-def _start_over(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, forget_state: bool) -> None:
+def start_over(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, forget_state: bool) -> None:
     """Forget the run: its ledger, its rows of every table it writes now or wrote under its recorded plan
     (a mix with other parts), and (``forget_state``) its other state."""
     recorded = ledger.plan()
@@ -346,22 +394,54 @@ def _run_held(stage: Stage, ctx: StageContext, sink: CatalogSink, overwrite: boo
     """`run_stage` once the run's lease is held."""
     ledger = Ledger(ctx.root, ctx.run)
     if overwrite:
-        _start_over(stage, ctx, ledger, sink, forget_state=True)
+        start_over(stage, ctx, ledger, sink, forget_state=True)
     ctx = replace(ctx, facts=stage.prepare(ctx))
     inputs = _inputs(stage, ctx)
-    units = stage.plan(ctx)
-    plan = Plan(stage.settings(ctx), inputs, {u.name: u.fingerprint for u in units}, list(sink.outputs))
+    items = stage.items(ctx)
+    recorded = ledger.plan()
+    if items is not None and recorded is not None and recorded.members is not None:
+        from pipelines.stage_append import update
+
+        return update(stage, ctx, ledger, sink, inputs, items, executor)
+    units, members = (stage.plan(ctx), None) if items is None else item_units(stage, ctx, items, 0)
+    plan = Plan(stage.settings(ctx), inputs, {u.name: u.fingerprint for u in units}, list(sink.outputs), members)
     decision = _reconcile(ctx, ledger, sink, plan)
     if decision == "done":
         return StageResult(ctx.run, ledger.completion().get("summary", {}), True, 0, 0, {})
     if decision in ("fresh", "restart"):
-        _start_over(stage, ctx, ledger, sink, forget_state=decision == "restart")
+        start_over(stage, ctx, ledger, sink, forget_state=decision == "restart")
         ledger.write_plan(plan)
-    return _run(stage, ctx, ledger, sink, units, plan, executor)
+    return run_units(stage, ctx, ledger, sink, units, plan, executor)
 
 
-def _run(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, units: list[Unit], plan: Plan,
-         executor: Executor) -> StageResult:
+def item_units(stage: Stage, ctx: StageContext, items: list[Item],
+               generation: int) -> tuple[list[Unit], dict[str, Members]]:
+    """Items cut into units (`Stage.cut`), named ``<prefix>-<k>`` (generation 0, the first run) or
+    ``g<generation>-<prefix>-<k>`` (units an update appends), with their members."""
+    units, members = [], {}
+    for k, chunk in enumerate(stage.cut(ctx, items, generation)):
+        name = f"{stage.unit_prefix(ctx)}-{k:06d}"
+        name = f"g{generation:03d}-{name}" if generation else name
+        members[name] = [[item.key, item.fingerprint] for item in chunk]
+        payload = stage.unit_payload(ctx, chunk, generation)
+        units.append(Unit(name, payload, stage.unit_size(payload, chunk), unit_fingerprint(members[name])))
+    return units, members
+
+
+def recorded_units(stage: Stage, ctx: StageContext, members: dict[str, Members], items: list[Item]) -> list[Unit]:
+    """The recorded units, rebuilt from the current items (every live member is one of them); a unit whose
+    members all vanished is finished and needs no payload."""
+    current = {item.key: item for item in items}
+    units = []
+    for name, pairs in members.items():
+        chunk = [current[k] for k in live(pairs)]
+        payload = stage.unit_payload(ctx, chunk, generation_of(name)) if chunk else {}
+        units.append(Unit(name, payload, stage.unit_size(payload, chunk) if chunk else 0, unit_fingerprint(pairs)))
+    return units
+
+
+def run_units(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, units: list[Unit], plan: Plan,
+              executor: Executor, notes: dict[str, Any] | None = None) -> StageResult:
     done = ledger.done()
     todo = [u for u in units if done.get(u.name, {}).get("fingerprint") != u.fingerprint]
     chosen = choose_executor(stage, ctx, todo, executor)
@@ -389,6 +469,7 @@ def _run(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, uni
         manifest.outputs = {t: o["content"] for t, o in outputs.items()}
         manifest.worker_cpu_seconds = round(sum(m.get("cpu_seconds", 0.0) for m in markers.values()), 3)
         manifest.notes["executor"] = chosen
+        manifest.notes.update(notes or {})
     ledger.mark_complete({"summary": summary, "outputs": outputs, "plan": fingerprint(dataclasses.asdict(plan))})
     return StageResult(ctx.run, summary, False, len(todo), totals.items_run, rows_run)
 

@@ -62,8 +62,9 @@ def _ingest(r: Any, _: dict[str, Any]) -> str:
     from pipelines.cli.report_text import skipped_text
 
     s = r.summary
-    return (f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors ({r.items_run} processed in this "
-            f"run); {skipped_text(s.get('skipped_by_extension', {}))}")
+    removed = f", {s['removed']} removed from the source" if s.get("removed") else ""
+    return (f"pool: {s['in']} files, {s['out']} usable, {s['errored']} in errors{removed} ({r.items_run} processed "
+            f"in this run); {skipped_text(s.get('skipped_by_extension', {}))}")
 
 
 def _embed(r: Any, _: dict[str, Any]) -> str:
@@ -84,12 +85,19 @@ def _dedup(r: Any, flags: dict[str, Any]) -> str:
 
 
 def _cluster(r: Any, _: dict[str, Any]) -> str:
-    return f"clusters per level (l1 finest): {r.summary['levels']} ({'already done' if r.skipped else 'done'})"
+    drift = r.summary.get("drift")
+    assigned = (f"; {drift['new']} new images assigned, {drift['share']:.1%} of them beyond the clustered "
+                f"images' 99th-percentile distance (reports/cluster/drift.json)") if drift else ""
+    return (f"clusters per level (l1 finest): {r.summary['levels']} ({'already done' if r.skipped else 'done'})"
+            f"{assigned}")
 
 
 def _sample(r: Any, _: dict[str, Any]) -> str:
     part = r.run.split("-", 1)[1]
-    return f"curated/{part}: {r.summary['out']} of {r.summary['in']} images"
+    diff = r.summary.get("diff")
+    changed = (f"; kept {diff['kept']} of its earlier images ({diff['kept_share']:.0%}), {diff['added']} added, "
+               f"{diff['removed']} removed (reports/{part}/diff.json)") if diff else ""
+    return f"curated/{part}: {r.summary['out']} of {r.summary['in']} images{changed}"
 
 
 def _retrieve(r: Any, _: dict[str, Any]) -> str:
@@ -128,7 +136,9 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "ingest", "pipelines.stages.ingest:IngestConfig", "build the pool table from images",
         "List SOURCE (a folder tree, a glob of WebDataset .tar shards, or a Parquet file with a 'uri' column or "
         "a bytes column), probe every image (full decode), hash it and make its copy descriptor (gradient "
-        "histograms and a colour layout, 480 float16).",
+        "histograms and a colour layout, 480 float16). Rerun on a grown folder or glob, it ingests only the new "
+        "files; a vanished file keeps its pool row as status 'removed', a file rewritten under the same name "
+        "(other size or modification time) is the removal of the old version and a new file.",
         "the files of SOURCE", "pool (every file: status ok|error), errors (reason per unusable file), "
         "copy_descriptors",
         (Flag("source", "source", "folder, .tar glob or .parquet file (local or an fsspec URL)"),), _ingest),
@@ -142,7 +152,9 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "embed", "pipelines.stages.embed:EmbedConfig", "embed the pool's usable images with an SSL backbone",
         "Decode every usable pool image (Ray CPU tasks, or in-process for small pools) and embed it with the "
         "backbone, loaded once per worker (an actor per GPU, or on CPU). The image size, mean and std come "
-        "with the backbone (registry entry or export metadata) unless image_size is set.",
+        "with the backbone (registry entry or export metadata) unless image_size is set. Rerun after the pool "
+        "grew, it embeds only the images of new or rewritten pool shards it has not embedded and drops the "
+        "vectors of images no longer in the pool.",
         "pool", "embeddings (float16 vectors; model id, weights sha256 and preprocessing in the file metadata), "
         "errors",
         (Flag("--model", "model", "dinov2_vitl14, dinov3_vitl16, … (training/models/config.py) or curate:PATH "
@@ -170,11 +182,16 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "the pool size; level 1 is one k-means while that costs under 1 TFLOP, else pre-clusters each split "
         "in sub-clusters). Checkpointed per level and resampling step. --plan --rows N --dim D prints the "
         "levels a pool of that size gets, with each level's FLOPs, time on this machine and memory, and the "
-        "level-1 worker count that fits an 80 GB GPU; it needs no catalog and reads no data.",
+        "level-1 worker count that fits an 80 GB GPU; it needs no catalog and reads no data. Rerun after the "
+        "embeddings grew, it assigns the new images down the existing hierarchy and writes "
+        "reports/cluster/drift.json (the share of new images beyond the clustered ones' 99th-percentile "
+        "distance, per top cluster); past max_drift (default 0.5), or with --recluster, it clusters again.",
         "embeddings, duplicates", "clusters (a cluster id per level, l1 finest), centroids",
         (Flag("--levels", "n_levels", "number of levels (default 5)", int),
          Flag("--embeddings", "embeddings", "bring your own: .npy (with --ids) or .parquet"),
-         Flag("--ids", "ids", ".npy of int64 image ids matching --embeddings rows")), _cluster,
+         Flag("--ids", "ids", ".npy of int64 image ids matching --embeddings rows"),
+         Flag("--recluster", "recluster", "after the embeddings grew: cluster the whole pool again instead of "
+              "assigning the new images down the existing hierarchy", bool)), _cluster,
         preview=Preview("print the levels and cost for --rows x --dim instead of clustering (no data, no Ray)",
                         (Flag("--rows", "rows", "pool size for --plan", int),
                          Flag("--dim", "dim", "embedding dimension for --plan", int)),
@@ -182,9 +199,12 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
     StageCommand(
         "sample", "pipelines.stages.sample:SampleConfig", "balanced hierarchical sampling into a curated part",
         "Water-fill --target-size over the top-level clusters, then down the hierarchy; pick inside level-1 "
-        "clusters at random (or closest/farthest), and write the part's report.",
+        "clusters at random (or closest/farthest), and write the part's report. Resampled after the clusters "
+        "changed (a grown pool), the part keeps its earlier images while their level-1 cluster's budget covers "
+        "them, fills or trims each cluster, and writes reports/<part>/diff.json (--set keep_previous=false: "
+        "sample afresh).",
         "clusters, pool", "curated/<part> (default lvd: image_id, uri, part, cluster lineage), "
-        "reports/<part>/*.png",
+        "reports/<part>/*.png, reports/<part>/diff.json",
         (Flag("--target-size", "target_size", "images in the part", int, required=True),
          Flag("--part", "part", "name of the part (default lvd)")), _sample),
     StageCommand(
@@ -267,6 +287,8 @@ def add_stage_command(sub: argparse._SubParsersAction, command: StageCommand, co
                        parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag in command.flags:
         kwargs: dict[str, Any] = {"help": flag.help, "type": flag.type}
+        if flag.type is bool:  # a switch: given sets the key true, absent leaves it to the config
+            kwargs = {"help": flag.help, "action": "store_const", "const": True}
         if flag.choices:
             kwargs["choices"] = flag.choices
         if flag.name.startswith("--"):

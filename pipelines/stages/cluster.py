@@ -14,16 +14,21 @@ count is not part of the plan and a run may resume with another one.
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ContextManager, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog import schemas
 from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
+from catalog.embeddings import embedding_metadata
+from catalog.ledger import Ledger
+from catalog.ledger_items import Item, Members, Retiring, live
 from catalog.lineage import file_fingerprint, run_output_fingerprint
 from catalog.manifest import fingerprint
 from catalog.progress import progress
@@ -39,9 +44,21 @@ from catalog.shards import read_schema, shard_urls
 from catalog.threads import machine_cpus
 from curation.cluster_cost import measure_rates
 from curation.cluster_plan import format_plan, plan_levels
+from curation.drift import drift_report
 from curation.hierarchy import Hierarchy, LevelSpec, default_levels, hierarchical_kmeans
 from curation.kmeans import RowSource, compute_dtype, default_chunk_size, resolve_device
+from pipelines.cluster_update import (
+    assign_down,
+    cluster_items,
+    clustered_distances,
+    input_ids,
+    labelled_table,
+    new_ids,
+    write_drift_report,
+)
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
+
+log = logging.getLogger("curate.pipelines")
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +75,11 @@ class ClusterConfig:
     ``worker_cpus`` CPUs each (catalog embeddings only); the result is the same as with one.
     ``precision``: of the nearest-centroid search; ``auto`` is bf16 on CUDA (the fused Triton kernel)
     and fp32 on CPU (`curation.kmeans.compute_dtype`).
+
+    A rerun after the embeddings grew assigns the new images down the existing hierarchy (nearest level-1
+    centroid, then its parents) and reports their drift (`drift_report`); ``recluster`` (``--recluster``),
+    or drift beyond ``max_drift`` (the share of new images farther from their level-1 centroid than the
+    99th percentile of the clustered ones), clusters the whole pool again instead.
     """
 
     n_levels: int = 5
@@ -73,11 +95,15 @@ class ClusterConfig:
     workers: int = 1
     worker_cpus: float = 1.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    recluster: bool = False
+    max_drift: float = 0.5
 
     def __post_init__(self) -> None:
         at_least(self, 1, "n_levels", "n_iter", "workers")
         at_least(self, 0, "resampling_steps")
         above(self, 0, "worker_cpus")
+        if not 0.0 <= self.max_drift <= 1.0:
+            raise ConfigError(f"max_drift is a share of the new images in [0, 1], got {self.max_drift}")
         if self.workers > 1 and self.embeddings is not None:
             raise ConfigError("workers > 1 reads the catalog's embeddings table; use workers=1 with --embeddings")
 
@@ -171,7 +197,8 @@ class ClusterStage(Stage):
     name = "cluster"
     config_class = ClusterConfig
     writes = (CLUSTERS_TABLE, CENTROIDS_TABLE)
-    runtime_keys = frozenset({"workers", "worker_cpus"})
+    retires_in_place = True  # its items are the embeddings' (and duplicates') shards
+    runtime_keys = frozenset({"workers", "worker_cpus", "recluster", "max_drift"})
 
     def tables_read(self, config: ClusterConfig) -> tuple[str, ...]:
         own = () if config.embeddings else (EMBEDDINGS_TABLE,)
@@ -181,16 +208,67 @@ class ClusterStage(Stage):
         files = {"embeddings": ctx.config.embeddings, "ids": ctx.config.ids}
         inputs = {f"file:{k}": file_fingerprint(v) for k, v in files.items() if v}
         filtered = run_output_fingerprint(ctx.root, FILTER_STAGE, ERRORS_TABLE)  # the filter stage's removals
-        return inputs | ({"run:filter": filtered} if filtered else {})
+        model = {} if ctx.config.embeddings else {"embeddings_model": fingerprint(embedding_metadata(ctx.root))}
+        return inputs | model | ({"run:filter": filtered} if filtered else {})
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         return [Unit("all", {}, 1, fingerprint("all"))]
+
+    def items(self, ctx: StageContext) -> list[Item] | None:
+        """The catalog's embeddings (and duplicates) by shard, so the plan grows with shards, not images
+        (None for vectors brought from a file: those are clustered whole)."""
+        if ctx.config.embeddings:
+            return None
+        return cluster_items(ctx.root, ctx.config.exclude_duplicates)
+
+    def unit_prefix(self, ctx: StageContext) -> str:
+        return "hierarchy"
+
+    def cut(self, ctx: StageContext, items: list[Item], generation: int) -> list[list[Item]]:
+        """The first run clusters everything in one unit; an update assigns the new images of its new (or
+        rewritten) shards in units of a few shards."""
+        if not generation:
+            return [items] if items else []
+        return [items[k : k + ASSIGN_SHARDS] for k in range(0, len(items), ASSIGN_SHARDS)]
+
+    def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
+        """An update unit's images, read from the tables when it is planned (`new_ids`): never in the plan."""
+        if not generation:
+            return {}
+        return {"assign": new_ids(ctx.root, ctx.run, [i.key for i in items], generation,
+                                  ctx.config.exclude_duplicates).tolist()}
+
+    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring,
+               members: Members) -> dict[str, pa.Table]:
+        """A finished unit whose shards changed or vanished keeps the rows of the images still in them."""
+        keep = pa.array(input_ids(ctx.root, set(live(members)) | retiring.changed, ctx.config.exclude_duplicates))
+        return {t: rows.filter(pc.is_in(rows.column("image_id"), keep)) if t == CLUSTERS_TABLE else rows
+                for t, rows in tables.items()}
+
+    def restart_reason(self, ctx: StageContext, new: list[Item], generation: int) -> str | None:
+        """``recluster`` once images were assigned (now or by earlier updates), or new images that drifted."""
+        if ctx.config.recluster and (new or generation):
+            return "recluster=true (--recluster)"
+        if not new:
+            return None
+        ids = new_ids(ctx.root, ctx.run, [i.key for i in new], generation + 1, ctx.config.exclude_duplicates)
+        if not len(ids):
+            return None
+        _, labels, distances = _assigned(ctx.config, ctx.root, ids)
+        drift = drift_report(clustered_distances(ctx.root), labels[:, -1], distances)
+        if drift["share"] > ctx.config.max_drift:
+            return (f"{drift['share']:.1%} of the {drift['new']} new images lie farther from their level-1 centroid "
+                    f"than 99% of the clustered ones (max_drift={ctx.config.max_drift:g})")
+        return None
 
     def clear(self, ctx: StageContext) -> None:
         CatalogArrayStore(ctx.root, self.name).clear()
 
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         config: ClusterConfig = ctx.config
+        if "assign" in unit.payload:
+            ids, labels, distances = _assigned(config, ctx.root, np.asarray(unit.payload["assign"], np.int64))
+            return Output({CLUSTERS_TABLE: labelled_table(ids, labels, distances)})
         image_ids, vectors = _read_inputs(ctx.root, config)
         dim = vectors.shape[1] if isinstance(vectors, np.ndarray) else vectors.dim
         specs = level_specs(config, len(image_ids), dim)
@@ -209,8 +287,20 @@ class ClusterStage(Stage):
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         n = totals.rows(CLUSTERS_TABLE)
         meta = schemas.metadata_of(read_schema(shard_urls(ctx.root, CENTROIDS_TABLE)[0]))
-        return {"in": n, "out": n, "errored": 0, "levels": json.loads(meta["k"]),
-                "inertia": json.loads(meta["inertia"])}
+        summary = {"in": n, "out": n, "errored": 0, "levels": json.loads(meta["k"]),
+                   "inertia": json.loads(meta["inertia"])}
+        plan = Ledger(ctx.root, ctx.run).plan()
+        if plan is not None and plan.members is not None and plan.generation:
+            summary["drift"] = write_drift_report(ctx.root, ctx.run, plan.generation, ctx.config.max_drift)
+        return summary
+
+
+ASSIGN_SHARDS = 8  # new shards per assignment unit
+
+
+def _assigned(config: ClusterConfig, root: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    device = _device(config.device)
+    return assign_down(root, ids, config.metric, device, compute_dtype(config.precision, resolve_device(device)))
 
 
 STAGE = ClusterStage()

@@ -27,15 +27,17 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.config import ConfigError, above, at_least
 from catalog.decode import DecodeError, Preprocess, decode_crop, plain_jpeg
 from catalog.embeddings import EmbeddingIdentity, embeddings_table
 from catalog.images import UnreadableItem, read_item
-from catalog.manifest import fingerprint
+from catalog.ledger_items import Item, Members, Retiring, live
 from catalog.schemas import EMBEDDINGS_TABLE, ERRORS, ERRORS_TABLE, POOL_TABLE, stamp
 from catalog.threads import machine_cpus
 from pipelines.demo.backbone import DEMO_EMBED_SETTINGS
+from pipelines.embed_items import pool_slices, still_usable, unit_images
 from pipelines.stage import Output, Resources, Stage, StageContext, Totals, Unit
 
 log = logging.getLogger("curate.pipelines")
@@ -127,6 +129,7 @@ class EmbedStage(Stage):
     config_class = EmbedConfig
     reads = (POOL_TABLE,)
     writes = (EMBEDDINGS_TABLE, ERRORS_TABLE)
+    retires_in_place = True  # its items are the pool's shards
     runtime_keys = frozenset({"batch_size", "actors", "decode_cpus", "actor_cpus", "torch_threads", "decode",
                               "units_in_flight"})
     distributable = True
@@ -157,13 +160,30 @@ class EmbedStage(Stage):
         return {**ctx.facts.identity.metadata(), "storage_dtype": config.storage_dtype,
                 "max_pixels": config.max_pixels, "images_per_unit": config.images_per_unit}
 
-    def plan(self, ctx: StageContext) -> list[Unit]:
-        """Usable pool rows in image_id order, cut into fixed-size units; a unit's input is its images' hashes."""
-        from catalog.sql import query  # DuckDB: not needed by the workers
+    def items(self, ctx: StageContext) -> list[Item]:
+        """The pool by shard slices of ``images_per_unit`` rows (`pipelines.embed_items`): a rerun on a grown
+        pool embeds only the images of new or rewritten shards it has not embedded, and drops the vectors of
+        images gone from the pool; the plan holds shards, not images."""
+        return pool_slices(ctx.root, ctx.config.images_per_unit)
 
-        pool = query(ctx.root, "SELECT image_id, uri, sha256 FROM pool WHERE status = 'ok' ORDER BY image_id")
-        return embed_units(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(),
-                           pool.column("sha256").to_pylist(), ctx.config.images_per_unit)
+    def unit_prefix(self, ctx: StageContext) -> str:
+        return "emb"
+
+    def items_per_unit(self, ctx: StageContext) -> int:
+        return 1
+
+    def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
+        ids, uris = unit_images(ctx.root, ctx.run, [i.key for i in items], ctx.config.images_per_unit, generation)
+        return {"ids": ids, "uris": uris}
+
+    def unit_size(self, payload: dict[str, Any], items: list[Item]) -> int:
+        return len(payload["ids"])
+
+    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring,
+               members: Members) -> dict[str, pa.Table]:
+        """A finished unit whose pool shard was rewritten keeps the rows of the images still usable there."""
+        keep = still_usable(ctx.root, set(live(members)) | retiring.changed)
+        return {t: rows.filter(pc.is_in(rows.column("image_id"), keep)) for t, rows in tables.items()}
 
     def resources(self, ctx: StageContext) -> Resources:
         import ray
@@ -244,16 +264,9 @@ class EmbedStage(Stage):
                        ERRORS_TABLE: pa.Table.from_pylist(errors, schema=stamp(ERRORS, ERRORS_TABLE))})
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
-        return {"in": totals.items, "out": totals.rows(EMBEDDINGS_TABLE), "errored": totals.rows(ERRORS_TABLE),
+        out, errored = totals.rows(EMBEDDINGS_TABLE), totals.rows(ERRORS_TABLE)
+        return {"in": out + errored, "out": out, "errored": errored,
                 **ctx.facts.identity.metadata()}
-
-
-def embed_units(ids: list[int], uris: list[str], shas: list[str], images_per_unit: int) -> list[Unit]:
-    """Rows in image_id order cut into fixed-size units; a unit's fingerprint is its images' ids and hashes."""
-    n = images_per_unit
-    return [Unit(f"emb-{i // n:06d}", {"ids": ids[i : i + n], "uris": uris[i : i + n]}, len(ids[i : i + n]),
-                 fingerprint(ids[i : i + n], shas[i : i + n]))
-            for i in range(0, len(ids), n)]
 
 
 def _decode_mode(config: EmbedConfig) -> Literal["host", "device"]:

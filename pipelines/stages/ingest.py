@@ -2,8 +2,11 @@
 
 Every listed file gets a ``pool`` row (``status`` ok or error); every file that cannot be used also
 gets an ``errors`` row with a reason code. Work is split into units (a slice of the listing, one tar
-shard, a slice of Parquet rows); each unit's fingerprint is its files' names and sizes, so a source
-that changed under the same name is told apart from the one that was ingested.
+shard, a slice of Parquet rows); each unit's fingerprint is its files' names, sizes and change stamps, so a
+source that changed under the same name is told apart from the one that was ingested. A folder or a glob
+of tar shards is listed as items (`catalog.ledger_items`): a rerun on a source that gained files ingests
+only those, in units of its own; a file that vanished keeps its pool row as ``status = 'removed'``; a file
+rewritten under the same name is the removal of the old version (its rows dropped) and a new file.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from catalog.images import (
     parquet_row_uri,
     read_item,
     repeated_uri,
+    split_uri,
     uri_extension,
 )
+from catalog.ledger_items import Item, Members, Retiring
 from catalog.manifest import fingerprint
 from catalog.parquet_rows import footer, read_rows, row_slices
 from catalog.paths import resolve, retry, with_protocol
@@ -57,7 +62,7 @@ log = logging.getLogger("curate.pipelines")
 
 BYTES_COLUMNS = ("bytes", "image", "jpg", "png")
 # WebDataset shards keep per-sample metadata beside each image; such members are not pool items.
-Item = tuple[str, bytes | None, str | None, str | None]  # uri, bytes, error reason, message
+Read = tuple[str, bytes | None, str | None, str | None]  # uri, bytes, error reason, message
 TAR_METADATA_EXTENSIONS = {".json", ".txt", ".cls", ".cls2", ".caption", ".key", ".url", ".meta", ".id", ".idx"}
 
 
@@ -79,34 +84,41 @@ def image_id(uri: str) -> int:
     return int.from_bytes(hashlib.blake2b(uri.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def plan_units(source: str, files_per_unit: int) -> list[Unit]:
-    """Split a source into deterministic units, by kind of source."""
+def is_parquet_source(source: str) -> bool:
     fs, path = resolve(source)
-    if path.endswith(".parquet") and not fs.isdir(path):
-        return _parquet_units(source, files_per_unit)
-    if path.endswith(".tar") or any(ch in path for ch in "*?["):
-        shards = {with_protocol(fs, p): info["size"] for p, info in retry(lambda: fs.glob(path, detail=True)).items()
-                  if p.endswith(".tar")}
-        if not shards:
+    return path.endswith(".parquet") and not fs.isdir(path)
+
+
+def is_tar_source(source: str) -> bool:
+    path = resolve(source)[1]
+    return path.endswith(".tar") or any(ch in path for ch in "*?[")
+
+
+def source_items(source: str) -> list[Item]:
+    """A folder's files (every extension: the decoder decides) or a glob's tar shards, sorted, each with its
+    size and modification stamp: a file rewritten under the same name is a new item."""
+    fs, path = resolve(source)
+    if is_tar_source(source):
+        found = {p: info for p, info in retry(lambda: fs.glob(path, detail=True)).items() if p.endswith(".tar")}
+        if not found:
             raise MissingInputError(f"no tar shards match {source}")
-        return [Unit(f"tar-{hashlib.sha1(s.encode()).hexdigest()[:16]}", {"tar": s}, 1, fingerprint(s, size))
-                for s, size in sorted(shards.items())]
+        return [Item(with_protocol(fs, p), _version(info)) for p, info in sorted(found.items())]
     if not fs.isdir(path):
         raise MissingInputError(f"ingest source {source} is not a folder, a .tar glob or a .parquet file")
     found = retry(lambda: fs.find(path, detail=True))
-    # Every file, whatever its extension: the decoder decides (a non-image becomes an errors row).
-    files = sorted((file_uri(with_protocol(fs, p)), info["size"]) for p, info in found.items())
-    if not files:
+    if not found:
         raise MissingInputError(f"no files under {source}")
-    step = files_per_unit
-    return [_files_unit(i // step, files[i : i + step]) for i in range(0, len(files), step)]
+    return sorted((Item(file_uri(with_protocol(fs, p)), _version(info)) for p, info in found.items()),
+                  key=lambda item: item.key)
 
 
-def _files_unit(index: int, files: list[tuple[str, int]]) -> Unit:
-    return Unit(f"files-{index:06d}", {"uris": [u for u, _ in files]}, len(files), fingerprint(files))
+def _version(info: dict[str, Any]) -> str:
+    """A listed file's size and the store's change stamp (mtime locally, the ETag on object stores)."""
+    stamp = next((info[k] for k in ("mtime", "ETag", "LastModified", "updated", "md5Hash") if k in info), "")
+    return f"{info['size']}:{stamp}"
 
 
-def _parquet_units(source: str, rows_per_unit: int) -> list[Unit]:
+def parquet_units(source: str, rows_per_unit: int) -> list[Unit]:
     fs, path = resolve(source)
     metadata = footer(fs, path)
     names = metadata.schema.to_arrow_schema().names
@@ -153,7 +165,7 @@ def _repeated_rows(source: str) -> dict[int, int]:
     return {int(r): int(occurrence[r]) for r in repeated}
 
 
-def _items(payload: dict[str, Any]) -> Iterator[Item]:
+def _items(payload: dict[str, Any]) -> Iterator[Read]:
     """Every item of a unit as ``(uri, bytes | None, error reason | None, message)``: an item that cannot
     be read is yielded with its reason, never raised, so one bad item never stops the unit."""
     if "uris" in payload:
@@ -163,7 +175,7 @@ def _items(payload: dict[str, Any]) -> Iterator[Item]:
     return _parquet_items(payload)
 
 
-def _tar_items(shard: str) -> Iterator[Item]:
+def _tar_items(shard: str) -> Iterator[Read]:
     """The members of one tar shard; a shard that is no tar, or breaks off, ends in one error item for it."""
     members = 0
     try:
@@ -187,7 +199,7 @@ def _tar_items(shard: str) -> Iterator[Item]:
         yield file_uri(shard), None, failure[0], f"{failure[1]} (after {members} members of the shard)"
 
 
-def _parquet_items(payload: dict[str, Any]) -> Iterator[Item]:
+def _parquet_items(payload: dict[str, Any]) -> Iterator[Read]:
     """The rows of a Parquet list: a URI to read per row, or the image bytes inline; only the row
     groups that hold the unit's rows are read (`catalog.parquet_rows`)."""
     source, inline = payload["parquet"], payload["inline"]
@@ -230,10 +242,44 @@ class IngestStage(Stage):
     in_process_below = 600
     empty_schemas = {ERRORS_TABLE: stamp(ERRORS, ERRORS_TABLE)}
 
-    def plan(self, ctx: StageContext) -> list[Unit]:
+    def items(self, ctx: StageContext) -> list[Item] | None:
+        """A folder's files or a glob's tar shards (runs on them append); None for a Parquet list."""
         if not ctx.config.source:
             raise ConfigError("ingest needs a source: a folder, a .tar glob or a .parquet file")
-        return plan_units(ctx.config.source, ctx.config.files_per_unit)
+        return None if is_parquet_source(ctx.config.source) else source_items(ctx.config.source)
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        return parquet_units(ctx.config.source, ctx.config.files_per_unit)
+
+    def unit_prefix(self, ctx: StageContext) -> str:
+        return "tar" if is_tar_source(ctx.config.source) else "files"
+
+    def items_per_unit(self, ctx: StageContext) -> int:
+        return 1 if is_tar_source(ctx.config.source) else ctx.config.files_per_unit
+
+    def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
+        if is_tar_source(ctx.config.source):
+            return {"tar": items[0].key}
+        return {"uris": [item.key for item in items]}
+
+    def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring,
+               members: Members) -> dict[str, pa.Table]:
+        """Vanished files keep their pool row as ``status = 'removed'``; a changed file's rows are dropped (its
+        new version is a row of a new unit, under the same image_id). Other tables lose both kinds' rows."""
+        pool = tables.get(POOL_TABLE)
+        if pool is None:
+            return tables
+        sources = [split_uri(u)[0] if u not in retiring.keys else u for u in pool.column("uri").to_pylist()]
+        vanished = pa.array([s in retiring.vanished for s in sources], pa.bool_())
+        changed = pa.array([s in retiring.changed for s in sources], pa.bool_())
+        status = pc.if_else(vanished, pa.scalar("removed"), pool.column("status"))
+        pool = pool.set_column(pool.schema.get_field_index("status"), pool.schema.field("status"), status)
+        out = {POOL_TABLE: pool.filter(pc.invert(changed))}
+        gone = pool.column("image_id").filter(pc.or_(vanished, changed))
+        for table, rows in tables.items():
+            if table != POOL_TABLE:
+                out[table] = rows.filter(pc.invert(pc.is_in(rows.column("image_id"), gone)))
+        return out
 
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         """Probe every image of one unit: its ``pool`` rows (with the quality signals, measured on the decode
@@ -273,8 +319,10 @@ class IngestStage(Stage):
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         errored = totals.rows(ERRORS_TABLE)
-        n = totals.rows(POOL_TABLE)
-        return {"in": n, "out": n - errored, "errored": errored, "id_collisions": find_id_collisions(ctx.root),
+        removed = query(ctx.root, "SELECT count(*) FROM pool WHERE status = 'removed'").column(0)[0].as_py()
+        n = totals.rows(POOL_TABLE) - removed
+        return {"in": n, "out": n - errored, "errored": errored, "removed": removed,
+                "id_collisions": find_id_collisions(ctx.root),
                 "skipped_by_extension": skipped_by_extension(ctx.root)}
 
 

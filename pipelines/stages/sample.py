@@ -8,6 +8,7 @@ the clusters the part was sampled from.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,11 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
+from catalog.ledger import Ledger
 from catalog.manifest import fingerprint
 from catalog.names import check_name
+from catalog.paths import join, write_bytes_atomic
 from catalog.schemas import CLUSTERS_TABLE, POOL_TABLE, curated_rows, curated_table
-from catalog.shards import iter_batches, read_schema, shard_urls, table_exists
+from catalog.shards import iter_batches, read_schema, read_table, shard_urls, table_exists
 from catalog.sql import query
 from curation.sampling import LeafPicker, LevelCounts, leaf_budgets
 from pipelines.reports import write_lvd_report
@@ -29,7 +33,10 @@ from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 @dataclass(frozen=True)
 class SampleConfig:
     """``target_size`` is required (None until given); ``report`` writes the part's PNG report;
-    ``batch_rows``: rows of ``clusters`` and ``pool`` read at a time (memory, not the result)."""
+    ``batch_rows``: rows of ``clusters`` and ``pool`` read at a time (memory, not the result).
+    ``keep_previous``: when the part is sampled again because its clusters changed (the pool grew), the
+    images it held go first in their level-1 cluster (kept while the cluster's budget covers them, then
+    filled or trimmed per cluster), and the run writes ``reports/<part>/diff.json``."""
 
     target_size: int | None = None
     strategy: Literal["random", "closest", "farthest"] = "random"
@@ -38,6 +45,7 @@ class SampleConfig:
     part: str = "lvd"
     report: bool = True
     batch_rows: int = 262_144
+    keep_previous: bool = True
 
     def __post_init__(self) -> None:
         at_least(self, 1, "target_size")
@@ -96,6 +104,37 @@ def _uris_of(root: str, ids: pa.ChunkedArray, batch_rows: int) -> dict[int, str]
     return uris
 
 
+PREVIOUS = "previous_selection"
+
+
+@dataclass(frozen=True)
+class Previous:
+    """A part's selection before a rerun: its image ids and each one's top-level cluster then."""
+
+    image_ids: np.ndarray
+    top: np.ndarray
+
+
+def write_diff(root: str, part: str, previous: Previous) -> dict[str, Any]:
+    """What a resampled part kept, added and removed (distinct images), overall and per top cluster (added
+    ones by their cluster now, removed ones by theirs then): ``reports/<part>/diff.json``."""
+    now = read_table(root, curated_table(part))
+    ids, first = np.unique(now.column("image_id").to_numpy(), return_index=True)
+    top = now.column(level_columns(now.column_names)[-1]).to_numpy()[first]
+    before, first_before = np.unique(previous.image_ids, return_index=True)
+    top_before = previous.top[first_before]
+    added, removed = ~np.isin(ids, before), ~np.isin(before, ids)
+    per_top: dict[int, dict[str, int]] = {}
+    for name, tops in (("added", top[added]), ("removed", top_before[removed])):
+        for t, n in zip(*np.unique(tops, return_counts=True)):
+            per_top.setdefault(int(t), {"added": 0, "removed": 0})[name] = int(n)
+    kept = int(len(before) - removed.sum())
+    diff = {"kept": kept, "added": int(added.sum()), "removed": int(removed.sum()),
+            "kept_share": round(kept / max(1, len(before)), 4), "per_top_cluster": dict(sorted(per_top.items()))}
+    write_bytes_atomic(join(root, "reports", part, "diff.json"), json.dumps(diff, indent=1).encode())
+    return diff
+
+
 class SampleStage(Stage):
     name = "sample"
     config_class = SampleConfig
@@ -107,6 +146,23 @@ class SampleStage(Stage):
 
     def tables_written(self, config: SampleConfig) -> tuple[str, ...]:
         return (curated_table(config.part),)
+
+    def prepare(self, ctx: StageContext) -> Previous | None:
+        """The part's finished selection, before a rerun replaces it; else the one a killed rerun kept under
+        ``_checkpoints`` (`process`); None where there is none or it is not wanted."""
+        config: SampleConfig = ctx.config
+        table = curated_table(config.part)
+        if not config.keep_previous:
+            return None
+        if Ledger(ctx.root, ctx.run).is_complete() and table_exists(ctx.root, table):
+            rows = read_table(ctx.root, table)
+            return Previous(rows.column("image_id").to_numpy(), rows.column(level_columns(rows.column_names)[-1])
+                            .to_numpy())
+        kept = CatalogArrayStore(ctx.root, ctx.run).get(PREVIOUS)
+        return Previous(kept["image_ids"], kept["top"]) if kept else None
+
+    def clear(self, ctx: StageContext) -> None:
+        CatalogArrayStore(ctx.root, ctx.run).clear()
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         if ctx.config.target_size is None:
@@ -125,8 +181,13 @@ class SampleStage(Stage):
         rng = np.random.default_rng(config.seed)
         budget, sizes = leaf_budgets(cluster_counts(ctx.root, levels), config.target_size, rng, config.multiplier)
         picker = LeafPicker(budget, sizes, rng, config.strategy)
-        for batch in iter_batches(ctx.root, CLUSTERS_TABLE, [levels[0], "distance"], config.batch_rows):
-            picker.add(batch.column(0).to_numpy(), batch.column(1).to_numpy(zero_copy_only=False))
+        previous = ctx.facts
+        if previous is not None:  # a kill from here on resumes with the same previous selection
+            CatalogArrayStore(ctx.root, ctx.run).put(PREVIOUS, {"image_ids": previous.image_ids, "top": previous.top})
+        held = None if previous is None else pa.array(previous.image_ids, pa.int64())
+        for batch in iter_batches(ctx.root, CLUSTERS_TABLE, [levels[0], "distance", "image_id"], config.batch_rows):
+            preferred = None if held is None else pc.is_in(batch.column(2), held).to_numpy(zero_copy_only=False)
+            picker.add(batch.column(0).to_numpy(), batch.column(1).to_numpy(zero_copy_only=False), preferred)
         picked = _take_rows(ctx.root, picker.rows(), config.batch_rows)
         ids = picked.column("image_id")
         uris = _uris_of(ctx.root, ids, config.batch_rows)
@@ -138,6 +199,8 @@ class SampleStage(Stage):
         config: SampleConfig = ctx.config
         n_in = query(ctx.root, "SELECT count(*) FROM clusters").column(0)[0].as_py()
         summary: dict[str, Any] = {"in": n_in, "out": totals.rows(curated_table(config.part)), "errored": 0}
+        if ctx.facts is not None and totals.items_run:
+            summary["diff"] = write_diff(ctx.root, config.part, ctx.facts)
         if config.report:
             n_levels = len(level_columns(read_schema(shard_urls(ctx.root, CLUSTERS_TABLE)[0]).names))
             summary["report"] = write_lvd_report(ctx.root, config.part, n_levels, seed=config.seed,

@@ -6,6 +6,7 @@ import pytest
 
 from catalog import schemas
 from catalog.ledger import Ledger, LedgerPlanError, Plan, PlanChange
+from catalog.ledger_items import REMOVED, Item, ItemChange
 from catalog.manifest import RunManifest, list_manifests
 from catalog.shards import read_table, shard_urls, write_shards
 from catalog.tables import describe, list_tables
@@ -75,6 +76,30 @@ def test_plan_change_tells_grown_from_different():
     assert changed.settings == ["k"] and changed.inputs == ["pool"]
     vanished = PlanChange.between(old, Plan({"k": 1}, {"pool": "a"}, {"u1": "f1"}))
     assert vanished.units_kind == "different" and vanished.removed == ["u2"]
+
+
+def test_item_change_appends_new_items_and_retires_vanished_and_changed_ones():
+    members = {"u0": [["a", "1"], ["b", "1"], ["c", REMOVED]], "u1": [["d", "1"]], "u2": [["e", "1"], ["f", "1"]]}
+    # b vanished, c reappeared, d changed, f vanished from the unfinished u2, g is new
+    items = [Item(k, fp) for k, fp in (("a", "1"), ("c", "2"), ("d", "2"), ("e", "1"), ("g", "1"))]
+    change = ItemChange.between(members, items, finished={"u0", "u1"})
+    assert change.kept == {"u0": [["a", "1"], ["b", REMOVED]], "u1": []}
+    assert change.retiring["u0"].vanished == {"b"} and change.retiring["u0"].changed == {"c"}
+    assert change.retiring["u1"].vanished == set() and change.retiring["u1"].changed == {"d"}
+    assert change.dissolved == ["u2"]  # unfinished and changed: its items are planned again
+    assert [i.key for i in change.new] == ["c", "d", "e", "g"]
+    assert (change.vanished, change.changed) == (1, 2)
+    assert ItemChange.between(change.kept | {"n": [["c", "2"], ["d", "2"], ["e", "1"], ["g", "1"]]}, items,
+                              finished={"u0", "u1", "n"}).empty
+
+
+def test_item_change_in_place_keeps_a_rewritten_shard_in_its_unit_and_plans_it_again():
+    members = {"u0": [["s0", "1"], ["s1", "1"]], "u1": [["s2", "1"]]}
+    items = [Item("s0", "2"), Item("s2", "1"), Item("s3", "1")]  # s0 rewritten, s1 vanished, s3 new
+    change = ItemChange.between(members, items, finished={"u0", "u1"}, in_place=True)
+    assert change.kept == {"u0": [["s0", "2"], ["s1", REMOVED]], "u1": [["s2", "1"]]}
+    assert change.retiring["u0"].changed == {"s0"} and change.retiring["u0"].vanished == {"s1"}
+    assert [i.key for i in change.new] == ["s0", "s3"]
 
 
 def test_manifest_records_run_facts(tmp_path):

@@ -22,7 +22,7 @@ from PIL import Image
 from catalog.images import read_image_bytes
 from catalog.sql import query
 from pipelines.stage import run_stage
-from pipelines.stages.ingest import IngestConfig, _items, plan_units
+from pipelines.stages.ingest import IngestConfig, _items, parquet_units
 
 
 class _CountingOpener(LocalFileOpener):
@@ -73,7 +73,7 @@ def _pool_file(path, n: int, row_group_size: int, side: int = 2) -> list[bytes]:
 def _ingest_read(source: str, rows_per_unit: int = 500) -> tuple[int, list[bytes]]:
     """Bytes read from disk by planning and reading every unit of an ingest, and the image bytes read."""
     CountingFS.bytes_read = 0
-    values = [data for unit in plan_units(source, rows_per_unit) for _, data, _, _ in _items(unit.payload)]
+    values = [data for unit in parquet_units(source, rows_per_unit) for _, data, _, _ in _items(unit.payload)]
     return CountingFS.bytes_read, values
 
 
@@ -105,12 +105,12 @@ def test_one_cell_reads_its_row_group_not_the_column(tmp_path):
 def test_units_follow_row_groups_and_big_groups_warn(tmp_path, caplog):
     small = tmp_path / "small.parquet"
     _pool_file(small, 1000, row_group_size=300)
-    slices = [(u.payload["start"], u.payload["stop"]) for u in plan_units(str(small), 500)]
+    slices = [(u.payload["start"], u.payload["stop"]) for u in parquet_units(str(small), 500)]
     assert slices == [(0, 300), (300, 600), (600, 1000)]  # whole row groups packed, never a cut one
     one = tmp_path / "one.parquet"
     _pool_file(one, 2100, row_group_size=10_000)
     with caplog.at_level(logging.WARNING, logger="curate.pipelines"):
-        slices = [(u.payload["start"], u.payload["stop"]) for u in plan_units(str(one), 500)]
+        slices = [(u.payload["start"], u.payload["stop"]) for u in parquet_units(str(one), 500)]
     assert slices == [(0, 500), (500, 1000), (1000, 1500), (1500, 2000), (2000, 2100)]
     assert "row groups of up to 2100 rows" in caplog.text
 

@@ -94,7 +94,8 @@ def test_reembedding_reruns_cluster_sample_and_retrieve_and_refreshes_the_report
                     "--set", *(s.split(".", 1)[1] for s in other if s.startswith("embed."))]).returncode == 0
     result = run_cli(["build-lvd", "--catalog", root, "--target-size", str(TARGET), "--set", *other])
     assert result.returncode == 0, result.stderr
-    assert "input embeddings changed since it last ran: rerunning cluster from scratch" in result.stderr
+    assert "input embeddings, embeddings_model changed since it last ran: rerunning cluster from scratch" \
+        in result.stderr
     assert "== build-lvd: cluster (already done)" not in result.stderr
     assert "input clusters changed" in result.stderr  # sample reran on the new clusters
     assert os.path.getmtime(report) > 0
@@ -114,7 +115,7 @@ def test_changed_settings_are_refused_until_overwrite(small_lvd, tmp_path):
     assert result.summary["out"] == 20 and query(root, "SELECT count(*) FROM curated_lvd").column(0)[0].as_py() == 20
 
 
-def test_overwrite_with_a_smaller_source_leaves_no_stale_row(small_pool, tmp_path):
+def test_a_shrunk_source_marks_the_vanished_files_removed_and_overwrite_drops_them(small_pool, tmp_path):
     src = shutil.copytree(os.path.join(small_pool, "pool"), str(tmp_path / "src"), symlinks=True)
     root = str(tmp_path / "cat")
     run_stage("ingest", root, {"source": src, "files_per_unit": 40})
@@ -122,8 +123,10 @@ def test_overwrite_with_a_smaller_source_leaves_no_stale_row(small_pool, tmp_pat
     broken = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs)[:10]
     for path in broken:
         os.remove(path)
-    with pytest.raises(LedgerPlanError, match="input differs"):
-        run_stage("ingest", root, {"source": src, "files_per_unit": 40})
+    result = run_stage("ingest", root, {"source": src, "files_per_unit": 40})
+    assert result.summary["removed"] == len(broken) and result.items_run == 0
+    removed = query(root, "SELECT uri FROM pool WHERE status = 'removed' ORDER BY uri").column(0).to_pylist()
+    assert removed == broken and query(root, "SELECT count(*) FROM pool").column(0)[0].as_py() == n
     run_stage("ingest", root, {"source": src, "files_per_unit": 40}, overwrite=True)
     assert query(root, "SELECT count(*) FROM pool").column(0)[0].as_py() == n - len(broken) > 0
     assert not set(query(root, "SELECT uri FROM pool").column(0).to_pylist()) & set(broken)
