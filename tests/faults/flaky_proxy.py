@@ -1,6 +1,7 @@
 """An HTTP proxy in front of the moto S3 server that answers a seeded share of requests with S3's
-throttling error (503 ``SlowDown``) or by dropping the connection before any reply, as a busy object
-store does; every other request is passed through unchanged."""
+throttling error (503 ``SlowDown``), by dropping the connection before any reply, or by stalling
+(no reply for ``stall_s`` seconds, past the client's read timeout, then the connection dropped), as a
+busy object store does; every other request is passed through unchanged."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import http.client
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -19,7 +21,7 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 class FaultCounts:
     def __init__(self) -> None:
-        self.passed = self.throttled = self.dropped = 0
+        self.passed = self.throttled = self.dropped = self.stalled = 0
         self.lock = threading.Lock()
 
     def add(self, kind: str) -> None:
@@ -27,7 +29,8 @@ class FaultCounts:
             setattr(self, kind, getattr(self, kind) + 1)
 
 
-def _handler(upstream: str, rng: random.Random, throttle: float, drop: float, counts: FaultCounts):
+def _handler(upstream: str, rng: random.Random, throttle: float, drop: float, stall: float, stall_s: float,
+             counts: FaultCounts):
     target = urlsplit(upstream)
     lock = threading.Lock()
 
@@ -51,12 +54,16 @@ def _handler(upstream: str, rng: random.Random, throttle: float, drop: float, co
             body = self._body()
             with lock:
                 roll = rng.random()
-            if roll < drop:
-                counts.add("dropped")
+            if roll < drop + stall:
+                if roll >= drop:
+                    counts.add("stalled")
+                    time.sleep(stall_s)
+                else:
+                    counts.add("dropped")
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
                 return
-            if roll < drop + throttle:
+            if roll < drop + stall + throttle:
                 counts.add("throttled")
                 self.send_response(503)
                 self.send_header("Content-Type", "application/xml")
@@ -89,10 +96,12 @@ def _handler(upstream: str, rng: random.Random, throttle: float, drop: float, co
 
 
 @contextlib.contextmanager
-def flaky_proxy(upstream: str, *, seed: int, throttle: float, drop: float) -> Iterator[tuple[str, FaultCounts]]:
+def flaky_proxy(upstream: str, *, seed: int, throttle: float, drop: float, stall: float = 0.0,
+                stall_s: float = 0.0) -> Iterator[tuple[str, FaultCounts]]:
     """Serve the proxy on a free loopback port; yields its URL and the running fault counts."""
     counts = FaultCounts()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(upstream, random.Random(seed), throttle, drop, counts))
+    handler = _handler(upstream, random.Random(seed), throttle, drop, stall, stall_s, counts)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
