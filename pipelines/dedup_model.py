@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from dataclasses import asdict
 from functools import lru_cache
 
@@ -16,7 +17,7 @@ from catalog.decode import DecodeError, decode_rgb
 from catalog.embeddings import embeddings_table
 from catalog.errors import MissingInputError, UserError
 from catalog.images import UnreadableItem, read_item, resolve_uris
-from catalog.paths import join, read_bytes, write_bytes_atomic
+from catalog.paths import join, read_bytes, resolve, retry, write_bytes_atomic
 from catalog.schemas import MODEL_COPY_DESCRIPTORS_TABLE
 from catalog.sql import query
 from curation.torchscript_descriptor import (
@@ -81,17 +82,41 @@ def describe_step(root: str, model: ScriptedDescriptor, path: str) -> pa.Table:
                             MODEL_COPY_DESCRIPTORS_TABLE)
 
 
+SYNTHETIC_SET = ("curation.torchscript_descriptor.calibration_set (distinct scenes with flipped, cropped, "
+                 "jittered, re-encoded, resized and combined copies)")
+
+
+def copy_groups(folder: str) -> tuple[list, np.ndarray]:
+    """(images, group of each) of a ``<group>/<image>`` folder of labelled copies, such as a demo pool's
+    ``eval/instances`` (its injected near-duplicate groups); files that do not decode are left out."""
+    fs, path = resolve(folder)
+    images, labels, groups = [], [], {}
+    for file in sorted(retry(lambda: fs.find(path))):
+        try:
+            image = decode_rgb(fs.cat_file(file))
+        except DecodeError:
+            continue
+        images.append(image)
+        labels.append(groups.setdefault(posixpath.basename(posixpath.dirname(file)), len(groups)))
+    counts = np.bincount(labels) if labels else np.zeros(0, int)
+    if len(counts) < 2 or counts.max() < 2:
+        raise MissingInputError(f"calibration_copies {folder} needs <group>/<image> folders with at least two "
+                                f"groups and one of two images or more; it has {len(counts)} groups of readable images")
+    return images, np.asarray(labels)
+
+
 @lru_cache(maxsize=2)
-def calibration(model: ScriptedDescriptor, path: str, groups: int, seed: int) -> Calibration:
-    images, labels = calibration_set(seed, groups)
+def calibration(model: ScriptedDescriptor, path: str, groups: int, seed: int, folder: str = "") -> Calibration:
+    """The model's threshold calibrated on the copy groups in ``folder``, or on ``groups`` synthetic ones."""
+    images, labels = copy_groups(folder) if folder else calibration_set(seed, groups)
     return calibrate(_describe_checked(model, images, path), labels)
 
 
-def write_calibration_report(root: str, model: ScriptedDescriptor, cal: Calibration, threshold: float) -> str:
+def write_calibration_report(root: str, model: ScriptedDescriptor, cal: Calibration, threshold: float,
+                             folder: str = "") -> str:
     """reports/dedup/calibration.json: the threshold used and the calibration's precision and recall."""
     url = join(root, "reports", "dedup", "calibration.json")
     body = {"model_id": model.model_id, "threshold_used": threshold, "calibration": asdict(cal),
-            "calibration_set": "curation.torchscript_descriptor.calibration_set (distinct scenes with flipped, "
-                               "cropped, jittered, re-encoded, resized and combined copies)"}
+            "calibration_set": folder or SYNTHETIC_SET}
     write_bytes_atomic(url, json.dumps(body, indent=2).encode())
     return url

@@ -169,7 +169,8 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "it off), then connected components, the largest image of each kept; relative dedup against evaluation "
         "sets (--set eval_sets='{name: folder}'). --set descriptor=torchscript:PATH runs a local TorchScript "
         "copy-detection model such as SSCD (model_size 320, model_dim 512, ImageNet mean/std by default) with a "
-        "threshold calibrated on labelled copies (reports/dedup/calibration.json). A run that would remove more "
+        "threshold calibrated on labelled copies (--set calibration_copies=FOLDER of <group>/<image> folders, else "
+        "synthetic groups; reports/dedup/calibration.json). A run that would remove more "
         "than max_removed_share (default 0.2) of the pool fails and shows example pairs instead. --set workers=N "
         "searches the k-NN graph on N Ray actors (the same duplicates as one).",
         "pool, copy_descriptors (or embeddings)", "duplicates (image_id, kept_id, similarity, reason); "

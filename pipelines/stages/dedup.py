@@ -63,7 +63,9 @@ class DedupConfig:
     catalog's embeddings table) or ``torchscript:PATH``, a copy-detection model such as SSCD as DINOv2
     used (`curation.torchscript_descriptor`): fed ``model_size``² images normalised by ``model_mean`` /
     ``model_std``, returning ``model_dim`` values (SSCD's defaults); its threshold, unless given, is
-    calibrated on ``calibration_groups`` groups of labelled copies (reports/dedup/calibration.json).
+    calibrated on labelled copies (reports/dedup/calibration.json): the ``<group>/<image>`` folders of
+    ``calibration_copies`` (a demo pool's ``eval/instances`` holds its injected near-duplicate groups), or
+    else ``calibration_groups`` synthetic groups.
 
     ``check_threshold``: the largest local residual of a copy in the pixel check of each candidate pair
     (`curation.copy_verify`; pixels only; null: no check, the descriptor alone decides). ``threshold``
@@ -91,6 +93,7 @@ class DedupConfig:
     model_mean: tuple[float, float, float] = IMAGENET_MEAN
     model_std: tuple[float, float, float] = IMAGENET_STD
     calibration_groups: int = 40
+    calibration_copies: str = ""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "k", "workers", "query_block", "model_dim")
@@ -126,7 +129,8 @@ class DedupConfig:
                                       tuple(self.model_std))
 
     def calibration(self) -> dedup_model.Calibration:
-        return dedup_model.calibration(self.model(), self.descriptor, self.calibration_groups, self.seed)
+        return dedup_model.calibration(self.model(), self.descriptor, self.calibration_groups, self.seed,
+                                       self.calibration_copies)
 
     def eval_threshold(self) -> float:
         default = PIXEL_RELATIVE_THRESHOLD if self.descriptor == "pixels" else RELATIVE_THRESHOLD
@@ -352,7 +356,8 @@ class DedupStage(Stage):
         model = ctx.config.model()
         if model is not None:
             cal = ctx.config.calibration()
-            dedup_model.write_calibration_report(ctx.root, model, cal, ctx.config.copy_threshold())
+            dedup_model.write_calibration_report(ctx.root, model, cal, ctx.config.copy_threshold(),
+                                                 ctx.config.calibration_copies)
             summary["calibration"] = {"threshold": round(cal.threshold, 4), "precision": round(cal.precision, 4),
                                       "recall": round(cal.recall, 4)}
         return summary

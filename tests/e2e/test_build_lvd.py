@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from catalog.array_store import CatalogArrayStore
+from catalog.ledger import Ledger
+from catalog.shards import table_exists
 from catalog.sql import query
 from pipelines.demo.job import DEMO_SETTINGS
 from tests.conftest import DEMO_FILTER, DEMO_N, concept_of_uri
@@ -103,7 +105,8 @@ def test_sigkill_during_resampling_then_resume_gives_same_clusters(lvd_catalog, 
     shutil.rmtree(os.path.join(root, "_checkpoints", "cluster"))
     store = CatalogArrayStore(root, "cluster")
     kill_when(["cluster", "--catalog", root], lambda: store.get("level2/step2") is not None)
-    assert store.get("level3/step0") is None  # killed inside level 2's resampling
+    # killed inside the hierarchy's resampling (level 2 or a later one: the steps are quick)
+    assert not Ledger(root, "cluster").is_complete() and not table_exists(root, "clusters")
     result = run_cli(["cluster", "--catalog", root])
     assert result.returncode == 0, result.stderr
     cols = "image_id, l1, l2, l3, l4, l5, distance"

@@ -97,3 +97,30 @@ def test_a_model_with_another_output_size_is_refused_with_the_knob(pool, tmp_pat
     with pytest.raises(UserError, match="not a TorchScript model"):
         run_stage("dedup", root, DedupConfig(descriptor=f"torchscript:{tmp_path / 'not_a_model.pt'}"),
                   overwrite=True, executor="local")
+
+
+def test_calibration_on_a_folder_of_copy_groups_is_reported_by_its_folder(pool, tmp_path):
+    root, truth = pool
+    path = _save(PooledColour(), tmp_path / "sscd_standin.pt")
+    groups, rng = tmp_path / "groups", np.random.default_rng(9)
+    for g in range(5):  # as a demo pool's eval/instances: one folder of copies per group
+        (groups / f"group{g}").mkdir(parents=True)
+        scene = random_scene(rng, 110, 90)
+        scene.save(groups / f"group{g}" / "original.png")
+        crop(scene, rng).convert("RGB").save(groups / f"group{g}" / "crop.jpg", quality=90)
+        reencode(scene, rng).convert("RGB").save(groups / f"group{g}" / "reencoded.jpg", quality=90)
+    (groups / "group0" / "notes.txt").write_text("not an image")
+    result = run_stage("dedup", root, DedupConfig(descriptor=f"torchscript:{path}", calibration_copies=str(groups)),
+                       overwrite=True, executor="local")
+    report = json.loads((Path(root) / "reports" / "dedup" / "calibration.json").read_text())
+    assert report["calibration_set"] == str(groups)
+    assert report["calibration"]["images"] == 15 and report["calibration"]["copy_pairs"] == 15
+    assert result.summary["calibration"]["recall"] > 0.5
+
+    single = tmp_path / "single"
+    for g in range(3):
+        (single / f"g{g}").mkdir(parents=True)
+        random_scene(rng, 64, 64).save(single / f"g{g}" / "only.png")
+    with pytest.raises(UserError, match="at least two groups and one of two images"):
+        run_stage("dedup", root, DedupConfig(descriptor=f"torchscript:{path}", calibration_copies=str(single)),
+                  overwrite=True, executor="local")
