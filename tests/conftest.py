@@ -148,18 +148,16 @@ def lvd_catalog(built_lvd_catalog, tmp_path_factory) -> str:
 def fsdp_pretrain(tmp_path_factory):
     """A 2-process FSDP2 tiny pretraining (torchrun, gloo): 8 steps, checkpoints every 3, the last 2 kept.
 
-    Returns (catalog, run dir, steps, the overrides that made it). The trainer's resume test compares
-    against it; the stage chain starts its Gram stage from it.
+    Returns (catalog, run dir, steps); the stage chain starts its Gram stage from it.
     """
     from tests.train_helpers import TINY, make_catalog, run_torchrun, torchrun_command
 
-    overrides = ("optim.iterations=8", "checkpoint.period=3", "checkpoint.keep_last=2")
-
     def pretrain(folder: Path) -> None:
-        run_torchrun(torchrun_command(TINY, make_catalog(folder), folder / "full", *overrides))
+        run_torchrun(torchrun_command(TINY, make_catalog(folder), folder / "full", "optim.iterations=8",
+                                      "checkpoint.period=3", "checkpoint.keep_last=2"))
 
     root = built_once(tmp_path_factory, "fsdp", pretrain)  # read only: no test writes into it
-    return str(root / "catalog"), root / "full", 8, overrides
+    return str(root / "catalog"), root / "full", 8
 
 
 @pytest.fixture(scope="session")

@@ -129,7 +129,7 @@ def report(plan: Plan, config: AblationConfig, started: float | None = None) -> 
     return summary
 
 
-def _wait_jobs(jobs: dict[str, str], address: str, poll_s: float = 5.0) -> dict[str, str]:
+def _wait_jobs(jobs: dict[str, str], address: str, poll_s: float = 2.0) -> dict[str, str]:
     """Poll the arms' jobs until each has ended; prints every change of status; returns arm -> final status."""
     from pipelines.cli.jobs import TERMINAL, status
 

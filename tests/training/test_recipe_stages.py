@@ -1,5 +1,6 @@
 """The later DINOv3 stages: Gram anchoring (gradient, high-res teacher path), and a 2-process CPU chain
-pretrain -> gram (SIGKILL + exact resume) -> highres -> distill with two students."""
+FSDP2 pretrain -> gram (SIGKILL + exact resume: same losses, same exported teacher) -> highres -> distill
+with two students. The chain is also the suite's FSDP kill-and-resume test (each torchrun costs ~10 s)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from pipelines.demo.concepts import dense_probe_set
 from tests.helpers import kill_command_when
@@ -128,7 +130,10 @@ def _command(config: str, catalog: str, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teacher(fsdp_pretrain, tmp_path):
-    catalog, pre, _, _ = fsdp_pretrain  # a 2-process tiny pretraining
+    catalog, pre, steps = fsdp_pretrain  # a 2-process tiny pretraining
+    assert [m["step"] for m in read_metrics(pre)] == list(range(steps))
+    assert sorted(p.name for p in (pre / "ckpt").iterdir()) == ["00000006", "00000008"]  # keep_last=2
+    assert {p.name for p in (pre / "ckpt" / "00000008").iterdir()} >= {"rank0.pt", "rank1.pt"}  # one shard per rank
     gram_ref, gram, highres, distill = (tmp_path / n for n in ("gram_ref", "gram", "highres", "distill"))
     images, masks = dense_probe_set(8, 64, seed=0)
     np.savez_compressed(tmp_path / "probe.npz", images=images, masks=masks)
@@ -151,6 +156,8 @@ def test_two_process_stage_chain_with_gram_resume_and_shared_distillation_teache
     assert [m["step"] for m in resumed] == list(range(STEPS))
     for ours, theirs in zip(resumed, reference):
         assert [ours[k] for k in LOSS_KEYS] == [theirs[k] for k in LOSS_KEYS], ours["step"]
+    exported, expected = load_file(gram / TEACHER_FILE), load_file(gram_ref / TEACHER_FILE)
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
     reference_evals = read_metrics(gram_ref, EVALS_FILE)
     assert [e["step"] for e in reference_evals] == [2, 4] and all(0 < e["dense_miou"] <= 1 for e in reference_evals)
     assert read_metrics(gram, EVALS_FILE) == reference_evals
