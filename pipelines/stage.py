@@ -31,6 +31,7 @@ for small work without a cluster address, since a Ray start costs more than the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -262,19 +263,28 @@ class CatalogSink:
         for path, data in sorted(output.files.items()):
             write_bytes_atomic(join(self.root, path), data)
             files.append([path, len(data), hashlib.sha256(data).hexdigest()])
-        shards: dict[str, list[list[Any]]] = {}
-        rows: dict[str, int] = {}
-        for table, data in sorted(output.tables.items()):
+        for table in output.tables:
             if table not in self.outputs:
                 raise RuntimeError(f"{self.run} wrote {table!r}, which is not among its outputs {self.outputs}")
-            rows[table] = data.num_rows
-            if data.num_rows:
-                data = data.replace_schema_metadata(stamp(data.schema, table).metadata)  # which table it is
-                written = write_shards(self.root, table, f"{run_prefix(self.run)}{unit.name}", data)
-                shards[table] = [[s.name, s.size, s.sha256] for s in written]
-        marker = {"fingerprint": unit.fingerprint, "rows": rows, "shards": shards, "files": files,
-                  "cpu_seconds": round(cpu_seconds, 3), "worker": f"{os.uname().nodename}:{os.getpid()}"}
-        Ledger(self.root, self.run).mark(unit.name, marker)
+        shards: dict[str, list[list[Any]]] = {}
+        rows = {table: data.num_rows for table, data in output.tables.items()}
+        prefix = f"{run_prefix(self.run)}{unit.name}"
+        try:
+            for table, data in sorted(output.tables.items()):
+                if data.num_rows:
+                    data = data.replace_schema_metadata(stamp(data.schema, table).metadata)  # which table it is
+                    written = write_shards(self.root, table, prefix, data)
+                    shards[table] = [[s.name, s.size, s.sha256] for s in written]
+            marker = {"fingerprint": unit.fingerprint, "rows": rows, "shards": shards, "files": files,
+                      "cpu_seconds": round(cpu_seconds, 3), "worker": f"{os.uname().nodename}:{os.getpid()}"}
+            Ledger(self.root, self.run).mark(unit.name, marker)
+        except BaseException:
+            # a shard without its marker would read as rows of a unit that never finished (a full disk
+            # can refuse the marker after the shard): take them back, best effort, and fail the unit
+            for table in output.tables:
+                with contextlib.suppress(Exception):
+                    delete_shards(self.root, table, f"{prefix}-")
+            raise
         return marker
 
     def clear(self) -> None:

@@ -192,3 +192,25 @@ def test_a_billion_laughs_value_gives_a_short_error(tmp_path):
     with pytest.raises(ConfigError, match="k: expected an integer") as e:
         load_config(DedupConfig, str(path))
     assert len(str(e.value)) < 300
+
+
+def test_a_unit_whose_marker_cannot_be_written_leaves_no_rows(tmp_path):
+    """A full disk can refuse the ledger marker after the unit's shards landed: the rows go with it."""
+    import pyarrow as pa
+
+    from catalog import schemas
+    from pipelines.stage import CatalogSink, Output, Unit
+
+    root = str(tmp_path / "cat")
+    rows = pa.Table.from_pylist([{"image_id": i, "uri": f"{i}.png", "bytes": 1, "width": 1, "height": 1,
+                                  "format": "PNG", "sha256": "x", "status": "ok"} for i in range(3)],
+                                schema=schemas.POOL)
+    sink = CatalogSink(root, "ingest", ("pool",))
+    sink.write(Unit("u0", {}, 3, "f0"), Output({"pool": rows}), 0.0)
+    blocked = os.path.join(Ledger(root, "ingest").dir, "u1.json")
+    os.makedirs(os.path.join(blocked, "x"))  # the marker's name is taken: its rename fails
+    with pytest.raises(OSError):
+        sink.write(Unit("u1", {}, 3, "f1"), Output({"pool": rows}), 0.0)
+    shutil.rmtree(blocked)
+    assert sorted(Ledger(root, "ingest").done()) == ["u0"]
+    assert len(query(root, "SELECT * FROM pool")) == 3
