@@ -2,7 +2,8 @@
 
 Phases, each resumable: *prepare* builds the arms' parts and the evaluation sets and records the plan
 (``plan.json``: a rerun with another config or recipe is refused); *arms* trains and scores every
-run that has no ``scores.json`` yet; *report* writes the table. On a Ray cluster (an ``http://``
+run that has no ``scores.json`` yet; *report* scores the ``untrained`` reference row (the teacher
+every arm starts from, per seed) and writes the table. On a Ray cluster (an ``http://``
 address) each phase is a Ray job and the arms' jobs run at the same time, as far as the cluster's
 resources allow (each arm trains through Ray Train, which waits for its workers' resources).
 """
@@ -20,8 +21,18 @@ from catalog.config import ConfigError, to_dict
 from catalog.manifest import fingerprint
 from catalog.paths import exists, join, read_bytes, write_bytes_atomic
 from pipelines.ablate.arms import build_parts, data_overrides, fill, part_sources
-from pipelines.ablate.config import AblationConfig
-from pipelines.ablate.runs import Run, ablation_dir, base_config, read_scores, run_dir, score, shortened, train
+from pipelines.ablate.config import UNTRAINED, AblationConfig
+from pipelines.ablate.runs import (
+    Run,
+    ablation_dir,
+    base_config,
+    read_scores,
+    run_dir,
+    score,
+    score_untrained,
+    shortened,
+    train,
+)
 from pipelines.ablate.table import markdown, summarise, write_results
 from training.evals.suite import EvalSuite, EvalSuiteConfig
 from training.train.config import TrainConfig, load_train_config
@@ -38,6 +49,7 @@ class Plan:
     evals: EvalSuiteConfig
     image_size: int
     part_sizes: dict[str, int]
+    references: list[Run]  # the untrained row's runs, one per seed: scored, never trained
 
 
 def _recipe(config_file: str, config: AblationConfig) -> tuple[TrainConfig, list[str]]:
@@ -77,14 +89,15 @@ def prepare(root: str, config_file: str, config: AblationConfig, address: str | 
         doc = {**planned, "fingerprint": fingerprint(planned), "config_file": config_file, "parts": sizes}
     evals = _eval_config(root, config)
     write_bytes_atomic(plan_url, json.dumps({**doc, "evals": to_dict(evals)}, indent=2).encode())
-    runs = []
-    for arm, spec in config.arms.items():
-        data = data_overrides(root, spec, sizes)
-        for seed in config.seeds:
-            out = run_dir(root, config.name, arm, seed)
-            runs.append(Run(arm, seed, out, [*overrides, *data, f"seed={seed}", f"output_dir={json.dumps(out)}"]))
+    def run(arm: str, seed: int, data: list[str]) -> Run:
+        out = run_dir(root, config.name, arm, seed)
+        return Run(arm, seed, out, [*overrides, *data, f"seed={seed}", f"output_dir={json.dumps(out)}"])
+
+    runs = [run(arm, seed, data_overrides(root, spec, sizes)) for arm, spec in config.arms.items()
+            for seed in config.seeds]
+    references = [run(UNTRAINED, seed, []) for seed in config.seeds] if config.untrained else []
     image_size = config.image_size or recipe.eval.image_size or recipe.crops.global_size
-    return Plan(folder, config_file, runs, evals, image_size, sizes)
+    return Plan(folder, config_file, runs, evals, image_size, sizes, references)
 
 
 def run_arms(plan: Plan, arms: list[str] | None = None, num_workers: int = 1, gpus_per_worker: float = 0,
@@ -113,11 +126,17 @@ def report(plan: Plan, config: AblationConfig, started: float | None = None) -> 
     missing = [f"{r.arm}/seed{r.seed}" for r in plan.runs if not r.finished]
     if missing:
         raise ConfigError(f"runs not finished yet: {', '.join(missing)}; rerun `curate ablate` to finish them")
+    unscored = [r for r in plan.references if not r.finished]
+    if unscored:  # seconds: no training, the evaluation sets only
+        suite = EvalSuite(plan.evals, plan.image_size)
+        for r in unscored:
+            score_untrained(r, r.config(plan.config_file), suite)
     scores = [read_scores(r) for r in plan.runs]
-    summary = summarise(config.name, scores, list(config.arms), list(scores[0]["scores"]))
+    arms = [UNTRAINED, *config.arms] if plan.references else list(config.arms)
+    summary = summarise(config.name, [*map(read_scores, plan.references), *scores], arms, list(scores[0]["scores"]))
     summary |= {
-        "config_file": plan.config_file, "part_sizes": plan.part_sizes, "seeds": config.seeds,
-        "steps": scores[0]["steps"], "evals": to_dict(plan.evals),
+        "untrained": bool(plan.references), "config_file": plan.config_file, "part_sizes": plan.part_sizes,
+        "seeds": config.seeds, "steps": scores[0]["steps"], "evals": to_dict(plan.evals),
         "train_seconds_total": round(sum(s["train_seconds"] for s in scores), 1),
         "load_average_1m": [s["load_average_1m"] for s in scores],
         "machine": {"host": os.uname().nodename, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},

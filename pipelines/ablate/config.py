@@ -16,6 +16,7 @@ from pipelines.stages.mix import PartSpec
 from training.evals.suite import EvalSuiteConfig
 
 DEMO_POOL = "{catalog}/demo_pool"
+UNTRAINED = "untrained"  # the reference row: the recipe's teacher before its first step
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class AblationConfig:
     ``evals`` path left empty; ``""`` for a user's pool, whose sets are given in ``evals``.
     ``image_size``: side of the k-NN, probe and retrieval images (0: the training config's
     ``eval.image_size``, else its global crop size).
+    ``untrained``: also score, seed by seed, the teacher every arm starts from (row ``untrained``):
+    what training added to each score, so a table of arms within noise of it reads as "too little
+    training to tell", not as "the data does not matter".
     """
 
     name: str = "default"
@@ -74,11 +78,14 @@ class AblationConfig:
     demo_pool: str = DEMO_POOL
     evals: EvalSuiteConfig = field(default_factory=EvalSuiteConfig)
     image_size: int = 0
+    untrained: bool = True
 
     def __post_init__(self) -> None:
         check_name(self.name, "ablation name")
         if not self.arms:
             raise ConfigError("an ablation needs at least one arm")
+        if self.untrained and UNTRAINED in self.arms:
+            raise ConfigError(f"arm name {UNTRAINED!r} is the reference row's: rename the arm or set untrained=false")
         for arm in self.arms:
             check_name(arm, "arm name")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:

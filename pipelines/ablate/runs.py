@@ -19,7 +19,9 @@ from training.evals.suite import EvalSuite
 from training.models import load_backbone
 from training.train.config import TrainConfig, load_train_config
 from training.train.launch import run_training
+from training.train.meta_arch import build_student_teacher
 from training.train.run_state import MANIFEST_STAGE, TEACHER_FILE, read_metrics
+from training.train.stages import init_from_checkpoint
 
 ABLATIONS_DIR = "ablations"
 SCORES_FILE = "scores.json"
@@ -110,21 +112,35 @@ def homogeneous_steps(run: str, manifest: dict) -> int | None:
     return sum(bool(row["homogeneous"]) for row in read_metrics(run))
 
 
+def _write_scores(run: Run, backbone, suite: EvalSuite, facts: dict) -> dict:
+    """Score ``backbone`` and write ``scores.json`` (which marks the run finished)."""
+    doc = {"arm": run.arm, "seed": run.seed, "scores": suite(backbone, backbone.config.patch_size), **facts,
+           "load_average_1m": round(os.getloadavg()[0], 2)}  # how shared the machine was as the run ended
+    write_bytes_atomic(join(run.out, SCORES_FILE), json.dumps(doc, indent=2).encode())
+    return doc
+
+
 def score(run: Run, manifest: dict, suite: EvalSuite) -> dict:
-    """Score the run's exported teacher and write ``scores.json`` (which marks the run finished)."""
-    backbone = _load_teacher(manifest["notes"]["teacher_path"])
-    scores = suite(backbone, backbone.config.patch_size)
+    """Score the run's exported teacher."""
     notes = manifest["notes"]
-    doc = {
-        "arm": run.arm, "seed": run.seed, "scores": scores,
+    return _write_scores(run, _load_teacher(notes["teacher_path"]), suite, {
         "steps": notes["steps_done"], "images_seen": manifest["rows"]["images_seen"],
         "homogeneous_steps": homogeneous_steps(run.out, manifest),
         "plan": manifest["inputs"]["plan"], "teacher_sha256": notes["teacher_sha256"],
         "train_seconds": round(sum(m["wall_seconds"] for m in _train_manifests(run.out)), 1),
-        "load_average_1m": round(os.getloadavg()[0], 2),  # how shared the machine was as the run ended
-    }
-    write_bytes_atomic(join(run.out, SCORES_FILE), json.dumps(doc, indent=2).encode())
-    return doc
+    })
+
+
+def score_untrained(run: Run, config: TrainConfig, suite: EvalSuite) -> dict:
+    """Score the teacher as the trainer builds it before step 0 for this seed (from ``init.checkpoint``
+    when the recipe starts from one): the weights every arm of the seed starts from."""
+    student, teacher = build_student_teacher(config.model, config.seed)
+    if config.init.checkpoint:
+        init_from_checkpoint(config.init, student, teacher)
+    return _write_scores(run, teacher.backbone, suite, {
+        "steps": 0, "images_seen": 0, "homogeneous_steps": None, "teacher_sha256": None, "train_seconds": 0.0,
+        "plan": {"parts": [], "weights": {}, "homogeneous_part": None, "p_homogeneous": None},
+    })
 
 
 def read_scores(run: Run) -> dict:

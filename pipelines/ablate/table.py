@@ -71,8 +71,9 @@ def markdown(summary: dict) -> str:
     lines.append(f"\nScores in %, mean ± std over {n} seed{'s' if n > 1 else ''}; homogeneous steps: the "
                  "loader's flag on every trained step, over all seeds.")
     sizes = summary.get("part_sizes", {})
-    parts = "; ".join(f"{arm}: " + " + ".join(f"{p} ({sizes[p]:,})" if p in sizes else p
-                                              for p in summary["mechanics"][arm]["parts"]) for arm in arms)
+    parts = "; ".join(f"{arm}: " + (" + ".join(f"{p} ({sizes[p]:,})" if p in sizes else p
+                                               for p in summary["mechanics"][arm]["parts"])
+                                    or "none (the teacher every arm starts from, before step 0)") for arm in arms)
     lines.append(f"Parts (images): {parts}.")
     return "\n".join(lines) + "\n"
 

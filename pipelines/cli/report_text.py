@@ -76,8 +76,8 @@ def ablations_text(root: str) -> list[str]:
 
     lines = []
     for summary in finished_ablations(root):
-        seeds = len(summary["seeds"])
-        lines.append(f"  ablation {summary['name']}: {len(summary['arms'])} arms x {seeds} "
+        seeds, arms = len(summary["seeds"]), len(summary["arms"]) - int(summary.get("untrained", False))
+        lines.append(f"  ablation {summary['name']}: {arms} arms x {seeds} "
                      f"seed{'s' if seeds > 1 else ''}, {summary['steps']} steps ({', '.join(summary['arms'])}): "
                      f"{join(root, 'ablations', summary['name'], 'results.md')}")
     return ["", "ablations:", *lines] if lines else []

@@ -73,10 +73,10 @@ def test_quick_ablation_writes_a_table_of_every_arm(quick):
     root, out, _ = quick
     folder = os.path.join(root, "ablations", "quick")
     summary = json.loads(_text(folder, "results.json"))
-    assert summary["arms"] == list(ARMS)
+    assert summary["arms"] == ["untrained", *ARMS] and summary["untrained"]
     assert summary["metrics"] == ["knn", "knn_head", "knn_tail", "linear_probe", "instance_recall_at_1",
                                   "instance_map", "dense_miou"]
-    for arm in ARMS:
+    for arm in summary["arms"]:
         scores = json.loads(_text(run_dir(root, "quick", arm, 0), SCORES_FILE))
         for metric in summary["metrics"]:
             cell = summary["table"][arm][metric]
@@ -84,7 +84,11 @@ def test_quick_ablation_writes_a_table_of_every_arm(quick):
             assert 0.0 <= cell["mean"] <= 1.0
     table = _text(folder, "results.md")
     assert table in out  # printed as written
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:6]] == list(ARMS)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:7]] == ["untrained", *ARMS]
+    # the reference row: the teacher before step 0, trained on nothing, every score its own
+    untrained = summary["mechanics"]["untrained"]
+    assert untrained["steps"] == [0] and untrained["images_seen"] == [0] and untrained["parts"] == []
+    assert summary["table"]["untrained"] != summary["table"]["raw"]
     with Image.open(os.path.join(folder, "results.png")) as png:
         assert png.format == "PNG" and png.size[0] > 400
     listing = run_cli(["inspect", root])

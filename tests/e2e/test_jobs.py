@@ -299,5 +299,6 @@ def test_ablate_runs_prepare_each_arm_and_the_report_as_jobs(ray_head, tmp_path,
     entrypoints = [times[j]["entrypoint"] for j in jobs.values()]
     assert all("--address" not in e for e in entrypoints) and any("--only arm:red" in e for e in entrypoints)
     summary = json.loads((tmp_path / "cat" / "ablations" / "default" / "results.json").read_text())
-    assert summary["arms"] == ["red", "blue"] and summary["metrics"] == ["knn", "linear_probe"]
-    assert {arm: m["images_seen"] for arm, m in summary["mechanics"].items()} == {"red": [12], "blue": [12]}
+    assert summary["arms"] == ["untrained", "red", "blue"] and summary["metrics"] == ["knn", "linear_probe"]
+    assert {arm: m["images_seen"] for arm, m in summary["mechanics"].items()} == {"untrained": [0], "red": [12],
+                                                                                  "blue": [12]}
