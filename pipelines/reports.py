@@ -1,8 +1,10 @@
 """Reports a person can look at: PNG histograms and contact sheets under ``<catalog>/reports/``.
 
 - build-lvd: per level, cluster sizes in the pool and in the curated part (balanced sampling should
-  flatten them), and thumbnails of the largest, a few random and the smallest top-level clusters
-  before and after curation, each row labelled with the cluster's size; the pool's quality signals
+  flatten them); after an update of a grown pool, what the curated part gained and lost per top-level
+  cluster beside the share of that cluster's new images that drifted (`update_figure`); thumbnails
+  of the largest, a few random and the smallest top-level clusters before and after curation, each
+  row labelled with the cluster's size; the pool's quality signals
   (a histogram each, the filter's removals stacked on top) and what each filter rule removed;
 - retrieve: a few seed images next to what they retrieved;
 - dedup: a few copy groups, the kept image first.
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import matplotlib
 
@@ -158,15 +161,55 @@ def write_quality_report(root: str, out_dir: str) -> list[str]:
     return written
 
 
+UPDATE_BARS = 30  # top-level clusters drawn in the update figure: those that changed most
+
+
+def update_figure(diff: dict[str, Any], drift: dict[str, Any] | None) -> bytes:
+    """The curated part's change after an update (`pipelines.stages.sample.write_diff`), per top-level
+    cluster: images added and removed, and beside them the share of the cluster's new pool images that
+    lie beyond the clustered images' 99th-percentile distance (the cluster update's drift): a cluster
+    that gained many far images holds something the hierarchy did not see."""
+    per_top = {int(t): v for t, v in diff["per_top_cluster"].items()}
+    far = {int(t): v for t, v in (drift or {}).get("per_top_cluster", {}).items()}
+    changed = sorted(set(per_top) | set(far), key=lambda t: (-(per_top.get(t, {}).get("added", 0)
+                                                             + per_top.get(t, {}).get("removed", 0)
+                                                             + far.get(t, {}).get("far", 0)), t))[:UPDATE_BARS]
+    x = np.arange(len(changed))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.32 * len(changed) + 2), 5.5), sharex=True)
+    top.bar(x, [per_top.get(t, {}).get("added", 0) for t in changed], color="tab:green", label="added")
+    top.bar(x, [-per_top.get(t, {}).get("removed", 0) for t in changed], color="tab:red", label="removed")
+    top.axhline(0, color="black", linewidth=0.6)
+    top.set_ylabel("curated images")
+    top.legend(fontsize=7)
+    top.set_title(f"update: kept {diff['kept']} of the earlier curated images ({diff['kept_share']:.1%}), "
+                  f"{diff['added']} added, {diff['removed']} removed", fontsize=9)
+    if drift:
+        bottom.bar(x, [far.get(t, {}).get("share", 0.0) for t in changed], color="tab:orange")
+        bottom.set_title(f"new pool images beyond the 99th-percentile distance: {drift['far']} of {drift['new']} "
+                         f"({drift['share']:.1%}) overall, per cluster below", fontsize=9)
+    else:
+        bottom.set_title("no cluster update in the latest clustering (it ran from scratch)", fontsize=9)
+    bottom.set_ylim(0, 1)
+    bottom.set_ylabel("share far")
+    bottom.set_xticks(x, [str(t) for t in changed], rotation=90, fontsize=7)
+    bottom.set_xlabel("top-level cluster (most changed first)")
+    return _png(fig)
+
+
 def write_lvd_report(root: str, part: str, n_levels: int, seed: int = 0, n_each: int = 2,
-                     with_images: bool = True) -> list[str]:
-    """Write the histograms and (``with_images``: the pool's images are known) contact sheets of the
-    largest, a few random and the smallest top-level clusters, labelled with their sizes; returns their URLs."""
+                     with_images: bool = True, diff: dict[str, Any] | None = None,
+                     drift: dict[str, Any] | None = None) -> list[str]:
+    """Write the histograms, the update figure (``diff``: the part was sampled again after the pool grew)
+    and (``with_images``: the pool's images are known) contact sheets of the largest, a few random and
+    the smallest top-level clusters, labelled with their sizes; returns their URLs."""
     out_dir = join(root, "reports", part)
     written = []
     url = join(out_dir, "cluster_sizes.png")
     write_bytes_atomic(url, size_histograms(root, part, n_levels))
     written.append(url)
+    if diff is not None:
+        written.append(join(out_dir, "update.png"))
+        write_bytes_atomic(written[-1], update_figure(diff, drift))
     if not with_images:
         return written
     measured = "sharpness" in query(root, "SELECT * FROM pool LIMIT 0").column_names  # not in older pools

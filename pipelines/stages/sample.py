@@ -105,6 +105,7 @@ def _uris_of(root: str, ids: pa.ChunkedArray, batch_rows: int) -> dict[int, str]
 
 
 PREVIOUS = "previous_selection"
+CLUSTER_RUN = "cluster"  # the cluster stage's run, whose completion records an update's drift
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,13 @@ def write_diff(root: str, part: str, previous: Previous) -> dict[str, Any]:
             "kept_share": round(kept / max(1, len(before)), 4), "per_top_cluster": dict(sorted(per_top.items()))}
     write_bytes_atomic(join(root, "reports", part, "diff.json"), json.dumps(diff, indent=1).encode())
     return diff
+
+
+def latest_drift(root: str) -> dict[str, Any] | None:
+    """The drift report of the clustering as it stands, where its latest run was an update (assigned new
+    images down the hierarchy); None after a clustering from scratch."""
+    record = Ledger(root, CLUSTER_RUN).completion()
+    return (record or {}).get("summary", {}).get("drift")
 
 
 class SampleStage(Stage):
@@ -204,7 +212,8 @@ class SampleStage(Stage):
         if config.report:
             n_levels = len(level_columns(read_schema(shard_urls(ctx.root, CLUSTERS_TABLE)[0]).names))
             summary["report"] = write_lvd_report(ctx.root, config.part, n_levels, seed=config.seed,
-                                                 with_images=table_exists(ctx.root, POOL_TABLE))
+                                                 with_images=table_exists(ctx.root, POOL_TABLE),
+                                                 diff=summary.get("diff"), drift=latest_drift(ctx.root))
         return summary
 
 

@@ -304,8 +304,9 @@ def test_a_resampled_part_keeps_what_its_budgets_still_cover_and_writes_the_diff
     sql = "SELECT DISTINCT image_id FROM curated_lvd ORDER BY 1"
     before = set(query(root, sql).column(0).to_pylist())
     _add_embeddings(root, "batch1", np.arange(300, 330), np.concatenate([_blob(rng, c, 10) for c in range(3)]))
-    run_stage("cluster", root, CLUSTER)
-    diff = run_stage("sample", root, sample).summary["diff"]
+    drift = run_stage("cluster", root, CLUSTER).summary["drift"]
+    resampled = run_stage("sample", root, {**sample, "report": True}).summary
+    diff = resampled["diff"]
     after = query(root, sql).column(0).to_pylist()
     kept = len(before & set(after))
     assert kept / len(before) >= 0.9 and diff["kept"] == kept and diff["kept_share"] >= 0.9
@@ -313,6 +314,10 @@ def test_a_resampled_part_keeps_what_its_budgets_still_cover_and_writes_the_diff
     per_top = diff["per_top_cluster"].values()
     assert sum(t["added"] for t in per_top) == diff["added"] and sum(t["removed"] for t in per_top) == diff["removed"]
     assert json.load(open(os.path.join(root, "reports", "lvd", "diff.json"))) == json.loads(json.dumps(diff))
+    figure = os.path.join(root, "reports", "lvd", "update.png")  # the report draws the diff beside the drift
+    assert figure in resampled["report"] and drift["new"] == 30
+    with Image.open(figure) as img:
+        assert img.format == "PNG" and img.width >= 600 and img.height >= 500
     fresh = run_stage("sample", root, {**sample, "keep_previous": False}, overwrite=True)
     scratch = query(root, sql).column(0).to_pylist()
     assert "diff" not in fresh.summary and len(before & set(scratch)) / len(before) < 0.6  # stability is kept's doing
