@@ -134,14 +134,15 @@ def _build_lvd(results: dict[str, Any], flags: dict[str, Any]) -> str:
 STAGE_COMMANDS: tuple[StageCommand, ...] = (
     StageCommand(
         "ingest", "pipelines.stages.ingest:IngestConfig", "build the pool table from images",
-        "List SOURCE (a folder tree, a glob of WebDataset .tar shards, or a Parquet file with a 'uri' column or "
-        "a bytes column), probe every image (full decode), hash it and make its copy descriptor (gradient "
-        "histograms and a colour layout, 480 float16). Rerun on a grown folder or glob, it ingests only the new "
-        "files; a vanished file keeps its pool row as status 'removed', a file rewritten under the same name "
-        "(other size or modification time) is the removal of the old version and a new file.",
+        "List SOURCE (a folder tree, a glob of WebDataset .tar shards, or a Parquet file or glob of them with a "
+        "'uri' column or a bytes column), probe every image (full decode), hash it and make its copy descriptor "
+        "(gradient histograms and a colour layout, 480 float16). Rerun on a grown folder or glob, it ingests only "
+        "the new files (or Parquet rows); a vanished file keeps its pool row as status 'removed', a file "
+        "rewritten under the same name (other size or modification time) is the removal of the old version and "
+        "a new file.",
         "the files of SOURCE", "pool (every file: status ok|error), errors (reason per unusable file), "
         "copy_descriptors",
-        (Flag("source", "source", "folder, .tar glob or .parquet file (local or an fsspec URL)"),), _ingest),
+        (Flag("source", "source", "folder, .tar glob, .parquet file or glob (local or an fsspec URL)"),), _ingest),
     StageCommand(
         "filter", "pipelines.stages.filter:FilterConfig", "remove low-quality images before clustering",
         "Drop usable pool images by the quality signals ingest measured (every rule off by default): "

@@ -3,10 +3,11 @@
 Every listed file gets a ``pool`` row (``status`` ok or error); every file that cannot be used also
 gets an ``errors`` row with a reason code. Work is split into units (a slice of the listing, one tar
 shard, a slice of Parquet rows); each unit's fingerprint is its files' names, sizes and change stamps, so a
-source that changed under the same name is told apart from the one that was ingested. A folder or a glob
-of tar shards is listed as items (`catalog.ledger_items`): a rerun on a source that gained files ingests
-only those, in units of its own; a file that vanished keeps its pool row as ``status = 'removed'``; a file
-rewritten under the same name is the removal of the old version (its rows dropped) and a new file.
+source that changed under the same name is told apart from the one that was ingested. Every source is
+listed as items (`catalog.ledger_items`; a Parquet list by row slices, `pipelines.parquet_items`): a rerun on
+a source that gained files or rows ingests only those, in units of its own; a file that vanished keeps its
+pool row as ``status = 'removed'``; a file rewritten under the same name is the removal of the old version
+(its rows dropped) and a new file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from catalog.config import ConfigError, at_least
 from catalog.decode import MISSING, DecodeError, decode_rgb, probe_image
@@ -37,13 +37,11 @@ from catalog.images import (
     item_failure,
     parquet_row_uri,
     read_item,
-    repeated_uri,
     split_uri,
     uri_extension,
 )
 from catalog.ledger_items import Item, Members, Retiring
-from catalog.manifest import fingerprint
-from catalog.parquet_rows import footer, read_rows, row_slices
+from catalog.parquet_rows import read_rows
 from catalog.paths import resolve, retry, with_protocol
 from catalog.schemas import (
     COPY_DESCRIPTORS_TABLE,
@@ -56,11 +54,11 @@ from catalog.schemas import (
 from catalog.sql import query
 from curation.copy_descriptor import DIM, NAME, SIDE, copy_descriptor
 from curation.quality import quality_signals
+from pipelines.parquet_items import is_parquet_source, parquet_items, still_listed
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 log = logging.getLogger("curate.pipelines")
 
-BYTES_COLUMNS = ("bytes", "image", "jpg", "png")
 # WebDataset shards keep per-sample metadata beside each image; such members are not pool items.
 Read = tuple[str, bytes | None, str | None, str | None]  # uri, bytes, error reason, message
 TAR_METADATA_EXTENSIONS = {".json", ".txt", ".cls", ".cls2", ".caption", ".key", ".url", ".meta", ".id", ".idx"}
@@ -68,7 +66,8 @@ TAR_METADATA_EXTENSIONS = {".json", ".txt", ".cls", ".cls2", ".caption", ".key",
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """``source``: a folder tree, a glob of ``.tar`` shards, or a Parquet file (a ``uri`` or bytes column)."""
+    """``source``: a folder tree, a glob of ``.tar`` shards, or a Parquet file or glob of them (a ``uri`` or
+    bytes column); a Parquet list is cut into slices of whole row groups of up to ``files_per_unit`` rows."""
 
     source: str = ""
     files_per_unit: int = 500
@@ -84,14 +83,9 @@ def image_id(uri: str) -> int:
     return int.from_bytes(hashlib.blake2b(uri.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def is_parquet_source(source: str) -> bool:
-    fs, path = resolve(source)
-    return path.endswith(".parquet") and not fs.isdir(path)
-
-
 def is_tar_source(source: str) -> bool:
     path = resolve(source)[1]
-    return path.endswith(".tar") or any(ch in path for ch in "*?[")
+    return path.endswith(".tar") or (any(ch in path for ch in "*?[") and not path.endswith(".parquet"))
 
 
 def source_items(source: str) -> list[Item]:
@@ -116,53 +110,6 @@ def _version(info: dict[str, Any]) -> str:
     """A listed file's size and the store's change stamp (mtime locally, the ETag on object stores)."""
     stamp = next((info[k] for k in ("mtime", "ETag", "LastModified", "updated", "md5Hash") if k in info), "")
     return f"{info['size']}:{stamp}"
-
-
-def parquet_units(source: str, rows_per_unit: int) -> list[Unit]:
-    fs, path = resolve(source)
-    metadata = footer(fs, path)
-    names = metadata.schema.to_arrow_schema().names
-    size = fs.size(path)
-    inline = next((c for c in BYTES_COLUMNS if c in names), None)
-    if inline is None and "uri" not in names:
-        raise ConfigError(f"{source}: a Parquet source needs a 'uri' column or a bytes column {BYTES_COLUMNS}")
-    _warn_big_row_groups(source, metadata, rows_per_unit)
-    repeats = {} if inline else _repeated_rows(source)
-    units = []
-    for k, (i, stop) in enumerate(row_slices(metadata, rows_per_unit)):
-        payload = {"parquet": source, "start": i, "stop": stop, "inline": inline,
-                   "repeats": [[r, n] for r, n in repeats.items() if i <= r < stop]}
-        units.append(Unit(f"rows-{k:06d}", payload, stop - i, fingerprint(source, size, i, stop)))
-    return units
-
-
-def _warn_big_row_groups(source: str, metadata: pq.FileMetaData, rows_per_unit: int) -> None:
-    """Units are whole row groups, or slices of one too big for a unit; a slice decodes its row group
-    from the start, so a file of few huge row groups costs more per row: say so, with the numbers."""
-    biggest = max((metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)), default=0)
-    if biggest > 4 * rows_per_unit:
-        log.warning("%s: row groups of up to %d rows, %d units each; every unit decodes its row group up to "
-                    "its last row (rewrite it with row_group_size <= %d for reads linear in rows)",
-                    source, biggest, -(-biggest // rows_per_unit), rows_per_unit)
-
-
-def _repeated_rows(source: str) -> dict[int, int]:
-    """Row -> occurrence (2, 3, …) of every row whose URI an earlier row of the list already names.
-
-    Worked out over the whole list at planning, so each unit gives those rows distinct URIs
-    (``repeated_uri``) and every pool row keeps a unique ``image_id``.
-    """
-    fs, path = resolve(source)
-    with fs.open(path, "rb") as f:
-        uris = pq.read_table(f, columns=["uri"]).column("uri")
-    codes = pc.fill_null(pc.dictionary_encode(uris).combine_chunks().indices, -1).to_numpy(zero_copy_only=False)
-    order = np.argsort(codes, kind="stable")
-    ranked = codes[order]
-    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
-    occurrence = np.empty(len(codes), np.int64)
-    occurrence[order] = np.arange(len(codes)) - np.repeat(starts, np.diff(np.r_[starts, len(codes)])) + 1
-    repeated = np.flatnonzero((occurrence > 1) & (codes >= 0))
-    return {int(r): int(occurrence[r]) for r in repeated}
 
 
 def _items(payload: dict[str, Any]) -> Iterator[Read]:
@@ -200,20 +147,18 @@ def _tar_items(shard: str) -> Iterator[Read]:
 
 
 def _parquet_items(payload: dict[str, Any]) -> Iterator[Read]:
-    """The rows of a Parquet list: a URI to read per row, or the image bytes inline; only the row
-    groups that hold the unit's rows are read (`catalog.parquet_rows`)."""
+    """The rows of a Parquet list: a URI to read per row (its pool URI planned, `pipelines.parquet_items`),
+    or the image bytes inline; only the row groups that hold the unit's rows are read
+    (`catalog.parquet_rows`)."""
     source, inline = payload["parquet"], payload["inline"]
     fs, path = resolve(source)
     batches = read_rows(fs, path, [inline or "uri"], payload["start"], payload["stop"])
     values = (value for batch in batches for value in batch.column(0).to_pylist())
-    repeats = dict(payload.get("repeats", []))
     for row, value in enumerate(values, start=payload["start"]):
         if inline:
             yield (parquet_row_uri(source, row, inline), *_inline_bytes(value))
-        elif isinstance(value, str) and value:
-            yield (repeated_uri(value, repeats[row]) if row in repeats else value, *_read(value))
-        else:  # the row itself names the item, so it still has a pool row and an errors row
-            yield (parquet_row_uri(source, row, "uri"), *_read(value))
+        else:  # a row without a URI is named by its own place, so it still has a pool row and an errors row
+            yield (payload["pool_uris"][row - payload["start"]], *_read(value))
 
 
 def _inline_bytes(value: object) -> tuple[bytes | None, str | None, str | None]:
@@ -242,36 +187,50 @@ class IngestStage(Stage):
     in_process_below = 600
     empty_schemas = {ERRORS_TABLE: stamp(ERRORS, ERRORS_TABLE)}
 
-    def items(self, ctx: StageContext) -> list[Item] | None:
-        """A folder's files or a glob's tar shards (runs on them append); None for a Parquet list."""
-        if not ctx.config.source:
-            raise ConfigError("ingest needs a source: a folder, a .tar glob or a .parquet file")
-        return None if is_parquet_source(ctx.config.source) else source_items(ctx.config.source)
-
-    def plan(self, ctx: StageContext) -> list[Unit]:
-        return parquet_units(ctx.config.source, ctx.config.files_per_unit)
+    def items(self, ctx: StageContext) -> list[Item]:
+        """A folder's files, a glob's tar shards or a Parquet list's row slices: runs on them append."""
+        source = ctx.config.source
+        if not source:
+            raise ConfigError("ingest needs a source: a folder, a .tar glob or a .parquet file (or glob)")
+        return parquet_items(source, ctx.config.files_per_unit) if is_parquet_source(source) else source_items(source)
 
     def unit_prefix(self, ctx: StageContext) -> str:
+        if is_parquet_source(ctx.config.source):
+            return "rows"
         return "tar" if is_tar_source(ctx.config.source) else "files"
 
     def items_per_unit(self, ctx: StageContext) -> int:
-        return 1 if is_tar_source(ctx.config.source) else ctx.config.files_per_unit
+        one = is_tar_source(ctx.config.source) or is_parquet_source(ctx.config.source)
+        return 1 if one else ctx.config.files_per_unit
 
     def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
+        if is_parquet_source(ctx.config.source):
+            return items[0].data
         if is_tar_source(ctx.config.source):
             return {"tar": items[0].key}
         return {"uris": [item.key for item in items]}
 
+    def unit_size(self, payload: dict[str, Any], items: list[Item]) -> int:
+        """Files, tar shards, or a Parquet slice's rows."""
+        return payload["stop"] - payload["start"] if "parquet" in payload else len(items)
+
     def retire(self, ctx: StageContext, tables: dict[str, pa.Table], retiring: Retiring,
                members: Members) -> dict[str, pa.Table]:
         """Vanished files keep their pool row as ``status = 'removed'``; a changed file's rows are dropped (its
-        new version is a row of a new unit, under the same image_id). Other tables lose both kinds' rows."""
+        new version is a row of a new unit, under the same image_id). Other tables lose both kinds' rows.
+        A Parquet slice retires whole: rows the list still gives are dropped (ingested again where they are
+        now), the others removed."""
         pool = tables.get(POOL_TABLE)
         if pool is None:
             return tables
-        sources = [split_uri(u)[0] if u not in retiring.keys else u for u in pool.column("uri").to_pylist()]
-        vanished = pa.array([s in retiring.vanished for s in sources], pa.bool_())
-        changed = pa.array([s in retiring.changed for s in sources], pa.bool_())
+        uris = pool.column("uri")
+        if is_parquet_source(ctx.config.source):
+            listed = pa.array(still_listed(ctx.config.source, uris.combine_chunks()), pa.bool_())
+            vanished, changed = pc.invert(listed), listed
+        else:
+            sources = [split_uri(u)[0] if u not in retiring.keys else u for u in uris.to_pylist()]
+            vanished = pa.array([s in retiring.vanished for s in sources], pa.bool_())
+            changed = pa.array([s in retiring.changed for s in sources], pa.bool_())
         status = pc.if_else(vanished, pa.scalar("removed"), pool.column("status"))
         pool = pool.set_column(pool.schema.get_field_index("status"), pool.schema.field("status"), status)
         out = {POOL_TABLE: pool.filter(pc.invert(changed))}
