@@ -30,6 +30,7 @@ __all__ = [
     "EdgeQuery",
     "EdgeSearch",
     "Edges",
+    "KnownComponents",
     "Mirror",
     "Verify",
     "block_edges",
@@ -192,6 +193,35 @@ def local_edges(index: PoolIndex, blocks: Iterable[tuple[int, np.ndarray]], quer
         yield query.edges(index, start, q)
 
 
+@dataclass(frozen=True)
+class KnownComponents:
+    """Where an update of the copy graph starts: each row's copy component from an earlier search (-1: a
+    row to search now), and the row of ``x`` behind each label of the index (-1: a label removed). The
+    rows to search hold the labels from ``first_label`` on, in order, so their query blocks are runs of
+    labels as in a full search (a row finds itself and is skipped)."""
+
+    component: np.ndarray  # int64 [n]
+    row_of_label: np.ndarray  # int64 [labels]
+    first_label: int
+
+    def search_rows(self) -> np.ndarray:
+        return self.row_of_label[self.first_label :]
+
+    def join(self, forest: ComponentForest) -> None:
+        """Put the known components into ``forest`` (a chain of edges through each one's rows)."""
+        rows = np.flatnonzero(self.component >= 0)
+        rows = rows[np.argsort(self.component[rows], kind="stable")]
+        same = self.component[rows[1:]] == self.component[rows[:-1]]
+        forest.add_edges(rows[:-1][same], rows[1:][same])
+
+    def as_rows(self, e: Edges) -> Edges:
+        """Edges between labels as edges between rows of ``x`` (src < dst)."""
+        a, b = self.row_of_label[e.src], self.row_of_label[e.dst]
+        ok = (a >= 0) & (b >= 0)
+        a, b = a[ok], b[ok]
+        return Edges(np.minimum(a, b), np.maximum(a, b), e.sim[ok])
+
+
 def graph_components(
     index: PoolIndex,
     x: np.ndarray,
@@ -203,16 +233,27 @@ def graph_components(
     mirror: Mirror | None = None,
     search: EdgeSearch = local_edges,
     verify: Verify | None = None,
+    known: KnownComponents | None = None,
 ) -> tuple[np.ndarray, int]:
     """(component per row, edges found) of the copy graph, streamed: each query block's edges go
     straight into a `ComponentForest`, so no whole edge list is ever held. ``edges found`` counts a
     pair once per row whose search found it (and, with ``verify``, that it confirmed). ``search`` may
     run the blocks elsewhere (Ray workers, `pipelines.distributed_search`): the blocks and so the
-    components are the same; ``verify`` runs here, on each block's edges as they come back."""
+    components are the same; ``verify`` runs here, on each block's edges as they come back.
+
+    ``known``: an update; only its rows to search are searched (against every row in ``index``), the
+    others keep their components."""
     forest = ComponentForest(x.shape[0])
     query = EdgeQuery(k, threshold, graph_nprobe(index, min_nprobe), mirror)
     found = 0
-    for e in search(index, query_blocks(x, batch_size), query):
+    blocks = query_blocks(x, batch_size)
+    if known is not None:
+        known.join(forest)
+        rows = known.search_rows()
+        blocks = ((known.first_label + s, x[rows[s : s + batch_size]]) for s in range(0, len(rows), batch_size))
+    for e in search(index, blocks, query):
+        if known is not None:
+            e = known.as_rows(e)
         if verify is not None:
             e = unique_edges([e])
             keep = verify(e)
@@ -280,17 +321,22 @@ def copy_dedup(
     batch_size: int = GRAPH_BATCH,
     search: EdgeSearch = local_edges,
     verify: Verify | None = None,
+    known: KnownComponents | None = None,
 ) -> DedupResult:
     """Self-dedup: kNN graph -> components -> keep the largest image (then smallest id) of each.
-    With ``verify``, only the candidate edges it confirms join components.
+    With ``verify``, only the candidate edges it confirms join components; with ``known`` (an update:
+    ``index`` holds every row under the labels it names), only its rows to search are searched.
 
     The reported similarity is to the keeper itself (the better of straight and mirrored with
     ``mirror``), which can be below `threshold` when the row joined the component through a chain
     of near copies.
     """
-    index, x = checked_index(x if index is None else index, x, seed)
+    if known is None:
+        index, x = checked_index(x if index is None else index, x, seed)
+    elif index is None:
+        raise ValueError("an update of the copy graph needs the index that holds its rows")
     labels, n_edges = graph_components(index, x, k, threshold, mirror=mirror, batch_size=batch_size, search=search,
-                                       verify=verify)
+                                       verify=verify, known=known)
     keep_mask, keeper = select_keepers(labels, priority, ids)
     removed = np.flatnonzero(~keep_mask)
     return DedupResult(

@@ -105,6 +105,19 @@ class PoolIndex:
                 _set_nprobe(self.index, tuned, self.on_gpu)
         return sims, rows
 
+    def replace_rows(self, removed: np.ndarray, x: np.ndarray, first_label: int) -> None:
+        """IVF kinds: drop the rows labelled ``removed`` and add the rows ``x`` labelled ``first_label`` on
+        (an index kept between runs of a growing pool; the quantiser stays the one trained first). The
+        index then no longer matches one matrix: its fingerprint says so."""
+        if self.params["kind"] == "flat":
+            raise ValueError("a flat index is rebuilt, not updated")
+        if len(removed):
+            self.index.remove_ids(np.asarray(removed, dtype=np.int64))
+        labels = first_label + np.arange(len(x), dtype=np.int64)
+        for start in range(0, len(x), ADD_BATCH):
+            self.index.add_with_ids(_f32(x[start : start + ADD_BATCH]), labels[start : start + ADD_BATCH])
+        self.fingerprint = "updated"
+
     def to_bytes(self) -> bytes:
         """Self-contained bytes: a JSON header (params, fingerprint) then the faiss index."""
         cpu = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index

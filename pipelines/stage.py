@@ -180,6 +180,9 @@ class Stage(ABC):
     # Appending stages (`catalog.ledger_items`): the input as items, cut into units by the runner; a rerun on
     # a grown input runs units of the new items only, and retires the rows of vanished or changed ones.
     retires_in_place: ClassVar[bool] = False  # items are a table's shards (`ItemChange.between`)
+    # the stage checks its own state (`clear`) against the content of its inputs, so a rerun on changed
+    # inputs keeps it (dedup's copy graph); only --overwrite clears it
+    state_checks_inputs: ClassVar[bool] = False
 
     def unit_prefix(self, ctx: StageContext) -> str:
         return "items"
@@ -350,7 +353,7 @@ def _inputs(stage: Stage, ctx: StageContext) -> dict[str, str]:
     return {**inputs, **stage.extra_inputs(ctx)}
 
 
-def _reconcile(ctx: StageContext, ledger: Ledger, sink: CatalogSink, plan: Plan) -> str:
+def _reconcile(ctx: StageContext, ledger: Ledger, sink: CatalogSink, plan: Plan, keeps_state: bool = False) -> str:
     """Compare with the recorded plan: ``fresh``, ``resume``, ``done``, or ``restart`` when inputs (or the
     finished run's outputs) changed; raise LedgerPlanError when settings or units differ."""
     old = ledger.plan()
@@ -360,8 +363,9 @@ def _reconcile(ctx: StageContext, ledger: Ledger, sink: CatalogSink, plan: Plan)
     if change.settings:
         ledger.refuse(f"other settings ({change.describe_settings(old, plan)})")
     if change.inputs:
-        log.warning("%s: input %s changed since it last ran: rerunning %s from scratch", ctx.run,
-                    ", ".join(change.inputs), ctx.run)
+        how = "with the state it kept, checked against the new input" if keeps_state else "from scratch"
+        log.warning("%s: input %s changed since it last ran: rerunning %s %s", ctx.run,
+                    ", ".join(change.inputs), ctx.run, how)
         return "restart"
     if change.units_kind != "same":
         ledger.refuse(change.describe_units())
@@ -415,11 +419,11 @@ def _run_held(stage: Stage, ctx: StageContext, sink: CatalogSink, overwrite: boo
         return update(stage, ctx, ledger, sink, inputs, items, executor)
     units, members = (stage.plan(ctx), None) if items is None else item_units(stage, ctx, items, 0)
     plan = Plan(stage.settings(ctx), inputs, {u.name: u.fingerprint for u in units}, list(sink.outputs), members)
-    decision = _reconcile(ctx, ledger, sink, plan)
+    decision = _reconcile(ctx, ledger, sink, plan, stage.state_checks_inputs)
     if decision == "done":
         return StageResult(ctx.run, ledger.completion().get("summary", {}), True, 0, 0, {})
     if decision in ("fresh", "restart"):
-        start_over(stage, ctx, ledger, sink, forget_state=decision == "restart")
+        start_over(stage, ctx, ledger, sink, forget_state=decision == "restart" and not stage.state_checks_inputs)
         ledger.write_plan(plan)
     return run_units(stage, ctx, ledger, sink, units, plan, executor)
 

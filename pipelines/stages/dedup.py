@@ -3,7 +3,8 @@
 Every removed image gets a ``duplicates`` row with the image kept in its place, the similarity and
 the reason (``exact``, ``copy``, ``eval:<name>``). Later stages leave these images out. Each step is a
 unit of the run, done in order (a step reads what the earlier ones removed), so a killed run redoes at
-most the step it was in.
+most the step it was in. The copy step keeps its graph for the next run (`pipelines.dedup_graph`): on a
+grown pool it searches only the new images and the copy groups that lost one.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from catalog import schemas
+from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
 from catalog.decode import DecodeError, decode_rgb
-from catalog.embeddings import load_rows
+from catalog.embeddings import embedding_metadata, load_rows
 from catalog.errors import MissingInputError, UserError
 from catalog.images import UnreadableItem, read_item, resolve_uris
 from catalog.lineage import listing_fingerprint
@@ -34,6 +36,7 @@ from catalog.schemas import (
 from catalog.shards import table_exists
 from catalog.sql import query
 from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
+from curation.copy_descriptor import NAME as COPY_DESCRIPTOR_NAME
 from curation.copy_descriptor import RELATIVE_THRESHOLD as PIXEL_RELATIVE_THRESHOLD
 from curation.copy_descriptor import copy_descriptor, mirror
 from curation.copy_verify import RESIDUAL_THRESHOLD as CHECK_THRESHOLD
@@ -51,6 +54,7 @@ from curation.dedup import (
 )
 from curation.torchscript_descriptor import IMAGENET_MEAN, IMAGENET_STD, SSCD_DIM, SSCD_SIZE
 from pipelines import dedup_model
+from pipelines.dedup_graph import graph_files, graph_start
 from pipelines.reports import write_dedup_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
@@ -233,19 +237,42 @@ def edge_search(config: DedupConfig, address: str | None = None) -> EdgeSearch:
     return RaySearch(config.workers, config.worker_cpus, address).edge_search
 
 
-def copy_step(root: str, config: DedupConfig, search: EdgeSearch = local_edges) -> pa.Table:
-    """Near copies: k-NN graph above the threshold, connected components, keep the largest image."""
+def _content_hashes(root: str, ids: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each image's bytes (its sha256), aligned with the sorted ``ids``: an image rewritten
+    under its id has another one, so the kept copy graph searches it again."""
+    t = query(root, "SELECT image_id, (hash(sha256) >> 1)::BIGINT AS h FROM pool WHERE status = 'ok' ORDER BY image_id")
+    known, h = t.column("image_id").to_numpy(), t.column("h").to_numpy()
+    at = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
+    return np.where(known[at] == ids, h[at], 0) if len(known) else np.zeros(len(ids), np.int64)
+
+
+def graph_key(root: str, config: DedupConfig) -> str:
+    """What a kept copy graph was searched with: the descriptor (and the model behind it) and the settings
+    that decide its edges."""
+    model = config.model()
+    identity = (embedding_metadata(root) if config.descriptor == "embeddings" else
+                model.model_id if model is not None else COPY_DESCRIPTOR_NAME)
+    check = config.check_threshold if config.descriptor == "pixels" else None
+    return fingerprint(identity, config.k, config.copy_threshold(), check, config.seed)
+
+
+def copy_step(root: str, config: DedupConfig, search: EdgeSearch = local_edges) -> tuple[pa.Table, dict[str, bytes]]:
+    """Near copies: k-NN graph above the threshold, connected components, keep the largest image; the
+    graph kept for the next run (`pipelines.dedup_graph`), which then searches only what is new."""
     ids, x = _descriptors(root, config, "copy")
+    content, key = _content_hashes(root, ids), graph_key(root, config)
+    start = graph_start(root, key, ids, content, x, config.seed)
     pixels = config.descriptor == "pixels"
     thumbnails = PoolThumbnails(root, ids)
     checked = pixels and config.check_threshold is not None
-    result = copy_dedup(x, ids, _pixel_counts(root, ids), config.k, config.copy_threshold(), seed=config.seed,
-                        mirror=mirror if pixels else None, batch_size=config.query_block, search=search,
-                        verify=edge_check(x, thumbnails, config.check_threshold) if checked else None)
+    result = copy_dedup(x, ids, _pixel_counts(root, ids), config.k, config.copy_threshold(), index=start.index,
+                        known=start.known, mirror=mirror if pixels else None, batch_size=config.query_block,
+                        search=search, verify=edge_check(x, thumbnails, config.check_threshold) if checked else None)
     if thumbnails.unreadable:
         log.warning("dedup: %d image(s) with a near copy candidate could not be read again to check it (kept "
                     "apart), e.g. %s", len(thumbnails.unreadable), "; ".join(thumbnails.unreadable[:3]))
-    return _rows(ids[result.removed_rows], ids[result.keeper_of_removed], result.removed_similarity, "copy")
+    table = _rows(ids[result.removed_rows], ids[result.keeper_of_removed], result.removed_similarity, "copy")
+    return table, graph_files(key, ids, content, result.labels, start)
 
 
 class PoolThumbnails:
@@ -313,6 +340,7 @@ class DedupStage(Stage):
     config_class = DedupConfig
     writes = (DUPLICATES_TABLE,)
     runtime_keys = frozenset({"workers", "worker_cpus"})  # the same duplicates with any worker count
+    state_checks_inputs = True  # the kept copy graph is checked image by image, so a grown pool keeps it
     empty_schemas = {DUPLICATES_TABLE: schemas.stamp(schemas.DUPLICATES, DUPLICATES_TABLE)}
 
     def tables_read(self, config: DedupConfig) -> tuple[str, ...]:
@@ -336,15 +364,20 @@ class DedupStage(Stage):
         if unit.name == "describe":
             return Output({MODEL_COPY_DESCRIPTORS_TABLE: dedup_model.describe_step(
                 ctx.root, config.model(), config.descriptor)})
+        files: dict[str, bytes] = {}
         if unit.name == "exact":
             table = exact_step(ctx.root)
         elif unit.name == "copy":
-            table = copy_step(ctx.root, config, edge_search(config, ctx.address))
+            table, files = copy_step(ctx.root, config, edge_search(config, ctx.address))
         else:
             name = unit.name[len("eval-"):]
             table = eval_step(ctx.root, config, name, config.eval_sets[name], edge_search(config, ctx.address))
         check_removed_share(ctx.root, config, unit.name, table)
-        return Output({DUPLICATES_TABLE: table})
+        return Output({DUPLICATES_TABLE: table}, files)
+
+    def clear(self, ctx: StageContext) -> None:
+        """``--overwrite`` forgets the kept copy graph (and its IVF index, trained again)."""
+        CatalogArrayStore(ctx.root, self.name).clear()
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         removed = {unit: rows.get(DUPLICATES_TABLE, 0) for unit, rows in totals.units.items()}

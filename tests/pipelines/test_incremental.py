@@ -1,5 +1,5 @@
-"""A growing pool: ingest and embed rerun on a source that gained files (and lost a few, and had one file
-rewritten) work on what changed only, and end with the tables of a from-scratch run on the final source.
+"""A growing pool: ingest, embed and dedup rerun on a source that gained files (and lost a few, and had one
+file rewritten) work on what changed only, and end with the tables of a from-scratch run on the final source.
 
 One module fixture grows a small demo pool in three batches (90 files, +18, +12) through the in-process
 runner, counting the images each run decodes, and runs ingest and embed once from scratch on the final
@@ -68,7 +68,8 @@ def _update(growth: Growth, monkeypatch: pytest.MonkeyPatch) -> None:
 
     probes, crops = _counting(monkeypatch, ingest, "probe_image"), _counting(monkeypatch, embed, "decode_crop")
     growth.results.append({"ingest": _ingest(growth.inc, growth.src),
-                           "embed": run_stage("embed", growth.inc, EMBED, executor="local")})
+                           "embed": run_stage("embed", growth.inc, EMBED, executor="local"),
+                           "dedup": run_stage("dedup", growth.inc, {}, executor="local")})
     growth.decoded.append({"ingest": probes[0], "embed": crops[0]})
     monkeypatch.undo()
 
@@ -125,6 +126,7 @@ def growth(tmp_path_factory) -> Growth:
             _update(growth, mp)
     _ingest(growth.ref, src)
     run_stage("embed", growth.ref, EMBED, executor="local")
+    run_stage("dedup", growth.ref, {}, executor="local")
     return growth
 
 
@@ -165,6 +167,12 @@ def test_updated_embeddings_are_bit_identical_to_a_from_scratch_run(growth):
     assert len(set(ids.tolist())) == len(ids)
     assert np.array_equal(ids[order], ref_ids[ref_order])
     assert np.array_equal(x[order].view(np.uint16), ref_x[ref_order].view(np.uint16))
+
+
+def test_updated_duplicates_are_those_of_a_from_scratch_run(growth):
+    sql = "SELECT image_id, kept_id, reason, round(similarity, 4) AS s FROM duplicates ORDER BY ALL"
+    assert query(growth.inc, sql).to_pylist() == query(growth.ref, sql).to_pylist()
+    assert query(growth.ref, "SELECT count(*) FROM duplicates WHERE reason = 'copy'").column(0)[0].as_py() > 0
 
 
 def test_the_embed_plan_lists_slices_of_pool_shards_not_images(growth):

@@ -1,0 +1,122 @@
+"""The copy step's graph kept between runs, so that dedup on a grown pool searches only what is new.
+
+A finished copy step leaves, under ``_checkpoints/dedup/``, each searched image's copy component and a
+hash of its bytes, the key of the settings it was searched with, and (an IVF index, pools over
+`curation.index.EXACT_MAX` rows) the index itself. The next run on the same settings:
+
+- keeps the component of every image still there with the same bytes;
+- searches again the images that are new or changed, and every member of a component that lost one (an
+  image that left may have been the link between the others), against an index of every image: the
+  kept IVF index with those images' old rows removed and the searched ones added (its quantiser stays
+  the one trained first; ``--overwrite`` trains it again), or a flat index built anew;
+- so its components, and the duplicates, are those of a search of the whole pool (exactly so with a
+  flat index; an IVF index finds a pair with the recall it was tuned for either way).
+
+The files are the copy unit's output (`pipelines.stage.Output.files`), written before its rows and
+marker: a kill before the marker redoes the unit from them, and finds the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from catalog.paths import exists, join, read_bytes
+from curation.dedup import KnownComponents
+from curation.index import PoolIndex, build_index
+
+log = logging.getLogger("curate.pipelines")
+
+GRAPH_FILE = "_checkpoints/dedup/copy_graph.npz"
+INDEX_FILE = "_checkpoints/dedup/copy_index.faiss"
+
+
+@dataclass(frozen=True)
+class GraphStart:
+    """What the copy search starts from: the index, the known components (None: search everything),
+    and the image behind each label of the index (``label_live``: not removed from it)."""
+
+    index: PoolIndex
+    known: KnownComponents | None
+    label_ids: np.ndarray
+    label_live: np.ndarray
+
+    @property
+    def searched(self) -> int:
+        return len(self.label_ids) if self.known is None else len(self.known.search_rows())
+
+
+def graph_start(root: str, key: str, ids: np.ndarray, content: np.ndarray, x: np.ndarray, seed: int) -> GraphStart:
+    """The search of ``ids`` (sorted; ``content``: a hash of each image's bytes; ``x``: their descriptors),
+    from the graph the last run left with the same ``key``, else from nothing."""
+    saved = _load(root, key)
+    if saved is None:
+        return GraphStart(build_index(x, seed=seed), None, ids, np.ones(len(ids), bool))
+    component = _kept_components(saved, ids, content)
+    keep, search = np.flatnonzero(component >= 0), np.flatnonzero(component < 0)
+    index_bytes = _saved_index(root, saved)
+    if index_bytes is None:
+        order = np.concatenate([keep, search])
+        index, label_ids, live, first = build_index(x[order], seed=seed), ids[order], np.ones(len(ids), bool), len(keep)
+    else:
+        index, label_ids, live = PoolIndex.from_bytes(index_bytes), saved["label_ids"], saved["label_live"].copy()
+        dropped = np.flatnonzero(live & ~np.isin(label_ids, ids[keep]))
+        first = len(label_ids)
+        index.replace_rows(dropped, x[search], first)
+        live[dropped] = False
+        label_ids, live = np.concatenate([label_ids, ids[search]]), np.concatenate([live, np.ones(len(search), bool)])
+    at = np.clip(np.searchsorted(ids, label_ids), 0, max(len(ids) - 1, 0))
+    row_of_label = np.where(live & (ids[at] == label_ids), at, -1) if len(ids) else at
+    log.info("dedup: the copy graph of the last run holds %d of %d images; searching %d (new, changed, or in a "
+             "copy group that lost an image)", len(keep), len(ids), len(search))
+    return GraphStart(index, KnownComponents(component, row_of_label, first), label_ids, live)
+
+
+def _kept_components(saved: dict[str, np.ndarray], ids: np.ndarray, content: np.ndarray) -> np.ndarray:
+    """Each image's saved component where it stays valid, else -1 (to search): new or changed images, and
+    every member of a component one of whose images left or changed."""
+    at = np.clip(np.searchsorted(saved["ids"], ids), 0, max(len(saved["ids"]) - 1, 0))
+    same = (saved["ids"][at] == ids) & (saved["content"][at] == content) if len(saved["ids"]) else \
+        np.zeros(len(ids), bool)
+    component = np.where(same, saved["component"][at], -1)
+    lost = ~np.isin(saved["ids"], ids[same])
+    component[np.isin(component, saved["component"][lost]) & (component >= 0)] = -1
+    return component
+
+
+def _load(root: str, key: str) -> dict[str, np.ndarray] | None:
+    url = join(root, GRAPH_FILE)
+    if not exists(url):
+        return None
+    with np.load(io.BytesIO(read_bytes(url)), allow_pickle=False) as data:
+        saved = {name: data[name] for name in data.files}
+    if str(saved["key"]) != key:
+        log.info("dedup: the saved copy graph was searched with other settings; searching every image")
+        return None
+    return saved
+
+
+def _saved_index(root: str, saved: dict[str, np.ndarray]) -> bytes | None:
+    """The kept IVF index, if the graph has one and it is the one the graph was saved with."""
+    sha = str(saved["index_sha256"])
+    url = join(root, INDEX_FILE)
+    if not sha or not exists(url):
+        return None
+    data = read_bytes(url)
+    return data if hashlib.sha256(data).hexdigest() == sha else None
+
+
+def graph_files(key: str, ids: np.ndarray, content: np.ndarray, component: np.ndarray,
+                start: GraphStart) -> dict[str, bytes]:
+    """The graph to keep (catalog-relative path -> bytes): components by image, and an IVF index whole."""
+    index_bytes = b"" if start.index.params["kind"] == "flat" else start.index.to_bytes()
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), ids=ids, content=content, component=component.astype(np.int64),
+             label_ids=start.label_ids if index_bytes else np.empty(0, np.int64),
+             label_live=start.label_live if index_bytes else np.empty(0, bool),
+             index_sha256=np.array(hashlib.sha256(index_bytes).hexdigest() if index_bytes else ""))
+    return {GRAPH_FILE: buf.getvalue(), **({INDEX_FILE: index_bytes} if index_bytes else {})}
