@@ -6,6 +6,14 @@ much of the curated set the update kept.
 
 Both runs use the demo job's settings (the shipped demo backbone) in this process; the pool is the demo
 pool (`pipelines.demo.pool`). The base catalog is built first, untimed.
+
+With ``--rows N``, the same for the embedding-level stages on N synthetic long-tailed 384-d embeddings
+(`benchmarks.scale.embedding_rows`): ``curate dedup`` (``descriptor=embeddings max_removed_share=0.5``, as
+the scale ladder runs it: synthetic rows have no pixels), ``curate cluster`` (defaults) and ``curate
+sample`` (20 % of N, no report), each a subprocess timed from outside (wall, CPU seconds of the process
+tree, peak RSS), after the catalog gained ``--grow`` of N new rows, against the same on the final rows.
+
+    python -m benchmarks.incremental --rows 1000000 --grow 0.1 --out docs/results/incremental_1e6_cpu.json
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -41,14 +50,63 @@ def _timed_build(root: str, source: str, settings: list[str]) -> tuple[float, di
     return wall, stages, results
 
 
+def _embedding_stages(root: str, n: int, log: Path) -> dict[str, dict[str, float]]:
+    """dedup, cluster and sample as the CLI runs them on ``root``, each measured from outside."""
+    from benchmarks.scale import CURATE, run_measured
+
+    cat = ["--catalog", root]
+    commands = {"dedup": [*CURATE, "dedup", *cat, "--set", "descriptor=embeddings", "max_removed_share=0.5"],
+                "cluster": [*CURATE, "cluster", *cat],
+                "sample": [*CURATE, "sample", *cat, "--target-size", str(n // 5), "--set", "report=false"]}
+    return {stage: run_measured(args, log) for stage, args in commands.items()}
+
+
+def embeddings_update(args: argparse.Namespace) -> None:
+    """The ``--rows`` benchmark: an update of the embedding-level stages against a run from scratch."""
+    from benchmarks.scale import embedding_rows, write_embedding_rows
+    from catalog.ledger import Ledger
+    from catalog.sql import query
+
+    work = Path(tempfile.mkdtemp(prefix="incremental-rows-"))
+    log = work / "commands.log"
+    ids, x, sha, _ = embedding_rows(args.rows, args.seed)
+    new = np.random.default_rng(args.seed).permutation(args.rows)[: int(round(args.rows * args.grow))]
+    old = np.setdiff1d(np.arange(args.rows), new)
+    updated, scratch = str(work / "updated"), str(work / "scratch")
+    write_embedding_rows(updated, "base", ids[old], x[old], sha[old])
+    _embedding_stages(updated, args.rows, log)  # the catalog before the update (untimed)
+    before = set(query(updated, "SELECT image_id FROM curated_lvd").column(0).to_pylist())
+    write_embedding_rows(updated, "grown", ids[new], x[new], sha[new])
+    update = _embedding_stages(updated, args.rows, log)
+    after = set(query(updated, "SELECT image_id FROM curated_lvd").column(0).to_pylist())
+    write_embedding_rows(scratch, "all", ids, x, sha)
+    fresh = _embedding_stages(scratch, args.rows, log)
+    rows = [{"run": run, "stage": stage, **m} for run, stages in ((f"update +{len(new)} rows", update),
+                                                                  (f"from scratch, {args.rows} rows", fresh))
+            for stage, m in stages.items()]
+    drift = (Ledger(updated, "cluster").completion() or {}).get("summary", {}).get("drift", {})
+    walls = [sum(m["wall_s"] for m in stages.values()) for stages in (update, fresh)]
+    extra = {"rows": args.rows, "new": len(new), "kept_share": len(before & after) / max(1, len(before)),
+             "drift_share": drift.get("share"), "update_wall_s": walls[0], "scratch_wall_s": walls[1],
+             "speedup": walls[1] / walls[0]}
+    report(f"dedup + cluster + sample: update after +{args.grow:.0%} vs from scratch ({args.rows:,} embeddings); "
+           f"{extra['speedup']:.1f}x, kept {extra['kept_share']:.1%} of the curated set, drift "
+           f"{extra['drift_share']}", rows, args.out, extra)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="files in the final pool")
+    parser.add_argument("--rows", type=int, help="instead: this many synthetic embeddings (no files)")
     parser.add_argument("--grow", type=float, default=0.1, help="share of the final pool the update adds")
     parser.add_argument("--target-fraction", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if args.rows:
+        embeddings_update(args)
+        return
 
     from catalog.sql import query
     from pipelines.demo.job import DEMO_SETTINGS

@@ -91,12 +91,9 @@ def _write(root: str, table: str, data: pa.Table, unit: str) -> None:
     write_shards(root, table, unit, data)
 
 
-def make_embedding_catalog(root: str, n: int, seed: int = 0) -> None:
-    """``pool`` (1 % of rows an exact duplicate of another; its image files are never written) and float16
-    ``embeddings`` of n rows, and a
-    500-row seed catalog ``<root>-seed`` of the same identity, drawn near a few pool concepts."""
-    from catalog.embeddings import embeddings_table
-    from catalog.schemas import EMBEDDINGS_TABLE, POOL, POOL_TABLE, stamp
+def embedding_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, x, sha256, concept)`` of n synthetic long-tailed pool images, 1 % of them an exact duplicate
+    (the same sha256) of another."""
     from curation.synthetic import concept_embeddings
 
     x, concept, _ = concept_embeddings(n=n, d=DIM, n_concepts=max(50, min(5000, n // 200)),
@@ -106,13 +103,33 @@ def make_embedding_catalog(root: str, n: int, seed: int = 0) -> None:
     sha = np.array([f"{i:064x}" for i in range(n)], dtype=object)
     dup = rng.choice(n, size=n // 100, replace=False)
     sha[dup] = sha[(dup + 1) % n]
+    return ids, x, sha, concept
+
+
+def write_embedding_rows(root: str, unit: str, ids: np.ndarray, x: np.ndarray, sha: np.ndarray) -> None:
+    """Their ``pool`` rows (the image files are never written) and float16 ``embeddings``, one run each."""
+    from catalog.embeddings import embeddings_table
+    from catalog.schemas import EMBEDDINGS_TABLE, POOL, POOL_TABLE, stamp
+
+    n = len(ids)
     given = ("image_id", "uri", "sha256", "status")
     nulls = {f.name: pa.nulls(n, f.type) for f in POOL if f.name not in given}  # sizes and quality unknown
     pool = pa.table({"image_id": ids, "uri": [f"{root}-images/{i}.jpg" for i in ids], **nulls, "sha256": sha,
                      "status": pa.array(["ok"] * n)}, schema=stamp(POOL, POOL_TABLE))
-    _write(root, POOL_TABLE, pool, "ingest=bench")
+    _write(root, POOL_TABLE, pool, f"ingest={unit}")
     del pool
-    _write(root, EMBEDDINGS_TABLE, embeddings_table(ids, x.astype(np.float16), IDENTITY), "embed=bench")
+    _write(root, EMBEDDINGS_TABLE, embeddings_table(ids, x.astype(np.float16), IDENTITY), f"embed={unit}")
+
+
+def make_embedding_catalog(root: str, n: int, seed: int = 0) -> None:
+    """`embedding_rows` of n images as a catalog, and a 500-row seed catalog ``<root>-seed`` of the same
+    identity, drawn near a few pool concepts."""
+    from catalog.embeddings import embeddings_table
+    from catalog.schemas import EMBEDDINGS_TABLE
+
+    ids, x, sha, concept = embedding_rows(n, seed)
+    write_embedding_rows(root, "bench", ids, x, sha)
+    rng = np.random.default_rng(seed + 1)
     picked = rng.choice(np.flatnonzero(np.isin(concept, np.unique(concept)[:5])), size=500)
     near = x[picked] + rng.normal(0, 0.02, (500, DIM)).astype(np.float32)
     near /= np.linalg.norm(near, axis=1, keepdims=True)
