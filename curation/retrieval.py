@@ -85,23 +85,21 @@ def seed_support(seed_labels: np.ndarray, min_seed_per_cluster: int = MIN_SEED_P
 KnnSearch = Callable[[PoolIndex, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-def local_search(index: PoolIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """`KnnSearch` in this process."""
-    return index.search(q, k)
+def top_neighbours(sims_a: np.ndarray, ids_a: np.ndarray, sims_b: np.ndarray, ids_b: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per seed image, the ``k`` most similar of two neighbour lists of disjoint images (an empty place has
+    similarity -inf), best first; at equal similarity the first list's entry comes first."""
+    sims, ids = np.concatenate([sims_a, sims_b], axis=1), np.concatenate([ids_a, ids_b], axis=1)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def knn_retrieve(
-    index: PoolIndex,
-    seed_x: np.ndarray,
-    k: int = KNN_K,
-    min_similarity: float | None = None,
-    max_per_seed: int | None = None,
-    search: KnnSearch = local_search,
-) -> RetrievalResult:
-    """k nearest pool rows per seed image, merged over seeds; `max_per_seed` keeps the most similar.
-    ``search`` may run elsewhere (Ray workers, `pipelines.distributed_search`) with the same answers."""
-    sims, rows = search(index, seed_x, k)
-    seed_rows = np.broadcast_to(np.arange(len(seed_x), dtype=np.int64)[:, None], rows.shape)
+def merge_neighbours(sims: np.ndarray, rows: np.ndarray, min_similarity: float | None = None,
+                     max_per_seed: int | None = None) -> RetrievalResult:
+    """Each seed image's neighbours (``rows`` [S, k] best first, -1 where there are fewer) as one result:
+    every pool row once, with its best similarity, rank and seed image."""
+    k = rows.shape[1]
+    seed_rows = np.broadcast_to(np.arange(rows.shape[0], dtype=np.int64)[:, None], rows.shape)
     ranks = np.broadcast_to(np.arange(k, dtype=np.int32)[None, :], rows.shape)
     valid = rows >= 0
     if min_similarity is not None:

@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 
+import numpy as np
 import psutil
 import pytest
 
@@ -175,3 +176,26 @@ def s3_server(bucket: str):
                 s3fs.S3FileSystem.clear_instance_cache()
     finally:
         server.stop()
+
+
+EMBEDDING_IDENTITY = {"model": "t", "weights_sha256": "0" * 64, "preprocess": "none", "pooling": "none",
+                      "normalized": "true"}  # of the tables tests write without a backbone
+
+
+def write_embedded_pool(root: str, name: str, ids: np.ndarray, x: np.ndarray, sha: list[str] | None = None) -> None:
+    """Pool rows (no files behind them; ``sha``: each image's sha256, distinct by default) and float16
+    embeddings (`EMBEDDING_IDENTITY`) of these images, a shard each."""
+    import pyarrow as pa
+
+    from catalog.embeddings import embeddings_table
+    from catalog.schemas import EMBEDDINGS_TABLE, POOL, POOL_TABLE, stamp
+    from catalog.shards import write_shards
+
+    n = len(ids)
+    given = ("image_id", "uri", "sha256", "status")
+    nulls = {f.name: pa.nulls(n, f.type) for f in POOL if f.name not in given}
+    pool = pa.table({"image_id": ids, "uri": [f"mem/{i}.jpg" for i in ids], **nulls,
+                     "sha256": sha or [f"{int(i) & (2**64 - 1):064x}" for i in ids], "status": ["ok"] * n},
+                    schema=stamp(POOL, POOL_TABLE))
+    write_shards(root, POOL_TABLE, f"ingest={name}", pool)
+    write_shards(root, EMBEDDINGS_TABLE, f"embed={name}", embeddings_table(ids, x.astype(np.float16), EMBEDDING_IDENTITY))

@@ -6,9 +6,10 @@ seeds over ``knn_min_seeds`` images and, below that, cluster mode only where the
 in the pool's clusters (`curation.retrieval.seed_support`). When cluster mode finds nothing the stage
 falls back to k-NN with a warning that gives the numbers; an empty result is always a warning.
 Duplicates found by ``curate dedup`` are never retrieved. The faiss index is saved under the
-catalog and reused while the embeddings it indexes are unchanged. One run per seed (``retrieve-<seed>``)
-writes that seed's rows of ``retrieved``; the seed's own ingest and embed run through the stage runner
-(``pipelines.seeds``).
+catalog and reused while the embeddings it indexes are unchanged; k-NN mode also keeps each seed image's
+nearest pool images, so on a grown pool it searches only the new ones (`pipelines.retrieve_lists`).
+One run per seed (``retrieve-<seed>``) writes that seed's rows of ``retrieved``; the seed's own ingest
+and embed run through the stage runner (``pipelines.seeds``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from catalog import schemas
+from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
-from catalog.embeddings import load_embeddings
+from catalog.embeddings import embedding_metadata, load_embeddings
 from catalog.manifest import fingerprint as content_fingerprint
 from catalog.paths import exists, join, read_bytes, write_bytes_atomic
 from catalog.schemas import (
@@ -44,11 +46,12 @@ from curation.retrieval import (
     RetrievalResult,
     choose_mode,
     cluster_retrieve,
-    knn_retrieve,
+    merge_neighbours,
     seed_support,
 )
 from pipelines.embedding_source import load_vectors, removed_ids
 from pipelines.reports import write_retrieval_report
+from pipelines.retrieve_lists import knn_neighbours
 from pipelines.seeds import SeedsConfig, prepare_seed, resolve_seed, seed_fingerprint, seed_name
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
@@ -152,6 +155,13 @@ def _cluster_mode(root: str, pool_ids: np.ndarray, seed_x: np.ndarray, config: R
     return RetrievalResult(rows, result.seed_rows, result.rank, result.similarity, result.note)
 
 
+def lists_key(root: str, facts: SeedFacts, config: RetrieveConfig) -> str:
+    """What kept neighbour lists were searched with: the pool's embedding model, the seed set's content,
+    k and the index settings."""
+    return content_fingerprint(embedding_metadata(root), seed_fingerprint(facts.catalog), config.k,
+                               config.recall_target, config.seed)
+
+
 def retrieved_table(seed: str, pool_ids: np.ndarray, seed_ids: np.ndarray, result: RetrievalResult) -> pa.Table:
     seed_image = np.where(result.seed_rows >= 0, seed_ids[np.maximum(result.seed_rows, 0)], -1)
     return pa.table({"image_id": pa.array(pool_ids[result.rows], pa.int64()),
@@ -177,6 +187,7 @@ class RetrieveStage(Stage):
     # where the seed lives is its catalog's business (an input); any worker count gives the same rows
     runtime_keys = frozenset({"seeds", "workers", "worker_cpus"})
     empty_schemas = {RETRIEVED_TABLE: schemas.stamp(schemas.RETRIEVED, RETRIEVED_TABLE)}
+    state_checks_inputs = True  # kept neighbour lists (k-NN mode) are checked image by image
 
     def run_name(self, config: RetrieveConfig) -> str:
         if not config.seed_set:
@@ -216,10 +227,17 @@ class RetrieveStage(Stage):
             if not len(result):
                 log.warning("%s: %s; falling back to k-NN (%d neighbours per seed image)", ctx.run, result.note,
                             config.k)
+        files: dict[str, bytes] = {}
         if result is None or not len(result):
-            result = knn_retrieve(pool_index(ctx.root, x, config), seed_x, config.k, config.min_similarity,
-                                  config.max_per_seed, search=knn_search(config, ctx.address))
-        return Output({RETRIEVED_TABLE: retrieved_table(facts.name, pool_ids, seed_ids, result)})
+            found, files, searched = knn_neighbours(
+                ctx.root, ctx.run, lists_key(ctx.root, facts, config), pool_ids, x, seed_x, config.k,
+                lambda: pool_index(ctx.root, x, config), knn_search(config, ctx.address), config.seed)
+            result = merge_neighbours(*found.rows(pool_ids, config.k), config.min_similarity, config.max_per_seed)
+        return Output({RETRIEVED_TABLE: retrieved_table(facts.name, pool_ids, seed_ids, result)}, files)
+
+    def clear(self, ctx: StageContext) -> None:
+        """``--overwrite`` forgets the kept neighbour lists."""
+        CatalogArrayStore(ctx.root, ctx.run).clear()
 
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         facts: SeedFacts = ctx.facts

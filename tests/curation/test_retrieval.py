@@ -3,7 +3,7 @@
 import numpy as np
 
 from curation.index import build_index
-from curation.retrieval import choose_mode, cluster_retrieve, knn_retrieve, seed_support
+from curation.retrieval import choose_mode, cluster_retrieve, merge_neighbours, seed_support, top_neighbours
 
 
 def unit(a: np.ndarray) -> np.ndarray:
@@ -36,7 +36,7 @@ def test_knn_retrieve_merges_keeping_best_rank_and_similarity():
     rng = np.random.default_rng(0)
     pool = unit(rng.standard_normal((4000, 64)))
     seeds = seeds_near(pool, rng, 300)
-    result = knn_retrieve(build_index(pool), seeds, k=6, min_similarity=0.3)
+    result = merge_neighbours(*build_index(pool).search(seeds, 6), min_similarity=0.3)
     ref = reference_knn(pool, seeds, 6, 0.3)
     assert len(ref) < 6 * len(seeds)  # the bunches really do collide
     assert result.rows.tolist() == sorted(ref)
@@ -50,11 +50,25 @@ def test_knn_retrieve_cap_keeps_most_similar():
     pool = unit(rng.standard_normal((3000, 32)))
     seeds = seeds_near(pool, rng, 90)
     index = build_index(pool)
-    full = knn_retrieve(index, seeds, k=4)
-    capped = knn_retrieve(index, seeds, k=4, max_per_seed=50)
+    full = merge_neighbours(*index.search(seeds, 4))
+    capped = merge_neighbours(*index.search(seeds, 4), max_per_seed=50)
     top = np.sort(full.rows[np.argsort(-full.similarity, kind="stable")[:50]])
     np.testing.assert_array_equal(capped.rows, top)
     assert np.all(np.diff(capped.rows) > 0)
+
+
+def test_the_top_of_two_halves_lists_is_the_top_of_the_whole():
+    rng = np.random.default_rng(2)
+    pool = unit(rng.standard_normal((2000, 32)))
+    seeds = seeds_near(pool, rng, 60)
+    whole_sims, whole_rows = build_index(pool).search(seeds, 8)
+    halves = []
+    for rows in (np.arange(0, 2000, 2), np.arange(1, 2000, 2)):
+        sims, found = build_index(pool[rows]).search(seeds, 8)
+        halves += [sims, rows[found]]
+    sims, rows = top_neighbours(*halves, 8)
+    np.testing.assert_array_equal(rows, whole_rows)
+    np.testing.assert_allclose(sims, whole_sims, atol=1e-6)
 
 
 def test_cluster_retrieve_takes_eligible_clusters_only():

@@ -8,18 +8,15 @@ import os
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
-from catalog.embeddings import embeddings_table
 from catalog.ledger import Ledger
-from catalog.schemas import EMBEDDINGS_TABLE, POOL, POOL_TABLE, stamp
-from catalog.shards import write_shards
 from catalog.sql import query
 from curation.index import EXACT_MAX
 from curation.synthetic_images import combined, flip, random_scene
 from pipelines.dedup_graph import GRAPH_FILE, INDEX_FILE
 from pipelines.stage import run_stage
+from tests.helpers import write_embedded_pool
 
 DUPLICATES_SQL = "SELECT image_id, kept_id, reason, round(similarity, 4) AS s FROM duplicates ORDER BY ALL"
 
@@ -88,17 +85,6 @@ def test_pixel_dedup_of_a_grown_folder_searches_only_the_new_images(tmp_path, se
     assert searched[0] == 36 and query(root, DUPLICATES_SQL).to_pylist() == query(scratch, DUPLICATES_SQL).to_pylist()
 
 
-def _add(root: str, name: str, ids: np.ndarray, x: np.ndarray, sha: list[str]) -> None:
-    """Pool rows (no files behind them) and float16 embeddings of these images, as a shard each."""
-    n = len(ids)
-    given = ("image_id", "uri", "sha256", "status")
-    nulls = {f.name: pa.nulls(n, f.type) for f in POOL if f.name not in given}
-    pool = pa.table({"image_id": ids, "uri": [f"mem/{i}.jpg" for i in ids], **nulls, "sha256": sha,
-                     "status": ["ok"] * n}, schema=stamp(POOL, POOL_TABLE))
-    write_shards(root, POOL_TABLE, f"ingest={name}", pool)
-    write_shards(root, EMBEDDINGS_TABLE, f"embed={name}", embeddings_table(ids, x.astype(np.float16), {"model": "t"}))
-
-
 def _copies_of(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     y = x + rng.normal(0, 0.02, x.shape)
     return y / np.linalg.norm(y, axis=1, keepdims=True)
@@ -111,7 +97,7 @@ def test_embedding_dedup_past_exact_search_adds_the_new_rows_to_the_kept_ivf_ind
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     x[n - 300 :] = _copies_of(rng, x[:300])  # 300 copies among the first rows
     root = str(tmp_path / "cat")
-    _add(root, "first", np.arange(n), x, [f"{i:064x}" for i in range(n)])
+    write_embedded_pool(root, "first", np.arange(n), x)
     config = {"descriptor": "embeddings"}
     first = run_stage("dedup", root, config, executor="local")
     assert first.summary["removed"]["copy"] == 300 and os.path.exists(os.path.join(root, INDEX_FILE))
@@ -119,7 +105,7 @@ def test_embedding_dedup_past_exact_search_adds_the_new_rows_to_the_kept_ivf_ind
     new /= np.linalg.norm(new, axis=1, keepdims=True)
     scratch = shutil.copytree(root, str(tmp_path / "scratch"))
     for catalog in (root, scratch):
-        _add(catalog, "grown", np.arange(n, n + 2_000), new, [f"{i:064x}" for i in range(n, n + 2_000)])
+        write_embedded_pool(catalog, "grown", np.arange(n, n + 2_000), new)
     searched[0] = 0
     grown = run_stage("dedup", root, config, executor="local")
     assert searched[0] == 2_000 and grown.summary["removed"]["copy"] == 400
