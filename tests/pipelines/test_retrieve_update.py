@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from catalog.embeddings import embeddings_table
+from catalog.ledger import Ledger
 from catalog.schemas import DUPLICATES, DUPLICATES_TABLE, EMBEDDINGS_TABLE, stamp
 from catalog.shards import write_shards
 from catalog.sql import query
@@ -79,3 +80,9 @@ def test_knn_retrieval_of_a_grown_pool_searches_only_the_new_images(tmp_path, se
     run_stage("retrieve", scratch, config, executor="local")
     rows = query(root, RETRIEVED_SQL).to_pylist()
     assert rows == query(scratch, RETRIEVED_SQL).to_pylist() and not {r["image_id"] for r in rows} & set(gone)
+    ledger = Ledger(root, "retrieve-s")  # a kill after the unit's kept lists, before its marker: the same rows
+    for name in ("all", "_complete"):
+        os.remove(os.path.join(ledger.dir, f"{name}.json"))
+    searched[0] = 0
+    assert run_stage("retrieve", root, config, executor="local").units_run == 1 and searched[0] == 0
+    assert query(root, RETRIEVED_SQL).to_pylist() == rows
