@@ -86,7 +86,7 @@ def embeddings_update(args: argparse.Namespace) -> None:
             for stage, m in stages.items()]
     drift = (Ledger(updated, "cluster").completion() or {}).get("summary", {}).get("drift", {})
     walls = [sum(m["wall_s"] for m in stages.values()) for stages in (update, fresh)]
-    extra = {"rows": args.rows, "new": len(new), "kept_share": len(before & after) / max(1, len(before)),
+    extra = {"pool_rows": args.rows, "new": len(new), "kept_share": len(before & after) / max(1, len(before)),
              "drift_share": drift.get("share"), "update_wall_s": walls[0], "scratch_wall_s": walls[1],
              "speedup": walls[1] / walls[0]}
     report(f"dedup + cluster + sample: update after +{args.grow:.0%} vs from scratch ({args.rows:,} embeddings); "
