@@ -100,8 +100,7 @@ def _pool_uris(files: list[tuple[str, pq.FileMetaData]]) -> list[pa.Array]:
             columns.append(pq.read_table(f, columns=["uri"]).column("uri").combine_chunks())
     if not columns:
         return []
-    values = pa.concat_arrays([c.cast(pa.string()) for c in columns]) if columns else pa.array([], pa.string())
-    occurrence = _occurrences(values)
+    occurrence = _occurrences(pa.concat_arrays([c.cast(pa.string()) for c in columns]))
     out, start = [], 0
     for (url, _), column in zip(files, columns):
         rows = []
