@@ -45,10 +45,6 @@ class GraphStart:
     label_ids: np.ndarray
     label_live: np.ndarray
 
-    @property
-    def searched(self) -> int:
-        return len(self.label_ids) if self.known is None else len(self.known.search_rows())
-
 
 def graph_start(root: str, key: str, ids: np.ndarray, content: np.ndarray, x: np.ndarray, seed: int) -> GraphStart:
     """The search of ``ids`` (sorted; ``content``: a hash of each image's bytes; ``x``: their descriptors),
