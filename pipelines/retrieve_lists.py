@@ -65,29 +65,28 @@ def _searched(search: KnnSearch, index: PoolIndex, ids: np.ndarray, q: np.ndarra
 
 def knn_neighbours(root: str, run: str, key: str, pool_ids: np.ndarray, x: np.ndarray, seed_x: np.ndarray, k: int,
                    full_index: Callable[[], PoolIndex], search: KnnSearch,
-                   seed: int) -> tuple[Neighbours, dict[str, bytes], int]:
-    """The seed images' neighbours among ``pool_ids`` (sorted; ``x`` their embeddings), the files that keep
-    them for the next run, and how many pool images were searched (``full_index``: the whole pool's)."""
+                   seed: int) -> tuple[Neighbours, dict[str, bytes]]:
+    """The seed images' neighbours among ``pool_ids`` (sorted; ``x`` their embeddings) and the files that
+    keep them for the next run (``full_index``: the whole pool's index, built only if needed)."""
     depth = MARGIN * k
     saved = _load(root, run, key)
     if saved is None:
-        found, searched = _searched(search, full_index(), pool_ids, seed_x, depth), len(pool_ids)
+        found = _searched(search, full_index(), pool_ids, seed_x, depth)
     else:
-        found, searched = _updated(saved, pool_ids, x, seed_x, k, depth, full_index, search, seed)
+        found = _updated(saved, pool_ids, x, seed_x, k, depth, full_index, search, seed)
     buf = io.BytesIO()
     np.savez(buf, key=np.array(key), searched=pool_ids, ids=found.ids, sims=found.sims)
-    return found, {lists_file(run): buf.getvalue()}, searched
+    return found, {lists_file(run): buf.getvalue()}
 
 
 def _updated(saved: dict[str, np.ndarray], pool_ids: np.ndarray, x: np.ndarray, seed_x: np.ndarray, k: int,
-             depth: int, full_index: Callable[[], PoolIndex], search: KnnSearch, seed: int) -> tuple[Neighbours, int]:
+             depth: int, full_index: Callable[[], PoolIndex], search: KnnSearch, seed: int) -> Neighbours:
     ids, sims = saved["ids"], np.where(np.isin(saved["ids"], pool_ids), saved["sims"], -np.inf)
     order = np.argsort(-sims, axis=1, kind="stable")  # the entries that left go last
     kept = Neighbours(np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1))
     full = np.isfinite(saved["sims"]).sum(axis=1) == depth  # lists that stopped at depth, not at the pool's end
     short = full & (np.isfinite(kept.sims).sum(axis=1) < k)
     new = np.flatnonzero(~np.isin(pool_ids, saved["searched"]))
-    searched = len(new)
     if len(new):
         more = _searched(search, build_index(x[new], seed=seed), pool_ids[new], seed_x, depth)
         merged_sims, merged_ids = top_neighbours(kept.sims, kept.ids, more.sims, more.ids, depth)
@@ -95,10 +94,9 @@ def _updated(saved: dict[str, np.ndarray], pool_ids: np.ndarray, x: np.ndarray, 
     if short.any():
         again = _searched(search, full_index(), pool_ids, seed_x[short], depth)
         kept.ids[short], kept.sims[short] = again.ids, again.sims
-        searched += len(pool_ids)
     log.info("retrieve: %d new pool images searched; %d seed images searched again against the whole pool",
              len(new), int(short.sum()))
-    return kept, searched
+    return kept
 
 
 def _load(root: str, run: str, key: str) -> dict[str, np.ndarray] | None:

@@ -229,7 +229,7 @@ class RetrieveStage(Stage):
                             config.k)
         files: dict[str, bytes] = {}
         if result is None or not len(result):
-            found, files, searched = knn_neighbours(
+            found, files = knn_neighbours(
                 ctx.root, ctx.run, lists_key(ctx.root, facts, config), pool_ids, x, seed_x, config.k,
                 lambda: pool_index(ctx.root, x, config), knn_search(config, ctx.address), config.seed)
             result = merge_neighbours(*found.rows(pool_ids, config.k), config.min_similarity, config.max_per_seed)
