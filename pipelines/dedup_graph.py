@@ -111,8 +111,19 @@ def graph_files(key: str, ids: np.ndarray, content: np.ndarray, component: np.nd
     """The graph to keep (catalog-relative path -> bytes): components by image, and an IVF index whole."""
     index_bytes = b"" if start.index.params["kind"] == "flat" else start.index.to_bytes()
     buf = io.BytesIO()
+    searched = len(ids) if start.known is None else len(start.known.search_rows())
     np.savez(buf, key=np.array(key), ids=ids, content=content, component=component.astype(np.int64),
+             searched=np.array(searched),
              label_ids=start.label_ids if index_bytes else np.empty(0, np.int64),
              label_live=start.label_live if index_bytes else np.empty(0, bool),
              index_sha256=np.array(hashlib.sha256(index_bytes).hexdigest() if index_bytes else ""))
     return {GRAPH_FILE: buf.getvalue(), **({INDEX_FILE: index_bytes} if index_bytes else {})}
+
+
+def graph_summary(root: str) -> dict[str, int] | None:
+    """How many images the kept graph holds and how many its run searched (None without a graph)."""
+    url = join(root, GRAPH_FILE)
+    if not exists(url):
+        return None
+    with np.load(io.BytesIO(read_bytes(url)), allow_pickle=False) as data:
+        return {"images": len(data["ids"]), "searched": int(data["searched"])}

@@ -81,7 +81,11 @@ def _filter(r: Any, _: dict[str, Any]) -> str:
 def _dedup(r: Any, flags: dict[str, Any]) -> str:
     from pipelines.cli.report_text import dedup_text
 
-    return dedup_text(flags["catalog"])
+    graph = r.summary.get("copy_graph")
+    searched = (f"\n  copy graph: searched {graph['searched']} of {graph['images']} images (new, changed, or in a "
+                "copy group that lost one; the others kept their groups from the last run)"
+                if graph and graph["searched"] < graph["images"] else "")
+    return dedup_text(flags["catalog"]) + searched
 
 
 def _cluster(r: Any, _: dict[str, Any]) -> str:

@@ -54,7 +54,7 @@ from curation.dedup import (
 )
 from curation.torchscript_descriptor import IMAGENET_MEAN, IMAGENET_STD, SSCD_DIM, SSCD_SIZE
 from pipelines import dedup_model
-from pipelines.dedup_graph import graph_files, graph_start
+from pipelines.dedup_graph import graph_files, graph_start, graph_summary
 from pipelines.reports import write_dedup_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
@@ -386,6 +386,9 @@ class DedupStage(Stage):
         if removed.get("copy"):
             write_dedup_report(ctx.root)
         summary = {"in": total, "out": total - sum(removed.values()), "errored": 0, "removed": removed}
+        graph = graph_summary(ctx.root) if "copy" in totals.units else None
+        if graph is not None:
+            summary["copy_graph"] = graph
         model = ctx.config.model()
         if model is not None:
             cal = ctx.config.calibration()

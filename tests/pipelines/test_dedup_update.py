@@ -70,6 +70,7 @@ def test_pixel_dedup_of_a_grown_folder_searches_only_the_new_images(tmp_path, se
     searched[0] = 0
     grown = _dedup(root, str(folder))
     assert searched[0] == 10 + 1  # the new images, and flip00 (its copy group lost scene00)
+    assert grown.summary["copy_graph"] == {"images": 36, "searched": 11}
     scratch = str(tmp_path / "scratch")
     _dedup(scratch, str(folder))
     assert query(root, DUPLICATES_SQL).to_pylist() == query(scratch, DUPLICATES_SQL).to_pylist()
