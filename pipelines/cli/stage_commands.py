@@ -177,7 +177,9 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "threshold calibrated on labelled copies (--set calibration_copies=FOLDER of <group>/<image> folders, else "
         "synthetic groups; reports/dedup/calibration.json). A run that would remove more "
         "than max_removed_share (default 0.2) of the pool fails and shows example pairs instead. --set workers=N "
-        "searches the k-NN graph on N Ray actors (the same duplicates as one).",
+        "searches the k-NN graph on N Ray actors (the same duplicates as one). The copy graph is kept "
+        "(_checkpoints/dedup/): rerun on a grown pool, it searches only the new or changed images and the copy "
+        "groups that lost one (--overwrite forgets it).",
         "pool, copy_descriptors (or embeddings)", "duplicates (image_id, kept_id, similarity, reason); "
         "model_copy_descriptors with a TorchScript descriptor; clustering and retrieval leave those images out",
         (), _dedup),
@@ -222,7 +224,8 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "holding more than min_seed_per_cluster (3) seed images must hold at least half of them, else k-NN. "
         "When cluster mode finds nothing it falls back to k-NN with a warning giving the numbers; an empty "
         "result is a warning. Duplicates are never retrieved. --set workers=N runs the k-NN search on N Ray "
-        "actors (the same rows as one).",
+        "actors (the same rows as one). k-NN mode keeps each seed image's 2k nearest pool images: rerun on a "
+        "grown pool, it searches only the new images.",
         "embeddings, duplicates, clusters, centroids, the seed", "the seed's rows of retrieved, "
         "reports/retrieve/<seed>.png",
         (Flag("--seed", "seed_set", "a seed name from the seeds config (demo, …) or a path", required=True),
