@@ -19,19 +19,21 @@ marker: a kill before the marker redoes the unit from them, and finds the same r
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 
+from catalog.array_store import CatalogArrayStore, checkpoint_path, npz_bytes
+from catalog.id_lookup import lookup, positions
 from catalog.paths import exists, join, read_bytes
 from curation.dedup import KnownComponents
 from curation.index import PoolIndex, build_index
 
 log = logging.getLogger("curate.pipelines")
 
-GRAPH_FILE = "_checkpoints/dedup/copy_graph.npz"
+STAGE, GRAPH = "dedup", "copy_graph"  # the bundle under the dedup stage's checkpoints
+GRAPH_FILE = checkpoint_path(STAGE, GRAPH)
 INDEX_FILE = "_checkpoints/dedup/copy_index.faiss"
 
 
@@ -65,8 +67,7 @@ def graph_start(root: str, key: str, ids: np.ndarray, content: np.ndarray, x: np
         index.replace_rows(dropped, x[search], first)
         live[dropped] = False
         label_ids, live = np.concatenate([label_ids, ids[search]]), np.concatenate([live, np.ones(len(search), bool)])
-    at = np.clip(np.searchsorted(ids, label_ids), 0, max(len(ids) - 1, 0))
-    row_of_label = np.where(live & (ids[at] == label_ids), at, -1) if len(ids) else at
+    row_of_label = np.where(live, positions(ids, label_ids), -1)
     log.info("dedup: the copy graph of the last run holds %d of %d images; searching %d (new, changed, or in a "
              "copy group that lost an image)", len(keep), len(ids), len(search))
     return GraphStart(index, KnownComponents(component, row_of_label, first), label_ids, live)
@@ -75,22 +76,17 @@ def graph_start(root: str, key: str, ids: np.ndarray, content: np.ndarray, x: np
 def _kept_components(saved: dict[str, np.ndarray], ids: np.ndarray, content: np.ndarray) -> np.ndarray:
     """Each image's saved component where it stays valid, else -1 (to search): new or changed images, and
     every member of a component one of whose images left or changed."""
-    at = np.clip(np.searchsorted(saved["ids"], ids), 0, max(len(saved["ids"]) - 1, 0))
-    same = (saved["ids"][at] == ids) & (saved["content"][at] == content) if len(saved["ids"]) else \
-        np.zeros(len(ids), bool)
-    component = np.where(same, saved["component"][at], -1)
+    at = positions(saved["ids"], ids)
+    same = (at >= 0) & (lookup(saved["ids"], saved["content"], ids, 0) == content)
+    component = np.where(same, lookup(saved["ids"], saved["component"], ids, -1), -1)
     lost = ~np.isin(saved["ids"], ids[same])
     component[np.isin(component, saved["component"][lost]) & (component >= 0)] = -1
     return component
 
 
 def _load(root: str, key: str) -> dict[str, np.ndarray] | None:
-    url = join(root, GRAPH_FILE)
-    if not exists(url):
-        return None
-    with np.load(io.BytesIO(read_bytes(url)), allow_pickle=False) as data:
-        saved = {name: data[name] for name in data.files}
-    if str(saved["key"]) != key:
+    saved = CatalogArrayStore(root, STAGE).get(GRAPH)
+    if saved is not None and str(saved["key"]) != key:
         log.info("dedup: the saved copy graph was searched with other settings; searching every image")
         return None
     return saved
@@ -110,20 +106,16 @@ def graph_files(key: str, ids: np.ndarray, content: np.ndarray, component: np.nd
                 start: GraphStart) -> dict[str, bytes]:
     """The graph to keep (catalog-relative path -> bytes): components by image, and an IVF index whole."""
     index_bytes = b"" if start.index.params["kind"] == "flat" else start.index.to_bytes()
-    buf = io.BytesIO()
     searched = len(ids) if start.known is None else len(start.known.search_rows())
-    np.savez(buf, key=np.array(key), ids=ids, content=content, component=component.astype(np.int64),
-             searched=np.array(searched),
-             label_ids=start.label_ids if index_bytes else np.empty(0, np.int64),
-             label_live=start.label_live if index_bytes else np.empty(0, bool),
-             index_sha256=np.array(hashlib.sha256(index_bytes).hexdigest() if index_bytes else ""))
-    return {GRAPH_FILE: buf.getvalue(), **({INDEX_FILE: index_bytes} if index_bytes else {})}
+    graph = npz_bytes({"key": np.array(key), "ids": ids, "content": content, "component": component.astype(np.int64),
+                       "searched": np.array(searched),
+                       "label_ids": start.label_ids if index_bytes else np.empty(0, np.int64),
+                       "label_live": start.label_live if index_bytes else np.empty(0, bool),
+                       "index_sha256": np.array(hashlib.sha256(index_bytes).hexdigest() if index_bytes else "")})
+    return {GRAPH_FILE: graph, **({INDEX_FILE: index_bytes} if index_bytes else {})}
 
 
 def graph_summary(root: str) -> dict[str, int] | None:
     """How many images the kept graph holds and how many its run searched (None without a graph)."""
-    url = join(root, GRAPH_FILE)
-    if not exists(url):
-        return None
-    with np.load(io.BytesIO(read_bytes(url)), allow_pickle=False) as data:
-        return {"images": len(data["ids"]), "searched": int(data["searched"])}
+    saved = CatalogArrayStore(root, STAGE).get(GRAPH)
+    return None if saved is None else {"images": len(saved["ids"]), "searched": int(saved["searched"])}

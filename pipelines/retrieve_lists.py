@@ -18,14 +18,14 @@ marker redoes the unit from them and finds the same result.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from catalog.paths import exists, join, read_bytes
+from catalog.array_store import CatalogArrayStore, checkpoint_path, npz_bytes
+from catalog.id_lookup import positions
 from curation.index import PoolIndex, build_index
 from curation.retrieval import KnnSearch, top_neighbours
 
@@ -34,8 +34,11 @@ log = logging.getLogger("curate.pipelines")
 MARGIN = 2  # kept neighbours per seed image: MARGIN × k, so a few that leave the pool cost no new search
 
 
+LISTS = "knn_lists"  # the bundle under the retrieve run's checkpoints
+
+
 def lists_file(run: str) -> str:
-    return f"_checkpoints/{run}/knn_lists.npz"
+    return checkpoint_path(run, LISTS)
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,9 @@ class Neighbours:
 
     def rows(self, pool_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, rows of ``pool_ids``) of the k nearest, -1 where there are fewer."""
-        sims, ids = self.sims[:, :k], self.ids[:, :k]
-        at = np.clip(np.searchsorted(pool_ids, ids), 0, max(len(pool_ids) - 1, 0))
-        ok = np.isfinite(sims) & (pool_ids[at] == ids) if len(pool_ids) else np.zeros(ids.shape, bool)
-        return np.where(ok, sims, -np.inf).astype(np.float32), np.where(ok, at, -1)
+        sims, rows = self.sims[:, :k], positions(pool_ids, self.ids[:, :k])
+        ok = np.isfinite(sims) & (rows >= 0)
+        return np.where(ok, sims, -np.inf).astype(np.float32), np.where(ok, rows, -1)
 
 
 def _searched(search: KnnSearch, index: PoolIndex, ids: np.ndarray, q: np.ndarray, depth: int) -> Neighbours:
@@ -74,9 +76,8 @@ def knn_neighbours(root: str, run: str, key: str, pool_ids: np.ndarray, x: np.nd
         found = _searched(search, full_index(), pool_ids, seed_x, depth)
     else:
         found = _updated(saved, pool_ids, x, seed_x, k, depth, full_index, search, seed)
-    buf = io.BytesIO()
-    np.savez(buf, key=np.array(key), searched=pool_ids, ids=found.ids, sims=found.sims)
-    return found, {lists_file(run): buf.getvalue()}
+    kept = npz_bytes({"key": np.array(key), "searched": pool_ids, "ids": found.ids, "sims": found.sims})
+    return found, {lists_file(run): kept}
 
 
 def _updated(saved: dict[str, np.ndarray], pool_ids: np.ndarray, x: np.ndarray, seed_x: np.ndarray, k: int,
@@ -100,9 +101,5 @@ def _updated(saved: dict[str, np.ndarray], pool_ids: np.ndarray, x: np.ndarray, 
 
 
 def _load(root: str, run: str, key: str) -> dict[str, np.ndarray] | None:
-    url = join(root, lists_file(run))
-    if not exists(url):
-        return None
-    with np.load(io.BytesIO(read_bytes(url)), allow_pickle=False) as data:
-        saved = {name: data[name] for name in data.files}
-    return saved if str(saved["key"]) == key else None
+    saved = CatalogArrayStore(root, run).get(LISTS)
+    return saved if saved is not None and str(saved["key"]) == key else None

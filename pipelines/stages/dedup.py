@@ -22,6 +22,7 @@ from catalog.config import ConfigError, above, at_least
 from catalog.decode import DecodeError, decode_rgb
 from catalog.embeddings import embedding_metadata, load_rows
 from catalog.errors import MissingInputError, UserError
+from catalog.id_lookup import lookup
 from catalog.images import UnreadableItem, read_item, resolve_uris
 from catalog.lineage import listing_fingerprint
 from catalog.manifest import fingerprint
@@ -174,13 +175,7 @@ def _pixel_counts(root: str, ids: np.ndarray) -> np.ndarray:
     """width × height of each image (0 where unknown), aligned with the sorted ``ids``."""
     sizes = query(root, "SELECT image_id, coalesce(width * height, 0) AS px FROM pool "
                         "WHERE status = 'ok' ORDER BY image_id")
-    known, px = sizes.column("image_id").to_numpy(), sizes.column("px").to_numpy()
-    at = np.searchsorted(known, ids)
-    found = at < len(known)
-    found[found] = known[at[found]] == ids[found]
-    out = np.zeros(len(ids), np.float64)
-    out[found] = px[at[found]]
-    return out
+    return lookup(sizes.column("image_id").to_numpy(), sizes.column("px").to_numpy().astype(np.float64), ids, 0.0)
 
 
 def _removed_by(root: str, reasons: list[str]) -> np.ndarray:
@@ -241,9 +236,7 @@ def _content_hashes(root: str, ids: np.ndarray) -> np.ndarray:
     """A 64-bit hash of each image's bytes (its sha256), aligned with the sorted ``ids``: an image rewritten
     under its id has another one, so the kept copy graph searches it again."""
     t = query(root, "SELECT image_id, (hash(sha256) >> 1)::BIGINT AS h FROM pool WHERE status = 'ok' ORDER BY image_id")
-    known, h = t.column("image_id").to_numpy(), t.column("h").to_numpy()
-    at = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
-    return np.where(known[at] == ids, h[at], 0) if len(known) else np.zeros(len(ids), np.int64)
+    return lookup(t.column("image_id").to_numpy(), t.column("h").to_numpy(), ids, 0)
 
 
 def graph_key(root: str, config: DedupConfig) -> str:

@@ -204,7 +204,7 @@ class IngestStage(Stage):
         return 1 if one else ctx.config.files_per_unit
 
     def unit_payload(self, ctx: StageContext, items: list[Item], generation: int) -> dict[str, Any]:
-        if is_parquet_source(ctx.config.source):
+        if isinstance(items[0].data, dict):  # a Parquet slice carries its payload (`parquet_items`)
             return items[0].data
         if is_tar_source(ctx.config.source):
             return {"tar": items[0].key}
