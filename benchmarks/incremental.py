@@ -11,7 +11,10 @@ With ``--rows N``, the same for the embedding-level stages on N synthetic long-t
 (`benchmarks.scale.embedding_rows`): ``curate dedup`` (``descriptor=embeddings max_removed_share=0.5``, as
 the scale ladder runs it: synthetic rows have no pixels), ``curate cluster`` (defaults) and ``curate
 sample`` (20 % of N, no report), each a subprocess timed from outside (wall, CPU seconds of the process
-tree, peak RSS), after the catalog gained ``--grow`` of N new rows, against the same on the final rows.
+tree, peak RSS), after the catalog gained ``--grow`` of N new rows, against the same on the final rows;
+then ``curate cluster --recluster`` (warm-started from the updated clustering) and ``curate sample`` on the
+updated catalog, with the share of its curated set kept and the concept balance (normalised concept
+entropy) of the three curated sets.
 
     python -m benchmarks.incremental --rows 1000000 --grow 0.1 --out docs/results/incremental_1e6_cpu.json
 """
@@ -61,37 +64,69 @@ def _embedding_stages(root: str, n: int, log: Path) -> dict[str, dict[str, float
     return {stage: run_measured(args, log) for stage, args in commands.items()}
 
 
+def _recluster(root: str, n: int, log: Path) -> dict[str, dict[str, float]]:
+    """``curate cluster --recluster`` (warm-started from the clustering it replaces), then sample again."""
+    from benchmarks.scale import CURATE, run_measured
+
+    cat = ["--catalog", root]
+    return {"cluster": run_measured([*CURATE, "cluster", *cat, "--recluster"], log),
+            "sample": run_measured([*CURATE, "sample", *cat, "--target-size", str(n // 5), "--set", "report=false"],
+                                   log)}
+
+
+def _curated(root: str) -> set[int]:
+    from catalog.sql import query
+
+    return set(query(root, "SELECT image_id FROM curated_lvd").column(0).to_pylist())
+
+
+def _balance(selected: set[int], ids: np.ndarray, concept: np.ndarray) -> float:
+    """Normalised concept entropy of a curated set (1: every concept equally often)."""
+    from curation.synthetic import normalised_entropy
+
+    picked = np.isin(ids, np.fromiter(selected, np.int64, len(selected)))
+    return normalised_entropy(concept[picked], int(concept.max()) + 1)
+
+
 def embeddings_update(args: argparse.Namespace) -> None:
-    """The ``--rows`` benchmark: an update of the embedding-level stages against a run from scratch."""
+    """The ``--rows`` benchmark: an update of the embedding-level stages against a run from scratch, and a
+    warm recluster of the updated catalog against the clustering from scratch."""
     from benchmarks.scale import embedding_rows, write_embedding_rows
     from catalog.ledger import Ledger
-    from catalog.sql import query
 
     work = Path(tempfile.mkdtemp(prefix="incremental-rows-"))
     log = work / "commands.log"
-    ids, x, sha, _ = embedding_rows(args.rows, args.seed)
+    ids, x, sha, concept = embedding_rows(args.rows, args.seed)
     new = np.random.default_rng(args.seed).permutation(args.rows)[: int(round(args.rows * args.grow))]
     old = np.setdiff1d(np.arange(args.rows), new)
     updated, scratch = str(work / "updated"), str(work / "scratch")
     write_embedding_rows(updated, "base", ids[old], x[old], sha[old])
     _embedding_stages(updated, args.rows, log)  # the catalog before the update (untimed)
-    before = set(query(updated, "SELECT image_id FROM curated_lvd").column(0).to_pylist())
+    before = _curated(updated)
     write_embedding_rows(updated, "grown", ids[new], x[new], sha[new])
     update = _embedding_stages(updated, args.rows, log)
-    after = set(query(updated, "SELECT image_id FROM curated_lvd").column(0).to_pylist())
+    after = _curated(updated)
+    drift = (Ledger(updated, "cluster").completion() or {}).get("summary", {}).get("drift", {})
+    recluster = _recluster(updated, args.rows, log)
+    reclustered = _curated(updated)
     write_embedding_rows(scratch, "all", ids, x, sha)
     fresh = _embedding_stages(scratch, args.rows, log)
-    rows = [{"run": run, "stage": stage, **m} for run, stages in ((f"update +{len(new)} rows", update),
-                                                                  (f"from scratch, {args.rows} rows", fresh))
-            for stage, m in stages.items()]
-    drift = (Ledger(updated, "cluster").completion() or {}).get("summary", {}).get("drift", {})
+    runs = ((f"update +{len(new)} rows", update), ("recluster (warm) after the update", recluster),
+            (f"from scratch, {args.rows} rows", fresh))
+    rows = [{"run": run, "stage": stage, **m} for run, stages in runs for stage, m in stages.items()]
     walls = [sum(m["wall_s"] for m in stages.values()) for stages in (update, fresh)]
     extra = {"pool_rows": args.rows, "new": len(new), "kept_share": len(before & after) / max(1, len(before)),
              "drift_share": drift.get("share"), "update_wall_s": walls[0], "scratch_wall_s": walls[1],
-             "speedup": walls[1] / walls[0]}
+             "speedup": walls[1] / walls[0],
+             "recluster_vs_scratch_cluster": recluster["cluster"]["wall_s"] / fresh["cluster"]["wall_s"],
+             "recluster_kept_share": len(after & reclustered) / max(1, len(after)),
+             "concept_balance": {"update": _balance(after, ids, concept),
+                                 "recluster": _balance(reclustered, ids, concept),
+                                 "scratch": _balance(_curated(scratch), ids, concept)}}
     report(f"dedup + cluster + sample: update after +{args.grow:.0%} vs from scratch ({args.rows:,} embeddings); "
            f"{extra['speedup']:.1f}x, kept {extra['kept_share']:.1%} of the curated set, drift "
-           f"{extra['drift_share']}", rows, args.out, extra)
+           f"{extra['drift_share']}; warm recluster {extra['recluster_vs_scratch_cluster']:.2f}x the scratch "
+           f"cluster's time, kept {extra['recluster_kept_share']:.1%}", rows, args.out, extra)
     shutil.rmtree(work, ignore_errors=True)
 
 

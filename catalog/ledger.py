@@ -133,6 +133,12 @@ class Ledger:
             retry(lambda: fs.rm(path))
 
     def reset(self) -> None:
+        """Forget the run: its finish and unit markers before its plan, so a kill on the way never leaves
+        markers that a new plan would take for finished units."""
+        self.reopen()
+        for unit in self.done():
+            fs, path = resolve(self._unit_url(unit), fresh=True)
+            retry(lambda fs=fs, path=path: fs.rm(path))
         fs, path = resolve(self.dir, fresh=True)
         if retry(lambda: fs.exists(path)):
             retry(lambda: fs.rm(path, recursive=True))

@@ -15,9 +15,14 @@ def drift_report(clustered: np.ndarray, top: np.ndarray, distances: np.ndarray,
                  percentile: float = 99.0) -> dict[str, Any]:
     """The share of new rows (their top-level cluster ``top`` and distance to their level-1 centroid)
     farther than the ``percentile`` of the ``clustered`` rows' distances, overall and per top cluster."""
-    limit = float(np.percentile(clustered, percentile)) if len(clustered) else float("inf")
+    limit = far_limit(clustered, percentile)
     far = distances > limit
     per_top = {int(t): {"new": int((top == t).sum()), "far": int(far[top == t].sum()),
                         "share": round(float(far[top == t].mean()), 4)} for t in np.unique(top)}
     return {"new": len(distances), "far": int(far.sum()), "share": float(far.mean()) if len(far) else 0.0,
             "p99_distance": limit, "per_top_cluster": per_top}
+
+
+def far_limit(clustered: np.ndarray, percentile: float = 99.0) -> float:
+    """The distance beyond which a row counts as far: the ``percentile`` of the fitted rows' distances."""
+    return float(np.percentile(clustered, percentile)) if len(clustered) else float("inf")

@@ -41,6 +41,7 @@ from curation.kmeans_assign import (
     normalize_rows,
     resolve_device,
 )
+from curation.warm_start import WarmStart
 
 #: Rows (level 1) or children (levels > 1) per cluster in the paper's 17B-image pool:
 #: 17B → 200M → 8M → 800k → 100k → 25k clusters.
@@ -233,11 +234,13 @@ def split_clusters(
     n_iter: int = 20,
     device: str | torch.device | None = "cpu",
     element_budget: int = 1 << 25,
+    seeds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split every group into up to ``n_splits`` sub-clusters by k-means, batched across groups.
 
     Groups are bucketed by size and each bucket runs Lloyd as one padded batched GEMM over all its
-    groups, on the scores of `curation.kmeans_assign`. Init: random distinct members. Empty
+    groups, on the scores of `curation.kmeans_assign`. Init: random distinct members, after the
+    ``seeds`` given for the group (``(group of each, vectors)``, grouped: a recluster's old leaves). Empty
     sub-clusters are dropped. Returns (centroids, labels, distances) with leaves numbered by
     (group, sub-cluster). Rows are fetched one bucket at a time (``x`` may be a `RowSource` whose
     rows live on workers), so memory stays at ``element_budget`` values beyond the per-row results.
@@ -272,6 +275,8 @@ def split_clusters(
         if init.shape[1] < m:
             init = np.pad(init, ((0, 0), (0, m - init.shape[1])))
         c0 = torch.gather(xb, 1, torch.as_tensor(init, device=dev)[:, :, None].expand(-1, -1, d))
+        if seeds is not None:
+            _place_seeds(c0, bucket, np.minimum(sizes[bucket], m), seeds, metric)
         c, lab, dist = _batched_lloyd(xb, vmask, cmask, c0, n_iter, metric)
         vm = vmask.cpu().numpy()
         leaf = bucket[:, None] * m + lab.cpu().numpy()
@@ -283,6 +288,18 @@ def split_clusters(
     remap = np.full(n_groups * m, -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
     return sub_c.reshape(-1, d)[keep], remap[labels], dists
+
+
+def _place_seeds(c0: torch.Tensor, bucket: np.ndarray, usable: np.ndarray, seeds: tuple[np.ndarray, np.ndarray],
+                 metric: Metric) -> None:
+    """Overwrite each group's first initial sub-centroids with its given seeds (at most its usable count)."""
+    groups, vectors = seeds
+    for j, g in enumerate(bucket):
+        lo, hi = np.searchsorted(groups, [g, g + 1])
+        take = min(int(hi - lo), int(usable[j]))
+        if take:
+            v = torch.as_tensor(vectors[lo : lo + take], dtype=torch.float32, device=c0.device)
+            c0[j, :take] = normalize_rows(v) if metric == "cosine" else v
 
 
 def _cached(store: ArrayStore | None, key: str, fn: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -307,14 +324,22 @@ def _run_level(
     dtype: torch.dtype,
     store: ArrayStore | None,
     progress: Progress | None,
+    previous: WarmStart | None,
 ) -> dict[str, np.ndarray]:
+    def start(pre: bool) -> np.ndarray | None:
+        if previous is None:
+            return None
+        return previous.seeds(level, inputs, spec.k, pre=pre, seed=_seed(seed, level, 0), metric=metric, device=device)
+
     def first() -> dict[str, np.ndarray]:
         if spec.n_splits > 1:
-            pre = _cached(store, f"level{level}/pre", lambda: _km(inputs, spec.k, _seed(seed, level, 0)))
+            pre = _cached(store, f"level{level}/pre", lambda: _km(inputs, spec.k, _seed(seed, level, 0), start(True)))
+            leaves = (previous.leaf_seeds(pre["centroids"], metric=metric, device=device)
+                      if previous and level == 1 else None)
             return _step_arrays(*split_clusters(
                 inputs, pre["labels"], spec.n_splits, seed=_seed(seed, level, 0, 1),
-                metric=metric, n_iter=n_iter, device=device))
-        return _km(inputs, spec.k, _seed(seed, level, 0))
+                metric=metric, n_iter=n_iter, device=device, seeds=leaves))
+        return _km(inputs, spec.k, _seed(seed, level, 0), start(False))
 
     def _km(x: RowSource, k: int, s: int, init: np.ndarray | None = None) -> dict[str, np.ndarray]:
         r = kmeans_rows(x, k, seed=s, n_iter=n_iter, metric=metric, device=device, init_centroids=init)
@@ -354,6 +379,7 @@ def hierarchical_kmeans(
     dtype: torch.dtype = torch.float32,
     store: ArrayStore | None = None,
     progress: Progress | None = None,
+    previous: WarmStart | None = None,
 ) -> Hierarchy:
     """Cluster ``x`` [N, d] level by level; see the module docstring. ``dtype``: of the nearest-centroid
     search (`curation.kmeans.compute_dtype`); rows held here go to a CUDA ``device`` once.
@@ -364,6 +390,7 @@ def hierarchical_kmeans(
     shared by all concepts under it, so few, large top clusters flatten less. On the synthetic
     benchmark, parent:child ratios of about 3-5 above level 2 did markedly better than the paper's
     (entropy 0.943 vs 0.916 on the same 5180 leaves); ``benchmarks/build_lvd.py`` reports this per level.
+    ``previous``: the clustering this one replaces, a recluster's start (`curation.warm_start`).
     """
     dev = resolve_device(device)
     inputs = x if isinstance(x, RowSource) else device_rows(storage_rows(x), dev, dtype)
@@ -372,7 +399,8 @@ def hierarchical_kmeans(
         if spec.k > inputs.n_rows:
             raise ValueError(f"level {level}: k={spec.k} > {inputs.n_rows} inputs")
         res = _run_level(inputs, spec, level, seed=seed, metric=metric, n_iter=n_iter,
-                         warm_start=warm_start, device=dev, dtype=dtype, store=store, progress=progress)
+                         warm_start=warm_start, device=dev, dtype=dtype, store=store, progress=progress,
+                         previous=previous)
         out.centroids.append(res["centroids"])
         out.labels.append(res["labels"].astype(np.int64))
         out.inertia.append(float(res["distances"].astype(np.float64).sum()))

@@ -275,11 +275,13 @@ def kmeans_plusplus(
     sample_size: int | None = None,
     n_local_trials: int | None = None,
     device: str | torch.device | None = "cpu",
+    given: np.ndarray | None = None,
 ) -> np.ndarray:
     """Greedy k-means++ (D² sampling, best of ``2 + ln k`` candidates) on a seeded row subsample.
 
     Seeding on ``sample_size`` rows (default ``min(n, 10k + 1000)``) keeps the sequential-in-k cost
-    independent of n; Lloyd then refines on all rows.
+    independent of n; Lloyd then refines on all rows. ``given``: centres already chosen (those a recluster
+    keeps): the ``k − len(given)`` seeds drawn go where the given centres leave rows far, and follow them.
     """
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
@@ -294,10 +296,16 @@ def kmeans_plusplus(
         s = normalize_rows(s)
     trials = n_local_trials or 2 + int(math.log(k))
     sq = (s * s).sum(dim=1)
-    chosen = np.empty(k, dtype=np.int64)
-    chosen[0] = rng.integers(size)
-    closest = (sq + sq[chosen[0]] - 2 * s @ s[chosen[0]]).clamp_min(0).double()
-    for i in range(1, k):
+    fixed = _given_centres(given, metric, dev, int(s.shape[1]))
+    chosen = np.empty(k - len(fixed), dtype=np.int64)
+    if len(fixed):
+        closest = torch.as_tensor(assign(s, fixed, metric="l2", device=dev)[1], device=dev).double()
+        first = 0
+    else:
+        chosen[0] = rng.integers(size)
+        closest = (sq + sq[chosen[0]] - 2 * s @ s[chosen[0]]).clamp_min(0).double()
+        first = 1
+    for i in range(first, len(chosen)):
         cum = torch.cumsum(closest, 0)
         u = torch.as_tensor(rng.random(trials), dtype=torch.float64, device=dev) * cum[-1]
         cand = torch.searchsorted(cum, u).clamp_max(size - 1)
@@ -307,7 +315,15 @@ def kmeans_plusplus(
         best = int(torch.argmin(pot))
         chosen[i] = int(cand[best])
         closest = torch.minimum(closest, d_cand[best])
-    return s[torch.as_tensor(chosen, device=dev)].cpu().numpy()
+    return torch.cat([fixed, s[torch.as_tensor(chosen, device=dev)]]).cpu().numpy()
+
+
+def _given_centres(given: np.ndarray | None, metric: Metric, device: torch.device, dim: int) -> torch.Tensor:
+    """`kmeans_plusplus`'s fixed centres on the device (normalised for cosine, like the sample); none: [0, dim]."""
+    if given is None:
+        return torch.empty(0, dim, device=device)
+    c = torch.as_tensor(np.asarray(given, dtype=np.float32), device=device)
+    return normalize_rows(c) if metric == "cosine" else c
 
 
 def kmeans(

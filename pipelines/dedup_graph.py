@@ -33,6 +33,8 @@ from curation.index import PoolIndex, build_index
 log = logging.getLogger("curate.pipelines")
 
 STAGE, GRAPH = "dedup", "copy_graph"  # the bundle under the dedup stage's checkpoints
+#: A 64-bit hash of an image's bytes (its sha256) in DuckDB: an image rewritten under its id gets another.
+CONTENT_HASH = "(hash(sha256) >> 1)::BIGINT"
 GRAPH_FILE = checkpoint_path(STAGE, GRAPH)
 INDEX_FILE = "_checkpoints/dedup/copy_index.faiss"
 

@@ -13,9 +13,11 @@ from functools import lru_cache
 import numpy as np
 import pyarrow as pa
 
+from catalog.array_store import CatalogArrayStore, checkpoint_path, npz_bytes
 from catalog.decode import DecodeError, decode_rgb
 from catalog.embeddings import embeddings_table
 from catalog.errors import MissingInputError, UserError
+from catalog.id_lookup import lookup, positions
 from catalog.images import UnreadableItem, read_item, resolve_uris
 from catalog.paths import join, read_bytes, resolve, retry, write_bytes_atomic
 from catalog.schemas import MODEL_COPY_DESCRIPTORS_TABLE
@@ -28,9 +30,12 @@ from curation.torchscript_descriptor import (
     describe,
     load_scripted,
 )
+from pipelines.dedup_graph import CONTENT_HASH, STAGE
 
 log = logging.getLogger("curate.pipelines")
 PREFIX = "torchscript:"
+DESCRIPTORS = "model_descriptors"  # the describe unit's file under the dedup stage's checkpoints
+DESCRIPTORS_FILE = checkpoint_path(STAGE, DESCRIPTORS)
 _READ_BATCH = 256
 
 
@@ -58,12 +63,43 @@ def _describe_checked(model: ScriptedDescriptor, images: list, path: str) -> np.
         raise UserError(f"descriptor model {path}: {e}") from e
 
 
-def describe_step(root: str, model: ScriptedDescriptor, path: str) -> pa.Table:
-    """The model's descriptors of every usable pool image (an image unreadable since ingest is left
-    out, with a warning: it takes part in no copy pair)."""
-    t = query(root, "SELECT image_id, uri FROM pool WHERE status = 'ok' ORDER BY image_id")
-    ids, uris = t.column("image_id").to_numpy(), resolve_uris(root, t.column("uri")).to_pylist()
-    kept, parts, unreadable = [], [], []
+def describe_step(root: str, model: ScriptedDescriptor, path: str) -> tuple[pa.Table, dict[str, bytes]]:
+    """The model's descriptors of every usable pool image, and the bundle that keeps them for the next run
+    (the unit's file): an image the last run described with the same bytes and model is not decoded again,
+    so a grown pool describes only its new or changed images. An image unreadable since ingest is left
+    out, with a warning: it takes part in no copy pair."""
+    t = query(root, f"SELECT image_id, uri, {CONTENT_HASH} AS h FROM pool WHERE status = 'ok' ORDER BY image_id")
+    ids, content = t.column("image_id").to_numpy(), t.column("h").to_numpy()
+    reused_ids, reused_x = _kept_descriptors(root, model, ids, content)
+    todo = ~np.isin(ids, reused_ids)
+    uris = resolve_uris(root, t.filter(pa.array(todo)).column("uri")).to_pylist()
+    new_ids, new_x = _described(model, path, ids[todo], uris)
+    if len(reused_ids):
+        log.info("dedup: kept the descriptors of %d images; described %d new or changed", len(reused_ids),
+                 len(new_ids))
+    order = np.argsort(np.concatenate([reused_ids, new_ids]), kind="stable")
+    kept, x = np.concatenate([reused_ids, new_ids])[order], np.concatenate([reused_x, new_x])[order]
+    table = embeddings_table(kept, x, {"descriptor": model.model_id, "model_path": path,
+                                       "input_size": str(model.size)}, MODEL_COPY_DESCRIPTORS_TABLE)
+    bundle = {"model": np.array(model.model_id), "ids": kept, "content": lookup(ids, content, kept, 0), "x": x,
+              "described": np.array(len(new_ids))}
+    return table, {DESCRIPTORS_FILE: npz_bytes(bundle)}
+
+
+def _kept_descriptors(root: str, model: ScriptedDescriptor, ids: np.ndarray,
+                      content: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The last run's descriptors of these images (sorted ids) whose bytes are unchanged, by the same model."""
+    saved = CatalogArrayStore(root, STAGE).get(DESCRIPTORS)
+    if saved is None or str(saved["model"]) != model.model_id:
+        return np.empty(0, np.int64), np.empty((0, model.dim), np.float16)
+    at = positions(saved["ids"], ids)
+    same = (at >= 0) & (lookup(saved["ids"], saved["content"], ids, 0) == content)
+    return ids[same], saved["x"][at[same]]
+
+
+def _described(model: ScriptedDescriptor, path: str, ids: np.ndarray, uris: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and describe these images in batches: (ids described, their float16 descriptors)."""
+    kept, parts, unreadable = [], [np.zeros((0, model.dim), np.float16)], []
     for start in range(0, len(ids), _READ_BATCH):
         images = []
         for iid, uri in zip(ids[start : start + _READ_BATCH], uris[start : start + _READ_BATCH]):
@@ -76,10 +112,13 @@ def describe_step(root: str, model: ScriptedDescriptor, path: str) -> pa.Table:
     if unreadable:
         log.warning("dedup: %d pool image(s) could not be read for the descriptor model, e.g. %s",
                     len(unreadable), "; ".join(unreadable[:3]))
-    x = np.concatenate(parts) if parts else np.zeros((0, model.dim), np.float16)
-    return embeddings_table(np.asarray(kept, np.int64), x, {"descriptor": model.model_id, "model_path": path,
-                                                             "input_size": str(model.size)},
-                            MODEL_COPY_DESCRIPTORS_TABLE)
+    return np.asarray(kept, np.int64), np.concatenate(parts).astype(np.float16)
+
+
+def described_summary(root: str) -> dict[str, int] | None:
+    """How many descriptors the describe step keeps and how many its run computed (None without any)."""
+    saved = CatalogArrayStore(root, STAGE).get(DESCRIPTORS)
+    return None if saved is None else {"images": len(saved["ids"]), "described": int(saved["described"])}
 
 
 SYNTHETIC_SET = ("curation.torchscript_descriptor.calibration_set (distinct scenes with flipped, cropped, "

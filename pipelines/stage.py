@@ -235,6 +235,10 @@ class Stage(ABC):
     def clear(self, ctx: StageContext) -> None:
         """Forget state kept outside the tables (checkpoints) when the run starts again from scratch."""
 
+    def prepare_restart(self, ctx: StageContext, warm: bool) -> None:
+        """Before the run starts over, while its outputs still exist: keep what the next run starts from
+        (``warm``: the stage's own `restart_reason` on a grown run), else forget it. Default: nothing kept."""
+
     @abstractmethod
     def finish(self, ctx: StageContext, totals: Totals) -> dict[str, Any]:
         """The run's summary, with at least ``in``, ``out`` and ``errored`` row counts (and reports)."""
@@ -380,15 +384,21 @@ def _reconcile(ctx: StageContext, ledger: Ledger, sink: CatalogSink, plan: Plan,
     return "done"
 
 
-def start_over(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, forget_state: bool) -> None:
+def start_over(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, forget_state: bool,
+               warm: bool = False) -> None:
     """Forget the run: its ledger, its rows of every table it writes now or wrote under its recorded plan
-    (a mix with other parts), and (``forget_state``) its other state."""
+    (a mix with other parts), and (``forget_state``) its other state, but what a ``warm`` restart starts from.
+
+    The ledger goes last: a run killed on the way still holds its plan, so the next one starts over again
+    rather than taking leftover state for its own."""
+    if forget_state:
+        stage.prepare_restart(ctx, warm)
     recorded = ledger.plan()
     written = set(sink.outputs) | set(recorded.outputs if recorded else ())
     replace(sink, outputs=tuple(sorted(written))).clear()
-    ledger.reset()
     if forget_state:
         stage.clear(ctx)
+    ledger.reset()
 
 
 def run_stage(stage: str | Stage, root: str, config: Any = None, *, overwrite: bool = False,

@@ -49,10 +49,11 @@ def update(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, i
     if settings_change.settings:
         ledger.refuse(f"other settings ({settings_change.describe_settings(old, now)})")
     change = ItemChange.between(old.members, items, set(ledger.done()), stage.retires_in_place)
-    restart = _restart_reason(stage, ctx, old, inputs, change)
+    changed = _changed_inputs(stage, ctx, old, inputs)
+    restart = changed or stage.restart_reason(ctx, change.new, old.generation)
     if restart:
         log.warning("%s: %s: rerunning %s from scratch", ctx.run, restart, ctx.run)
-        return _from_scratch(stage, ctx, ledger, sink, inputs, items, executor)
+        return _from_scratch(stage, ctx, ledger, sink, inputs, items, executor, warm=not changed)
     if change.empty:
         record = ledger.completion()
         altered = sink.intact(record.get("outputs", {})) if record is not None else []
@@ -69,20 +70,18 @@ def update(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, i
     return _append(stage, ctx, ledger, sink, inputs, items, change, executor)
 
 
-def _restart_reason(stage: Stage, ctx: StageContext, old: Plan, inputs: dict[str, str],
-                    change: ItemChange) -> str | None:
+def _changed_inputs(stage: Stage, ctx: StageContext, old: Plan, inputs: dict[str, str]) -> str | None:
     """A grown or shrunk table appends; any other input that changed (a file, another run's rows, the
-    model behind a table) redoes the run, as does the stage's own reason (a clustering that drifted)."""
+    model behind a table) redoes the run cold. The stage's own reason (a clustering that drifted) redoes it
+    warm: from what the run had (`Stage.prepare_restart`)."""
     tables = set(stage.tables_read(ctx.config))
     changed = sorted(k for k in set(old.inputs) | set(inputs) if old.inputs.get(k) != inputs.get(k))
-    if set(changed) - tables:
-        return f"input {', '.join(changed)} changed since it last ran"
-    return stage.restart_reason(ctx, change.new, old.generation)
+    return f"input {', '.join(changed)} changed since it last ran" if set(changed) - tables else None
 
 
 def _from_scratch(stage: Stage, ctx: StageContext, ledger: Ledger, sink: CatalogSink, inputs: dict[str, str],
-                  items: list[Item], executor: Executor) -> StageResult:
-    start_over(stage, ctx, ledger, sink, forget_state=True)
+                  items: list[Item], executor: Executor, warm: bool = False) -> StageResult:
+    start_over(stage, ctx, ledger, sink, forget_state=True, warm=warm)
     units, members = item_units(stage, ctx, items, 0)
     plan = Plan(stage.settings(ctx), inputs, {u.name: u.fingerprint for u in units}, list(sink.outputs), members)
     ledger.write_plan(plan)

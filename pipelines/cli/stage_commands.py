@@ -179,7 +179,8 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "than max_removed_share (default 0.2) of the pool fails and shows example pairs instead. --set workers=N "
         "searches the k-NN graph on N Ray actors (the same duplicates as one). The copy graph is kept "
         "(_checkpoints/dedup/): rerun on a grown pool, it searches only the new or changed images and the copy "
-        "groups that lost one (--overwrite forgets it).",
+        "groups that lost one, and a TorchScript model describes only the new or changed images (--overwrite "
+        "forgets both).",
         "pool, copy_descriptors (or embeddings)", "duplicates (image_id, kept_id, similarity, reason); "
         "model_copy_descriptors with a TorchScript descriptor; clustering and retrieval leave those images out",
         (), _dedup),
@@ -193,7 +194,9 @@ STAGE_COMMANDS: tuple[StageCommand, ...] = (
         "level-1 worker count that fits an 80 GB GPU; it needs no catalog and reads no data. Rerun after the "
         "embeddings grew, it assigns the new images down the existing hierarchy and writes "
         "reports/cluster/drift.json (the share of new images beyond the clustered ones' 99th-percentile "
-        "distance, per top cluster); past max_drift (default 0.5), or with --recluster, it clusters again.",
+        "distance, per top cluster); past max_drift (default 0.5), or with --recluster, it clusters again, "
+        "starting each level from its old centroids (fresh seeds for the share of the pool they leave far); "
+        "--overwrite clusters from scratch.",
         "embeddings, duplicates", "clusters (a cluster id per level, l1 finest), centroids",
         (Flag("--levels", "n_levels", "number of levels (default 5)", int),
          Flag("--embeddings", "embeddings", "bring your own: .npy (with --ids) or .parquet"),

@@ -56,6 +56,7 @@ from pipelines.cluster_update import (
     new_ids,
     write_drift_report,
 )
+from pipelines.cluster_warm import forget_warm_start, has_clustering, keep_warm_start, read_warm_start
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
 log = logging.getLogger("curate.pipelines")
@@ -79,7 +80,8 @@ class ClusterConfig:
     A rerun after the embeddings grew assigns the new images down the existing hierarchy (nearest level-1
     centroid, then its parents) and reports their drift (`drift_report`); ``recluster`` (``--recluster``),
     or drift beyond ``max_drift`` (the share of new images farther from their level-1 centroid than the
-    99th percentile of the clustered ones), clusters the whole pool again instead.
+    99th percentile of the clustered ones), clusters the whole pool again instead, starting from the
+    hierarchy it had (`curation.warm_start`; ``--overwrite`` starts cold).
     """
 
     n_levels: int = 5
@@ -251,6 +253,8 @@ class ClusterStage(Stage):
             return "recluster=true (--recluster)"
         if not new:
             return None
+        if not has_clustering(ctx.root, ctx.run):
+            return "its clustering is gone (a recluster was cut short)"
         ids = new_ids(ctx.root, ctx.run, [i.key for i in new], generation + 1, ctx.config.exclude_duplicates)
         if not len(ids):
             return None
@@ -264,6 +268,17 @@ class ClusterStage(Stage):
     def clear(self, ctx: StageContext) -> None:
         CatalogArrayStore(ctx.root, self.name).clear()
 
+    def prepare_restart(self, ctx: StageContext, warm: bool) -> None:
+        """A recluster (``warm``) keeps the clustering it replaces to start from (`pipelines.cluster_warm`);
+        any other restart forgets it."""
+        if not warm:
+            forget_warm_start(ctx.root)
+            return
+        config: ClusterConfig = ctx.config
+        device = _device(config.device)
+        keep_warm_start(ctx.root, ctx.run, CatalogArrayStore(ctx.root, self.name), config.exclude_duplicates,
+                        config.metric, device, compute_dtype(config.precision, resolve_device(device)))
+
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         config: ClusterConfig = ctx.config
         if "assign" in unit.payload:
@@ -276,11 +291,17 @@ class ClusterStage(Stage):
         dtype = compute_dtype(config.precision, resolve_device(device))
         steps = sum(1 + s.resampling_steps for s in specs)
         store = CatalogArrayStore(ctx.root, self.name)
+        previous = read_warm_start(ctx.root)
+        if previous is not None:
+            log.info("cluster: starting from the clustering it replaces (%s clusters per level; %.1f%% of the "
+                     "pool lies outside it and gets fresh seeds)", "/".join(str(len(c)) for c in previous.centroids),
+                     100 * previous.far_share)
         with (progress(steps, "cluster", unit="step") as bar,
               _level1(vectors, config, specs, device, dtype) as level1):
             hierarchy = hierarchical_kmeans(level1, specs, seed=config.seed, metric=config.metric,
                                             n_iter=config.n_iter, device=device, dtype=dtype, store=store,
-                                            progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
+                                            progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)),
+                                            previous=previous)
         return Output({CLUSTERS_TABLE: clusters_table(image_ids, hierarchy),
                        CENTROIDS_TABLE: centroids_table(hierarchy)})
 
@@ -292,6 +313,10 @@ class ClusterStage(Stage):
         plan = Ledger(ctx.root, ctx.run).plan()
         if plan is not None and plan.members is not None and plan.generation:
             summary["drift"] = write_drift_report(ctx.root, ctx.run, plan.generation, ctx.config.max_drift)
+        previous = read_warm_start(ctx.root)
+        if previous is not None and not (plan and plan.generation):
+            summary["warm_start"] = {"levels": [len(c) for c in previous.centroids],
+                                     "far_share": round(previous.far_share, 4)}
         return summary
 
 

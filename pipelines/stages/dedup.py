@@ -55,7 +55,7 @@ from curation.dedup import (
 )
 from curation.torchscript_descriptor import IMAGENET_MEAN, IMAGENET_STD, SSCD_DIM, SSCD_SIZE
 from pipelines import dedup_model
-from pipelines.dedup_graph import graph_files, graph_start, graph_summary
+from pipelines.dedup_graph import CONTENT_HASH, graph_files, graph_start, graph_summary
 from pipelines.reports import write_dedup_report
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
@@ -235,7 +235,7 @@ def edge_search(config: DedupConfig, address: str | None = None) -> EdgeSearch:
 def _content_hashes(root: str, ids: np.ndarray) -> np.ndarray:
     """A 64-bit hash of each image's bytes (its sha256), aligned with the sorted ``ids``: an image rewritten
     under its id has another one, so the kept copy graph searches it again."""
-    t = query(root, "SELECT image_id, (hash(sha256) >> 1)::BIGINT AS h FROM pool WHERE status = 'ok' ORDER BY image_id")
+    t = query(root, f"SELECT image_id, {CONTENT_HASH} AS h FROM pool WHERE status = 'ok' ORDER BY image_id")
     return lookup(t.column("image_id").to_numpy(), t.column("h").to_numpy(), ids, 0)
 
 
@@ -355,8 +355,8 @@ class DedupStage(Stage):
     def process(self, ctx: StageContext, unit: Unit, state: Any, loaded: dict[str, Any] | None) -> Output:
         config: DedupConfig = ctx.config
         if unit.name == "describe":
-            return Output({MODEL_COPY_DESCRIPTORS_TABLE: dedup_model.describe_step(
-                ctx.root, config.model(), config.descriptor)})
+            table, files = dedup_model.describe_step(ctx.root, config.model(), config.descriptor)
+            return Output({MODEL_COPY_DESCRIPTORS_TABLE: table}, files)
         files: dict[str, bytes] = {}
         if unit.name == "exact":
             table = exact_step(ctx.root)
@@ -384,6 +384,7 @@ class DedupStage(Stage):
             summary["copy_graph"] = graph
         model = ctx.config.model()
         if model is not None:
+            summary["descriptors"] = dedup_model.described_summary(ctx.root)
             cal = ctx.config.calibration()
             dedup_model.write_calibration_report(ctx.root, model, cal, ctx.config.copy_threshold(),
                                                  ctx.config.calibration_copies)

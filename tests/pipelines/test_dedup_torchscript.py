@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from catalog.errors import UserError
 from catalog.schemas import metadata_of
@@ -124,3 +125,52 @@ def test_calibration_on_a_folder_of_copy_groups_is_reported_by_its_folder(pool, 
     with pytest.raises(UserError, match="at least two groups and one of two images"):
         run_stage("dedup", root, DedupConfig(descriptor=f"torchscript:{path}", calibration_copies=str(single)),
                   overwrite=True, executor="local")
+
+
+def _scenes(folder: Path, rng: np.random.Generator, names: range) -> None:
+    for i in names:
+        random_scene(rng, 120, 96).save(folder / f"scene{i:02d}.png")
+
+
+def test_a_grown_pool_describes_only_its_new_and_changed_images(tmp_path, monkeypatch):
+    import pipelines.dedup_model as dedup_model
+
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    rng = np.random.default_rng(11)
+    _scenes(folder, rng, range(10))
+    descriptor = DedupConfig(descriptor=f"torchscript:{_save(PooledColour(), tmp_path / 'm.pt')}",
+                             calibration_groups=6)
+    grown, scratch = str(tmp_path / "grown"), str(tmp_path / "scratch")
+    run_stage("ingest", grown, IngestConfig(source=str(folder)), executor="local")
+    run_stage("dedup", grown, descriptor, executor="local")
+    _scenes(folder, rng, range(10, 13))  # three new scenes,
+    with Image.open(folder / "scene03.png") as img:  # a copy of an old one,
+        crop(img, rng).convert("RGB").save(folder / "copy03.jpg", quality=90)
+    _scenes(folder, rng, range(5, 6))  # and one rewritten under its name
+    run_stage("ingest", grown, IngestConfig(source=str(folder)), executor="local")
+    decoded = [0]
+    real = dedup_model.decode_rgb
+
+    def counted(*args, **kwargs):
+        decoded[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dedup_model, "decode_rgb", counted)
+    result = run_stage("dedup", grown, descriptor, executor="local")
+    assert decoded[0] == 5 and result.summary["descriptors"] == {"images": 14, "described": 5}
+    monkeypatch.undo()
+    run_stage("ingest", scratch, IngestConfig(source=str(folder)), executor="local")
+    run_stage("dedup", scratch, descriptor, executor="local")
+
+    def rows(root: str, sql: str) -> list[dict]:
+        return query(root, sql).to_pylist()
+
+    by_uri = ("SELECT p.uri, d.embedding FROM model_copy_descriptors d JOIN pool p USING (image_id) "
+              "ORDER BY p.uri")
+    kept, fresh = rows(grown, by_uri), rows(scratch, by_uri)
+    assert [r["uri"] for r in kept] == [r["uri"] for r in fresh]  # a batch of other images may move the last
+    np.testing.assert_allclose([r["embedding"] for r in kept], [r["embedding"] for r in fresh], atol=1e-4)  # bit
+    copies = ("SELECT p.uri, k.uri AS kept FROM duplicates d JOIN pool p USING (image_id) "
+              "JOIN pool k ON k.image_id = d.kept_id ORDER BY 1")
+    assert rows(grown, copies) == rows(scratch, copies) and len(rows(grown, copies)) == 1

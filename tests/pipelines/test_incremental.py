@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import adjusted_rand_score
 
 from catalog.embeddings import load_embeddings
 from catalog.ledger import Ledger, LedgerPlanError
 from catalog.shards import shard_sizes
 from catalog.sql import query
+from curation.hierarchy import LevelSpec
 from pipelines.embed_items import pool_slices
-from pipelines.stage import StageResult, run_stage
+from pipelines.stage import StageContext, StageResult, run_stage
 from tests.helpers import kill_when, run_cli
 
 FILES_PER_UNIT = 20
@@ -296,6 +298,42 @@ def test_a_drift_past_max_drift_reclusters_on_its_own(clustered, tmp_path):
     assert "drift" not in result.summary and result.rows_run == {"clusters": 340, "centroids": 8}
     final = _clusters(root)
     assert not {final[i][0] for i in range(300, 340)} & {final[i][0] for i in range(300)}
+
+
+def _cut_short(root: str, ledger_reset: bool) -> None:
+    """The state a kill inside a recluster's restart leaves: the old clustering kept to start from, the
+    run's rows gone, and (``ledger_reset``) its checkpoints and ledger too, before the new plan was written."""
+    from catalog.lineage import run_prefix
+    from catalog.shards import delete_shards
+    from pipelines.stages.cluster import ClusterConfig, ClusterStage
+
+    config = ClusterConfig(**{**CLUSTER, "levels": [LevelSpec(**level) for level in CLUSTER["levels"]]})
+    ClusterStage().prepare_restart(StageContext(root, config, "cluster"), warm=True)
+    for table in ("clusters", "centroids"):
+        delete_shards(root, table, run_prefix("cluster"))
+    if ledger_reset:
+        ClusterStage().clear(StageContext(root, config, "cluster"))
+        Ledger(root, "cluster").reset()
+
+
+def test_a_recluster_starts_from_the_clustering_it_replaces_and_resumes_to_it_when_cut_short(clustered, tmp_path):
+    base, rng = clustered
+    before = _clusters(base)
+    grown = shutil.copytree(base, str(tmp_path / "grown"))
+    _add_embeddings(grown, "batch1", np.arange(300, 340), _blob(rng, 7, 40))
+    cut = [shutil.copytree(grown, str(tmp_path / f"cut{k}")) for k in range(2)]
+    result = run_stage("cluster", grown, {**CLUSTER, "recluster": True})
+    expected = _clusters(grown)
+    assert result.summary["warm_start"] == {"levels": [6, 2], "far_share": round(40 / 340, 4)}
+    old = range(300)  # the old images keep their partition (a cold start splits each blob anew)
+    assert adjusted_rand_score([before[i][0] for i in old], [expected[i][0] for i in old]) >= 0.8
+    assert not {expected[i][0] for i in range(300, 340)} & {expected[i][0] for i in old}
+    for ledger_reset, root in enumerate(cut):  # without --recluster: the cut-short restart is finished
+        _cut_short(root, bool(ledger_reset))
+        run_stage("cluster", root, CLUSTER)
+        assert _clusters(root) == expected, ledger_reset
+    cold = run_stage("cluster", grown, CLUSTER, overwrite=True)
+    assert "warm_start" not in cold.summary and not os.path.exists(os.path.join(grown, "_checkpoints", "cluster-warm"))
 
 
 def _concepts(ids: list[int]) -> np.ndarray:
