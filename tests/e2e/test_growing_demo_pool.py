@@ -14,7 +14,7 @@ from curation.synthetic import normalised_entropy
 from pipelines.build_lvd import BuildLVDConfig, build_lvd
 from pipelines.demo.job import DEMO_SETTINGS
 
-FILES = 1000
+FILES = 600
 
 
 def _copy(pool: str, src: str, rels: list[str]) -> None:
@@ -53,5 +53,6 @@ def test_a_ten_percent_update_keeps_the_curated_set_and_the_balance_of_a_build_f
         labels = np.array([concept[r] for r in curated if concept[r] >= 0])
         return normalised_entropy(labels, int(max(concept.values())) + 1)
 
-    # no less balanced than from scratch (measured: 0.865 updated, 0.848 from scratch on these 1,000 files)
+    # no less balanced than from scratch (measured: 0.818 updated, 0.815 from scratch on these 600 files;
+    # on the first 1,000, 0.865 and 0.848: the update can come out more balanced, by more than 0.01)
     assert balance(after) >= balance(fresh) - 0.01, (balance(after), balance(fresh))
