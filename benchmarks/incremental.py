@@ -59,19 +59,22 @@ def _embedding_stages(root: str, n: int, log: Path) -> dict[str, dict[str, float
 
     cat = ["--catalog", root]
     commands = {"dedup": [*CURATE, "dedup", *cat, "--set", "descriptor=embeddings", "max_removed_share=0.5"],
-                "cluster": [*CURATE, "cluster", *cat],
-                "sample": [*CURATE, "sample", *cat, "--target-size", str(n // 5), "--set", "report=false"]}
+                "cluster": [*CURATE, "cluster", *cat], "sample": _sample_command(root, n)}
     return {stage: run_measured(args, log) for stage, args in commands.items()}
+
+
+def _sample_command(root: str, n: int) -> list[str]:
+    from benchmarks.scale import CURATE
+
+    return [*CURATE, "sample", "--catalog", root, "--target-size", str(n // 5), "--set", "report=false"]
 
 
 def _recluster(root: str, n: int, log: Path) -> dict[str, dict[str, float]]:
     """``curate cluster --recluster`` (warm-started from the clustering it replaces), then sample again."""
     from benchmarks.scale import CURATE, run_measured
 
-    cat = ["--catalog", root]
-    return {"cluster": run_measured([*CURATE, "cluster", *cat, "--recluster"], log),
-            "sample": run_measured([*CURATE, "sample", *cat, "--target-size", str(n // 5), "--set", "report=false"],
-                                   log)}
+    return {"cluster": run_measured([*CURATE, "cluster", "--catalog", root, "--recluster"], log),
+            "sample": run_measured(_sample_command(root, n), log)}
 
 
 def _curated(root: str) -> set[int]:

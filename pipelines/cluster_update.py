@@ -71,10 +71,8 @@ def assign_down(root: str, ids: np.ndarray, metric: Metric, device: str,
     cluster's parents up the levels."""
     from pipelines.embedding_source import load_vectors
 
-    centroids = read_table(root, CENTROIDS_TABLE).sort_by([("level", "ascending"), ("cluster_id", "ascending")])
-    level = centroids.column("level").to_numpy()
-    parent = centroids.column("parent_id").to_numpy()
-    c1 = to_numpy(centroids.column("centroid").combine_chunks(), centroids.schema.field("centroid").type.list_size)
+    centroids = recorded_centroids(root)
+    level, parent, c1 = centroids["level"], centroids["parent_id"], centroids["centroid"]
     all_ids, x = load_vectors(root)
     order = np.argsort(all_ids, kind="stable")
     rows = order[np.searchsorted(all_ids, ids, sorter=order)]
@@ -83,6 +81,14 @@ def assign_down(root: str, ids: np.ndarray, metric: Metric, device: str,
     for lvl in range(2, int(level.max()) + 1):
         columns.append(parent[level == lvl - 1][columns[-1]])
     return ids, np.stack(columns, axis=1), distances
+
+
+def recorded_centroids(root: str) -> dict[str, np.ndarray]:
+    """The ``centroids`` table as arrays (``level``, ``parent_id``, ``size``, ``centroid`` [k, d]), by level
+    then cluster id."""
+    table = read_table(root, CENTROIDS_TABLE).sort_by([("level", "ascending"), ("cluster_id", "ascending")])
+    vectors = to_numpy(table.column("centroid").combine_chunks(), table.schema.field("centroid").type.list_size)
+    return {name: table.column(name).to_numpy() for name in ("level", "parent_id", "size")} | {"centroid": vectors}
 
 
 def labelled_table(ids: np.ndarray, labels: np.ndarray, distances: np.ndarray) -> pa.Table:

@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from catalog.array_store import CatalogArrayStore
-from catalog.embeddings import to_numpy
 from catalog.ledger_items import shard_items, written_ids
 from catalog.schemas import CENTROIDS_TABLE, CLUSTERS_TABLE, EMBEDDINGS_TABLE
 from catalog.shards import read_table, shard_sizes
 from curation.drift import far_limit
 from curation.kmeans_assign import Metric
 from curation.warm_start import WarmStart
-from pipelines.cluster_update import assign_down, input_ids
+from pipelines.cluster_update import assign_down, input_ids, recorded_centroids
 
 if TYPE_CHECKING:
     import torch
@@ -37,10 +36,8 @@ def keep_warm_start(root: str, run: str, stage_store: CatalogArrayStore, exclude
     checkpoints) and the share of the pool it leaves far; once its outputs are gone, the kept one stays."""
     if not has_clustering(root, run):
         return
-    table = read_table(root, CENTROIDS_TABLE).sort_by([("level", "ascending"), ("cluster_id", "ascending")])
-    level = table.column("level").to_numpy()
-    vectors = to_numpy(table.column("centroid").combine_chunks(), table.schema.field("centroid").type.list_size)
-    sizes = table.column("size").to_numpy()
+    centroids = recorded_centroids(root)
+    level, vectors, sizes = centroids["level"], centroids["centroid"], centroids["size"]
     levels = range(1, int(level.max()) + 1)
     pre = stage_store.get("level1/pre")
     start = WarmStart([vectors[level == t] for t in levels], [sizes[level == t] for t in levels],
