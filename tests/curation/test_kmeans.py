@@ -12,6 +12,7 @@ from curation.kmeans import (
     device_rows,
     grid_exponent,
     kmeans,
+    kmeans_plusplus,
     kmeans_rows,
     partial_sums,
     reduce_partials,
@@ -24,6 +25,32 @@ def blobs(n=3000, k=12, d=16, spread=20.0, seed=0):
     centers = rng.normal(size=(k, d)) * spread
     truth = rng.integers(k, size=n)
     return (centers[truth] + rng.normal(size=(n, d))).astype(np.float32), truth
+
+
+def greedy_kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Textbook greedy k-means++ over every row in float64, drawing from the generator in the same order."""
+    rng = np.random.default_rng(seed)
+    x = x.astype(np.float64)
+    trials = 2 + int(np.log(k))
+    chosen = [int(rng.integers(len(x)))]
+    closest = ((x - x[chosen[0]]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        cum = np.cumsum(closest)
+        cand = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1]), len(x) - 1)
+        d = ((x[None, :, :] - x[cand][:, None, :]) ** 2).sum(axis=2)
+        best = int(np.argmin(np.minimum(d, closest).sum(axis=1)))
+        chosen.append(int(cand[best]))
+        closest = np.minimum(closest, d[best])
+    return x[chosen]
+
+
+def test_kmeans_plusplus_picks_the_textbook_centres():
+    # small integer coordinates: every squared distance is exact in float32, so the picks must be equal
+    rng = np.random.default_rng(3)
+    centres = rng.integers(-20, 21, size=(15, 8))
+    x = (centres[rng.integers(15, size=1200)] + rng.integers(-2, 3, size=(1200, 8))).astype(np.float32)
+    ours = kmeans_plusplus(x, 60, seed=5)  # 10k + 1000 >= 1200 rows: seeds on all of them
+    np.testing.assert_array_equal(ours, greedy_kmeans_plusplus(x, 60, seed=5).astype(np.float32))
 
 
 def test_finds_separated_blobs_exactly(device):
