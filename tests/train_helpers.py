@@ -59,4 +59,4 @@ def torchrun_env() -> dict[str, str]:
 def run_torchrun(command: list[str]) -> None:
     done = subprocess.run(command, env=torchrun_env(), capture_output=True, text=True, timeout=300)
     # torchrun's own traceback fills the end; a rank's error comes before it
-    assert done.returncode == 0, done.stderr if len(done.stderr) < 12_000 else done.stderr[-12_000:]
+    assert done.returncode == 0, done.stderr[-12_000:]
