@@ -3,11 +3,10 @@ at least as balanced in the demo's ground-truth concepts as a build from scratch
 
 One sample of 180 images is too noisy to compare (its balance moves by 0.05 with the sampling seed), so
 each catalog is sampled with several seeds, each seed as its own part, and the means are compared. The
-clustering stays one per catalog, and image ids come from paths, so the folder's name moves it: over
-seven folders the six-seed means gave kept 0.897–0.943 and an update-minus-scratch balance of −0.018 …
-+0.018 (mean +0.001, std 0.012). The bounds below sit outside that spread; the issue's own bars (90 %
-kept, balance within 0.01) are measured by `benchmarks/incremental.py` (docs/benchmarks.md, "A growing
-pool": kept 92.3 % of 1,000 demo files; at 10⁵ rows kept 92.9 %, balance 0.933 against 0.929)."""
+clustering stays one per catalog, and image ids come from paths, so the folder's name moves it; the
+bounds below sit outside the spread measured over seven folders, and the issue's own bars (90 %
+kept, balance within 0.01) are measured by `benchmarks/incremental.py` (both in docs/benchmarks.md,
+"A growing pool")."""
 
 import os
 import shutil
