@@ -31,9 +31,9 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # Formats with real magic numbers. Magic-less formats (TGA, ...) would let random bytes
 # "identify" as an image and then fail as corrupt instead of not_an_image.
 WEB_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO", "PPM")
-_JPEG_MAGIC, _JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
+_JPEG_MAGIC, _JPEG_EOI, _PNG_MAGIC = b"\xff\xd8\xff", b"\xff\xd9", b"\x89PNG\r\n\x1a\n"
 # Prefixes of formats we accept: bytes starting like this but unreadable are damaged, not foreign.
-_IMAGE_MAGICS = (_JPEG_MAGIC, b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
+_IMAGE_MAGICS = (_JPEG_MAGIC, _PNG_MAGIC, b"GIF87a", b"GIF89a", b"BM",
                  b"II*\x00", b"MM\x00*")
 _NEUTRAL_BACKGROUND = (128, 128, 128)
 _PROBE_DRAFT_SIDE = 64
@@ -202,6 +202,24 @@ def plain_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
         return False
     stored_rgb = img.info.get("adobe_transform") == 0 and "adobe" in img.info  # no YCbCr transform
     return img.format == "JPEG" and img.mode in ("RGB", "L") and not stored_rgb and _orientation(img) == 1
+
+
+def plain_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Whether a plain ``Image.open(...).convert("RGB")`` (what WebDataset's and most clients' PIL
+    decoders do) turns the PNG ``data`` into the image `decode_rgb` gives.
+
+    True for 8-bit grey, RGB or palette PNGs without transparency and without an EXIF rotation. False for
+    16-bit samples (a plain convert clips them to white), alpha or a transparent colour (a plain convert
+    drops it instead of compositing over the neutral background) and everything that is not a PNG.
+    Reads the header only.
+    """
+    if not data.startswith(_PNG_MAGIC):
+        return False
+    try:
+        img = _open_checked(data, max_pixels)
+    except DecodeError:
+        return False
+    return img.mode in ("RGB", "L", "P") and "transparency" not in img.info and _orientation(img) == 1
 
 
 _INTERPOLATIONS = {

@@ -11,8 +11,9 @@ Each sample is two members, ``<key>.<field>`` and ``<key>.json`` (image_id, uri,
 ids l1…lN of the curated table), where the key is the image_id as 16 hex digits of its unsigned 64-bit
 value. Every sample of a pack has the same image field, because WebDataset clients infer the fields
 from the first samples: ``jpg`` when every image of the part is named as a JPEG (the originals, byte
-for byte: the usual web-crawled pool, and no size growth), else ``png``: PNG originals kept, every other
-image re-encoded losslessly from the RGB pixels ``catalog.decode`` gives the trainer. One unit per
+for byte: the usual web-crawled pool, and no size growth), else ``png``: 8-bit PNG originals without alpha kept,
+every other image re-encoded losslessly from the RGB pixels ``catalog.decode`` gives the trainer, so a
+client's plain PIL decode sees the trainer's pixels. One unit per
 tar shard: the tar is committed before its index rows, so a resumed run never indexes a missing shard.
 """
 
@@ -28,7 +29,7 @@ import pyarrow as pa
 
 from catalog import schemas
 from catalog.config import at_least
-from catalog.decode import CORRUPT, DecodeError, decode_rgb
+from catalog.decode import CORRUPT, DecodeError, decode_rgb, plain_png
 from catalog.images import UnreadableItem, byte_range_uri, read_item, uri_extension
 from catalog.manifest import fingerprint
 from catalog.names import check_name
@@ -36,7 +37,7 @@ from catalog.schemas import ERRORS, ERRORS_TABLE, curated_table, packed_shards_d
 from catalog.shards import read_table
 from pipelines.stage import Output, Stage, StageContext, Totals, Unit
 
-_JPEG_MAGIC, _PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
 _SIDECAR_COLUMNS = ("image_id", "uri", "part")
 
 
@@ -66,13 +67,16 @@ def image_field(uris: list[str | None]) -> str:
     return "jpg" if uris and all(u and uri_extension(u) in (".jpg", ".jpeg") for u in uris) else "png"
 
 
-def _encoded(data: bytes, field: str) -> bytes:
-    """The bytes stored under ``field``: the original when it already is that format, else (png only)
-    a lossless PNG of the decoded RGB image. Raises ``DecodeError``."""
-    if data.startswith(_JPEG_MAGIC if field == "jpg" else _PNG_MAGIC):
-        return data
+def stored_bytes(data: bytes, field: str) -> bytes:
+    """The bytes stored under ``field``: a JPEG original as it is; under ``png`` the original when any
+    PIL client decodes it to the trainer's pixels (`plain_png`), else a lossless 8-bit RGB PNG of those
+    pixels (16-bit grey or alpha would otherwise read as white or uncomposited). Raises ``DecodeError``."""
     if field == "jpg":
+        if data.startswith(_JPEG_MAGIC):
+            return data
         raise DecodeError(CORRUPT, "named as a JPEG, but the bytes are another format")
+    if plain_png(data):
+        return data
     out = io.BytesIO()
     decode_rgb(data).save(out, format="PNG", compress_level=1)
     return out.getvalue()
@@ -95,7 +99,7 @@ def _tar_shard(samples: list[dict[str, Any]], field: str) -> tuple[bytes, list[t
         for sample in samples:
             image_id, uri = sample["image_id"], sample["uri"]
             try:
-                data = _encoded(read_item(uri), field)
+                data = stored_bytes(read_item(uri), field)
             except (UnreadableItem, DecodeError) as e:
                 failed.append({"image_id": image_id, "uri": uri or "", "stage": "pack", "reason": e.reason,
                                "message": f"could not pack the image: {e}"})
