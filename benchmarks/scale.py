@@ -187,7 +187,11 @@ def file_commands(root: str, pool: str) -> list[tuple[str, str, list[str]]]:
     ]
 
 
-def run_rung(kind: str, n: int, work: Path, log: Path) -> list[dict]:
+#: What each stage needs run before it on the same catalog.
+NEEDS = {"sample": "cluster"}
+
+
+def run_rung(kind: str, n: int, work: Path, log: Path, stages: set[str] | None = None) -> list[dict]:
     rung = work / f"{kind}-{n}"
     shutil.rmtree(rung, ignore_errors=True)
     rung.mkdir(parents=True)
@@ -209,6 +213,7 @@ def run_rung(kind: str, n: int, work: Path, log: Path) -> list[dict]:
     print(f"[{kind}:{n:.0e}] data written in {time.perf_counter() - t0:.0f} s", flush=True)
     base = run_measured([*CURATE, "sql", "SELECT 1", "--catalog", root], log)["peak_rss_mb"]
     rows = []
+    commands = [c for c in commands if stages is None or c[0] in stages or c[0] == "mix"]
     for stage, note, args in commands:
         try:
             m = run_measured(args, log)
@@ -264,7 +269,12 @@ def main() -> None:
     ap.add_argument("--rungs", default=ALL_RUNGS, help=f"comma-separated KIND:N (default {ALL_RUNGS})")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir; needs ~3 GB at emb:1e6)")
     ap.add_argument("--out", default=None, help="JSON file for the results")
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated stages to run (default: all); a stage another needs is kept with it")
     args = ap.parse_args()
+    stages = None if args.stages is None else set(args.stages.split(","))
+    if stages is not None:
+        stages |= {NEEDS[s] for s in stages if s in NEEDS}
     work = Path(args.work or tempfile.mkdtemp(prefix="curate-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.log"
@@ -273,7 +283,7 @@ def main() -> None:
         kind, _, size = spec.partition(":")
         if kind not in ("emb", "clusters", "files"):
             raise SystemExit(f"unknown rung kind {kind!r} in {spec!r} (emb, clusters, files)")
-        rows += run_rung(kind, int(float(size)), work, log)
+        rows += run_rung(kind, int(float(size)), work, log, stages)
     growth = exponents(rows)
     load = os.getloadavg()
     report(f"scale ladder (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})", rows, None)

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import posixpath
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import fsspec
 import fsspec.config
@@ -144,6 +146,18 @@ def read_bytes(url: str) -> bytes:
     return retry(lambda: fs.cat_file(path))
 
 
+def read_stream(url: str, consume: Callable[[BinaryIO], T]) -> T:
+    """``consume`` an object read in pieces from an open file (again after a transient store error):
+    for objects too large to hold twice, where `read_bytes` and a parse would."""
+    fs, path = resolve(url)
+
+    def once() -> T:
+        with fs.open(path, "rb") as f:
+            return consume(f)
+
+    return retry(once)
+
+
 class StorageFullError(UserError, OSError):
     """The disk (or quota) is full: what was committed before stays, and the same command resumes once
     there is space."""
@@ -161,18 +175,69 @@ def _local_write(url: str) -> Iterator[None]:
         raise
 
 
-def _write_beside(path: str, data: bytes) -> str:
-    """Write ``data`` to a new temporary file beside ``path`` (same folder: renames and links stay atomic)."""
+#: Writes one object's bytes to a binary file object, in as many pieces as it likes.
+Produce = Callable[[BinaryIO], object]
+
+
+class HashingWriter:
+    """A binary sink that counts and hashes what passes through it to ``target`` (None: hash only)."""
+
+    def __init__(self, target: BinaryIO | None = None) -> None:
+        self.target, self.size, self._sha = target, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._sha.update(data)
+        self.size += len(data)
+        if self.target is not None:
+            self.target.write(data)
+        return len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+
+class HashingReader:
+    """Reads ``source`` and hashes what was read, so an object read in pieces is checked without a copy."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self.source, self._sha = source, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n)
+        self._sha.update(data)
+        return data
+
+    def sha256_of_all(self) -> str:
+        """The sha256 of the whole object: what is left is read (and hashed) first."""
+        while self.read(1 << 20):
+            pass
+        return self._sha.hexdigest()
+
+
+def _write_beside(path: str, produce: Produce) -> str:
+    """Write what ``produce`` gives to a new temporary file beside ``path`` (same folder: renames and
+    links stay atomic)."""
     os.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            produce(f)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return tmp
+
+
+def _replace_local(url: str, path: str, produce: Produce) -> None:
+    with _local_write(url):
+        tmp = _write_beside(path, produce)
+        try:
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
@@ -183,15 +248,31 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """
     fs, path = resolve(url)
     if is_local(url):
-        with _local_write(url):
-            tmp = _write_beside(path, data)
-            try:
-                os.replace(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        _replace_local(url, path, lambda f: f.write(data))
     else:
         retry(lambda: fs.pipe_file(path, data))
+
+
+def write_stream_atomic(url: str, produce: Produce) -> tuple[int, str]:
+    """`write_bytes_atomic` for an object too large to hold a second copy of (a faiss index): ``produce``
+    writes it in pieces to a file beside the target, renamed when whole; for an object store, to a local
+    temporary file then uploaded whole (a stream cut halfway would still commit its first part: fsspec
+    files close on errors). Returns the object's size and sha256."""
+    fs, path = resolve(url)
+    hashing = HashingWriter()
+
+    def into(f: BinaryIO) -> None:
+        hashing.target = f
+        produce(hashing)
+
+    if is_local(url):
+        _replace_local(url, path, into)
+    else:
+        with tempfile.TemporaryDirectory(prefix="curate-upload-") as tmp:
+            local = os.path.join(tmp, posixpath.basename(path))
+            _replace_local(local, local, into)
+            retry(lambda: fs.put_file(local, path))
+    return hashing.size, hashing.sha256
 
 
 # Stores whose create-if-absent is atomic: a link on local disks, ``xb`` in memory, and S3's
@@ -214,7 +295,7 @@ def create_exclusive(url: str, data: bytes) -> bool:
     fs, path = resolve(url)
     if is_local(url):
         with _local_write(url):
-            tmp = _write_beside(path, data)
+            tmp = _write_beside(path, lambda f: f.write(data))
             try:
                 os.link(tmp, path)  # fails if the name exists; the file appears complete or not at all
             except FileExistsError:

@@ -9,13 +9,14 @@ a caller cannot silently query it with the wrong pool.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import faiss
 import numpy as np
@@ -118,26 +119,35 @@ class PoolIndex:
             self.index.add_with_ids(_f32(x[start : start + ADD_BATCH]), labels[start : start + ADD_BATCH])
         self.fingerprint = "updated"
 
-    def to_bytes(self) -> bytes:
-        """Self-contained bytes: a JSON header (params, fingerprint) then the faiss index."""
+    def write(self, out: BinaryIO) -> None:
+        """Write the self-contained serialisation (a JSON header with params and fingerprint, then the
+        faiss index) to ``out`` in pieces: no second copy of the index is ever held."""
         cpu = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
         header = json.dumps({"params": self.params, "fingerprint": self.fingerprint}).encode()
-        body = faiss.serialize_index(cpu)  # one copy of the index; join makes the only other
-        return b"".join((_MAGIC, struct.pack("<Q", len(header)), header, body.data))
+        out.write(_MAGIC + struct.pack("<Q", len(header)) + header)
+        faiss.write_index(cpu, faiss.PyCallbackIOWriter(out.write))
 
     @classmethod
-    def from_bytes(cls, b: bytes, use_gpu: UseGpu = False) -> PoolIndex:
-        if not b.startswith(_MAGIC):
+    def read(cls, source: BinaryIO, use_gpu: UseGpu = False) -> PoolIndex:
+        """The index `write` wrote, read from ``source`` in pieces."""
+        if source.read(len(_MAGIC)) != _MAGIC:
             raise ValueError("not a curate PoolIndex serialisation")
-        off = len(_MAGIC)
-        (n_header,) = struct.unpack_from("<Q", b, off)
-        off += 8
-        meta = json.loads(b[off : off + n_header])
-        index = faiss.deserialize_index(np.frombuffer(b, dtype=np.uint8, offset=off + n_header))
+        (n_header,) = struct.unpack("<Q", source.read(8))
+        meta = json.loads(source.read(n_header))
+        index = faiss.read_index(faiss.PyCallbackIOReader(source.read))
         index, on_gpu = _maybe_to_gpu(index, use_gpu)
         if meta["params"].get("nprobe") is not None:
             _set_nprobe(index, meta["params"]["nprobe"], on_gpu)
         return cls(index=index, params=meta["params"], fingerprint=meta["fingerprint"], on_gpu=on_gpu)
+
+    def to_bytes(self) -> bytes:
+        out = io.BytesIO()
+        self.write(out)
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, b: bytes, use_gpu: UseGpu = False) -> PoolIndex:
+        return cls.read(io.BytesIO(b), use_gpu)
 
 
 def _maybe_to_gpu(index: faiss.Index, use_gpu: UseGpu) -> tuple[faiss.Index, bool]:

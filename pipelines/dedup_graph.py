@@ -18,15 +18,16 @@ marker: a kill before the marker redoes the unit from them, and finds the same r
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
 from catalog.array_store import CatalogArrayStore, checkpoint_path, npz_bytes
 from catalog.id_lookup import lookup, positions
-from catalog.paths import exists, join, read_bytes
+from catalog.paths import HashingReader, HashingWriter, Produce, exists, join, read_stream
 from curation.dedup import KnownComponents
 from curation.index import PoolIndex, build_index
 
@@ -58,12 +59,12 @@ def graph_start(root: str, key: str, ids: np.ndarray, content: np.ndarray, x: np
         return GraphStart(build_index(x, seed=seed), None, ids, np.ones(len(ids), bool))
     component = _kept_components(saved, ids, content)
     keep, search = np.flatnonzero(component >= 0), np.flatnonzero(component < 0)
-    index_bytes = _saved_index(root, saved)
-    if index_bytes is None:
+    index = _saved_index(root, saved)
+    if index is None:
         order = np.concatenate([keep, search])
         index, label_ids, live, first = build_index(x[order], seed=seed), ids[order], np.ones(len(ids), bool), len(keep)
     else:
-        index, label_ids, live = PoolIndex.from_bytes(index_bytes), saved["label_ids"], saved["label_live"].copy()
+        label_ids, live = saved["label_ids"], saved["label_live"].copy()
         dropped = np.flatnonzero(live & ~np.isin(label_ids, ids[keep]))
         first = len(label_ids)
         index.replace_rows(dropped, x[search], first)
@@ -94,27 +95,43 @@ def _load(root: str, key: str) -> dict[str, np.ndarray] | None:
     return saved
 
 
-def _saved_index(root: str, saved: dict[str, np.ndarray]) -> bytes | None:
-    """The kept IVF index, if the graph has one and it is the one the graph was saved with."""
+def _saved_index(root: str, saved: dict[str, np.ndarray]) -> PoolIndex | None:
+    """The kept IVF index, if the graph has one and it is the one the graph was saved with (read in
+    pieces and hashed as it is read: the index is never held twice)."""
     sha = str(saved["index_sha256"])
     url = join(root, INDEX_FILE)
     if not sha or not exists(url):
         return None
-    data = read_bytes(url)
-    return data if hashlib.sha256(data).hexdigest() == sha else None
+
+    def checked(f: BinaryIO) -> PoolIndex | None:
+        reader = HashingReader(f)
+        try:
+            index = PoolIndex.read(reader)
+        except (ValueError, RuntimeError, struct.error):  # not an index (faiss raises RuntimeError)
+            return None
+        return index if reader.sha256_of_all() == sha else None
+
+    return read_stream(url, checked)
+
+
+def _index_sha256(index: PoolIndex) -> str:
+    hashing = HashingWriter()
+    index.write(hashing)
+    return hashing.sha256
 
 
 def graph_files(key: str, ids: np.ndarray, content: np.ndarray, component: np.ndarray,
-                start: GraphStart) -> dict[str, bytes]:
-    """The graph to keep (catalog-relative path -> bytes): components by image, and an IVF index whole."""
-    index_bytes = b"" if start.index.params["kind"] == "flat" else start.index.to_bytes()
+                start: GraphStart) -> dict[str, bytes | Produce]:
+    """The graph to keep (catalog-relative path -> bytes): components by image, and an IVF index whole
+    (written in pieces when the unit commits, after the graph that names its sha256)."""
+    ivf = start.index.params["kind"] != "flat"
     searched = len(ids) if start.known is None else len(start.known.search_rows())
     graph = npz_bytes({"key": np.array(key), "ids": ids, "content": content, "component": component.astype(np.int64),
                        "searched": np.array(searched),
-                       "label_ids": start.label_ids if index_bytes else np.empty(0, np.int64),
-                       "label_live": start.label_live if index_bytes else np.empty(0, bool),
-                       "index_sha256": np.array(hashlib.sha256(index_bytes).hexdigest() if index_bytes else "")})
-    return {GRAPH_FILE: graph, **({INDEX_FILE: index_bytes} if index_bytes else {})}
+                       "label_ids": start.label_ids if ivf else np.empty(0, np.int64),
+                       "label_live": start.label_live if ivf else np.empty(0, bool),
+                       "index_sha256": np.array(_index_sha256(start.index) if ivf else "")})
+    return {GRAPH_FILE: graph, **({INDEX_FILE: start.index.write} if ivf else {})}
 
 
 def graph_summary(root: str) -> dict[str, int] | None:

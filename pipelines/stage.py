@@ -52,7 +52,7 @@ from catalog.ledger import Ledger, Plan, PlanChange
 from catalog.ledger_items import Item, Members, Retiring, generation_of, live, unit_fingerprint
 from catalog.lineage import listing_fingerprint, run_prefix, run_shards, table_state
 from catalog.manifest import RunManifest, fingerprint
-from catalog.paths import join, write_bytes_atomic
+from catalog.paths import Produce, join, write_bytes_atomic, write_stream_atomic
 from catalog.progress import progress
 from catalog.schemas import stamp
 from catalog.shards import delete_shards, shard_sizes, write_shards
@@ -88,7 +88,8 @@ class Output:
     """What one unit produced: rows per table, and whole files (tar shards) committed before the rows."""
 
     tables: dict[str, pa.Table]
-    files: dict[str, bytes] = field(default_factory=dict)  # catalog-relative path -> bytes
+    #: catalog-relative path -> its bytes, or what writes them in pieces (an object too large to copy)
+    files: dict[str, bytes | Produce] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,8 +269,11 @@ class CatalogSink:
             self.lease.check()
         files = []
         for path, data in sorted(output.files.items()):
-            write_bytes_atomic(join(self.root, path), data)
-            files.append([path, len(data), hashlib.sha256(data).hexdigest()])
+            if isinstance(data, bytes):
+                write_bytes_atomic(join(self.root, path), data)
+                files.append([path, len(data), hashlib.sha256(data).hexdigest()])
+            else:
+                files.append([path, *write_stream_atomic(join(self.root, path), data)])
         for table in output.tables:
             if table not in self.outputs:
                 raise RuntimeError(f"{self.run} wrote {table!r}, which is not among its outputs {self.outputs}")

@@ -26,7 +26,7 @@ from catalog.id_lookup import lookup
 from catalog.images import UnreadableItem, read_item, resolve_uris
 from catalog.lineage import listing_fingerprint
 from catalog.manifest import fingerprint
-from catalog.paths import read_bytes, resolve, retry, with_protocol
+from catalog.paths import Produce, read_bytes, resolve, retry, with_protocol
 from catalog.schemas import (
     COPY_DESCRIPTORS_TABLE,
     DUPLICATES_TABLE,
@@ -249,7 +249,8 @@ def graph_key(root: str, config: DedupConfig) -> str:
     return fingerprint(identity, config.k, config.copy_threshold(), check, config.seed)
 
 
-def copy_step(root: str, config: DedupConfig, search: EdgeSearch = local_edges) -> tuple[pa.Table, dict[str, bytes]]:
+def copy_step(root: str, config: DedupConfig,
+              search: EdgeSearch = local_edges) -> tuple[pa.Table, dict[str, bytes | Produce]]:
     """Near copies: k-NN graph above the threshold, connected components, keep the largest image; the
     graph kept for the next run (`pipelines.dedup_graph`), which then searches only what is new."""
     ids, x = _descriptors(root, config, "copy")
@@ -357,7 +358,7 @@ class DedupStage(Stage):
         if unit.name == "describe":
             table, files = dedup_model.describe_step(ctx.root, config.model(), config.descriptor)
             return Output({MODEL_COPY_DESCRIPTORS_TABLE: table}, files)
-        files: dict[str, bytes] = {}
+        files: dict[str, bytes | Produce] = {}
         if unit.name == "exact":
             table = exact_step(ctx.root)
         elif unit.name == "copy":

@@ -26,7 +26,7 @@ from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
 from catalog.embeddings import embedding_metadata, load_embeddings
 from catalog.manifest import fingerprint as content_fingerprint
-from catalog.paths import exists, join, read_bytes, write_bytes_atomic
+from catalog.paths import exists, join, read_stream, write_stream_atomic
 from catalog.schemas import (
     CENTROIDS_TABLE,
     CLUSTERS_TABLE,
@@ -103,9 +103,9 @@ def pool_index(root: str, x: np.ndarray, config: RetrieveConfig) -> PoolIndex:
     """Load the saved index of these exact embeddings, or build and save one."""
     url = join(root, "_index", f"pool-{fingerprint(x)[:16]}.faiss")
     if exists(url):
-        return PoolIndex.from_bytes(read_bytes(url), use_gpu="auto")
+        return read_stream(url, lambda f: PoolIndex.read(f, use_gpu="auto"))
     index = build_index(x, recall_target=config.recall_target, seed=config.seed)
-    write_bytes_atomic(url, index.to_bytes())
+    write_stream_atomic(url, index.write)
     return index
 
 

@@ -1,17 +1,21 @@
 import errno
+import hashlib
 import os
 
 import fsspec
 import pytest
 
 from catalog.paths import (
+    HashingReader,
     StoreUnavailableError,
     exists,
     is_transient,
     ls,
     read_bytes,
+    read_stream,
     retry,
     write_bytes_atomic,
+    write_stream_atomic,
 )
 
 
@@ -83,3 +87,34 @@ def test_write_bytes_atomic_commits_whole_objects(kind, tmp_path):
         fs = fsspec.filesystem("memory")
         assert fs.cat_file(url.split("://", 1)[1]) == b"second, longer"
         fs.rm(root.split("://", 1)[1], recursive=True)
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_an_object_written_in_pieces_is_whole_or_absent_and_hashed_as_written(kind, tmp_path):
+    root = str(tmp_path / "root") if kind == "local" else f"memory://stream-test-{tmp_path.name}"
+    url = f"{root}/deep/obj.bin"
+    pieces = [bytes([i]) * (1000 + i) for i in range(50)]
+    whole = b"".join(pieces)
+
+    def produce(f) -> None:
+        for piece in pieces:
+            f.write(piece)
+
+    assert write_stream_atomic(url, produce) == (len(whole), hashlib.sha256(whole).hexdigest())
+    assert read_bytes(url) == whole and ls(f"{root}/deep") == [url]  # no temporary file left beside it
+
+    def fails_halfway(f) -> None:
+        f.write(pieces[0])
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_stream_atomic(url, fails_halfway)
+    assert read_bytes(url) == whole and ls(f"{root}/deep") == [url]  # the earlier object stands, whole
+
+    def first_piece_then_the_hash_of_all(f) -> tuple[bytes, str]:
+        reader = HashingReader(f)
+        return reader.read(len(pieces[0])), reader.sha256_of_all()
+
+    assert read_stream(url, first_piece_then_the_hash_of_all) == (pieces[0], hashlib.sha256(whole).hexdigest())
+    if kind == "memory":
+        fsspec.filesystem("memory").rm(root.split("://", 1)[1], recursive=True)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from catalog.ledger import Ledger
+from catalog.paths import join, write_bytes_atomic, write_stream_atomic
 from catalog.sql import query
-from curation.index import EXACT_MAX
+from curation.index import EXACT_MAX, build_index, fingerprint
 from curation.synthetic_images import combined, flip, random_scene
-from pipelines.dedup_graph import GRAPH_FILE, INDEX_FILE
+from pipelines.dedup_graph import GRAPH_FILE, INDEX_FILE, GraphStart, graph_files, graph_start
 from pipelines.stage import run_stage
 from tests.helpers import write_embedded_pool
 
@@ -113,3 +114,24 @@ def test_embedding_dedup_past_exact_search_adds_the_new_rows_to_the_kept_ivf_ind
     os.remove(os.path.join(scratch, GRAPH_FILE))  # a search of the whole grown pool, for comparison
     run_stage("dedup", scratch, config, executor="local")
     assert query(root, DUPLICATES_SQL).to_pylist() == query(scratch, DUPLICATES_SQL).to_pylist()
+
+
+def test_a_kept_index_is_used_only_while_it_is_the_one_its_graph_names(tmp_path):
+    rng = np.random.default_rng(1)
+    n = EXACT_MAX + 1_000
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids, content, root = np.arange(n), np.arange(n) * 7, str(tmp_path / "cat")
+    start = GraphStart(build_index(x, seed=0), None, ids, np.ones(n, bool))
+    files = graph_files("key", ids, content, np.arange(n), start)
+    write_bytes_atomic(join(root, GRAPH_FILE), files[GRAPH_FILE])
+    write_stream_atomic(join(root, INDEX_FILE), files[INDEX_FILE])  # in pieces, as the unit's commit does
+    kept = graph_start(root, "key", ids, content, x, seed=0)
+    assert kept.index.fingerprint == "updated" and kept.index.ntotal == n  # the kept index, no row searched
+    assert len(kept.known.search_rows()) == 0
+
+    other = build_index(x[::-1].copy(), seed=0)  # a valid index, but not the one the graph was saved with
+    for replaced in (other.to_bytes(), other.to_bytes()[:5_000], b"not an index"):
+        write_bytes_atomic(join(root, INDEX_FILE), replaced)
+        rebuilt = graph_start(root, "key", ids, content, x, seed=0)
+        assert rebuilt.index.fingerprint == fingerprint(x) and rebuilt.index.ntotal == n
