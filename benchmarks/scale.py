@@ -187,8 +187,9 @@ def file_commands(root: str, pool: str) -> list[tuple[str, str, list[str]]]:
     ]
 
 
-#: What each stage needs run before it on the same catalog.
-NEEDS = {"sample": "cluster"}
+#: The stages a rung can run, and what each needs run before it on the same catalog.
+STAGES = frozenset({"dedup", "cluster", "sample", "retrieve", "sql", "ingest", "embed", "pack"})
+NEEDS = {"sample": "cluster", "retrieve": "cluster", "sql": "cluster"}  # they read its tables
 
 
 def run_rung(kind: str, n: int, work: Path, log: Path, stages: set[str] | None = None) -> list[dict]:
@@ -272,9 +273,12 @@ def main() -> None:
     ap.add_argument("--stages", default=None,
                     help="comma-separated stages to run (default: all); a stage another needs is kept with it")
     args = ap.parse_args()
-    stages = None if args.stages is None else set(args.stages.split(","))
-    if stages is not None:
-        stages |= {NEEDS[s] for s in stages if s in NEEDS}
+    stages = None
+    if args.stages is not None:
+        named = set(args.stages.split(","))
+        if named - STAGES:
+            raise SystemExit(f"unknown stage(s) {sorted(named - STAGES)} in --stages (known: {sorted(STAGES)})")
+        stages = named | {NEEDS[s] for s in named if s in NEEDS}
     work = Path(args.work or tempfile.mkdtemp(prefix="curate-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.log"

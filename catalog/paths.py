@@ -210,8 +210,10 @@ class HashingReader:
 
     def sha256_of_all(self) -> str:
         """The sha256 of the whole object: what is left is read (and hashed) first."""
-        while self.read(1 << 20):
-            pass
+        rest = self.source.read(1 << 20)
+        while rest:
+            self._sha.update(rest)
+            rest = self.source.read(1 << 20)
         return self._sha.hexdigest()
 
 
