@@ -28,7 +28,7 @@ def test_curated_concepts_are_flatter_than_pool_and_random(demo_pool, lvd_catalo
     rng = np.random.default_rng(0)
     random_subsets = [rng.choice(pool, len(curated), replace=False) for _ in range(20)]
     # a same-size random subset is the pool's own distribution seen at that sample size
-    assert _entropy(curated) > max(_entropy(list(r)) for r in random_subsets)
+    assert _entropy(curated) > max(_entropy(r) for r in random_subsets)
     # and the head is cut below what any of them holds (the pool's 12 %: random subsets of its size 10-14 %; curated
     # 0.4-1.8 % over five pool paths, 6 % where k-means gave the biggest concept a top-level branch of its own)
     biggest = np.bincount(pool).argmax()
