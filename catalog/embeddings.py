@@ -130,6 +130,33 @@ def load_embeddings(root: str, table: str = EMBEDDINGS_TABLE, dtype: str = "floa
     return np.concatenate(ids), np.concatenate(xs)
 
 
+def _table_ids(root: str, table: str) -> tuple[int, np.dtype, np.ndarray]:
+    """``(dim, storage dtype, every row's image_id in shard order)`` of a table whose shards are checked
+    to hold one model's vectors of one width."""
+    shard_schemas = check_shards(root, table)
+    if not shard_schemas:
+        raise MissingInputError(f"catalog {root} has no {table} table: run `curate embed` first")
+    EmbeddingIdentity.of_shards(f"{root}/{table}", shard_schemas)  # refuses shards of two models
+    dims = {table_dim_and_dtype(schema) for schema in shard_schemas.values()}
+    if len(dims) > 1:
+        raise UserError(f"{root}/{table} mixes embedding widths or dtypes: {sorted((d, t.name) for d, t in dims)}")
+    ((dim, dtype),) = dims
+    ids = np.concatenate([read_shard(url, ["image_id"], table).column("image_id").to_numpy()
+                          for url in shard_schemas])
+    return dim, dtype, ids
+
+
+def _kept(ids: np.ndarray, exclude_ids: np.ndarray | None) -> np.ndarray:
+    return np.ones(len(ids), bool) if exclude_ids is None or not len(exclude_ids) else ~np.isin(ids, exclude_ids)
+
+
+def load_ids(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray | None = None) -> np.ndarray:
+    """The sorted ids `load_rows` returns, without reading a vector: for callers that need only which
+    images have embeddings (cluster-mode retrieval), 8 bytes a row instead of a copy of the table."""
+    _, _, ids = _table_ids(root, table)
+    return np.sort(ids[_kept(ids, exclude_ids)])
+
+
 def load_rows(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray | None = None,
               batch_rows: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """``(image_ids [N] sorted, x [N, dim])`` in the table's storage dtype (float16 as embed writes it),
@@ -141,17 +168,8 @@ def load_rows(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray 
     concatenate, no filtered or sorted second copy. The row order depends on the ids only, never on
     the shard layout.
     """
-    shard_schemas = check_shards(root, table)
-    if not shard_schemas:
-        raise MissingInputError(f"catalog {root} has no {table} table: run `curate embed` first")
-    EmbeddingIdentity.of_shards(f"{root}/{table}", shard_schemas)  # refuses shards of two models
-    dims = {table_dim_and_dtype(schema) for schema in shard_schemas.values()}
-    if len(dims) > 1:
-        raise UserError(f"{root}/{table} mixes embedding widths or dtypes: {sorted((d, t.name) for d, t in dims)}")
-    ((dim, dtype),) = dims
-    ids = np.concatenate([read_shard(url, ["image_id"], table).column("image_id").to_numpy()
-                          for url in shard_schemas])
-    keep = np.ones(len(ids), bool) if exclude_ids is None or not len(exclude_ids) else ~np.isin(ids, exclude_ids)
+    dim, dtype, ids = _table_ids(root, table)
+    keep = _kept(ids, exclude_ids)
     order = np.argsort(ids[keep], kind="stable")
     dest = np.full(len(ids), -1, np.int64)
     dest[np.flatnonzero(keep)[order]] = np.arange(len(order))

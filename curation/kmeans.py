@@ -48,7 +48,7 @@ from curation.kmeans_assign import (
 __all__ = ["ArrayLike", "ArrayRows", "KMeansResult", "Metric", "PartialSums", "RowSource", "as_rows", "assign",
            "compute_dtype", "default_chunk_size", "device_rows", "fused_scoring", "grid_exponent", "kmeans",
            "kmeans_plusplus", "kmeans_rows", "normalize_rows", "partial_sums", "reduce_partials", "resolve_device",
-           "storage_rows", "update_centroids"]
+           "storage_rows", "strided_variance", "update_centroids"]
 
 #: Mantissa bits kept for the largest |coordinate| when rounding to the summation grid.
 _GRID_BITS = 22
@@ -356,6 +356,26 @@ def kmeans(
                        init_sample_size=init_sample_size, init_centroids=init_centroids, device=device)
 
 
+def strided_variance(source: RowSource, stride: int, chunk_rows: int = 16_384) -> float:
+    """Mean per-coordinate variance (unbiased) of every ``stride``-th row: the scale of Lloyd's stopping
+    threshold. Read a chunk of rows at a time and merged in float64 (Chan et al.'s pairwise update),
+    so no float64 copy of the strided rows (up to 200k x d) is ever held."""
+    rows = np.arange(0, source.n_rows, stride)
+    count, mean, m2 = 0, None, None
+    for start in range(0, len(rows), chunk_rows):
+        block = host_tensor(source.take(rows[start : start + chunk_rows])).double()
+        b_count, b_mean = len(block), block.mean(dim=0)
+        b_m2 = ((block - b_mean) ** 2).sum(dim=0)
+        if mean is None:
+            count, mean, m2 = b_count, b_mean, b_m2
+            continue
+        delta, total = b_mean - mean, count + b_count
+        mean = mean + delta * (b_count / total)
+        m2 = m2 + b_m2 + delta**2 * (count * b_count / total)
+        count = total
+    return float((m2 / max(count - 1, 1)).mean()) if m2 is not None else 0.0
+
+
 def kmeans_rows(
     source: RowSource,
     k: int,
@@ -387,8 +407,7 @@ def kmeans_rows(
     if metric == "cosine":
         c = normalize_rows(torch.as_tensor(c)).numpy()
     grid = grid_exponent(source.max_abs() if metric == "l2" else 1.0)
-    var = float(torch.var(host_tensor(source.take(slice(None, None, max(1, n // 100_000)))).double(),
-                          dim=0).mean())
+    var = strided_variance(source, max(1, n // 100_000))
     it = 0
     for it in range(1, n_iter + 1):
         part = source.partial_sums(c, grid_exp=grid, metric=metric)

@@ -24,7 +24,8 @@ import pyarrow as pa
 from catalog import schemas
 from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
-from catalog.embeddings import embedding_metadata, load_embeddings
+from catalog.embeddings import embedding_metadata, load_embeddings, load_ids
+from catalog.id_lookup import lookup
 from catalog.manifest import fingerprint as content_fingerprint
 from catalog.paths import exists, join, read_stream, write_stream_atomic
 from catalog.schemas import (
@@ -123,8 +124,8 @@ def _seed_labels(root: str, seed_x: np.ndarray, level: int) -> np.ndarray:
     """The pool cluster (at ``level``) of every seed image: its nearest centroid."""
     if not table_exists(root, CLUSTERS_TABLE):
         raise ConfigError("cluster-based retrieval needs the clusters of `curate build-lvd` (or `curate cluster`)")
-    cents = query(root, f"SELECT cluster_id, centroid FROM centroids WHERE level = {level} ORDER BY cluster_id")
-    c = np.asarray(cents.column("centroid").to_pylist(), np.float32)
+    cents = query(root, "SELECT centroid FROM centroids WHERE level = ? ORDER BY cluster_id", [level]).column(0)
+    c = cents.combine_chunks().flatten().to_numpy().reshape(len(cents), -1)  # as a Python list: ~1 KB a pool image
     return np.asarray(assign(seed_x, c, metric="cosine")[0])
 
 
@@ -146,8 +147,10 @@ def auto_mode(root: str, seed_catalog: str, n_seed: int, config: RetrieveConfig)
 def _cluster_mode(root: str, pool_ids: np.ndarray, seed_x: np.ndarray, config: RetrieveConfig) -> RetrievalResult:
     seed_labels = _seed_labels(root, seed_x, config.cluster_level)
     clusters = query(root, f"SELECT image_id, l{config.cluster_level} AS label FROM clusters")
-    label_of = dict(zip(clusters.column("image_id").to_pylist(), clusters.column("label").to_pylist()))
-    pool_labels = np.asarray([label_of.get(int(i), -1) for i in pool_ids], np.int64)
+    ids = clusters.column("image_id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    labels = clusters.column("label").to_numpy().astype(np.int64)[order]
+    pool_labels = lookup(ids[order], labels, pool_ids, -1)
     keep = pool_labels >= 0
     result = cluster_retrieve(pool_labels[keep], np.asarray(seed_labels), seed=config.seed,
                               min_seed_per_cluster=config.min_seed_per_cluster, per_cluster=config.per_cluster)
@@ -220,15 +223,17 @@ class RetrieveStage(Stage):
         config: RetrieveConfig = ctx.config
         facts: SeedFacts = ctx.facts
         seed_ids, seed_x = load_embeddings(facts.catalog)
-        pool_ids, x = load_vectors(ctx.root, exclude_ids=removed_ids(ctx.root))
+        removed = removed_ids(ctx.root)
         result = None
-        if facts.mode == "cluster":
+        if facts.mode == "cluster":  # needs the pool's ids and clusters, not its vectors
+            pool_ids = load_ids(ctx.root, exclude_ids=removed)
             result = _cap(_cluster_mode(ctx.root, pool_ids, seed_x, config), config.max_per_seed)
             if not len(result):
                 log.warning("%s: %s; falling back to k-NN (%d neighbours per seed image)", ctx.run, result.note,
                             config.k)
         files: dict[str, bytes] = {}
         if result is None or not len(result):
+            pool_ids, x = load_vectors(ctx.root, exclude_ids=removed)
             found, files = knn_neighbours(
                 ctx.root, ctx.run, lists_key(ctx.root, facts, config), pool_ids, x, seed_x, config.k,
                 lambda: pool_index(ctx.root, x, config), knn_search(config, ctx.address), config.seed)

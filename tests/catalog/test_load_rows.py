@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from catalog.embeddings import ModelMismatchError, embeddings_table, load_embeddings, load_rows
+from catalog.embeddings import ModelMismatchError, embeddings_table, load_embeddings, load_ids, load_rows
 from catalog.shards import write_shards
 from pipelines.embedding_source import load_vectors
 
@@ -35,6 +35,7 @@ def test_rows_come_sorted_by_id_in_the_storage_dtype_without_the_excluded(table)
     assert got_x.dtype == np.float16 and got_x.shape == (keep.sum(), DIM)
     assert np.array_equal(got_ids, ids[keep][order])
     assert np.array_equal(got_x, x[keep][order])
+    assert np.array_equal(load_ids(root, exclude_ids=exclude), got_ids)  # the same rows, no vector read
     # the same rows as the whole-table loader, however the shards are laid out
     all_ids, all_x = load_embeddings(root, dtype="float16")
     by_id = dict(zip(all_ids.tolist(), all_x))

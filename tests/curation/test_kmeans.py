@@ -16,6 +16,7 @@ from curation.kmeans import (
     kmeans_rows,
     partial_sums,
     reduce_partials,
+    strided_variance,
     update_centroids,
 )
 
@@ -216,3 +217,13 @@ def test_cpu_chunks_are_capped_by_row_width_and_float16_rows_stay_float16(tmp_pa
         warnings.simplefilter("error")  # a read-only memory map is read a chunk at a time, without torch's warning
         c = kmeans(np.load(tmp_path / "x.npy", mmap_mode="r"), 12, seed=0, n_iter=5, chunk_size=512)
     assert np.array_equal(c.labels, a.labels)
+
+
+def test_stopping_scale_is_the_variance_of_the_strided_rows_read_a_chunk_at_a_time():
+    """Lloyd's tolerance scale: the unbiased variance of every stride-th row, merged over chunks in float64
+    without a float64 copy of the rows; any chunking gives torch.var's value to rounding."""
+    x = np.random.default_rng(4).normal(3.0, 2.0, size=(10_001, 24)).astype(np.float16)
+    for stride in (1, 7):
+        whole = float(torch.var(torch.from_numpy(x[::stride]).double(), dim=0).mean())
+        for chunk in (100, 4_096, 1 << 20):
+            assert strided_variance(ArrayRows(x), stride, chunk_rows=chunk) == pytest.approx(whole, rel=1e-12)
