@@ -146,7 +146,8 @@ def _table_ids(root: str, table: str) -> tuple[int, np.dtype, np.ndarray]:
     return dim, dtype, ids
 
 
-def _kept(ids: np.ndarray, exclude_ids: np.ndarray | None) -> np.ndarray:
+def kept_mask(ids: np.ndarray, exclude_ids: np.ndarray | None) -> np.ndarray:
+    """Which of ``ids`` are not among ``exclude_ids`` (all, without a search, when none is excluded)."""
     return np.ones(len(ids), bool) if exclude_ids is None or not len(exclude_ids) else ~np.isin(ids, exclude_ids)
 
 
@@ -154,7 +155,7 @@ def load_ids(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray |
     """The sorted ids `load_rows` returns, without reading a vector: for callers that need only which
     images have embeddings (cluster-mode retrieval), 8 bytes a row instead of a copy of the table."""
     _, _, ids = _table_ids(root, table)
-    return np.sort(ids[_kept(ids, exclude_ids)])
+    return np.sort(ids[kept_mask(ids, exclude_ids)])
 
 
 def load_rows(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray | None = None,
@@ -169,7 +170,7 @@ def load_rows(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray 
     the shard layout.
     """
     dim, dtype, ids = _table_ids(root, table)
-    keep = _kept(ids, exclude_ids)
+    keep = kept_mask(ids, exclude_ids)
     order = np.argsort(ids[keep], kind="stable")
     dest = np.full(len(ids), -1, np.int64)
     dest[np.flatnonzero(keep)[order]] = np.arange(len(order))

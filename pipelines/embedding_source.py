@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.embeddings import load_npy_pair, load_rows, to_numpy
+from catalog.embeddings import kept_mask, load_npy_pair, load_rows, to_numpy
 from catalog.errors import UserError
 from catalog.paths import resolve
 from catalog.schemas import DUPLICATES_TABLE, ERRORS_TABLE, FILTER_STAGE
@@ -52,8 +52,7 @@ def _parquet_vectors(url: str, column: str, id_column: str) -> tuple[np.ndarray,
 def _kept_in_id_order(image_ids: np.ndarray, x: np.ndarray,
                       exclude_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The rows not excluded, sorted by id, as one gather (none at all when nothing moves)."""
-    keep = np.ones(len(image_ids), bool) if exclude_ids is None or not len(exclude_ids) else \
-        ~np.isin(image_ids, exclude_ids)
+    keep = kept_mask(image_ids, exclude_ids)
     rows = np.flatnonzero(keep)[np.argsort(image_ids[keep], kind="stable")]
     if len(rows) == len(image_ids) and np.array_equal(rows, np.arange(len(rows))):
         return image_ids, x

@@ -146,11 +146,9 @@ def auto_mode(root: str, seed_catalog: str, n_seed: int, config: RetrieveConfig)
 
 def _cluster_mode(root: str, pool_ids: np.ndarray, seed_x: np.ndarray, config: RetrieveConfig) -> RetrievalResult:
     seed_labels = _seed_labels(root, seed_x, config.cluster_level)
-    clusters = query(root, f"SELECT image_id, l{config.cluster_level} AS label FROM clusters")
-    ids = clusters.column("image_id").to_numpy()
-    order = np.argsort(ids, kind="stable")
-    labels = clusters.column("label").to_numpy().astype(np.int64)[order]
-    pool_labels = lookup(ids[order], labels, pool_ids, -1)
+    clusters = query(root, f"SELECT image_id, l{config.cluster_level} AS label FROM clusters ORDER BY image_id")
+    pool_labels = lookup(clusters.column("image_id").to_numpy(), clusters.column("label").to_numpy().astype(np.int64),
+                         pool_ids, -1)
     keep = pool_labels >= 0
     result = cluster_retrieve(pool_labels[keep], np.asarray(seed_labels), seed=config.seed,
                               min_seed_per_cluster=config.min_seed_per_cluster, per_cluster=config.per_cluster)
