@@ -20,7 +20,7 @@ copy pairs put in one component / all true copy pairs. Rows: the descriptor as s
 search, candidates above its ``COPY_THRESHOLD`` confirmed by `curation.copy_verify`), the descriptor
 alone at 0.88 (before the check) and the 16×16 thumbnail before it (cos > 0.95), for reference;
 with ``--torchscript PATH``, also that model as ``dedup.descriptor=torchscript:PATH`` runs it (SSCD's
-input conventions, threshold calibrated on `curation.torchscript_descriptor.calibration_set`).
+input conventions, threshold calibrated on the stage's default set, the demo pool's injected groups).
 ``--export-demo-standin OUT`` writes a TorchScript stand-in with SSCD's conventions (320×320
 ImageNet-normalised in, one vector out): the shipped demo backbone, fed at its 64 px, cls+mean.
 ``seconds``: the graph and the check (descriptors and thumbnails are made beforehand, as ingest and
@@ -48,6 +48,8 @@ from curation import torchscript_descriptor as tsd
 from curation.dedup import copy_dedup
 from curation.index import build_index
 from curation.synthetic_images import copy_variants, look_alike_glyphs
+from pipelines.dedup_model import demo_copy_groups
+from pipelines.stages.dedup import DedupConfig
 
 Item = tuple[Image.Image, int]  # image, copy group (-1: no copy of anything)
 
@@ -148,7 +150,7 @@ def export_demo_standin(out: str) -> None:
 
 def model_row(path: str) -> tuple:
     model = tsd.load_scripted(Path(path).read_bytes(), dim=_output_dim(path))
-    images, labels = tsd.calibration_set()
+    images, labels = demo_copy_groups(DedupConfig.calibration_groups, DedupConfig.seed)  # the stage's default
     cal = tsd.calibrate(tsd.describe(model, images), labels)
     print(f"calibrated on {cal.images} images: threshold {cal.threshold:.3f}, P {cal.precision:.3f}, R {cal.recall:.3f}")
     return (f"torchscript {Path(path).name}", lambda img: tsd.describe(model, [img])[0], cal.threshold, None, False)

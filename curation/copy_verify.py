@@ -18,6 +18,12 @@ checked here, at 32×32 grey:
    pair's residual. A copy differs a little everywhere (re-encoding, resampling); two look-alikes
    differ a lot in one place (the missing stroke, the other numeral). Both thumbnails are blurred to
    the resolution of the smaller image first, so a 20-pixel copy is not held to 32-pixel detail.
+4. **colour field**: the same alignment applied to the colour thumbnails, then the best global
+   affine colour map from B to A (brightness, contrast, saturation and white balance are global and
+   linear); what it leaves, low-passed, is a difference in the slowly varying colour and lighting
+   field across the frame. A copy keeps its original's field; two photos of one textured scene or two
+   instances of a periodic texture (stripes in another phase, which a shift aligns in grey) do not.
+   Its RMS over the frame, in units of full scale, is the pair's colour residual.
 
 Thresholds are calibrated with benchmarks/copy_descriptor.py (docs/benchmarks.md).
 """
@@ -38,18 +44,25 @@ SIDE = 32
 COPY_SCALES = (0.86, 1.17)
 #: Largest residual of a copy (grey standard deviations, 3×3 mean; see the module docstring).
 RESIDUAL_THRESHOLD = 0.86
+#: Largest colour-field residual of a copy (RMS, full scale = 1). On benchmarks/copy_descriptor.py's sets
+#: of seeds 0 and 1, the edges that pass the grey check: copies at most 0.037 (99 % under 0.023; 30 of
+#: ~25,000 above this), distinct images 0.029 and up (56; stripes in another phase, one scene's crops).
+COLOUR_THRESHOLD = 0.028
 
 _FIT_SCALES = (0.7, 1.45)  # wide enough that a look-alike's scale is found, not clipped into range
 _FIT_SHIFT = 0.25  # frame half-widths
 _FIT_STEPS = ((2.0, 6), (1.0, 4))  # (blur sigma in pixels, Gauss-Newton steps): coarse, then fine
 _COMPARE_SIGMA = 0.55  # pixels at SIDE for a full-resolution image; more for smaller images
 _POOL = 3
+_COLOUR_BLUR = 1.0  # pixels at SIDE, before the colour fit (JPEG's chroma blocks)
+_COLOUR_LOW_PASS = 4.0  # pixels at SIDE: the scale of a lighting field, not of an edge misaligned by a pixel
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as PIL's "L"
 _CENTRES = (np.arange(SIDE) + 0.5) / SIDE * 2 - 1  # pixel centres in frame coordinates [-1, 1]
 
 
 def thumbnail(img: Image.Image) -> np.ndarray:
-    """uint8 [SIDE, SIDE] grey, the whole frame (aspect ratio is part of what the fit aligns)."""
-    return np.asarray(img.convert("L").resize((SIDE, SIDE), Image.Resampling.BOX), np.uint8)
+    """uint8 [SIDE, SIDE, 3] RGB, the whole frame (aspect ratio is part of what the fit aligns)."""
+    return np.asarray(img.convert("RGB").resize((SIDE, SIDE), Image.Resampling.BOX), np.uint8)
 
 
 def _blur(x: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -117,43 +130,70 @@ def _residual(a: np.ndarray, b: np.ndarray, theta: np.ndarray, sigma: np.ndarray
     return np.where(interior, local, 0.0).reshape(len(a), -1).max(1)
 
 
-def _oriented(a: np.ndarray, b: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(residual, scale in range) of b aligned onto a."""
+def _colour_residual(a: np.ndarray, b: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """[n] RMS of the low-passed colour difference of RGB thumbnails [n, SIDE, SIDE, 3] once b is warped
+    by ``theta`` and mapped by its least-squares affine colour map onto a (step 4 of the module docstring)."""
+    n = len(a)
+    a = gaussian_filter(a, (0, _COLOUR_BLUR, _COLOUR_BLUR, 0), mode="nearest")
+    b = gaussian_filter(b, (0, _COLOUR_BLUR, _COLOUR_BLUR, 0), mode="nearest")
+    warped, mask = _warp(theta, *np.moveaxis(b, -1, 0))
+    inside = mask[..., None]
+    x = np.concatenate([np.stack(warped, -1), np.ones_like(a[..., :1])], -1) * inside
+    x, y = x.reshape(n, -1, 4), (a * inside).reshape(n, -1, 3)
+    xt = x.transpose(0, 2, 1).astype(np.float64)
+    # float64 and a ridge of 1e-5 per pixel: a grey image's channels are collinear, a singular fit
+    ridge = 1e-5 * mask.sum((1, 2))[:, None, None] * np.eye(4)
+    colour_map = np.linalg.solve(xt @ x + ridge, xt @ y)
+    diff = (y - x @ colour_map).reshape(a.shape).astype(np.float32)
+    weight = gaussian_filter(mask, (0, _COLOUR_LOW_PASS, _COLOUR_LOW_PASS), mode="constant")
+    low = gaussian_filter(diff, (0, _COLOUR_LOW_PASS, _COLOUR_LOW_PASS, 0), mode="constant")
+    power = (low**2).sum(-1) / np.maximum(weight, 1e-3) ** 2
+    covered = weight > 0.5
+    return np.sqrt((power * covered).sum((1, 2)) / np.maximum(covered.sum((1, 2)), 1))
+
+
+def _alignment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[n, 6] the frame map and grey gain/offset of b onto a (grey [n, SIDE, SIDE]), coarse then fine."""
     n = len(a)
     gain = (a.std((1, 2)) + 1e-3) / (b.std((1, 2)) + 1e-3)
     theta = np.stack([np.ones(n), np.ones(n), np.zeros(n), np.zeros(n), gain,
                       a.mean((1, 2)) - gain * b.mean((1, 2))], 1).astype(np.float32)
     for blur, steps in _FIT_STEPS:
         theta = _fit(a, b, theta, blur, steps)
-    in_range = ((theta[:, :2] >= COPY_SCALES[0]) & (theta[:, :2] <= COPY_SCALES[1])).all(1)
-    return _residual(a, b, theta, sigma), in_range
+    return theta
 
 
 def residuals(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, sides_b: np.ndarray,
-              mirrored: np.ndarray, batch: int = 2048) -> np.ndarray:
-    """float32 [n]: each pair's local residual; +inf where the alignment is not a copy's scale.
+              mirrored: np.ndarray, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [n] each pair's local grey residual (+inf where the alignment is not a copy's scale) and
+    [n] its colour-field residual, for RGB thumbnails [n, SIDE, SIDE, 3].
 
     ``sides_*``: the shorter side of each original image in pixels (0: no thumbnail, never a copy);
     ``mirrored``: which pairs meet
     as mirror images (the descriptor search says which: trying both here would let a mirrored
     look-alike, e.g. a reversed numeral, have a second chance).
     """
-    out = np.empty(len(thumbs_a), np.float32)
-    for s in range(0, len(out), batch):
+    grey, colour = np.empty(len(thumbs_a), np.float32), np.empty(len(thumbs_a), np.float32)
+    for s in range(0, len(grey), batch):
         a = np.asarray(thumbs_a[s : s + batch], np.float32) / 255.0
         b = np.asarray(thumbs_b[s : s + batch], np.float32) / 255.0
-        b = np.ascontiguousarray(np.where(mirrored[s : s + batch, None, None], b[:, :, ::-1], b))
+        b = np.ascontiguousarray(np.where(mirrored[s : s + batch, None, None, None], b[:, :, ::-1], b))
         smaller = np.minimum(sides_a[s : s + batch], sides_b[s : s + batch]).astype(np.float64)
         sigma = np.round(_COMPARE_SIGMA * np.maximum(1.0, SIDE / np.maximum(smaller, 1.0)), 1)
-        res, in_range = _oriented(a, b, sigma)
-        out[s : s + len(a)] = np.where(in_range & (smaller > 0), res, np.inf)
-    return out
+        a_grey, b_grey = a @ _LUMA, b @ _LUMA
+        theta = _alignment(a_grey, b_grey)
+        in_range = ((theta[:, :2] >= COPY_SCALES[0]) & (theta[:, :2] <= COPY_SCALES[1])).all(1)
+        grey[s : s + len(a)] = np.where(in_range & (smaller > 0), _residual(a_grey, b_grey, theta, sigma), np.inf)
+        colour[s : s + len(a)] = _colour_residual(a, b, theta)
+    return grey, colour
 
 
 def verified(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, sides_b: np.ndarray,
-             mirrored: np.ndarray, threshold: float = RESIDUAL_THRESHOLD) -> np.ndarray:
+             mirrored: np.ndarray, threshold: float = RESIDUAL_THRESHOLD,
+             colour_threshold: float = COLOUR_THRESHOLD) -> np.ndarray:
     """bool [n]: which candidate pairs are copies."""
-    return residuals(thumbs_a, thumbs_b, sides_a, sides_b, mirrored) < threshold
+    grey, colour = residuals(thumbs_a, thumbs_b, sides_a, sides_b, mirrored)
+    return (grey < threshold) & (colour < colour_threshold)
 
 
 Thumbnails = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -162,7 +202,7 @@ Thumbnails = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 def edge_check(x: np.ndarray, thumbnails: Thumbnails, threshold: float = RESIDUAL_THRESHOLD
                ) -> Callable[[Edges], np.ndarray]:
     """The ``verify`` of `curation.dedup.copy_dedup` for pixel descriptors ``x``: ``thumbnails(rows)``
-    gives (uint8 [len(rows), SIDE, SIDE], shorter side of each original) for sorted unique rows."""
+    gives (uint8 [len(rows), SIDE, SIDE, 3], shorter side of each original) for sorted unique rows."""
 
     def check(edges: Edges) -> np.ndarray:
         if not len(edges):

@@ -7,9 +7,9 @@ takes a float [N, 3, H, W] batch, ImageNet-normalised, and returns [N, 512] desc
 here. Nothing is downloaded: the user points ``dedup.descriptor=torchscript:PATH`` at a file.
 
 A copy threshold for such a model is not a constant of ours, so it is calibrated: the model
-describes labelled copies (`calibration_set`: distinct synthetic scenes, each with the kinds of copy
-the demo pool injects and a web pool holds, from `curation.synthetic_images`), and the threshold is
-the one with the best F1 over all pairs of that set; its precision and recall are reported.
+describes labelled copies (the caller's; the dedup stage defaults to the demo pool's injected groups),
+and the threshold is the one with the best F1 over all pairs of that set (`calibrate`); its precision
+and recall are reported.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-
-from curation.synthetic_images import copy_variants, random_scene
 
 SSCD_SIZE = 320  # skew_320: a square resize
 SSCD_DIM = 512
@@ -87,18 +85,6 @@ def describe(model: ScriptedDescriptor, images: list[Image.Image]) -> np.ndarray
                              f"[{len(chunk)}, {model.dim}] (set model_dim to its descriptor size)")
         out.append(torch.nn.functional.normalize(y.float(), dim=1).numpy())
     return np.concatenate(out).astype(np.float16) if out else np.zeros((0, model.dim), np.float16)
-
-
-def calibration_set(seed: int = 0, groups: int = 40) -> tuple[list[Image.Image], np.ndarray]:
-    """(images, copy group of each): ``groups`` distinct scenes, each with its copy variants."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for g in range(groups):
-        scene = random_scene(rng, int(rng.integers(64, 200)), int(rng.integers(64, 200)))
-        for img in [scene] + [v for _, v in copy_variants(scene, rng)]:
-            images.append(img)
-            labels.append(g)
-    return images, np.asarray(labels)
 
 
 def calibrate(x: np.ndarray, groups: np.ndarray) -> Calibration:

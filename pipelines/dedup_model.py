@@ -26,11 +26,11 @@ from curation.torchscript_descriptor import (
     Calibration,
     ScriptedDescriptor,
     calibrate,
-    calibration_set,
     describe,
     load_scripted,
 )
 from pipelines.dedup_graph import CONTENT_HASH, STAGE
+from pipelines.demo.pool import injected_copy_groups
 
 log = logging.getLogger("curate.pipelines")
 PREFIX = "torchscript:"
@@ -121,8 +121,17 @@ def described_summary(root: str) -> dict[str, int] | None:
     return None if saved is None else {"images": len(saved["ids"]), "described": int(saved["described"])}
 
 
-SYNTHETIC_SET = ("curation.torchscript_descriptor.calibration_set (distinct scenes with flipped, cropped, "
-                 "jittered, re-encoded, resized and combined copies)")
+def demo_set_name(groups: int, seed: int) -> str:
+    """How the calibration report names the default set."""
+    return (f"pipelines.demo.pool.injected_copy_groups({groups}, seed={seed}): the near-duplicate groups a "
+            "demo pool injects (re-encoded, re-formatted, resized, cropped)")
+
+
+def demo_copy_groups(groups: int, seed: int) -> tuple[list, np.ndarray]:
+    """(images, group of each) of the default calibration set: ``groups`` of the demo pool's injected
+    near-duplicate groups, decoded as ingest decodes them."""
+    files, labels = injected_copy_groups(groups, seed)
+    return [decode_rgb(f) for f in files], labels
 
 
 def copy_groups(folder: str) -> tuple[list, np.ndarray]:
@@ -146,16 +155,18 @@ def copy_groups(folder: str) -> tuple[list, np.ndarray]:
 
 @lru_cache(maxsize=2)
 def calibration(model: ScriptedDescriptor, path: str, groups: int, seed: int, folder: str = "") -> Calibration:
-    """The model's threshold calibrated on the copy groups in ``folder``, or on ``groups`` synthetic ones."""
-    images, labels = copy_groups(folder) if folder else calibration_set(seed, groups)
+    """The model's threshold calibrated on the copy groups in ``folder``, or else on ``groups`` of the demo
+    pool's injected groups."""
+    images, labels = copy_groups(folder) if folder else demo_copy_groups(groups, seed)
     return calibrate(_describe_checked(model, images, path), labels)
 
 
 def write_calibration_report(root: str, model: ScriptedDescriptor, cal: Calibration, threshold: float,
-                             folder: str = "") -> str:
-    """reports/dedup/calibration.json: the threshold used and the calibration's precision and recall."""
+                             set_name: str) -> str:
+    """reports/dedup/calibration.json: the threshold used and the calibration's precision and recall on
+    the set named ``set_name`` (a folder, or `demo_set_name`)."""
     url = join(root, "reports", "dedup", "calibration.json")
     body = {"model_id": model.model_id, "threshold_used": threshold, "calibration": asdict(cal),
-            "calibration_set": folder or SYNTHETIC_SET}
+            "calibration_set": set_name}
     write_bytes_atomic(url, json.dumps(body, indent=2).encode())
     return url

@@ -222,6 +222,11 @@ def _materialise(out: Path, item: dict[str, Any]) -> None:
     if item["detail"] == "dangling_symlink":
         os.symlink(f".gone-{path.name}", path)
         return
+    path.write_bytes(_item_bytes(item))
+
+
+def _item_bytes(item: dict[str, Any]) -> bytes:
+    """The encoded file of one planned item (not a symlink)."""
     render_concept = item["concept"] if item["concept"] >= 0 else item["render_concept"]
     img, mask = render_concept_image(render_concept, item["instance_seed"], item["size"])
     rng = np.random.default_rng([item["instance_seed"], 1])
@@ -236,7 +241,17 @@ def _materialise(out: Path, item: dict[str, Any]) -> None:
         data = _low_quality_bytes(item["detail"], img, rng)
     else:
         data = _encode(img, item["fmt"], item["quality"])
-    path.write_bytes(data)
+    return data
+
+
+def injected_copy_groups(groups: int, seed: int = 0, n: int = 10_000) -> tuple[list[bytes], np.ndarray]:
+    """The files of the first ``groups`` near-duplicate groups that the demo pool of (``n``, ``seed``)
+    injects (each an original and its re-encoded, re-formatted, resized or cropped copies; exact copies
+    left out), made in memory, and the group of each: labelled copies without a pool on disk."""
+    items, _ = _plan_pool(n, seed)
+    near = sorted({it["dup_group"] for it in items if it["kind"] == "near_duplicate"})[:groups]
+    chosen = sorted((it for it in items if it["dup_group"] in set(near)), key=lambda it: it["dup_group"])
+    return [_item_bytes(it) for it in chosen], np.array([it["dup_group"] for it in chosen])
 
 
 def _materialise_chunk(out: str, items: list[dict[str, Any]]) -> None:

@@ -40,6 +40,7 @@ from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
 from curation.copy_descriptor import NAME as COPY_DESCRIPTOR_NAME
 from curation.copy_descriptor import RELATIVE_THRESHOLD as PIXEL_RELATIVE_THRESHOLD
 from curation.copy_descriptor import copy_descriptor, mirror
+from curation.copy_verify import COLOUR_THRESHOLD as CHECK_COLOUR_THRESHOLD
 from curation.copy_verify import RESIDUAL_THRESHOLD as CHECK_THRESHOLD
 from curation.copy_verify import SIDE as CHECK_SIDE
 from curation.copy_verify import edge_check, thumbnail
@@ -69,12 +70,12 @@ class DedupConfig:
     used (`curation.torchscript_descriptor`): fed ``model_size``² images normalised by ``model_mean`` /
     ``model_std``, returning ``model_dim`` values (SSCD's defaults); its threshold, unless given, is
     calibrated on labelled copies (reports/dedup/calibration.json): the ``<group>/<image>`` folders of
-    ``calibration_copies`` (a demo pool's ``eval/instances`` holds its injected near-duplicate groups), or
-    else ``calibration_groups`` synthetic groups.
+    ``calibration_copies`` (your own copies; a demo pool's ``eval/instances`` holds its groups), or else
+    ``calibration_groups`` of the near-duplicate groups the demo pool injects, made in memory.
 
     ``check_threshold``: the largest local residual of a copy in the pixel check of each candidate pair
-    (`curation.copy_verify`; pixels only; null: no check, the descriptor alone decides). ``threshold``
-    is then the candidates' descriptor cosine.
+    (`curation.copy_verify`, which also compares the pair's colour fields; pixels only; null: no check,
+    the descriptor alone decides). ``threshold`` is then the candidates' descriptor cosine.
 
     ``max_removed_share``: a run that would remove more of the pool than this fails instead (real pools
     hold a few percent of copies; more means a threshold or descriptor that merges distinct images).
@@ -245,7 +246,7 @@ def graph_key(root: str, config: DedupConfig) -> str:
     model = config.model()
     identity = (embedding_metadata(root) if config.descriptor == "embeddings" else
                 model.model_id if model is not None else COPY_DESCRIPTOR_NAME)
-    check = config.check_threshold if config.descriptor == "pixels" else None
+    check = (config.check_threshold, CHECK_COLOUR_THRESHOLD) if config.descriptor == "pixels" else None
     return fingerprint(identity, config.k, config.copy_threshold(), check, config.seed)
 
 
@@ -296,7 +297,7 @@ class PoolThumbnails:
             img = decode_rgb(read_item(uri), min_side=2 * CHECK_SIDE)
         except (UnreadableItem, DecodeError) as e:
             self.unreadable.append(f"{uri} ({e})")
-            return np.zeros((CHECK_SIDE, CHECK_SIDE), np.uint8), 0
+            return np.zeros((CHECK_SIDE, CHECK_SIDE, 3), np.uint8), 0
         return thumbnail(img), side
 
 
@@ -387,8 +388,9 @@ class DedupStage(Stage):
         if model is not None:
             summary["descriptors"] = dedup_model.described_summary(ctx.root)
             cal = ctx.config.calibration()
-            dedup_model.write_calibration_report(ctx.root, model, cal, ctx.config.copy_threshold(),
-                                                 ctx.config.calibration_copies)
+            set_name = (ctx.config.calibration_copies
+                        or dedup_model.demo_set_name(ctx.config.calibration_groups, ctx.config.seed))
+            dedup_model.write_calibration_report(ctx.root, model, cal, ctx.config.copy_threshold(), set_name)
             summary["calibration"] = {"threshold": round(cal.threshold, 4), "precision": round(cal.precision, 4),
                                       "recall": round(cal.recall, 4)}
         return summary

@@ -17,6 +17,7 @@ from catalog.schemas import metadata_of
 from catalog.shards import shard_urls
 from catalog.sql import query
 from curation.synthetic_images import crop, jitter, random_scene, reencode
+from pipelines.demo.pool import injected_copy_groups
 from pipelines.stage import run_stage
 from pipelines.stages.dedup import DedupConfig
 from pipelines.stages.ingest import IngestConfig
@@ -82,6 +83,8 @@ def test_a_torchscript_model_finds_the_copies_with_a_calibrated_threshold(pool, 
     report = json.loads((Path(root) / "reports" / "dedup" / "calibration.json").read_text())
     assert report["model_id"] == f"sha256:{digest}"
     assert report["calibration"]["precision"] == pytest.approx(cal["precision"], abs=1e-4)
+    files, _ = injected_copy_groups(12, seed=0)  # by default, the demo pool's injected groups
+    assert report["calibration"]["images"] == len(files) and "injected_copy_groups(12" in report["calibration_set"]
     assert 0 < cal["threshold"] < 1 and cal["precision"] > 0.5 and cal["recall"] > 0.5
     rows = query(root, "SELECT p.uri, k.uri AS kept FROM duplicates d JOIN pool p USING (image_id) "
                        "JOIN pool k ON k.image_id = d.kept_id WHERE d.reason = 'copy'").to_pylist()

@@ -19,6 +19,7 @@ from pipelines.demo.pool import (
     BROKEN_KINDS,
     ZIPF_EXPONENT,
     generate_demo_pool,
+    injected_copy_groups,
     plan_concept_counts,
 )
 
@@ -248,3 +249,21 @@ def test_concepts_separable_by_colour_statistics() -> None:
     # chance is 1/40; the per-instance lighting field (which keeps distinct instances from looking like
     # copies) costs some colour-histogram accuracy, so the bar is 12x chance
     assert accuracy >= 0.3, accuracy
+
+
+def test_injected_copy_groups_are_the_files_the_pool_holds(pool) -> None:
+    """The dedup stage's default calibration set: the pool's own near-duplicate groups, byte for byte."""
+    out, _ = pool
+    truth = _rows(out, "pool")
+    exact = {r["dup_group"] for r in truth if r["kind"] == "exact_duplicate"}
+    on_disk: dict[int, set[str]] = {}
+    for r in truth:
+        if r["dup_group"] >= 0 and r["dup_group"] not in exact:
+            on_disk.setdefault(r["dup_group"], set()).add(_digest(out / "pool" / r["relpath"]))
+    files, groups = injected_copy_groups(len(on_disk) + 5, seed=0, n=N)
+    made: dict[int, set[str]] = {}
+    for data, g in zip(files, groups):
+        made.setdefault(int(g), set()).add(hashlib.sha256(data).hexdigest())
+    assert len(on_disk) >= 3 and made == on_disk
+    few, few_groups = injected_copy_groups(2, seed=0, n=N)
+    assert len(set(few_groups)) == 2 and len(few) == sum(len(made[g]) for g in set(few_groups.tolist()))
