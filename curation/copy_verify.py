@@ -42,6 +42,10 @@ from curation.dedup import Edges
 SIDE = 32
 #: Scale range of a copy (B's frame in A's, per axis): a crop of ≤ 6 % a side of either image.
 COPY_SCALES = (0.86, 1.17)
+#: Shorter side (pixels) below which an image is never verified as a copy: at 32 px a numeral or a
+#: stroke that tells look-alikes apart is ~6 px, and under 24 px it is a blur the residual cannot read
+#: (a 19 px coin matched coins of other values at 0.83-0.85 on benchmarks/copy_descriptor.py, seed 2).
+MIN_SIDE = 24
 #: Largest residual of a copy (grey standard deviations, 3×3 mean; see the module docstring).
 RESIDUAL_THRESHOLD = 0.86
 #: Largest colour-field residual of a copy (RMS, full scale = 1). On benchmarks/copy_descriptor.py's sets
@@ -165,8 +169,8 @@ def _alignment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def residuals(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, sides_b: np.ndarray,
               mirrored: np.ndarray, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [n] each pair's local grey residual (+inf where the alignment is not a copy's scale) and
-    [n] its colour-field residual, for RGB thumbnails [n, SIDE, SIDE, 3].
+    """float32 [n] each pair's local grey residual (+inf where the alignment is not a copy's scale or an
+    image is under ``MIN_SIDE``) and [n] its colour-field residual, for RGB thumbnails [n, SIDE, SIDE, 3].
 
     ``sides_*``: the shorter side of each original image in pixels (0: no thumbnail, never a copy);
     ``mirrored``: which pairs meet
@@ -183,7 +187,8 @@ def residuals(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, s
         a_grey, b_grey = a @ _LUMA, b @ _LUMA
         theta = _alignment(a_grey, b_grey)
         in_range = ((theta[:, :2] >= COPY_SCALES[0]) & (theta[:, :2] <= COPY_SCALES[1])).all(1)
-        grey[s : s + len(a)] = np.where(in_range & (smaller > 0), _residual(a_grey, b_grey, theta, sigma), np.inf)
+        readable = in_range & (smaller >= MIN_SIDE)
+        grey[s : s + len(a)] = np.where(readable, _residual(a_grey, b_grey, theta, sigma), np.inf)
         colour[s : s + len(a)] = _colour_residual(a, b, theta)
     return grey, colour
 

@@ -33,8 +33,9 @@ from catalog.schemas import (
     EMBEDDINGS_TABLE,
     MODEL_COPY_DESCRIPTORS_TABLE,
     POOL_TABLE,
+    metadata_of,
 )
-from catalog.shards import table_exists
+from catalog.shards import read_schema, shard_urls, table_exists
 from catalog.sql import query
 from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
 from curation.copy_descriptor import NAME as COPY_DESCRIPTOR_NAME
@@ -169,7 +170,20 @@ def descriptor_table(config: DedupConfig) -> str:
 
 def _descriptors(root: str, config: DedupConfig, step: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids sorted, descriptors in their storage dtype) of the images the steps before ``step`` kept."""
+    if config.descriptor == "pixels":
+        check_pixel_descriptors(root)
     return load_rows(root, descriptor_table(config), exclude_ids=_removed_by(root, _reasons_before(config, step)))
+
+
+def check_pixel_descriptors(root: str) -> None:
+    """Refuse ingest's copy descriptors when a shard was made by another version of the pixel descriptor
+    (an older curate): its cosines would be read against this version's thresholds."""
+    made_by = {metadata_of(read_schema(url)).get("descriptor", "unrecorded")
+               for url in shard_urls(root, COPY_DESCRIPTORS_TABLE)}
+    if made_by - {COPY_DESCRIPTOR_NAME}:
+        raise UserError(f"{root}/{COPY_DESCRIPTORS_TABLE} holds descriptors made by {sorted(made_by)}, and this "
+                        f"curate computes {COPY_DESCRIPTOR_NAME!r}: ingest again with `curate ingest SOURCE --catalog "
+                        f"{root} --overwrite` (the later stages then follow), or set descriptor=embeddings")
 
 
 def _pixel_counts(root: str, ids: np.ndarray) -> np.ndarray:

@@ -82,3 +82,18 @@ def test_an_implausible_share_fails_with_the_numbers_and_the_knob(planted, tmp_p
     allowed = run_stage("dedup", root, DedupConfig(threshold=-1.0, check_threshold=None, max_removed_share=1.0), overwrite=True,
                         executor="local")
     assert allowed.summary["removed"]["copy"] == removed
+
+
+def test_descriptors_of_an_earlier_version_are_refused_with_the_remedy(planted, tmp_path):
+    """An older curate's ingest wrote another descriptor: dedup says so instead of thresholding it."""
+    import shutil
+
+    root, _ = planted
+    old = tmp_path / "old_catalog"
+    shutil.copytree(root, old)
+    shard = shard_urls(str(old), "copy_descriptors")[0]
+    table = pq.read_table(shard)
+    meta = {**table.schema.metadata, b"curate.descriptor": b"hog6x6x8+ycc8"}
+    pq.write_table(table.replace_schema_metadata(meta), shard)
+    with pytest.raises(UserError, match=r"made by \['hog6x6x8\+ycc8'\].*curate ingest SOURCE --catalog .* --overwrite"):
+        run_stage("dedup", str(old), DedupConfig(), overwrite=True, executor="local")
