@@ -29,7 +29,7 @@ takes the pairs above ``COPY_THRESHOLD`` as candidates only and confirms each wi
 comparison (`curation.copy_verify`: aligned grey detail, then the colour field). Measured with
 benchmarks/copy_descriptor.py (docs/benchmarks.md) on demo pools of three seeds: precision 1.00 on the
 demo pool's injected copies, on flip/crop/jitter/re-encode variants and on planted look-alike glyphs;
-recall 0.96-1.00, 0.97 and 0.96 on them (coins alone 0.92-0.94: a coin under 24 px is never verified).
+recall 0.96-1.00, 0.97 and 0.98-0.995 on them (coins alone 0.93-1.00).
 For real web copies, use a copy-detection model (``dedup.descriptor=torchscript:PATH``).
 """
 

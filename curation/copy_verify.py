@@ -42,10 +42,12 @@ from curation.dedup import Edges
 SIDE = 32
 #: Scale range of a copy (B's frame in A's, per axis): a crop of ≤ 6 % a side of either image.
 COPY_SCALES = (0.86, 1.17)
-#: Shorter side (pixels) below which an image is never verified as a copy: at 32 px a numeral or a
-#: stroke that tells look-alikes apart is ~6 px, and under 24 px it is a blur the residual cannot read
-#: (a 19 px coin matched coins of other values at 0.83-0.85 on benchmarks/copy_descriptor.py, seed 2).
-MIN_SIDE = 24
+#: Shorter side (pixels) under which a pair is held to ``SMALL_FACTOR`` × the residual threshold: the
+#: blur to the smaller image's resolution also shrinks the residual of a differing detail (at 32 px a
+#: numeral is ~6 px). benchmarks/copy_descriptor.py's glyphs, seeds 0-4, pairs under 24 px: distinct
+#: look-alikes from 0.83 (a 19 px coin against coins of other values), copies 60-85 % under 0.75.
+SMALL_SIDE = 24
+SMALL_FACTOR = 0.87  # 0.86 → 0.75
 #: Largest residual of a copy (grey standard deviations, 3×3 mean; see the module docstring).
 RESIDUAL_THRESHOLD = 0.86
 #: Largest colour-field residual of a copy (RMS, full scale = 1). On benchmarks/copy_descriptor.py's sets
@@ -169,8 +171,8 @@ def _alignment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def residuals(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, sides_b: np.ndarray,
               mirrored: np.ndarray, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [n] each pair's local grey residual (+inf where the alignment is not a copy's scale or an
-    image is under ``MIN_SIDE``) and [n] its colour-field residual, for RGB thumbnails [n, SIDE, SIDE, 3].
+    """float32 [n] each pair's local grey residual (+inf where the alignment is not a copy's scale) and
+    [n] its colour-field residual, for RGB thumbnails [n, SIDE, SIDE, 3].
 
     ``sides_*``: the shorter side of each original image in pixels (0: no thumbnail, never a copy);
     ``mirrored``: which pairs meet
@@ -187,8 +189,7 @@ def residuals(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, s
         a_grey, b_grey = a @ _LUMA, b @ _LUMA
         theta = _alignment(a_grey, b_grey)
         in_range = ((theta[:, :2] >= COPY_SCALES[0]) & (theta[:, :2] <= COPY_SCALES[1])).all(1)
-        readable = in_range & (smaller >= MIN_SIDE)
-        grey[s : s + len(a)] = np.where(readable, _residual(a_grey, b_grey, theta, sigma), np.inf)
+        grey[s : s + len(a)] = np.where(in_range & (smaller > 0), _residual(a_grey, b_grey, theta, sigma), np.inf)
         colour[s : s + len(a)] = _colour_residual(a, b, theta)
     return grey, colour
 
@@ -196,9 +197,11 @@ def residuals(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, s
 def verified(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, sides_b: np.ndarray,
              mirrored: np.ndarray, threshold: float = RESIDUAL_THRESHOLD,
              colour_threshold: float = COLOUR_THRESHOLD) -> np.ndarray:
-    """bool [n]: which candidate pairs are copies."""
+    """bool [n]: which candidate pairs are copies (a pair with an image under ``SMALL_SIDE`` held to
+    ``SMALL_FACTOR`` × ``threshold``)."""
     grey, colour = residuals(thumbs_a, thumbs_b, sides_a, sides_b, mirrored)
-    return (grey < threshold) & (colour < colour_threshold)
+    small = np.minimum(sides_a, sides_b) < SMALL_SIDE
+    return (grey < np.where(small, SMALL_FACTOR * threshold, threshold)) & (colour < colour_threshold)
 
 
 Thumbnails = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]

@@ -71,3 +71,15 @@ def test_an_unreadable_image_is_never_a_copy():
     assert cv.verified(t, t, np.array([64]), np.array([64]), np.array([False]))[0]
     assert cv.residuals(t, t, np.array([64]), np.array([0]), np.array([False]))[0][0] == np.inf
     assert not cv.verified(t, t, np.array([64]), np.array([0]), np.array([False]))[0]
+
+
+def test_a_pair_with_an_image_under_the_small_side_is_held_to_a_stricter_residual(monkeypatch):
+    """Under SMALL_SIDE the blur to the smaller image shrinks a differing detail's residual too."""
+    img = coin("20", 64)
+    a, b = cv.thumbnail(img)[None], cv.thumbnail(img.resize((40, 40), Image.Resampling.BICUBIC))[None]
+    sides, small, straight = np.array([64]), np.array([cv.SMALL_SIDE - 1]), np.array([False])
+    grey, _ = cv.residuals(a, b, sides, small, straight)
+    threshold = float(grey[0]) / 0.95  # above the pair's residual, but not above it × SMALL_FACTOR
+    assert cv.SMALL_FACTOR < 0.95 and not cv.verified(a, b, sides, small, straight, threshold)[0]
+    monkeypatch.setattr(cv, "SMALL_FACTOR", 1.0)
+    assert cv.verified(a, b, sides, small, straight, threshold)[0]
