@@ -1,6 +1,7 @@
 """A growing pool: ``build-lvd`` updating a catalog after the folder gained ``--grow`` (10 %) new images,
-against ``build-lvd`` from scratch on the final folder; per-stage wall time from the run manifests, and how
-much of the curated set the update kept.
+against ``build-lvd`` from scratch on the final folder; per-stage wall time from the run manifests, how
+much of the curated set the update kept, and the concept balance (the demo truth's normalised concept
+entropy) of both curated sets.
 
     python -m benchmarks.incremental --n 1000 --grow 0.1 --out docs/results/incremental.json
 
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from benchmarks.common import report
 
@@ -89,6 +91,16 @@ def _balance(selected: set[int], ids: np.ndarray, concept: np.ndarray) -> float:
 
     picked = np.isin(ids, np.fromiter(selected, np.int64, len(selected)))
     return normalised_entropy(concept[picked], int(concept.max()) + 1)
+
+
+def _file_balance(root: str, source: str, concept_of: dict[str, int]) -> float:
+    """Normalised concept entropy (the demo truth) of the curated set of a catalog built from ``source``."""
+    from catalog.sql import query
+    from curation.synthetic import normalised_entropy
+
+    uris = query(root, "SELECT p.uri FROM curated_lvd c JOIN pool p USING (image_id)").column(0).to_pylist()
+    labels = np.array([concept_of.get(os.path.relpath(u, source), -1) for u in uris])
+    return normalised_entropy(labels[labels >= 0], max(concept_of.values()) + 1)
 
 
 def embeddings_update(args: argparse.Namespace) -> None:
@@ -170,10 +182,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"run": f"update +{n_new} files", "wall_s": update_wall, **{s: update_stages.get(s, 0.0) for s in stages}},
             {"run": f"from scratch, {len(files)} files", "wall_s": scratch_wall, **scratch_stages}]
     drift = results["cluster"].summary.get("drift", {})
+    truth = pq.read_table(os.path.join(work, "gen", "truth", "pool.parquet"), columns=["relpath", "concept"])
+    concept_of = dict(zip(truth.column("relpath").to_pylist(), truth.column("concept").to_pylist()))
+    balance = {"update": _file_balance(updated, src, concept_of),
+               "scratch": _file_balance(os.path.join(work, "scratch"), src, concept_of)}
     extra = {"n": len(files), "new": n_new, "kept_share": len(before & after) / max(1, len(before)),
-             "drift_share": drift.get("share"), "speedup": scratch_wall / update_wall}
+             "drift_share": drift.get("share"), "speedup": scratch_wall / update_wall, "concept_balance": balance}
     report(f"build-lvd: update after +{args.grow:.0%} vs from scratch (demo pool, {len(files)} files); kept "
-           f"{extra['kept_share']:.1%} of the curated set, drift {extra['drift_share']}", rows, args.out, extra)
+           f"{extra['kept_share']:.1%} of the curated set, drift {extra['drift_share']}, concept balance "
+           f"{balance['update']:.3f} (update) vs {balance['scratch']:.3f} (scratch)", rows, args.out, extra)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -17,7 +17,9 @@ checked here, at 32×32 grey:
    one's grey standard deviation, averaged over 3×3 pixels; its maximum over the overlap is the
    pair's residual. A copy differs a little everywhere (re-encoding, resampling); two look-alikes
    differ a lot in one place (the missing stroke, the other numeral). Both thumbnails are blurred to
-   the resolution of the smaller image first, so a 20-pixel copy is not held to 32-pixel detail.
+   the resolution of the smaller image first, so a 20-pixel copy is not held to 32-pixel detail; the
+   blur shrinks a look-alike's residual too, so a pair with an image under ``SMALL_SIDE`` is held to
+   a stricter one.
 4. **colour field**: the same alignment applied to the colour thumbnails, then the best global
    affine colour map from B to A (brightness, contrast, saturation and white balance are global and
    linear); what it leaves, low-passed, is a difference in the slowly varying colour and lighting

@@ -44,6 +44,8 @@ from curation.copy_descriptor import copy_descriptor, mirror
 from curation.copy_verify import COLOUR_THRESHOLD as CHECK_COLOUR_THRESHOLD
 from curation.copy_verify import RESIDUAL_THRESHOLD as CHECK_THRESHOLD
 from curation.copy_verify import SIDE as CHECK_SIDE
+from curation.copy_verify import SMALL_FACTOR as CHECK_SMALL_FACTOR
+from curation.copy_verify import SMALL_SIDE as CHECK_SMALL_SIDE
 from curation.copy_verify import edge_check, thumbnail
 from curation.dedup import (
     COPY_K,
@@ -260,7 +262,8 @@ def graph_key(root: str, config: DedupConfig) -> str:
     model = config.model()
     identity = (embedding_metadata(root) if config.descriptor == "embeddings" else
                 model.model_id if model is not None else COPY_DESCRIPTOR_NAME)
-    check = (config.check_threshold, CHECK_COLOUR_THRESHOLD) if config.descriptor == "pixels" else None
+    check = ((config.check_threshold, CHECK_COLOUR_THRESHOLD, CHECK_SMALL_SIDE, CHECK_SMALL_FACTOR)
+             if config.descriptor == "pixels" else None)
     return fingerprint(identity, config.k, config.copy_threshold(), check, config.seed)
 
 
