@@ -177,6 +177,36 @@ def _add_in_batches(index: faiss.Index, x: np.ndarray) -> None:
         index.add(block)
 
 
+def _fill_fp16_lists(index: faiss.IndexIVFScalarQuantizer, x: np.ndarray) -> None:
+    """Add rows 0..N-1 of ``x`` to an empty CPU IVF index with float16 codes of the rows themselves
+    (``by_residual=False``), each inverted list allocated once at its final size.
+
+    faiss's ``add`` appends to every list's vector, which grows by doubling: at 3×10⁵ × 384 the lists
+    took 315 MB for 220 MB of codes. Here a first pass assigns every row to its list (the search
+    ``add`` does), the lists are sized from the counts, and a second pass writes each block's codes
+    in place, rows in order within a list: the same index, byte for byte, without the slack."""
+    lists = np.empty(len(x), np.int64)
+    for start, block in zip(range(0, len(x), ADD_BATCH), _blocks(x)):
+        lists[start : start + len(block)] = index.quantizer.search(block, 1)[1][:, 0]
+    counts = np.bincount(lists, minlength=index.nlist)
+    inverted = faiss.downcast_InvertedLists(index.invlists)
+    for list_no in np.flatnonzero(counts):
+        inverted.resize(int(list_no), int(counts[list_no]))
+    filled = np.zeros(index.nlist, np.int64)
+    for start in range(0, len(x), ADD_BATCH):
+        block_lists = lists[start : start + ADD_BATCH]
+        order = np.argsort(block_lists, kind="stable")
+        codes = np.ascontiguousarray(x[start : start + ADD_BATCH][order], dtype=np.float16).view(np.uint8)
+        labels = start + order
+        cuts = np.flatnonzero(np.diff(block_lists[order])) + 1
+        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
+            list_no = int(block_lists[order[lo]])
+            inverted.update_entries(list_no, int(filled[list_no]), int(hi - lo), faiss.swig_ptr(labels[lo:hi]),
+                                    faiss.swig_ptr(codes[lo:hi]))
+            filled[list_no] += hi - lo
+    index.ntotal = len(x)
+
+
 def _tune_nprobe(
     index: faiss.Index, nlist: int, q: np.ndarray, truth: np.ndarray, target: float, on_gpu: bool
 ) -> tuple[int, float]:
@@ -249,7 +279,10 @@ def build_index(
     n_train = min(n - min(N_TUNE_QUERIES, n // 10), TRAIN_POINTS_PER_LIST * nlist)
     train_rows = np.sort(rng.choice(n, size=n_train, replace=False))
     index.train(_f32(x[train_rows]))
-    _add_in_batches(index, x)
+    if params["kind"] == "ivf_fp16" and not on_gpu:
+        _fill_fp16_lists(index, x)
+    else:
+        _add_in_batches(index, x)
 
     # Held out from training so the recall estimate is not flattered by centroids fit to the queries;
     # they are still pool rows (find themselves), as in the self-kNN graph of dedup.
