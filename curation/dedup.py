@@ -296,7 +296,9 @@ class DedupResult:
 
 
 def _rowwise_cosine(x: np.ndarray, a: np.ndarray, b: np.ndarray, mirror: Mirror | None = None,
-                    batch: int = 65_536) -> np.ndarray:
+                    batch: int = 8_192) -> np.ndarray:
+    """cos(x[a_i], x[b_i]) (the better of straight and mirrored with ``mirror``), ``batch`` pairs at a
+    time: two float32 blocks of 65,536 pairs were ~250 MB at 384-d, the peak of a dedup at 3×10⁵ rows."""
     out = np.empty(len(a), dtype=np.float32)
     for s in range(0, len(a), batch):
         xa = np.asarray(x[a[s : s + batch]], dtype=np.float32)
