@@ -196,7 +196,9 @@ def _fill_fp16_lists(index: faiss.IndexIVFScalarQuantizer, x: np.ndarray) -> Non
     for start in range(0, len(x), ADD_BATCH):
         block_lists = lists[start : start + ADD_BATCH]
         order = np.argsort(block_lists, kind="stable")
-        codes = np.ascontiguousarray(x[start : start + ADD_BATCH][order], dtype=np.float16).view(np.uint8)
+        rows = np.ascontiguousarray(x[start : start + ADD_BATCH][order])
+        # float16 rows are their own codes; others take faiss's rounding (which breaks ties unlike numpy's)
+        codes = rows.view(np.uint8) if rows.dtype == np.float16 else index.sq.compute_codes(_f32(rows))
         labels = start + order
         cuts = np.flatnonzero(np.diff(block_lists[order])) + 1
         for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):

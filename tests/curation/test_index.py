@@ -109,11 +109,11 @@ def test_presized_float16_lists_are_the_index_faiss_add_builds():
     gives the same index byte for byte (lists, order within them, labels)."""
     import faiss
 
-    x = clustered(30_000, d=48, seed=7).astype(np.float16)
-    built = build_index(x, exact_max=1_000, seed=0, use_gpu=False)
-    assert built.params["kind"] == "ivf_fp16"
-    reference = faiss.deserialize_index(faiss.serialize_index(built.index))
-    reference.reset()  # the same quantiser, empty lists
-    for start in range(0, len(x), 4096):  # faiss's add, in other batches than build_index's
-        reference.add(np.ascontiguousarray(x[start : start + 4096], np.float32))
-    np.testing.assert_array_equal(faiss.serialize_index(built.index), faiss.serialize_index(reference))
+    for x in (clustered(30_000, d=48, seed=7).astype(np.float16), clustered(30_000, d=48, seed=8)):  # and float32
+        built = build_index(x, exact_max=1_000, seed=0, use_gpu=False)
+        assert built.params["kind"] == "ivf_fp16"
+        reference = faiss.deserialize_index(faiss.serialize_index(built.index))
+        reference.reset()  # the same quantiser, empty lists
+        for start in range(0, len(x), 4096):  # faiss's add, in other batches than build_index's
+            reference.add(np.ascontiguousarray(x[start : start + 4096], np.float32))
+        np.testing.assert_array_equal(faiss.serialize_index(built.index), faiss.serialize_index(reference))
