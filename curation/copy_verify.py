@@ -56,6 +56,8 @@ RESIDUAL_THRESHOLD = 0.86
 #: of seeds 0 and 1, the edges that pass the grey check: copies at most 0.037 (99 % under 0.023; 30 of
 #: ~25,000 above this), distinct images 0.029 and up (56; stripes in another phase, one scene's crops).
 COLOUR_THRESHOLD = 0.028
+#: What a check's verdicts depend on besides the residual threshold (part of a kept copy graph's key).
+FIXED_SETTINGS = (COLOUR_THRESHOLD, SMALL_SIDE, SMALL_FACTOR)
 
 _FIT_SCALES = (0.7, 1.45)  # wide enough that a look-alike's scale is found, not clipped into range
 _FIT_SHIFT = 0.25  # frame half-widths
@@ -197,13 +199,12 @@ def residuals(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, s
 
 
 def verified(thumbs_a: np.ndarray, thumbs_b: np.ndarray, sides_a: np.ndarray, sides_b: np.ndarray,
-             mirrored: np.ndarray, threshold: float = RESIDUAL_THRESHOLD,
-             colour_threshold: float = COLOUR_THRESHOLD) -> np.ndarray:
+             mirrored: np.ndarray, threshold: float = RESIDUAL_THRESHOLD) -> np.ndarray:
     """bool [n]: which candidate pairs are copies (a pair with an image under ``SMALL_SIDE`` held to
     ``SMALL_FACTOR`` × ``threshold``)."""
     grey, colour = residuals(thumbs_a, thumbs_b, sides_a, sides_b, mirrored)
     small = np.minimum(sides_a, sides_b) < SMALL_SIDE
-    return (grey < np.where(small, SMALL_FACTOR * threshold, threshold)) & (colour < colour_threshold)
+    return (grey < np.where(small, SMALL_FACTOR * threshold, threshold)) & (colour < COLOUR_THRESHOLD)
 
 
 Thumbnails = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]

@@ -232,16 +232,15 @@ def _item_bytes(item: dict[str, Any]) -> bytes:
     rng = np.random.default_rng([item["instance_seed"], 1])
     kind = item["kind"]
     if kind == "broken":
-        data = _broken_bytes(item["detail"], img, rng)
+        return _broken_bytes(item["detail"], img, rng)
     elif kind == "awkward":
-        data = _awkward_bytes(item["detail"], img, mask, rng)
+        return _awkward_bytes(item["detail"], img, mask, rng)
     elif kind == "near_duplicate":
-        data = _near_duplicate_bytes(img, item, np.random.default_rng(item["transform_seed"]))
+        return _near_duplicate_bytes(img, item, np.random.default_rng(item["transform_seed"]))
     elif kind == "low_quality":
-        data = _low_quality_bytes(item["detail"], img, rng)
+        return _low_quality_bytes(item["detail"], img, rng)
     else:
-        data = _encode(img, item["fmt"], item["quality"])
-    return data
+        return _encode(img, item["fmt"], item["quality"])
 
 
 def injected_copy_groups(groups: int, seed: int = 0, n: int = 10_000) -> tuple[list[bytes], np.ndarray]:

@@ -35,17 +35,15 @@ from catalog.schemas import (
     POOL_TABLE,
     metadata_of,
 )
-from catalog.shards import read_schema, shard_urls, table_exists
+from catalog.shards import check_shards, table_exists
 from catalog.sql import query
 from curation.copy_descriptor import COPY_THRESHOLD as PIXEL_COPY_THRESHOLD
 from curation.copy_descriptor import NAME as COPY_DESCRIPTOR_NAME
 from curation.copy_descriptor import RELATIVE_THRESHOLD as PIXEL_RELATIVE_THRESHOLD
 from curation.copy_descriptor import copy_descriptor, mirror
-from curation.copy_verify import COLOUR_THRESHOLD as CHECK_COLOUR_THRESHOLD
+from curation.copy_verify import FIXED_SETTINGS as CHECK_FIXED_SETTINGS
 from curation.copy_verify import RESIDUAL_THRESHOLD as CHECK_THRESHOLD
 from curation.copy_verify import SIDE as CHECK_SIDE
-from curation.copy_verify import SMALL_FACTOR as CHECK_SMALL_FACTOR
-from curation.copy_verify import SMALL_SIDE as CHECK_SMALL_SIDE
 from curation.copy_verify import edge_check, thumbnail
 from curation.dedup import (
     COPY_K,
@@ -180,8 +178,8 @@ def _descriptors(root: str, config: DedupConfig, step: str) -> tuple[np.ndarray,
 def check_pixel_descriptors(root: str) -> None:
     """Refuse ingest's copy descriptors when a shard was made by another version of the pixel descriptor
     (an older curate): its cosines would be read against this version's thresholds."""
-    made_by = {metadata_of(read_schema(url)).get("descriptor", "unrecorded")
-               for url in shard_urls(root, COPY_DESCRIPTORS_TABLE)}
+    made_by = {metadata_of(schema).get("descriptor", "unrecorded")
+               for schema in check_shards(root, COPY_DESCRIPTORS_TABLE).values()}
     if made_by - {COPY_DESCRIPTOR_NAME}:
         raise UserError(f"{root}/{COPY_DESCRIPTORS_TABLE} holds descriptors made by {sorted(made_by)}, and this "
                         f"curate computes {COPY_DESCRIPTOR_NAME!r}: ingest again with `curate ingest SOURCE --catalog "
@@ -262,8 +260,7 @@ def graph_key(root: str, config: DedupConfig) -> str:
     model = config.model()
     identity = (embedding_metadata(root) if config.descriptor == "embeddings" else
                 model.model_id if model is not None else COPY_DESCRIPTOR_NAME)
-    check = ((config.check_threshold, CHECK_COLOUR_THRESHOLD, CHECK_SMALL_SIDE, CHECK_SMALL_FACTOR)
-             if config.descriptor == "pixels" else None)
+    check = (config.check_threshold, *CHECK_FIXED_SETTINGS) if config.descriptor == "pixels" else None
     return fingerprint(identity, config.k, config.copy_threshold(), check, config.seed)
 
 
