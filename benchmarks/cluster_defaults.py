@@ -6,7 +6,9 @@ Each row runs the cluster stage exactly as ``curate cluster --embeddings X.npy -
 [--levels L]`` does (the CLI's config loading, a fresh catalog, default levels), then the sample
 stage with ``--target-size`` = ``--frac`` × rows, and scores the sample's normalised concept entropy
 against the pool generator's truth (`benchmarks.long_tail_pool`). Wall and CPU seconds are the whole
-stage; per level, the wall time comes from when each level's last checkpoint was written.
+stage; per level, the wall time comes from when each level's last checkpoint was written. "entropy by
+cut" is the entropy of a balanced sample of the same size from the same hierarchy cut at level 1, 2, …:
+where a level gains or loses balance.
 ``--set key=value`` changes a knob for every row (the row then names it).
 """
 
@@ -25,6 +27,7 @@ from benchmarks.common import report
 from benchmarks.long_tail_pool import write_pool
 from catalog.config import load_config
 from catalog.shards import read_table
+from curation.sampling import balanced_sample
 from curation.synthetic import normalised_entropy
 from pipelines.stage import run_stage
 from pipelines.stages.cluster import ClusterConfig, level_specs
@@ -59,8 +62,19 @@ def run_row(paths: dict[str, str], n_levels: int, overrides: list[str], frac: fl
             "k": "/".join(str(k) for k in result.summary["levels"]), "wall_s": wall, "cpu_s": cpu,
             "level_wall_s": "/".join(f"{w:.0f}" for w in walls),
             "entropy": normalised_entropy(concepts[picked], int(concepts.max()) + 1),
+            "entropy_by_cut": entropy_by_cut(root, concepts, n_levels, round(frac * n)),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "load_1min": os.getloadavg()[0]}
+
+
+def entropy_by_cut(root: str, concepts: np.ndarray, n_levels: int, target: int) -> str:
+    """Concept entropy of a ``target``-row balanced sample with the hierarchy cut at each level in turn."""
+    table = read_table(root, "clusters", columns=["image_id", *(f"l{t}" for t in range(1, n_levels + 1))])
+    truth = concepts[table.column("image_id").to_numpy()]
+    labels = np.stack([table.column(f"l{t}").to_numpy() for t in range(1, n_levels + 1)], axis=1)
+    cuts = [normalised_entropy(truth[balanced_sample(labels[:, :top], target)], int(concepts.max()) + 1)
+            for top in range(1, n_levels + 1)]
+    return "/".join(f"{e:.3f}" for e in cuts)
 
 
 def level1_shape(config: ClusterConfig, rows: int, dim: int) -> str:

@@ -2,6 +2,11 @@
 
 Written under ``<catalog>/ablations/<name>/`` as ``results.json`` (every value of every seed),
 ``results.md`` (the table) and ``results.png`` (one bar chart per evaluation, error bars one std).
+
+Beside it, every arm against a baseline arm (``raw`` when there is one), *paired by seed*: a seed's arms
+start from the same teacher and are scored on the same images, so what those share (the start, the
+hard images of the evaluation set) cancels in the per-seed difference. Its spread, not the two arms'
+spreads side by side, says whether one arm beats another.
 """
 
 from __future__ import annotations
@@ -28,8 +33,35 @@ def _stats(values: list[float]) -> dict:
             "values": values}
 
 
-def summarise(name: str, scores: list[dict], arms: list[str], metrics: list[str]) -> dict:
-    """The table from every run's ``scores.json``: per arm and metric the seeds' values, mean and std."""
+def _trained(arms: list[str], mechanics: dict) -> list[str]:
+    """The arms that saw images (not the untrained reference row)."""
+    return [a for a in arms if any(mechanics[a]["images_seen"])]
+
+
+def baseline_arm(arms: list[str], mechanics: dict, reference: str = "raw") -> str:
+    """The arm the others are compared with: ``reference`` when it is a trained arm, else the first one."""
+    trained = _trained(arms, mechanics)
+    return reference if reference in trained else (trained or arms)[0]
+
+
+def paired(table: dict, mechanics: dict, arms: list[str], metrics: list[str], baseline: str) -> dict:
+    """Per trained arm but the baseline, and metric: the per-seed differences arm − baseline, mean and std."""
+    seeds = mechanics[baseline]["seeds"]
+    out = {}
+    for arm in _trained(arms, mechanics):
+        if arm == baseline:
+            continue
+        if mechanics[arm]["seeds"] != seeds:
+            raise ValueError(f"arm {arm!r} ran seeds {mechanics[arm]['seeds']}, {baseline!r} ran {seeds}: "
+                             "a paired comparison needs the same seeds")
+        out[arm] = {m: _stats([a - b for a, b in zip(table[arm][m]["values"], table[baseline][m]["values"])])
+                    for m in metrics}
+    return out
+
+
+def summarise(name: str, scores: list[dict], arms: list[str], metrics: list[str], reference: str = "raw") -> dict:
+    """The table from every run's ``scores.json``: per arm and metric the seeds' values, mean and std;
+    and each arm against the baseline (`baseline_arm` of ``reference``), paired by seed."""
     table, mechanics = {}, {}
     for arm in arms:
         runs = sorted((s for s in scores if s["arm"] == arm), key=lambda s: s["seed"])
@@ -45,7 +77,9 @@ def summarise(name: str, scores: list[dict], arms: list[str], metrics: list[str]
             "homogeneous_steps": homogeneous, "parts": runs[0]["plan"]["parts"],
             "train_seconds": [r["train_seconds"] for r in runs],
         }
-    return {"name": name, "arms": arms, "metrics": metrics, "table": table, "mechanics": mechanics}
+    baseline = baseline_arm(arms, mechanics, reference)
+    return {"name": name, "arms": arms, "metrics": metrics, "table": table, "mechanics": mechanics,
+            "baseline": baseline, "paired": paired(table, mechanics, arms, metrics, baseline)}
 
 
 def _cell(stats: dict, best: bool) -> str:
@@ -75,6 +109,25 @@ def markdown(summary: dict) -> str:
                                                for p in summary["mechanics"][arm]["parts"])
                                     or "none (the teacher every arm starts from, before step 0)") for arm in arms)
     lines.append(f"Parts (images): {parts}.")
+    return "\n".join(lines) + "\n" + _paired_markdown(summary)
+
+
+def _paired_markdown(summary: dict) -> str:
+    """Each arm minus the baseline, seed by seed, in points; bold where the mean is beyond one std."""
+    metrics, baseline, diffs = summary["metrics"], summary["baseline"], summary["paired"]
+    if not diffs or len(summary["mechanics"][baseline]["seeds"]) < 2:
+        return ""
+    head = [f"arm − {baseline}", *(LABELS.get(m, m) for m in metrics)]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, row in diffs.items():
+        cells = []
+        for m in metrics:
+            mean, std = 100 * row[m]["mean"], 100 * row[m]["std"]
+            text = f"{mean:+.1f} ± {std:.1f}"
+            cells.append(f"**{text}**" if abs(mean) > std else text)
+        lines.append("| " + " | ".join([arm, *cells]) + " |")
+    lines.append(f"\nPaired by seed: mean ± std over seeds of (arm − {baseline}), in points; the seeds' arms start "
+                 "from the same teacher and are scored on the same images. Bold: the mean is beyond one std.")
     return "\n".join(lines) + "\n"
 
 

@@ -105,3 +105,26 @@ def test_the_table_is_mean_and_sample_std_over_seeds():
         assert png.format == "PNG"
     with pytest.raises(ValueError, match="no finished run"):
         summarise("t", runs, ["raw", "mix"], ["knn"])
+
+
+def test_arms_are_compared_with_raw_seed_by_seed():
+    """The paired difference cancels what a seed shares: lvd is 2 points above raw on every seed, while
+    each arm's own spread over seeds (10 points) hides it side by side."""
+    raw = [0.40, 0.50, 0.60]
+    runs = [_scores("raw", s, v, v, None) for s, v in enumerate(raw)]
+    runs += [_scores("lvd", s, v + 0.02, v + [0.01, 0.02, 0.03][s], None) for s, v in enumerate(raw)]
+    untrained = [{**_scores("untrained", s, 0.05, 0.05, None), "images_seen": 0} for s in range(3)]
+    summary = summarise("t", untrained + runs, ["untrained", "lvd", "raw"], ["knn", "knn_tail"])
+    assert summary["baseline"] == "raw" and list(summary["paired"]) == ["lvd"]
+    knn, tail = summary["paired"]["lvd"]["knn"], summary["paired"]["lvd"]["knn_tail"]
+    assert knn["values"] == pytest.approx([0.02] * 3) and knn["std"] == pytest.approx(0.0, abs=1e-12)
+    assert tail["mean"] == pytest.approx(0.02) and tail["std"] == pytest.approx(0.01)
+    assert summary["table"]["lvd"]["knn"]["std"] == pytest.approx(0.10)
+    text = markdown({**summary, "part_sizes": {}})
+    assert "| arm − raw | k-NN | k-NN tail |" in text
+    assert "| lvd | **+2.0 ± 0.0** | **+2.0 ± 1.0** |" in text
+    # without a raw arm the first trained arm is the baseline, never the untrained row
+    no_raw = summarise("t", untrained + [r for r in runs if r["arm"] == "lvd"], ["untrained", "lvd"], ["knn"])
+    assert no_raw["baseline"] == "lvd" and no_raw["paired"] == {}
+    with pytest.raises(ValueError, match="same seeds"):
+        summarise("t", runs[:2] + runs[3:], ["raw", "lvd"], ["knn"])
