@@ -128,3 +128,21 @@ def test_arms_are_compared_with_raw_seed_by_seed():
     assert no_raw["baseline"] == "lvd" and no_raw["paired"] == {}
     with pytest.raises(ValueError, match="same seeds"):
         summarise("t", runs[:2] + runs[3:], ["raw", "lvd"], ["knn"])
+
+
+def test_ablations_on_other_seeds_pool_into_one_table():
+    from benchmarks.ablation_seeds import pooled
+
+    runs = [_scores(arm, s, 0.4 + 0.01 * s + (0.03 if arm == "lvd" else 0.0), 0.3 + 0.02 * s, None)
+            for arm in ("raw", "lvd") for s in range(6)]
+
+    def results(seeds: range) -> dict:
+        return {**summarise("t", [r for r in runs if r["seed"] in seeds], ["raw", "lvd"], ["knn", "knn_tail"]),
+                "steps": 10}
+
+    together = pooled([results(range(3)), results(range(3, 6))])
+    alone = summarise("t", runs, ["raw", "lvd"], ["knn", "knn_tail"])
+    assert together["table"] == alone["table"] and together["paired"] == alone["paired"]
+    assert together["paired"]["lvd"]["knn"]["mean"] == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="two ablations"):
+        pooled([results(range(3)), results(range(2, 6))])
