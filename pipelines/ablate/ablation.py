@@ -20,7 +20,7 @@ import torch
 from catalog.config import ConfigError, to_dict
 from catalog.manifest import fingerprint
 from catalog.paths import exists, join, read_bytes, write_bytes_atomic
-from pipelines.ablate.arms import build_parts, data_overrides, fill, part_sources
+from pipelines.ablate.arms import build_parts, data_overrides, fill, part_sources, parts_in_place
 from pipelines.ablate.config import UNTRAINED, AblationConfig
 from pipelines.ablate.runs import (
     Run,
@@ -84,6 +84,13 @@ def prepare(root: str, config_file: str, config: AblationConfig, address: str | 
             raise ConfigError(f"ablation {config.name!r} in {folder} was started with another ablation config or "
                              "recipe: rerun it with the same settings, choose another --name, or delete the folder")
         sizes = doc["parts"]
+        if not parts_in_place(root, sizes):  # another ablation's parts replaced them since
+            print("== ablate: its parts were replaced by another ablation's: building them again ==", flush=True)
+            rebuilt = build_parts(root, part_sources(config.arms, root), address)
+            if rebuilt != sizes:
+                raise ConfigError(f"ablation {config.name!r}: its parts rebuilt from this catalog hold {rebuilt} "
+                                  f"images, its runs trained on {sizes}: the catalog changed since; choose "
+                                  "another --name, or delete the folder")
     else:
         sizes = build_parts(root, part_sources(config.arms, root), address)
         doc = {**planned, "fingerprint": fingerprint(planned), "config_file": config_file, "parts": sizes}

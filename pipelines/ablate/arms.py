@@ -11,7 +11,7 @@ from typing import Any
 from catalog.config import ConfigError
 from catalog.ledger import LedgerPlanError
 from catalog.schemas import RETRIEVED_TABLE, curated_table
-from catalog.shards import table_exists
+from catalog.shards import shard_rows, shard_urls, table_exists
 from catalog.sql import query
 from catalog.tables import describe
 from pipelines.ablate.config import ArmSpec
@@ -81,6 +81,16 @@ def build_parts(root: str, sources: dict[str, str], address: str | None = None) 
             raise ConfigError(f"part {name!r} ({source}) is empty: an arm cannot train on it")
         print(f"part {name:>20}: {sizes[name]:>8} images ({source})", flush=True)
     return sizes
+
+
+def parts_in_place(root: str, sizes: dict[str, int]) -> bool:
+    """Whether every part of a plan is still ``curated/<name>`` with its planned size (an ablation with
+    other parts replaces them; see `build_parts`)."""
+    for name, size in sizes.items():
+        urls = shard_urls(root, curated_table(name))
+        if not urls or sum(shard_rows(u) for u in urls) != size:
+            return False
+    return True
 
 
 def data_overrides(root: str, spec: ArmSpec, sizes: dict[str, int]) -> list[str]:

@@ -17,6 +17,7 @@ from PIL import Image
 from catalog.config import to_dict
 from catalog.manifest import list_manifests
 from catalog.sql import query
+from pipelines.ablate.arms import parts_in_place
 from pipelines.ablate.runs import SCORES_FILE, run_dir
 from tests.helpers import kill_when, run_cli
 from training.data.mixing import step_kind
@@ -155,3 +156,15 @@ def test_a_killed_ablation_resumes_the_unfinished_arm_only(quick):
     assert _finished(clustering)["notes"]["resumed_from"] >= 2  # from its checkpoint, not from scratch
     assert [m["step"] for m in read_metrics(clustering)] == list(range(6))
     assert _finished(clustering)["rows"]["images_seen"] == _finished(raw)["rows"]["images_seen"]
+
+
+def test_an_ablation_rebuilds_its_parts_after_another_replaced_them(quick):
+    root, _, _ = quick
+    other = ["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--quick", "--name", "other", "--only", "prepare",
+             "--set", "arms={lvd-only: {parts: {lvd: {source: lvd}}}}"]
+    assert run_cli(other).returncode == 0
+    sizes = json.loads(_text(root, "ablations", "quick", "plan.json"))["parts"]
+    assert not parts_in_place(root, sizes)  # the other ablation's parts replaced the quick one's
+    again = run_cli(["ablate", "--catalog", root, "--config", DEMO_CONFIG, "--quick", "--only", "prepare"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "building them again" in again.stdout and parts_in_place(root, sizes)
