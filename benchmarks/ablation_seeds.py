@@ -12,32 +12,36 @@ table and the paired differences against ``raw`` exactly as ``curate ablate`` wr
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
+import os
 
+from pipelines.ablate.runs import SCORES_FILE
 from pipelines.ablate.table import markdown, summarise
 
 
-def runs_of(results: dict) -> list[dict]:
-    """The per-run score documents behind one ``results.json`` (what `summarise` reads)."""
-    runs = []
-    for arm in results["arms"]:
-        mech = results["mechanics"][arm]
-        for i, seed in enumerate(mech["seeds"]):
-            runs.append({"arm": arm, "seed": seed, "steps": mech["steps"][i], "images_seen": mech["images_seen"][i],
-                         "homogeneous_steps": mech["homogeneous_steps"][i], "train_seconds": mech["train_seconds"][i],
-                         "plan": {"parts": mech["parts"], "p_homogeneous": mech["p_homogeneous"]},
-                         "scores": {m: results["table"][arm][m]["values"][i] for m in results["metrics"]}})
-    return runs
+def runs_of(results_json: str) -> list[dict]:
+    """Every run's ``scores.json`` beside an ablation's ``results.json`` (what `summarise` read for it)."""
+    folder = os.path.dirname(results_json)
+    found = []
+    for path in sorted(glob.glob(os.path.join(folder, "*", "seed*", SCORES_FILE))):
+        with open(path) as f:
+            found.append(json.load(f))
+    return found
 
 
-def pooled(documents: list[dict]) -> dict:
-    """One summary over the runs of every document (same arms, metrics and steps; distinct seeds)."""
+def pooled(results_jsons: list[str]) -> dict:
+    """One summary over the runs of every ablation (same arms, metrics and steps; distinct seeds)."""
+    documents = []
+    for path in results_jsons:
+        with open(path) as f:
+            documents.append(json.load(f))
     first = documents[0]
     for doc in documents[1:]:
         if (doc["arms"], doc["metrics"], doc["steps"]) != (first["arms"], first["metrics"], first["steps"]):
             raise ValueError("the ablations differ in arms, evaluations or steps: their seeds do not pool")
-    runs = [r for doc in documents for r in runs_of(doc)]
+    runs = [r for path in results_jsons for r in runs_of(path)]
     seeds = [(r["arm"], r["seed"]) for r in runs]
     if len(set(seeds)) != len(seeds):
         raise ValueError("a seed of an arm appears in two ablations")
@@ -56,11 +60,7 @@ def main() -> None:
     p.add_argument("results", nargs="+", help="results.json of each ablation")
     p.add_argument("--out", default="")
     a = p.parse_args()
-    documents = []
-    for path in a.results:
-        with open(path) as f:
-            documents.append(json.load(f))
-    summary = pooled(documents)
+    summary = pooled(a.results)
     errors = standard_errors(summary)
     print(markdown(summary))
     for arm, row in errors.items():

@@ -4,6 +4,7 @@ schedule, and the table (mean ± std against numpy, Markdown, the chart)."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -130,19 +131,26 @@ def test_arms_are_compared_with_raw_seed_by_seed():
         summarise("t", runs[:2] + runs[3:], ["raw", "lvd"], ["knn"])
 
 
-def test_ablations_on_other_seeds_pool_into_one_table():
+def test_ablations_on_other_seeds_pool_into_one_table(tmp_path):
     from benchmarks.ablation_seeds import pooled
 
     runs = [_scores(arm, s, 0.4 + 0.01 * s + (0.03 if arm == "lvd" else 0.0), 0.3 + 0.02 * s, None)
             for arm in ("raw", "lvd") for s in range(6)]
 
-    def results(seeds: range) -> dict:
-        return {**summarise("t", [r for r in runs if r["seed"] in seeds], ["raw", "lvd"], ["knn", "knn_tail"]),
-                "steps": 10}
+    def results(name: str, seeds: range) -> str:
+        """An ablation folder as `curate ablate` leaves it: each run's scores.json, then results.json."""
+        mine = [r for r in runs if r["seed"] in seeds]
+        for r in mine:
+            (tmp_path / name / r["arm"] / f"seed{r['seed']}").mkdir(parents=True)
+            (tmp_path / name / r["arm"] / f"seed{r['seed']}" / "scores.json").write_text(json.dumps(r))
+        summary = {**summarise(name, mine, ["raw", "lvd"], ["knn", "knn_tail"]), "steps": 10}
+        (tmp_path / name / "results.json").write_text(json.dumps(summary))
+        return str(tmp_path / name / "results.json")
 
-    together = pooled([results(range(3)), results(range(3, 6))])
+    first, second = results("a", range(3)), results("b", range(3, 6))
+    together = pooled([first, second])
     alone = summarise("t", runs, ["raw", "lvd"], ["knn", "knn_tail"])
     assert together["table"] == alone["table"] and together["paired"] == alone["paired"]
     assert together["paired"]["lvd"]["knn"]["mean"] == pytest.approx(0.03)
     with pytest.raises(ValueError, match="two ablations"):
-        pooled([results(range(3)), results(range(2, 6))])
+        pooled([first, results("c", range(2, 6))])
