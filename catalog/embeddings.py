@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -158,34 +159,79 @@ def load_ids(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray |
     return np.sort(ids[kept_mask(ids, exclude_ids)])
 
 
+@dataclass(frozen=True)
+class RowStream:
+    """The rows `load_rows` returns (row r is the vector of ``ids[r]``), read from the table batch by batch
+    each time they are asked for and never held: for a stage that keeps them elsewhere, as dedup's index
+    keeps them in its lists, and so needs no copy of its own. 12 bytes a row (the ids, and the row of
+    each table row in read order)."""
+
+    root: str
+    table: str
+    dim: int
+    dtype: np.dtype
+    ids: np.ndarray  # int64 [N], sorted
+    dest: np.ndarray  # int32 [table rows], in read order: its row, or -1 where excluded
+    batch_rows: int = 16_384
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.ids), self.dim
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, vectors)`` of each record batch's kept rows, in the table's read order."""
+        at = 0
+        for batch in iter_batches(self.root, self.table, ["embedding"], batch_rows=self.batch_rows):
+            rows = self.dest[at : at + batch.num_rows]
+            kept = rows >= 0
+            yield rows[kept].astype(np.int64), to_numpy(batch.column(0), self.dim)[kept]
+            at += batch.num_rows
+        if at != len(self.dest):
+            raise UserError(f"{self.root}/{self.table} changed while it was read ({len(self.dest)} ids, "
+                            f"then {at} vectors)")
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed decode buffers otherwise
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of ``rows`` (sorted, unique), in one pass over the table."""
+        out = np.empty((len(rows), self.dim), self.dtype)
+        for got, vectors in self.batches():
+            at = np.minimum(np.searchsorted(rows, got), max(len(rows) - 1, 0))
+            hit = (rows[at] == got) if len(rows) else np.zeros(len(got), bool)
+            out[at[hit]] = vectors[hit]
+        return out
+
+    def load(self) -> np.ndarray:
+        """Every row in memory, each record batch written straight to its rows."""
+        x = np.empty(self.shape, self.dtype)
+        for rows, vectors in self.batches():
+            x[rows] = vectors
+        return x
+
+
+def row_stream(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray | None = None,
+               batch_rows: int = 16_384) -> RowStream:
+    """The kept rows of ``table`` in id order, as a `RowStream` (only the ids are read here)."""
+    dim, dtype, ids = _table_ids(root, table)
+    keep = kept_mask(ids, exclude_ids)
+    order = np.argsort(ids[keep], kind="stable")
+    dest = np.full(len(ids), -1, np.int32)
+    dest[np.flatnonzero(keep)[order]] = np.arange(len(order), dtype=np.int32)
+    return RowStream(root, table, dim, np.dtype(dtype), ids[keep][order], dest, batch_rows)
+
+
 def load_rows(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray | None = None,
               batch_rows: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """``(image_ids [N] sorted, x [N, dim])`` in the table's storage dtype (float16 as embed writes it),
     without the rows of ``exclude_ids``: the one in-memory copy dedup, cluster and retrieve work from.
 
     The ids are read first, so the kept rows' places in id order are known before any vector is; each
-    record batch of ``batch_rows`` is then written straight to its rows. Memory is the output plus
-    ~40 bytes per row while loading (ids, their places) and one batch: no float32 copy, no per-shard list to
-    concatenate, no filtered or sorted second copy. The row order depends on the ids only, never on
-    the shard layout.
+    record batch of ``batch_rows`` is then written straight to its rows (`RowStream.load`). Memory is the
+    output plus ~20 bytes per row while loading (ids, their places) and one batch: no float32 copy, no
+    per-shard list to concatenate, no filtered or sorted second copy. The row order depends on the ids
+    only, never on the shard layout.
     """
-    dim, dtype, ids = _table_ids(root, table)
-    keep = kept_mask(ids, exclude_ids)
-    order = np.argsort(ids[keep], kind="stable")
-    dest = np.full(len(ids), -1, np.int64)
-    dest[np.flatnonzero(keep)[order]] = np.arange(len(order))
-    del order
-    x = np.empty((int(keep.sum()), dim), dtype)
-    at = 0
-    for batch in iter_batches(root, table, ["embedding"], batch_rows=batch_rows):
-        rows = dest[at : at + batch.num_rows]
-        kept = rows >= 0
-        x[rows[kept]] = to_numpy(batch.column(0), dim)[kept]
-        at += batch.num_rows
-    if at != len(ids):
-        raise UserError(f"{root}/{table} changed while it was read ({len(ids)} ids, then {at} vectors)")
-    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed decode buffers otherwise
-    return np.sort(ids[keep]), x
+    stream = row_stream(root, table, exclude_ids, batch_rows)
+    return stream.ids, stream.load()
 
 
 def export_npy(root: str, out_dir: str, table: str = EMBEDDINGS_TABLE, dtype: str = "float32") -> tuple[str, str]:

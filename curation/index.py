@@ -16,13 +16,16 @@ import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 import faiss
 import numpy as np
 import psutil
+from faiss.contrib.clustering import two_level_clustering
 from faiss.contrib.evaluation import knn_intersection_measure
 from faiss.contrib.exhaustive_search import knn_ground_truth
+
+from curation.index_rows import ListRows, place_rows
 
 # Brute force stays exact and cheap below this (20k x 384-d: ~15 MFLOP per query, so a full
 # k=64 self-kNN graph is ~3e11 FLOP); above it IVF is faster at recall >= 0.95.
@@ -61,6 +64,55 @@ def _blocks(x: np.ndarray, rows: int = ADD_BATCH) -> Iterator[np.ndarray]:
         yield _f32(x[start : start + rows])
 
 
+class RowSource(Protocol):
+    """Rows 0..N-1 that `build_index` reads in batches and never needs whole: an array
+    (`InMemoryRows`) or a table read again at each pass (`catalog.embeddings.RowStream`)."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(row numbers, rows)`` blocks covering every row once, in any order."""
+        ...
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The rows numbered ``rows`` (sorted, unique)."""
+        ...
+
+    def load(self) -> np.ndarray:
+        """Every row, as one array."""
+        ...
+
+
+@dataclass(frozen=True)
+class InMemoryRows:
+    """An array (or memory map) as a `RowSource`."""
+
+    x: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.x.dtype
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, self.x.shape[0], ADD_BATCH):
+            block = self.x[start : start + ADD_BATCH]
+            yield np.arange(start, start + len(block)), block
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.x[rows]
+
+    def load(self) -> np.ndarray:
+        return self.x
+
+
 def _set_nprobe(index: faiss.Index, nprobe: int, on_gpu: bool) -> None:
     space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
     space.set_index_parameter(index, "nprobe", nprobe)
@@ -74,6 +126,9 @@ class PoolIndex:
     params: dict[str, Any]
     fingerprint: str
     on_gpu: bool = field(default=False)
+    #: rows 0..N-1 as `build_index` indexed them (its ``x``, or the index's own lists); None for an index
+    #: read back or updated
+    rows: np.ndarray | ListRows | None = field(default=None, repr=False, compare=False)
 
     @property
     def ntotal(self) -> int:
@@ -117,7 +172,7 @@ class PoolIndex:
         labels = first_label + np.arange(len(x), dtype=np.int64)
         for start in range(0, len(x), ADD_BATCH):
             self.index.add_with_ids(_f32(x[start : start + ADD_BATCH]), labels[start : start + ADD_BATCH])
-        self.fingerprint = "updated"
+        self.fingerprint, self.rows = "updated", None
 
     def write(self, out: BinaryIO) -> None:
         """Write the self-contained serialisation (a JSON header with params and fingerprint, then the
@@ -150,11 +205,16 @@ class PoolIndex:
         return cls.read(io.BytesIO(b), use_gpu)
 
 
-def _maybe_to_gpu(index: faiss.Index, use_gpu: UseGpu) -> tuple[faiss.Index, bool]:
+def _on_gpu(use_gpu: UseGpu) -> bool:
+    """Whether indexes (and the quantiser's k-means) go to the GPU: ``"auto"`` where faiss sees one."""
     n_gpus = faiss.get_num_gpus()
     if use_gpu is True and n_gpus == 0:
         raise RuntimeError("use_gpu=True but faiss sees no GPU")
-    if use_gpu is False or n_gpus == 0:
+    return use_gpu is not False and n_gpus > 0
+
+
+def _maybe_to_gpu(index: faiss.Index, use_gpu: UseGpu) -> tuple[faiss.Index, bool]:
+    if not _on_gpu(use_gpu):
         return index, False
     return faiss.index_cpu_to_all_gpus(index), True
 
@@ -162,6 +222,19 @@ def _maybe_to_gpu(index: faiss.Index, use_gpu: UseGpu) -> tuple[faiss.Index, boo
 def _nlist_for(n: int) -> int:
     """~4*sqrt(N) lists, capped so every list gets enough training points."""
     return max(1, min(int(round(4 * math.sqrt(n))), n // TRAIN_POINTS_PER_LIST))
+
+
+def _train_quantiser(index: faiss.IndexIVF, xt: np.ndarray, seed: int, gpu: bool) -> None:
+    """Train the coarse quantiser of an empty CPU IVF index with two-level k-means (faiss contrib's
+    ``two_level_clustering``: √nlist clusters, then each split in proportion to its rows), spherical as
+    the rows are unit vectors. Flat k-means reads every training row against every centroid each
+    iteration: 40·nlist² rows × centroids, 4.9e12 FLOPs at 10⁶ rows (nlist 4,000); two levels read
+    each row against ~2·√nlist centroids, ~30× less there."""
+    centroids, _ = two_level_clustering(xt, max(1, int(math.sqrt(index.nlist))), index.nlist,
+                                        clustering_niter=TRAIN_NITER, seed=seed, spherical=True, gpu=gpu,
+                                        min_points_per_centroid=1)  # the splits have ~40 rows a centroid
+    index.quantizer.add(np.ascontiguousarray(centroids, np.float32))
+    index.train(xt)  # the rest of the index (PQ codebooks; nothing for float16 codes), the quantiser kept
 
 
 def _pq_m_for(n: int, d: int, budget: int) -> int:
@@ -177,36 +250,37 @@ def _add_in_batches(index: faiss.Index, x: np.ndarray) -> None:
         index.add(block)
 
 
-def _fill_fp16_lists(index: faiss.IndexIVFScalarQuantizer, x: np.ndarray) -> None:
-    """Add rows 0..N-1 of ``x`` to an empty CPU IVF index with float16 codes of the rows themselves
-    (``by_residual=False``), each inverted list allocated once at its final size.
+def _fill_fp16_lists(index: faiss.IndexIVFScalarQuantizer, source: RowSource) -> ListRows:
+    """Add rows 0..N-1 of ``source`` to an empty CPU IVF index with float16 codes of the rows themselves
+    (``by_residual=False``), each inverted list allocated once at its final size; the rows as the lists
+    now hold them.
 
     faiss's ``add`` appends to every list's vector, which grows by doubling: at 3×10⁵ × 384 the lists
     took 315 MB for 220 MB of codes. Here a first pass assigns every row to its list (the search
-    ``add`` does), the lists are sized from the counts, and a second pass writes each block's codes
-    in place, rows in order within a list: the same index, byte for byte, without the slack."""
-    lists = np.empty(len(x), np.int64)
-    for start, block in zip(range(0, len(x), ADD_BATCH), _blocks(x)):
-        lists[start : start + len(block)] = index.quantizer.search(block, 1)[1][:, 0]
-    counts = np.bincount(lists, minlength=index.nlist)
+    ``add`` does), the lists are sized from the counts, and a second pass writes each row's code at its
+    place, rows in order within a list (whatever order the source gives them in): the same index, byte
+    for byte, without the slack."""
+    lists = np.empty(source.shape[0], np.int64)
+    for labels, rows in source.batches():
+        lists[labels] = index.quantizer.search(_f32(rows), 1)[1][:, 0]
+    counts, place = place_rows(lists, index.nlist)
     inverted = faiss.downcast_InvertedLists(index.invlists)
     for list_no in np.flatnonzero(counts):
         inverted.resize(int(list_no), int(counts[list_no]))
-    filled = np.zeros(index.nlist, np.int64)
-    for start in range(0, len(x), ADD_BATCH):
-        block_lists = lists[start : start + ADD_BATCH]
-        order = np.argsort(block_lists, kind="stable")
-        rows = np.ascontiguousarray(x[start : start + ADD_BATCH][order])
+    for labels, rows in source.batches():
+        at_list, at_place = lists[labels], place[labels]
+        order = np.lexsort((at_place, at_list))
+        labels, at_list, at_place = labels[order], at_list[order], at_place[order]
+        rows = np.ascontiguousarray(rows[order])
         # float16 rows are their own codes; others take faiss's rounding (which breaks ties unlike numpy's)
         codes = rows.view(np.uint8) if rows.dtype == np.float16 else index.sq.compute_codes(_f32(rows))
-        labels = start + order
-        cuts = np.flatnonzero(np.diff(block_lists[order])) + 1
+        # runs of rows that sit next to one another in one list: one write each
+        cuts = np.flatnonzero((np.diff(at_list) != 0) | (np.diff(at_place) != 1)) + 1
         for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
-            list_no = int(block_lists[order[lo]])
-            inverted.update_entries(list_no, int(filled[list_no]), int(hi - lo), faiss.swig_ptr(labels[lo:hi]),
+            inverted.update_entries(int(at_list[lo]), int(at_place[lo]), int(hi - lo), faiss.swig_ptr(labels[lo:hi]),
                                     faiss.swig_ptr(codes[lo:hi]))
-            filled[list_no] += hi - lo
-    index.ntotal = len(x)
+    index.ntotal = len(lists)
+    return ListRows(index, lists, place)
 
 
 def _tune_nprobe(
@@ -235,8 +309,15 @@ def _tune_nprobe(
     return hi, r_hi
 
 
+def _lists_hold_rows(source: RowSource, exact_max: int, budget: int, use_gpu: UseGpu) -> bool:
+    """Whether the index `build_index` makes of ``source`` holds its rows exactly (CPU IVF lists of
+    float16 codes, from float16 rows), so it can stand in for them."""
+    n, d = source.shape
+    return n > exact_max and n * d * 2 <= budget and np.dtype(source.dtype) == np.float16 and not _on_gpu(use_gpu)
+
+
 def build_index(
-    x: np.ndarray,
+    x: np.ndarray | RowSource,
     *,
     recall_target: float = 0.95,
     exact_max: int = EXACT_MAX,
@@ -244,25 +325,33 @@ def build_index(
     seed: int = 0,
     use_gpu: UseGpu = "auto",
 ) -> PoolIndex:
-    """Index L2-normalised rows of `x` (float16/float32, may be memory-mapped) for cosine search.
+    """Index L2-normalised rows of `x` (float16/float32, may be memory-mapped, or a `RowSource`) for
+    cosine search.
 
-    N <= exact_max: IndexFlatIP (exact). Otherwise IVF with nlist ~ 4*sqrt(N), trained on a seeded
-    subsample; the lists hold the vectors as float16 (the storage dtype of `curate embed`, so no
-    precision is lost for our tables and the index is one float16 copy, not a float32 one) when they
-    fit `memory_budget_bytes` (default half the machine's RAM), else IVF-PQ codes. nprobe is then tuned on a held-out sample of pool rows against
-    exact search so recall@10 >= recall_target (a warning if even nprobe = nlist cannot).
+    N <= exact_max: IndexFlatIP (exact). Otherwise IVF with ~4·√N lists, its quantiser trained on a
+    seeded subsample (`_train_quantiser`). The lists hold the vectors as float16 (the storage dtype of
+    `curate embed`, so no precision is lost for our tables and the index is one float16 copy, not a
+    float32 one) when they fit `memory_budget_bytes` (default half the machine's RAM), else IVF-PQ
+    codes. nprobe is then tuned on a held-out sample of pool rows against exact search so recall@10 >=
+    recall_target (a warning if even nprobe = nlist cannot).
+
+    The result's ``rows`` are the indexed rows: ``x`` itself, or for a `RowSource` of float16 rows the
+    index's own lists (`curation.index_rows.ListRows`), so the rows are never held twice; any other
+    source is loaded.
     """
-    n, d = x.shape
-    rng = np.random.default_rng(seed)
-    fp = fingerprint(x)
     budget = memory_budget_bytes or psutil.virtual_memory().total // 2
+    if not isinstance(x, np.ndarray) and not _lists_hold_rows(x, exact_max, budget, use_gpu):
+        x = x.load()  # the index cannot stand in for these rows: they are held as they are
+    source = InMemoryRows(x) if isinstance(x, np.ndarray) else x
+    n, d = source.shape
+    rng = np.random.default_rng(seed)
     params: dict[str, Any] = {"n": int(n), "dim": int(d), "metric": "inner_product", "seed": seed}
 
     if n <= exact_max:
         index, on_gpu = _maybe_to_gpu(faiss.IndexFlatIP(d), use_gpu)
         _add_in_batches(index, x)
         params.update(kind="flat", nlist=None, nprobe=None, m=None, recall_at_10=1.0)
-        return PoolIndex(index=index, params=params, fingerprint=fp, on_gpu=on_gpu)
+        return PoolIndex(index=index, params=params, fingerprint=fingerprint(x), on_gpu=on_gpu, rows=x)
 
     nlist = _nlist_for(n)
     quantizer = faiss.IndexFlatIP(d)
@@ -274,25 +363,24 @@ def build_index(
         m = _pq_m_for(n, d, budget)
         cpu_index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         params.update(kind="ivf_pq", m=m)
-    cpu_index.cp.niter = TRAIN_NITER
-    cpu_index.cp.seed = int(rng.integers(2**31 - 1))
-    index, on_gpu = _maybe_to_gpu(cpu_index, use_gpu)
-
+    train_seed = int(rng.integers(2**31 - 1))
     n_train = min(n - min(N_TUNE_QUERIES, n // 10), TRAIN_POINTS_PER_LIST * nlist)
     train_rows = np.sort(rng.choice(n, size=n_train, replace=False))
-    index.train(_f32(x[train_rows]))
+    _train_quantiser(cpu_index, _f32(source.take(train_rows)), train_seed, _on_gpu(use_gpu))
+    index, on_gpu = _maybe_to_gpu(cpu_index, use_gpu)
     if params["kind"] == "ivf_fp16" and not on_gpu:
-        _fill_fp16_lists(index, x)
+        held = _fill_fp16_lists(index, source)
     else:
         _add_in_batches(index, x)
+    rows = x if isinstance(x, np.ndarray) else held
 
     # Held out from training so the recall estimate is not flattered by centroids fit to the queries;
     # they are still pool rows (find themselves), as in the self-kNN graph of dedup.
     held_out = np.setdiff1d(np.arange(n), train_rows, assume_unique=True)
     q_rows = np.sort(rng.choice(held_out, size=min(N_TUNE_QUERIES, len(held_out)), replace=False))
-    q = _f32(x[q_rows])
+    q = _f32(rows[q_rows])
     # blocks of TRUTH_BLOCK rows: the exact search holds a queries × block similarity matrix (4 MB a 1k block)
-    _, truth = knn_ground_truth(q, _blocks(x, TRUTH_BLOCK), RECALL_AT, metric_type=faiss.METRIC_INNER_PRODUCT)
+    _, truth = knn_ground_truth(q, _blocks(rows, TRUTH_BLOCK), RECALL_AT, metric_type=faiss.METRIC_INNER_PRODUCT)
     nprobe, recall = _tune_nprobe(index, nlist, q, truth, recall_target, on_gpu)
     if recall < recall_target:
         warnings.warn(
@@ -307,4 +395,4 @@ def build_index(
         recall_target=recall_target,
         memory_budget_bytes=int(budget),
     )
-    return PoolIndex(index=index, params=params, fingerprint=fp, on_gpu=on_gpu)
+    return PoolIndex(index=index, params=params, fingerprint=fingerprint(rows), on_gpu=on_gpu, rows=rows)

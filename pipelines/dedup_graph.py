@@ -29,7 +29,8 @@ from catalog.array_store import CatalogArrayStore, checkpoint_path, npz_bytes
 from catalog.id_lookup import lookup, positions
 from catalog.paths import HashingReader, HashingWriter, Produce, exists, join, read_stream
 from curation.dedup import KnownComponents
-from curation.index import PoolIndex, build_index
+from curation.index import PoolIndex, RowSource, build_index
+from curation.index_rows import ListRows
 
 log = logging.getLogger("curate.pipelines")
 
@@ -43,20 +44,25 @@ INDEX_FILE = "_checkpoints/dedup/copy_index.faiss"
 @dataclass(frozen=True)
 class GraphStart:
     """What the copy search starts from: the index, the known components (None: search everything),
-    and the image behind each label of the index (``label_live``: not removed from it)."""
+    the image behind each label of the index (``label_live``: not removed from it), and the descriptors
+    by row (on a first search of a large pool, the index's own lists: `curation.index.build_index`)."""
 
     index: PoolIndex
     known: KnownComponents | None
     label_ids: np.ndarray
     label_live: np.ndarray
+    rows: np.ndarray | ListRows
 
 
-def graph_start(root: str, key: str, ids: np.ndarray, content: np.ndarray, x: np.ndarray, seed: int) -> GraphStart:
-    """The search of ``ids`` (sorted; ``content``: a hash of each image's bytes; ``x``: their descriptors),
-    from the graph the last run left with the same ``key``, else from nothing."""
+def graph_start(root: str, key: str, ids: np.ndarray, content: np.ndarray, source: RowSource,
+                seed: int) -> GraphStart:
+    """The search of ``ids`` (sorted; ``content``: a hash of each image's bytes; ``source``: their
+    descriptors), from the graph the last run left with the same ``key``, else from nothing."""
     saved = _load(root, key)
     if saved is None:
-        return GraphStart(build_index(x, seed=seed), None, ids, np.ones(len(ids), bool))
+        index = build_index(source, seed=seed)
+        return GraphStart(index, None, ids, np.ones(len(ids), bool), index.rows)
+    x = source.load()
     component = _kept_components(saved, ids, content)
     keep, search = np.flatnonzero(component >= 0), np.flatnonzero(component < 0)
     index = _saved_index(root, saved)
@@ -73,7 +79,7 @@ def graph_start(root: str, key: str, ids: np.ndarray, content: np.ndarray, x: np
     row_of_label = np.where(live, positions(ids, label_ids), -1)
     log.info("dedup: the copy graph of the last run holds %d of %d images; searching %d (new, changed, or in a "
              "copy group that lost an image)", len(keep), len(ids), len(search))
-    return GraphStart(index, KnownComponents(component, row_of_label, first), label_ids, live)
+    return GraphStart(index, KnownComponents(component, row_of_label, first), label_ids, live, x)
 
 
 def _kept_components(saved: dict[str, np.ndarray], ids: np.ndarray, content: np.ndarray) -> np.ndarray:

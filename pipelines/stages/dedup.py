@@ -20,7 +20,7 @@ from catalog import schemas
 from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
 from catalog.decode import DecodeError, decode_rgb
-from catalog.embeddings import embedding_metadata, load_rows
+from catalog.embeddings import RowStream, embedding_metadata, row_stream
 from catalog.errors import MissingInputError, UserError
 from catalog.id_lookup import lookup
 from catalog.images import UnreadableItem, read_item, resolve_uris
@@ -168,11 +168,12 @@ def descriptor_table(config: DedupConfig) -> str:
     return EMBEDDINGS_TABLE if config.descriptor == "embeddings" else MODEL_COPY_DESCRIPTORS_TABLE
 
 
-def _descriptors(root: str, config: DedupConfig, step: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids sorted, descriptors in their storage dtype) of the images the steps before ``step`` kept."""
+def _descriptors(root: str, config: DedupConfig, step: str) -> RowStream:
+    """The descriptors (in their storage dtype, by sorted id) of the images the steps before ``step`` kept,
+    read from their table when asked for (the copy step's index can hold them in place of a copy)."""
     if config.descriptor == "pixels":
         check_pixel_descriptors(root)
-    return load_rows(root, descriptor_table(config), exclude_ids=_removed_by(root, _reasons_before(config, step)))
+    return row_stream(root, descriptor_table(config), exclude_ids=_removed_by(root, _reasons_before(config, step)))
 
 
 def check_pixel_descriptors(root: str) -> None:
@@ -268,9 +269,11 @@ def copy_step(root: str, config: DedupConfig,
               search: EdgeSearch = local_edges) -> tuple[pa.Table, dict[str, bytes | Produce]]:
     """Near copies: k-NN graph above the threshold, connected components, keep the largest image; the
     graph kept for the next run (`pipelines.dedup_graph`), which then searches only what is new."""
-    ids, x = _descriptors(root, config, "copy")
+    descriptors = _descriptors(root, config, "copy")
+    ids = descriptors.ids
     content, key = _content_hashes(root, ids), graph_key(root, config)
-    start = graph_start(root, key, ids, content, x, config.seed)
+    start = graph_start(root, key, ids, content, descriptors, config.seed)
+    x = start.rows
     pixels = config.descriptor == "pixels"
     thumbnails = PoolThumbnails(root, ids)
     checked = pixels and config.check_threshold is not None
@@ -338,7 +341,8 @@ def eval_descriptors(folder: str) -> np.ndarray:
 
 def eval_step(root: str, config: DedupConfig, name: str, folder: str, search: EdgeSearch = local_edges) -> pa.Table:
     """Remove every pool image whose copy component touches an image of the evaluation set."""
-    ids, x = _descriptors(root, config, f"eval-{name}")
+    descriptors = _descriptors(root, config, f"eval-{name}")
+    ids, x = descriptors.ids, descriptors.load()
     rows = relative_dedup(x, eval_descriptors(folder), config.k, config.eval_threshold(), seed=config.seed,
                           mirror=mirror, batch_size=config.query_block, search=search)
     return _rows(ids[rows], np.full(len(rows), -1), np.full(len(rows), np.nan), f"eval:{name}")

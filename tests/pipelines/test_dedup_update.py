@@ -13,7 +13,7 @@ import pytest
 from catalog.ledger import Ledger
 from catalog.paths import join, write_bytes_atomic, write_stream_atomic
 from catalog.sql import query
-from curation.index import EXACT_MAX, build_index, fingerprint
+from curation.index import EXACT_MAX, InMemoryRows, build_index, fingerprint
 from curation.synthetic_images import combined, flip, random_scene
 from pipelines.dedup_graph import GRAPH_FILE, INDEX_FILE, GraphStart, graph_files, graph_start
 from pipelines.stage import run_stage
@@ -122,16 +122,16 @@ def test_a_kept_index_is_used_only_while_it_is_the_one_its_graph_names(tmp_path)
     x = rng.normal(size=(n, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids, content, root = np.arange(n), np.arange(n) * 7, str(tmp_path / "cat")
-    start = GraphStart(build_index(x, seed=0), None, ids, np.ones(n, bool))
+    start = GraphStart(build_index(x, seed=0), None, ids, np.ones(n, bool), x)
     files = graph_files("key", ids, content, np.arange(n), start)
     write_bytes_atomic(join(root, GRAPH_FILE), files[GRAPH_FILE])
     write_stream_atomic(join(root, INDEX_FILE), files[INDEX_FILE])  # in pieces, as the unit's commit does
-    kept = graph_start(root, "key", ids, content, x, seed=0)
+    kept = graph_start(root, "key", ids, content, InMemoryRows(x), seed=0)
     assert kept.index.fingerprint == "updated" and kept.index.ntotal == n  # the kept index, no row searched
     assert len(kept.known.search_rows()) == 0
 
     other = build_index(x[::-1].copy(), seed=0)  # a valid index, but not the one the graph was saved with
     for replaced in (other.to_bytes(), other.to_bytes()[:5_000], b"not an index"):
         write_bytes_atomic(join(root, INDEX_FILE), replaced)
-        rebuilt = graph_start(root, "key", ids, content, x, seed=0)
+        rebuilt = graph_start(root, "key", ids, content, InMemoryRows(x), seed=0)
         assert rebuilt.index.fingerprint == fingerprint(x) and rebuilt.index.ntotal == n
