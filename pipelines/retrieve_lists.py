@@ -26,7 +26,7 @@ import numpy as np
 
 from catalog.array_store import CatalogArrayStore, checkpoint_path, npz_bytes
 from catalog.id_lookup import positions
-from curation.index import PoolIndex, build_index
+from curation.index import PoolIndex, RowSource, build_index
 from curation.retrieval import KnnSearch, top_neighbours
 
 log = logging.getLogger("curate.pipelines")
@@ -65,11 +65,12 @@ def _searched(search: KnnSearch, index: PoolIndex, ids: np.ndarray, q: np.ndarra
                                                                     constant_values=-np.inf))
 
 
-def knn_neighbours(root: str, run: str, key: str, pool_ids: np.ndarray, x: np.ndarray, seed_x: np.ndarray, k: int,
+def knn_neighbours(root: str, run: str, key: str, pool_ids: np.ndarray, x: RowSource, seed_x: np.ndarray, k: int,
                    full_index: Callable[[], PoolIndex], search: KnnSearch,
                    seed: int) -> tuple[Neighbours, dict[str, bytes]]:
-    """The seed images' neighbours among ``pool_ids`` (sorted; ``x`` their embeddings) and the files that
-    keep them for the next run (``full_index``: the whole pool's index, built only if needed)."""
+    """The seed images' neighbours among ``pool_ids`` (sorted; ``x`` their embeddings, read only where
+    needed) and the files that keep them for the next run (``full_index``: the whole pool's index, built
+    only if needed)."""
     depth = MARGIN * k
     saved = _load(root, run, key)
     if saved is None:
@@ -80,7 +81,7 @@ def knn_neighbours(root: str, run: str, key: str, pool_ids: np.ndarray, x: np.nd
     return found, {lists_file(run): kept}
 
 
-def _updated(saved: dict[str, np.ndarray], pool_ids: np.ndarray, x: np.ndarray, seed_x: np.ndarray, k: int,
+def _updated(saved: dict[str, np.ndarray], pool_ids: np.ndarray, x: RowSource, seed_x: np.ndarray, k: int,
              depth: int, full_index: Callable[[], PoolIndex], search: KnnSearch, seed: int) -> Neighbours:
     ids, sims = saved["ids"], np.where(np.isin(saved["ids"], pool_ids), saved["sims"], -np.inf)
     order = np.argsort(-sims, axis=1, kind="stable")  # the entries that left go last
@@ -89,7 +90,7 @@ def _updated(saved: dict[str, np.ndarray], pool_ids: np.ndarray, x: np.ndarray, 
     short = full & (np.isfinite(kept.sims).sum(axis=1) < k)
     new = np.flatnonzero(~np.isin(pool_ids, saved["searched"]))
     if len(new):
-        more = _searched(search, build_index(x[new], seed=seed), pool_ids[new], seed_x, depth)
+        more = _searched(search, build_index(x.take(new), seed=seed), pool_ids[new], seed_x, depth)
         merged_sims, merged_ids = top_neighbours(kept.sims, kept.ids, more.sims, more.ids, depth)
         kept = Neighbours(merged_ids, merged_sims)
     if short.any():

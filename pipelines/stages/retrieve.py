@@ -14,6 +14,7 @@ and embed run through the stage runner (``pipelines.seeds``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,8 +25,9 @@ import pyarrow as pa
 from catalog import schemas
 from catalog.array_store import CatalogArrayStore
 from catalog.config import ConfigError, above, at_least
-from catalog.embeddings import embedding_metadata, load_embeddings, load_ids
+from catalog.embeddings import RowStream, embedding_metadata, load_embeddings, load_ids, row_stream
 from catalog.id_lookup import lookup
+from catalog.lineage import table_state
 from catalog.manifest import fingerprint as content_fingerprint
 from catalog.paths import exists, join, read_stream, write_stream_atomic
 from catalog.schemas import (
@@ -38,7 +40,7 @@ from catalog.schemas import (
 )
 from catalog.shards import table_exists
 from catalog.sql import query
-from curation.index import SEARCH_BATCH, PoolIndex, build_index, fingerprint
+from curation.index import SEARCH_BATCH, PoolIndex, build_index
 from curation.kmeans import assign
 from curation.retrieval import (
     KNN_K,
@@ -50,7 +52,7 @@ from curation.retrieval import (
     merge_neighbours,
     seed_support,
 )
-from pipelines.embedding_source import load_vectors, removed_ids
+from pipelines.embedding_source import removed_ids
 from pipelines.reports import write_retrieval_report
 from pipelines.retrieve_lists import knn_neighbours
 from pipelines.seeds import SeedsConfig, prepare_seed, resolve_seed, seed_fingerprint, seed_name
@@ -100,12 +102,16 @@ class SeedFacts:
     seed_images: int
 
 
-def pool_index(root: str, x: np.ndarray, config: RetrieveConfig) -> PoolIndex:
-    """Load the saved index of these exact embeddings, or build and save one."""
-    url = join(root, "_index", f"pool-{fingerprint(x)[:16]}.faiss")
+def pool_index(root: str, rows: RowStream, config: RetrieveConfig) -> PoolIndex:
+    """Load the saved index of these rows (the embeddings table as it is now, less the removed images),
+    or build one from the table read batch by batch (its float16 lists are then the only copy of the
+    rows: `curation.index.build_index`) and save it."""
+    key = content_fingerprint(table_state(root, EMBEDDINGS_TABLE).fingerprint,
+                              hashlib.sha256(rows.ids.tobytes()).hexdigest(), config.recall_target, config.seed)
+    url = join(root, "_index", f"pool-{key[:16]}.faiss")
     if exists(url):
         return read_stream(url, lambda f: PoolIndex.read(f, use_gpu="auto"))
-    index = build_index(x, recall_target=config.recall_target, seed=config.seed)
+    index = build_index(rows, recall_target=config.recall_target, seed=config.seed)
     write_stream_atomic(url, index.write)
     return index
 
@@ -231,10 +237,11 @@ class RetrieveStage(Stage):
                             config.k)
         files: dict[str, bytes] = {}
         if result is None or not len(result):
-            pool_ids, x = load_vectors(ctx.root, exclude_ids=removed)
+            rows = row_stream(ctx.root, exclude_ids=removed)
+            pool_ids = rows.ids
             found, files = knn_neighbours(
-                ctx.root, ctx.run, lists_key(ctx.root, facts, config), pool_ids, x, seed_x, config.k,
-                lambda: pool_index(ctx.root, x, config), knn_search(config, ctx.address), config.seed)
+                ctx.root, ctx.run, lists_key(ctx.root, facts, config), pool_ids, rows, seed_x, config.k,
+                lambda: pool_index(ctx.root, rows, config), knn_search(config, ctx.address), config.seed)
             result = merge_neighbours(*found.rows(pool_ids, config.k), config.min_similarity, config.max_per_seed)
         return Output({RETRIEVED_TABLE: retrieved_table(facts.name, pool_ids, seed_ids, result)}, files)
 
