@@ -171,7 +171,7 @@ class RowStream:
     dim: int
     dtype: np.dtype
     ids: np.ndarray  # int64 [N], sorted
-    dest: np.ndarray  # int32 [table rows], in read order: its row, or -1 where excluded
+    dest: np.ndarray  # int32 (int64 past 2³¹ rows) [table rows], in read order: its row, or -1 where excluded
     batch_rows: int = 16_384
 
     @property
@@ -214,8 +214,9 @@ def row_stream(root: str, table: str = EMBEDDINGS_TABLE, exclude_ids: np.ndarray
     dim, dtype, ids = _table_ids(root, table)
     keep = kept_mask(ids, exclude_ids)
     order = np.argsort(ids[keep], kind="stable")
-    dest = np.full(len(ids), -1, np.int32)
-    dest[np.flatnonzero(keep)[order]] = np.arange(len(order), dtype=np.int32)
+    places = np.int32 if len(ids) < 2**31 else np.int64  # 4 bytes a row below 2 billion rows
+    dest = np.full(len(ids), -1, places)
+    dest[np.flatnonzero(keep)[order]] = np.arange(len(order), dtype=places)
     return RowStream(root, table, dim, np.dtype(dtype), ids[keep][order], dest, batch_rows)
 
 
