@@ -74,7 +74,7 @@ def checked_index(index_or_x: PoolIndex | np.ndarray, x: np.ndarray | None, seed
         return build_index(index_or_x, seed=seed), index_or_x
     if x is None:
         raise ValueError("a PoolIndex needs the embeddings it indexes as x= (the queries)")
-    if fingerprint(x) != index_or_x.fingerprint:
+    if x is not index_or_x.rows and fingerprint(x) != index_or_x.fingerprint:  # its own rows need no check
         raise ValueError("x is not the embedding matrix this index was built from")
     return index_or_x, x
 

@@ -103,3 +103,11 @@ def test_copy_dedup_from_the_lists_equals_copy_dedup_from_the_loaded_rows(tmp_pa
     for name in ("removed_rows", "keeper_of_removed", "removed_similarity", "labels"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert a.n_edges == b.n_edges
+
+
+def test_an_index_refuses_rows_it_was_not_built_from():
+    x = unit_rows(3_000, 16, 9)
+    index = build_index(x, use_gpu=False)
+    with pytest.raises(ValueError, match="not the embedding matrix"):
+        copy_dedup(x[::-1].copy(), np.arange(3_000), np.ones(3_000), index=index)
+    assert len(copy_dedup(index.rows, np.arange(3_000), np.ones(3_000), index=index).labels) == 3_000
